@@ -1,0 +1,33 @@
+# Quick start targets. Each sets up what it needs in .venv (Python 3.11 + pinned CPU torch).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build lies on this kind of machine's disk; a bare `torch` would pull a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test serve bench train-demo clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q tests
+
+serve: venv
+	$(VENV)/bin/sizewise serve
+
+bench: venv
+	$(PY) benchmarks/decode.py
+
+train-demo: venv
+	$(PY) scripts/train_demo_family.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

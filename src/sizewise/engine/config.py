@@ -1,0 +1,21 @@
+"""Engine configuration (typed, slotted; pydantic lives only at the edges)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto
+    device: str = "auto"  # auto | cpu | cuda[:N] | npu[:N]
+    max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int | None = None  # default: the platform's preferred size
+    kv_cache_bytes: int | None = None  # explicit KV budget; overrides the fraction
+    kv_cache_memory_fraction: float = 0.25  # of free device memory (RAM on CPU)
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # no graph capture even where the platform supports it
+    seed: int = 0
+    max_waiting: int = 1024  # bounded waiting queue; beyond it add_request raises QueueFullError

@@ -1,0 +1,338 @@
+"""EngineCore: one resident model, a synchronous step loop over its scheduler and runner.
+
+Not thread-safe by itself: `AsyncEngine` drives it from one worker thread. Several cores can
+live in one process (each owns its own model, cache, scheduler, RNG); nothing here is global.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..models import CheckpointError, ModelConfig, load_model, parse_dtype
+from ..platform import Platform, get_platform
+from ..sampling_params import InvalidRequestError, SamplingParams
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .detokenizer import Detokenizer
+from .model_runner import ModelRunner, StepResult
+from .outputs import CompletionOutput, RequestOutput
+from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from .sequence import Request, Sequence, SequenceStatus
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its bound; retry later (HTTP 429)."""
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_preemptions: int
+    prefix_cache_hit_tokens: int
+    num_steps: int
+    last_step_seconds: float
+    last_step_num_tokens: int
+    last_step_bytes: int  # weights + KV read by the last step
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+def load_tokenizer(model_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types here
+        raise CheckpointError(f"cannot load a tokenizer from {str(model_dir)!r}: {e}") from None
+
+
+class EngineCore:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        config: EngineConfig | None = None,
+        platform: Platform | None = None,
+        tokenizer=None,
+        name: str | None = None,
+    ) -> None:
+        self.config = config = config or EngineConfig()
+        self.model_dir = Path(model_dir)
+        self.name = name or self.model_dir.name
+        self.model_config = cfg = ModelConfig.from_pretrained(self.model_dir)
+        self.platform = platform or get_platform(config.device)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_dir)
+        self.dtype = (
+            self.platform.default_dtype(cfg.torch_dtype) if config.dtype == "auto" else parse_dtype(config.dtype)
+        )
+        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        if cfg.sliding_window:
+            # No sliding-window attention kernel: cap the context so the window never applies.
+            self.max_model_len = min(self.max_model_len, cfg.sliding_window)
+        self.block_size = config.block_size or self.platform.preferred_block_size
+        self.eos_token_ids = tuple(cfg.eos_token_ids) or (
+            (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
+        )
+        self.vocab_size = cfg.vocab_size
+
+        model = load_model(self.model_dir, cfg, self.platform, self.dtype, self.max_model_len)
+        num_blocks = self._plan_kv_blocks(model)
+        self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), self.max_model_len),
+            self.block_manager,
+        )
+        self.runner = ModelRunner(
+            model, cfg, self.platform, self.dtype, num_blocks, self.block_size, self.max_model_len,
+            config.max_num_seqs, seed=config.seed, enforce_eager=config.enforce_eager,
+        )
+        self.runner.eos_token_ids = self.eos_token_ids
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._step_count = 0
+        self._last_step = (0.0, 0, 0)
+        self._prompt_tokens = 0
+        self._gen_tokens = 0
+        self.weight_bytes = self.runner.weight_bytes()
+        log.info(
+            "%s: %s on %s, %.1fM params, KV cache %d blocks x %d tokens (%.1f MiB), max_model_len %d",
+            self.name, cfg.family, self.platform.device, cfg.num_params / 1e6, num_blocks, self.block_size,
+            self.runner.kv_cache_bytes / 2**20, self.max_model_len,
+        )
+
+    # ----- sizing ------------------------------------------------------------------------
+    def _plan_kv_blocks(self, model) -> int:
+        per_block = self.model_config.kv_bytes_per_token(self.dtype) * self.block_size
+        if self.config.kv_cache_bytes is not None:
+            budget = self.config.kv_cache_bytes
+        else:
+            budget = int(self.platform.memory_info().free_bytes * self.config.kv_cache_memory_fraction)
+        # More than every running sequence at full length can use is waste.
+        useful = self.config.max_num_seqs * ((self.max_model_len + self.block_size - 1) // self.block_size)
+        num_blocks = min(budget // per_block, useful)
+        if num_blocks < 1:
+            raise ValueError(
+                f"KV budget of {budget} bytes holds no block of {per_block} bytes; raise kv_cache_bytes"
+            )
+        return int(num_blocks)
+
+    # ----- requests ------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError naming the problem; nothing is queued."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("prompt is empty", param="prompt")
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {n} tokens but this model's context length is {self.max_model_len} tokens "
+                f"(the prompt must leave room for at least one generated token)",
+                param="prompt",
+            )
+        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"token id {bad} in the prompt is outside the vocabulary [0, {self.vocab_size})", param="prompt"
+            )
+        params.validate(self.vocab_size)
+        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds this model's context "
+                f"length of {self.max_model_len} tokens",
+                param="max_tokens",
+            )
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        prompt: str | None = None, arrival_time: float | None = None,
+    ) -> Request:
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        self.validate(prompt_token_ids, params)
+        if len(self.scheduler.waiting) + params.n > self.config.max_waiting:
+            raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} sequences)")
+        req = Request(request_id, list(prompt_token_ids), params, prompt)
+        if arrival_time is not None:
+            req.metrics.arrival_time = arrival_time
+        for i in range(params.n):
+            seq = Sequence(next(self._seq_ids), req, i, prompt_token_ids)
+            req.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        self._prompt_tokens += len(prompt_token_ids)
+        return req
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Free everything the request holds now; returns its final (abort) delta."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        outs = []
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+                outs.append(CompletionOutput(index=seq.index, finish_reason="abort"))
+        req.metrics.finished_time = time.time()
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished=True,
+                             metrics=self._metrics(req))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ----- the step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        t0 = time.perf_counter()
+        now = time.time()
+        for seq in sched.prefills + sched.decodes:
+            if seq.request.metrics.first_scheduled_time is None:
+                seq.request.metrics.first_scheduled_time = now
+        result = self.runner.execute(sched)
+        out = self._postprocess(sched, result)
+        self._record_step(sched, time.perf_counter() - t0)
+        return out
+
+    def _record_step(self, sched: SchedulerOutput, seconds: float) -> None:
+        kv_tokens = sum(s.num_tokens for s in sched.decodes) + sum(
+            s.num_cached_tokens for s in sched.prefills
+        )
+        kv_bytes = kv_tokens * self.model_config.kv_bytes_per_token(self.dtype)
+        self._step_count += 1
+        self._last_step = (seconds, sched.num_tokens, self.weight_bytes + kv_bytes)
+
+    def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+        for s, n in zip(sched.prefills, sched.prefill_chunks):
+            s.num_cached_tokens += n
+        for s in sched.decodes:
+            s.num_cached_tokens += 1
+        for s in sched.prefills + sched.decodes:
+            self.block_manager.commit(s)
+
+        touched: dict[str, Request] = {}
+        for seq_id, (first_pos, entries) in result.prompt_logprobs.items():
+            seq = next(s for s in sched.prefills if s.seq_id == seq_id)
+            req = seq.request
+            if seq.index != 0:
+                continue
+            if req.prompt_logprobs is None:
+                req.prompt_logprobs = [None]  # the first prompt token has no logprob
+            for j, entry in enumerate(entries):  # a recomputed chunk (preemption) adds nothing twice
+                if first_pos + j == len(req.prompt_logprobs):
+                    req.prompt_logprobs.append(entry)
+        now = time.time()
+        for i, seq in enumerate(result.sampled):
+            token = result.samples.token_ids[i]
+            lp = result.samples.logprobs[i]
+            seq.token_ids.append(token)
+            self._gen_tokens += 1
+            if lp is not None:
+                seq.output_logprobs.append(lp)
+                seq.cumulative_logprob += lp[token]
+            m = seq.request.metrics
+            if m.first_token_time is None:
+                m.first_token_time = now
+            m.last_token_time = now
+            self._check_finish(seq, token)
+            touched[seq.request.request_id] = seq.request
+        return [self._make_delta(req) for req in touched.values()]
+
+    def _check_finish(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        stop_str = self.detokenizer.update(seq, 1)
+        reason, stop_reason = None, None
+        if stop_str is not None:
+            reason, stop_reason = "stop", stop_str
+        elif seq.num_output_tokens >= p.min_tokens and (
+            (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids
+        ):
+            reason = "stop"
+            stop_reason = token if token in p.stop_token_ids else None
+        elif p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            reason = "length"
+        elif seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            if stop_str is None:
+                self.detokenizer.flush(seq)
+            self.scheduler.finish(seq, reason)
+            seq.stop_reason = stop_reason
+
+    def _make_delta(self, req: Request) -> RequestOutput:
+        outs = []
+        for seq in req.seqs:
+            new_tokens = seq.token_ids[seq.num_prompt_tokens + seq.emitted_tokens:]
+            finished = seq.is_finished
+            if not new_tokens:
+                continue
+            text = Detokenizer.emittable(seq, finished)
+            lps = None
+            if seq.params.logprobs is not None:
+                lps = seq.output_logprobs[seq.emitted_logprobs:]
+                seq.emitted_logprobs = len(seq.output_logprobs)
+            seq.emitted_tokens = seq.num_output_tokens
+            outs.append(CompletionOutput(
+                index=seq.index, text=text, token_ids=new_tokens,
+                cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
+                logprobs=lps, finish_reason=seq.finish_reason if finished else None,
+                stop_reason=seq.stop_reason if finished else None,
+            ))
+        finished = req.finished
+        plp = None
+        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent and (
+            len(req.prompt_logprobs) >= len(req.prompt_token_ids)
+        ):
+            plp = req.prompt_logprobs
+            req.prompt_logprobs_sent = True
+        if finished:
+            req.metrics.finished_time = time.time()
+            self.requests.pop(req.request_id, None)
+        return RequestOutput(
+            req.request_id, req.prompt, req.prompt_token_ids, outs, finished=finished,
+            prompt_logprobs=plp, metrics=self._metrics(req) if finished else None,
+        )
+
+    @staticmethod
+    def _metrics(req: Request) -> dict:
+        m = req.metrics
+        return {
+            "arrival_time": m.arrival_time,
+            "first_scheduled_time": m.first_scheduled_time,
+            "first_token_time": m.first_token_time,
+            "last_token_time": m.last_token_time,
+            "finished_time": m.finished_time,
+            "num_preemptions": m.num_preemptions,
+        }
+
+    # ----- stats ---------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        secs, ntok, nbytes = self._last_step
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_blocks_used=self.block_manager.num_used_blocks,
+            kv_blocks_total=self.block_manager.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_hit_tokens=self.block_manager.prefix_hits,
+            num_steps=self._step_count,
+            last_step_seconds=secs,
+            last_step_num_tokens=ntok,
+            last_step_bytes=nbytes,
+            prompt_tokens_total=self._prompt_tokens,
+            generation_tokens_total=self._gen_tokens,
+        )

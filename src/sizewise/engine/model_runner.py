@@ -1,0 +1,187 @@
+"""The one owner of tensors: weights, the paged KV cache, step inputs, graphs and the sampler."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..models import AttentionMetadata, Decoder
+from ..models.config import ModelConfig
+from ..platform import Platform
+from .sampler import Sampler, SamplerOutput, SamplingRow
+from .scheduler import SchedulerOutput
+from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class StepResult:
+    sampled: list[Sequence]  # sequences that produced a token this step, in `samples` order
+    samples: SamplerOutput
+    prompt_logprobs: dict[int, tuple[int, list[dict[int, float]]]]  # seq_id -> (first position, entries)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: Decoder,
+        cfg: ModelConfig,
+        platform: Platform,
+        dtype: torch.dtype,
+        num_blocks: int,
+        block_size: int,
+        max_model_len: int,
+        max_num_seqs: int,
+        seed: int = 0,
+        enforce_eager: bool = True,
+    ) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.platform = platform
+        self.device = platform.device
+        self.dtype = dtype
+        self.block_size = block_size
+        self.max_blocks_per_seq = (max_model_len + block_size - 1) // block_size
+        # One extra block at the end: the sink for padding slots (never handed out).
+        shape = (num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches = []
+        for layer in model.layers:
+            k = torch.zeros(shape, dtype=dtype, device=self.device)
+            v = torch.zeros(shape, dtype=dtype, device=self.device)
+            layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
+            self.kv_caches.append((k, v))
+        self.sampler = Sampler(self.device, seed)
+        self.eos_token_ids: tuple[int, ...] = cfg.eos_token_ids
+        self.graph_runner = None
+        if not enforce_eager and platform.supports_graphs:
+            from .graph_runner import DecodeGraphRunner
+
+            self.graph_runner = DecodeGraphRunner(
+                platform=platform, fn=model.forward_paged, max_num_seqs=max_num_seqs,
+                max_blocks_per_seq=self.max_blocks_per_seq, vocab_size=cfg.vocab_size,
+                device=self.device, q_values=(1,),
+            )
+            self.graph_runner.capture()
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    # ----- input preparation ---------------------------------------------------------
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs, table = self.block_size, seq.block_table
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _block_table_tensor(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(s.block_table) for s in seqs)
+        rows = [s.block_table + [-1] * (width - len(s.block_table)) for s in seqs]
+        return torch.tensor(rows, dtype=torch.int32, device=self.device)
+
+    # ----- the step ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> StepResult:
+        decodes, prefills, chunks = sched.decodes, sched.prefills, sched.prefill_chunks
+        if decodes and not prefills:
+            logits = self._decode(decodes)  # [B, V]
+            sampled, sample_logits = list(decodes), logits
+            plp: dict[int, list] = {}
+        else:
+            sampled, sample_logits, plp = self._mixed(decodes, prefills, chunks)
+        rows = [self._sampling_row(s) for s in sampled]
+        samples = self.sampler(sample_logits, rows) if sampled else SamplerOutput([], None, [])
+        return StepResult(sampled=sampled, samples=samples, prompt_logprobs=plp)
+
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        pos = [s.num_tokens - 1 for s in seqs]
+        ids = torch.tensor([[s.token_ids[-1]] for s in seqs], device=self.device)
+        positions = torch.tensor(pos, device=self.device)[:, None]
+        slots = torch.tensor([self._slots(s, p, p + 1) for s, p in zip(seqs, pos)], device=self.device)
+        block_tables = self._block_table_tensor(seqs)
+        context_lens = torch.tensor([p + 1 for p in pos], dtype=torch.int32, device=self.device)
+        if self.graph_runner is not None:
+            logits = self.graph_runner.run(ids, positions, slots, block_tables, context_lens)
+        else:
+            logits = self.model.forward_paged(ids, positions, slots, block_tables, context_lens)
+        return logits[:, 0]
+
+    def _mixed(self, decodes, prefills, chunks):
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        for s in decodes:
+            p = s.num_tokens - 1
+            ids.append(s.token_ids[p])
+            positions.append(p)
+            slots.extend(self._slots(s, p, p + 1))
+        cu = [0]
+        sample_idx: list[int] = list(range(len(decodes)))
+        sampled: list[Sequence] = list(decodes)
+        plp_rows: list[tuple[Sequence, int, int]] = []  # (seq, first packed index, count)
+        base = len(decodes)
+        for s, n in zip(prefills, chunks):
+            start = s.num_cached_tokens
+            ids.extend(s.token_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(self._slots(s, start, start + n))
+            if s.request.params.prompt_logprobs is not None and start < s.num_prompt_tokens:
+                plp_rows.append((s, base + cu[-1], n))
+            cu.append(cu[-1] + n)
+            if start + n == s.num_tokens:
+                sample_idx.append(base + cu[-1] - 1)
+                sampled.append(s)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, device=self.device),
+            num_decodes=len(decodes),
+            decode_q=1,
+            block_tables=self._block_table_tensor(decodes) if decodes else None,
+            context_lens=torch.tensor([s.num_tokens for s in decodes], dtype=torch.int32, device=self.device) if decodes else None,
+            cu_seqlens_q=cu,
+            prefill_num_cached=[s.num_cached_tokens for s in prefills],
+            prefill_block_tables=[s.block_table for s in prefills],
+        )
+        input_ids = torch.tensor(ids, device=self.device)
+        hidden = self.model(input_ids, torch.tensor(positions, device=self.device), meta)
+        logits = self.model.compute_logits(hidden[sample_idx]) if sample_idx else None
+        plp = {s.seq_id: self._prompt_logprobs(s, hidden, first, n, input_ids) for s, first, n in plp_rows}
+        return sampled, logits, plp
+
+    def _prompt_logprobs(self, seq: Sequence, hidden, first: int, n: int, input_ids) -> list:
+        """Entries for prompt positions start+1 .. start+n (position 0 has none)."""
+        top = seq.request.params.prompt_logprobs
+        start = seq.num_cached_tokens
+        end = min(start + n, seq.num_prompt_tokens - 1)  # logits at p predict token p+1
+        entries: list[dict[int, float] | None] = []
+        if end > start:
+            lp = torch.log_softmax(self.model.compute_logits(hidden[first:first + end - start]), -1)
+            targets = torch.tensor(seq.token_ids[start + 1:end + 1], device=lp.device)
+            chosen = lp.gather(1, targets[:, None]).squeeze(1).tolist()
+            tv, ti = lp.topk(top, dim=-1) if top else (None, None)
+            tv = tv.tolist() if top else None
+            ti = ti.tolist() if top else None
+            for j in range(end - start):
+                d = {seq.token_ids[start + 1 + j]: chosen[j]}
+                for t in range(top):
+                    d.setdefault(ti[j][t], tv[j][t])
+                entries.append(d)
+        return start + 1, entries
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        p = seq.params
+        if p.seed is not None and seq.generator is None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(p.seed + seq.index)
+        block = None
+        if seq.num_output_tokens < p.min_tokens:
+            block = list(set(self.eos_token_ids) | set(p.stop_token_ids)) or None
+        return SamplingRow(
+            params=p,
+            generator=seq.generator,
+            output_token_ids=seq.output_token_ids if p.needs_penalties else [],
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens] if p.repetition_penalty != 1.0 else [],
+            block_eos=block,
+        )

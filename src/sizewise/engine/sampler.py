@@ -1,0 +1,125 @@
+"""Token sampling over a batch with per-row parameters.
+
+Each row's randomness comes from its own generator when the request has a `seed`, so a seeded
+result does not depend on what else shares the batch. Sampling uses the exponential-race trick
+(argmax of p / E with E ~ Exp(1)), which draws exactly from p with one random vector per row.
+Probabilities are returned with the tokens: speculative verification needs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]
+    probs: torch.Tensor | None  # [N, V] final sampling distribution (None when all greedy)
+    logprobs: list[dict[int, float] | None]  # per row: sampled token first, then top-N
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    params: SamplingParams
+    generator: torch.Generator | None
+    output_token_ids: list[int]
+    prompt_token_ids: list[int]
+    block_eos: list[int] | None  # ids masked while min_tokens is not yet reached
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    # logits: [N, V]
+    N, V = logits.shape
+    dev = logits.device
+    for i, r in enumerate(rows):
+        p = r.params
+        if not p.needs_penalties:
+            continue
+        out_ids = torch.tensor(r.output_token_ids, dtype=torch.long, device=dev)
+        counts = torch.zeros(V, device=dev).index_add_(0, out_ids, torch.ones(len(out_ids), device=dev)) if len(out_ids) else torch.zeros(V, device=dev)
+        row = logits[i]
+        if p.repetition_penalty != 1.0:
+            seen = counts > 0
+            if r.prompt_token_ids:
+                seen[torch.tensor(r.prompt_token_ids, dtype=torch.long, device=dev)] = True
+            row = torch.where(seen, torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty), row)
+        row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+        logits[i] = row
+    return logits
+
+
+def top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    # logits: [N, V]; top_k: [N] long (V = off); top_p, min_p: [N] float
+    sorted_logits, idx = logits.sort(dim=-1, descending=True)
+    V = logits.shape[-1]
+    ranks = torch.arange(V, device=logits.device)[None, :]
+    remove = ranks >= top_k[:, None]
+    probs = sorted_logits.softmax(-1)
+    # Keep the smallest prefix whose mass reaches top_p (the token crossing it stays).
+    cum = probs.cumsum(-1) - probs
+    remove |= cum >= top_p[:, None]
+    remove |= probs < (min_p[:, None] * probs[:, :1])
+    remove[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, idx, sorted_logits)
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        # logits: [N, V] float32, one row per sequence that samples this step
+        N, V = logits.shape
+        raw_logprobs = None
+        want_lp = [r.params.logprobs is not None for r in rows]
+        if any(want_lp):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        if any(r.params.needs_penalties for r in rows):
+            logits = apply_penalties(logits.clone(), rows)
+        for i, r in enumerate(rows):
+            if r.block_eos:
+                logits[i, r.block_eos] = float("-inf")
+
+        greedy = [r.params.greedy for r in rows]
+        probs = None
+        if all(greedy):
+            tokens = logits.argmax(-1)
+        else:
+            temps = torch.tensor([1.0 if g else r.params.temperature for g, r in zip(greedy, rows)], device=logits.device)
+            scaled = logits / temps[:, None]
+            if any(r.params.top_k or r.params.top_p < 1.0 or r.params.min_p > 0.0 for r in rows):
+                top_k = torch.tensor([r.params.top_k or V for r in rows], device=logits.device)
+                top_p = torch.tensor([r.params.top_p for r in rows], device=logits.device)
+                min_p = torch.tensor([r.params.min_p for r in rows], device=logits.device)
+                scaled = top_k_top_p_min_p(scaled, top_k, top_p, min_p)
+            probs = scaled.softmax(-1)
+            race = torch.empty_like(probs)
+            for i, r in enumerate(rows):
+                race[i].exponential_(generator=r.generator or self.generator)
+            tokens = (probs / race).argmax(-1)
+            if any(greedy):
+                g = torch.tensor(greedy, device=logits.device)
+                tokens = torch.where(g, logits.argmax(-1), tokens)
+        token_list = tokens.tolist()
+
+        logprobs: list[dict[int, float] | None] = [None] * N
+        if raw_logprobs is not None:
+            top_n = max(r.params.logprobs or 0 for r in rows)
+            chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+            top_v, top_i = (raw_logprobs.topk(top_n, dim=-1) if top_n else (None, None))
+            top_v = top_v.tolist() if top_n else None
+            top_i = top_i.tolist() if top_n else None
+            for i, r in enumerate(rows):
+                if not want_lp[i]:
+                    continue
+                d = {token_list[i]: chosen[i]}
+                for j in range(r.params.logprobs):
+                    d.setdefault(top_i[i][j], top_v[i][j])
+                logprobs[i] = d
+        return SamplerOutput(token_ids=token_list, probs=probs, logprobs=logprobs)

@@ -1,0 +1,113 @@
+"""Request state: no torch here beyond an optional per-sequence RNG handle."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+    num_preemptions: int = 0
+
+
+class Sequence:
+    """One generated continuation. `token_ids` holds prompt + output.
+
+    `num_cached_tokens` counts the tokens whose K/V are already in the paged cache (from the
+    prefix cache or earlier steps); a step computes `token_ids[num_cached_tokens:]` (chunked
+    when long) and, once nothing is left but the last token, samples the next one.
+    """
+
+    __slots__ = (
+        "seq_id", "request", "index", "token_ids", "num_prompt_tokens", "num_cached_tokens",
+        "block_table", "status", "finish_reason", "stop_reason", "output_logprobs",
+        "cumulative_logprob", "generator", "output_text", "emitted_text_len", "prefix_offset",
+        "read_offset", "emitted_tokens", "emitted_logprobs", "spec", "arrival_order",
+    )
+
+    def __init__(self, seq_id: int, request: "Request", index: int, prompt_token_ids: list[int]) -> None:
+        self.seq_id = seq_id
+        self.request = request
+        self.index = index
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_cached_tokens = 0
+        self.block_table: list[int] = []
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.output_logprobs: list[dict[int, float]] = []
+        self.cumulative_logprob = 0.0
+        self.generator: Any = None  # torch.Generator for seeded sampling, made by the runner
+        self.output_text = ""
+        self.emitted_text_len = 0
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.emitted_tokens = 0
+        self.emitted_logprobs = 0
+        self.spec: Any = None  # speculative-decoding state, owned by the speculative module
+        self.arrival_order = seq_id
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Tokens still to run through the model before the next sample."""
+        return self.num_tokens - self.num_cached_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def block_tokens(self, i: int, block_size: int) -> list[int]:
+        return self.token_ids[i * block_size:(i + 1) * block_size]
+
+    def __repr__(self) -> str:
+        return f"Sequence(id={self.seq_id}, tokens={self.num_tokens}, cached={self.num_cached_tokens}, {self.status.value})"
+
+
+@dataclass(slots=True)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
+    seqs: list[Sequence] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_logprobs_sent: bool = False
+    strategy: str = "plain"
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)

@@ -1,0 +1,90 @@
+"""Load Hugging Face safetensors checkpoints (single file or sharded) into the native decoder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..platform import Platform
+from .config import CheckpointError, ModelConfig
+from .decoder import Decoder, Rotary
+
+log = logging.getLogger(__name__)
+
+_QKV = ("q_proj", "k_proj", "v_proj")
+_GATE_UP = ("gate_proj", "up_proj")
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_dir / f for f in sorted(set(weight_map.values()))]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(model_dir.glob("*.safetensors"))
+    if found:
+        return found
+    raise CheckpointError(f"{str(model_dir)!r} has no safetensors weights (model.safetensors or an index)")
+
+
+def load_model(
+    model_dir: str | Path, cfg: ModelConfig, platform: Platform, dtype: torch.dtype, max_position: int
+) -> Decoder:
+    model_dir = Path(model_dir)
+    files = checkpoint_files(model_dir)
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = Decoder(cfg, platform, max_position)
+    model = model.to_empty(device=platform.device)
+    # Buffers (rotary tables) were built on meta: rebuild them on the device.
+    model.rotary = Rotary(cfg, max_position).to(platform.device)
+
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # fused target -> parts seen so far
+
+    def put(name: str, tensor: torch.Tensor) -> None:
+        if name not in params:
+            return
+        p = params[name]
+        if p.shape != tensor.shape:
+            raise CheckpointError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(p.shape)}")
+        with torch.no_grad():
+            p.copy_(tensor.to(dtype))
+        loaded.add(name)
+
+    for i, f in enumerate(files):
+        with safe_open(str(f), framework="pt", device="cpu") as st:
+            for hf_name in st.keys():
+                if "rotary_emb" in hf_name:
+                    continue
+                name = hf_name.removeprefix("model.")
+                tensor = st.get_tensor(hf_name)
+                parts = name.split(".")
+                # layers.N.self_attn.q_proj.weight -> fused qkv_proj; mlp.gate_proj -> gate_up_proj
+                if len(parts) >= 4 and parts[-2] in _QKV + _GATE_UP:
+                    group = _QKV if parts[-2] in _QKV else _GATE_UP
+                    fused = "qkv_proj" if group is _QKV else "gate_up_proj"
+                    target = ".".join(parts[:-2] + [fused, parts[-1]])
+                    slot = pending.setdefault(target, {})
+                    slot[parts[-2]] = tensor
+                    if all(g in slot for g in group):
+                        put(target, torch.cat([slot[g] for g in group], 0))
+                        del pending[target]
+                else:
+                    put(name, tensor)
+        log.info("loaded shard %d/%d of %s", i + 1, len(files), model_dir.name)
+
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise CheckpointError(f"{str(model_dir)!r} is missing weights: {', '.join(missing[:5])}")
+    model.eval().requires_grad_(False)
+    log.info("loaded %s (%.1fM params, %s) in %.2fs", model_dir.name, cfg.num_params / 1e6, dtype, time.perf_counter() - t0)
+    return model

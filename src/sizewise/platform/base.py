@@ -1,0 +1,181 @@
+"""The platform interface: the one place that knows which accelerator exists.
+
+The engine asks a `Platform` for its device, for memory facts, for the attention and
+KV-write ops and for a graph wrapper. The reference ops below are plain torch and run
+anywhere; accelerator subclasses override what they can do faster.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True, frozen=True)
+class MemoryInfo:
+    total_bytes: int
+    free_bytes: int
+
+
+class Platform:
+    """Base platform with torch reference ops (correct on every device)."""
+
+    name: str = "base"
+    device_type: str = "cpu"
+    preferred_block_size: int = 16  # tokens per KV block
+
+    def __init__(self, index: int = 0) -> None:
+        self.index = index
+        self._peak_bandwidth: float | None = None
+
+    # ----- device facts -------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        if self.device_type == "cpu":
+            return torch.device("cpu")
+        return torch.device(self.device_type, self.index)
+
+    def synchronize(self) -> None:
+        pass
+
+    def memory_info(self) -> MemoryInfo:
+        raise NotImplementedError
+
+    def default_dtype(self, checkpoint_dtype: torch.dtype) -> torch.dtype:
+        """`dtype="auto"`: follow the checkpoint on an accelerator."""
+        return checkpoint_dtype
+
+    def peak_bandwidth(self, nbytes: int = 256 << 20, iters: int = 5) -> float:
+        """Copy bandwidth in bytes/s (bytes read + written), measured once and cached."""
+        if self._peak_bandwidth is None:
+            src = torch.empty(nbytes // 2, dtype=torch.uint8, device=self.device)
+            dst = torch.empty_like(src)
+            dst.copy_(src)
+            self.synchronize()
+            best = float("inf")
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                dst.copy_(src)
+                self.synchronize()
+                best = min(best, time.perf_counter() - t0)
+            self._peak_bandwidth = 2 * src.numel() / best
+        return self._peak_bandwidth
+
+    # ----- graphs ---------------------------------------------------------
+    @property
+    def supports_graphs(self) -> bool:
+        return False
+
+    def make_graph(self):  # -> object with capture context / replay()
+        raise NotImplementedError(f"{self.name} has no graph capture")
+
+    def graph_pool(self):
+        return None
+
+    # ----- ops ------------------------------------------------------------
+    def write_kv(
+        self,
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        slot_mapping: torch.Tensor,  # [T] int64, -1 = padding (not written)
+    ) -> None:
+        num_blocks, block_size = k_cache.shape[:2]
+        flat_k = k_cache.view(num_blocks * block_size, *k_cache.shape[2:])
+        flat_v = v_cache.view(num_blocks * block_size, *v_cache.shape[2:])
+        # Padding slots (-1) land in the last block, a sink the block manager never hands
+        # out: the op stays shape-static (no boolean indexing, no host sync) for graphs.
+        idx = torch.where(slot_mapping >= 0, slot_mapping, num_blocks * block_size - 1)
+        flat_k.index_copy_(0, idx, k.to(flat_k.dtype))
+        flat_v.index_copy_(0, idx, v.to(flat_v.dtype))
+
+    def paged_attention(
+        self,
+        q: torch.Tensor,  # [B, Q, H, D] queries; Q = 1 for decode, k+1 for verify
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        block_tables: torch.Tensor,  # [B, max_blocks] int32/int64, -1 padded
+        context_lens: torch.Tensor,  # [B] tokens in cache incl. the Q new ones
+        scale: float,
+    ) -> torch.Tensor:  # [B, Q, H, D]
+        """Attention of Q trailing queries per sequence over its paged context.
+
+        Query i of sequence b sits at position context_lens[b] - Q + i and sees keys
+        at positions <= its own. The reference gathers each sequence's blocks into a
+        padded [B, L, Hkv, D] view, fine on CPU; accelerators override this.
+        """
+        B, Q, H, D = q.shape
+        block_size = k_cache.shape[1]
+        Hkv = k_cache.shape[2]
+        tables = block_tables.clamp_min(0).long()
+        L = tables.shape[1] * block_size
+        k = k_cache[tables].reshape(B, L, Hkv, D)
+        v = v_cache[tables].reshape(B, L, Hkv, D)
+        pos_k = torch.arange(L, device=q.device)
+        pos_q = context_lens[:, None].long() - Q + torch.arange(Q, device=q.device)[None, :]
+        mask = pos_k[None, None, :] <= pos_q[:, :, None]  # [B, Q, L]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2),  # [B, H, Q, D]
+            k.transpose(1, 2).to(q.dtype),
+            v.transpose(1, 2).to(q.dtype),
+            attn_mask=mask[:, None],
+            scale=scale,
+            enable_gqa=Hkv != H,
+        )
+        return out.transpose(1, 2)
+
+    def prefill_attention(
+        self,
+        q: torch.Tensor,  # [T, H, D] new tokens of all sequences, packed
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        cu_seqlens_q: list[int],  # host offsets into T, len B+1
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: list[list[int]],  # host tables, for sequences with cached context
+        num_cached: list[int],  # tokens already in cache before this chunk, per seq
+        scale: float,
+    ) -> torch.Tensor:  # [T, H, D]
+        """Causal attention for packed prefill chunks (prefill is eager, never captured).
+
+        A sequence with no cached context attends within its own chunk; one continuing
+        a chunked prefill or hitting the prefix cache also reads its cached blocks.
+        """
+        H, Hkv = q.shape[1], k.shape[1]
+        block_size = k_cache.shape[1]
+        outs = []
+        for b in range(len(cu_seqlens_q) - 1):
+            s, e = cu_seqlens_q[b], cu_seqlens_q[b + 1]
+            qb, kb, vb = q[s:e], k[s:e], v[s:e]
+            n_cached = num_cached[b]
+            if n_cached:
+                nblk = (n_cached + block_size - 1) // block_size
+                tbl = torch.tensor(block_tables[b][:nblk], device=q.device, dtype=torch.long)
+                ck = k_cache[tbl].reshape(-1, Hkv, k.shape[-1])[:n_cached].to(q.dtype)
+                cv = v_cache[tbl].reshape(-1, Hkv, v.shape[-1])[:n_cached].to(q.dtype)
+                kb = torch.cat([ck, kb], 0)
+                vb = torch.cat([cv, vb], 0)
+            n_q, n_k = qb.shape[0], kb.shape[0]
+            if n_cached:
+                mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_cached)
+                o = torch.nn.functional.scaled_dot_product_attention(
+                    qb.transpose(0, 1), kb.transpose(0, 1), vb.transpose(0, 1),
+                    attn_mask=mask, scale=scale, enable_gqa=Hkv != H,
+                )
+            else:
+                o = torch.nn.functional.scaled_dot_product_attention(
+                    qb.transpose(0, 1), kb.transpose(0, 1), vb.transpose(0, 1),
+                    is_causal=True, scale=scale, enable_gqa=Hkv != H,
+                )
+            outs.append(o.transpose(0, 1))
+        return torch.cat(outs, 0)
+
+    # ----- fused elementwise ops (overridable) --------------------------------
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * xf.to(dtype)

@@ -1,0 +1,124 @@
+"""CUDA platform: torch.cuda facts, CUDA graphs, and a Triton paged-attention kernel.
+
+Imported only by `get_platform` when torch sees a CUDA device. Triton is imported lazily
+the first time attention runs; without it (or for shapes the kernel does not take) the
+torch reference op from `Platform` is used, which is correct but gathers a padded copy
+of every sequence's context.
+
+Status: written against the torch.cuda and Triton APIs; the kernel is checked against
+the reference op under Triton's CPU interpreter in the unit tests. Not run on a GPU in
+the session that wrote it (see docs/platforms.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+
+from .base import MemoryInfo, Platform
+
+log = logging.getLogger(__name__)
+
+
+class CudaGraph:
+    """One captured graph: `with g.capture(): out = fn(...)`, then `g.replay()`."""
+
+    def __init__(self, pool) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        self.pool = pool
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        # torch.cuda.graph captures on its own side stream and syncs around capture.
+        with torch.cuda.graph(self.graph, pool=self.pool):
+            yield
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class CudaPlatform(Platform):
+    name = "cuda"
+    device_type = "cuda"
+    preferred_block_size = 16
+
+    def __init__(self, index: int = 0) -> None:
+        super().__init__(index)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"cuda:{index} requested but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        props = torch.cuda.get_device_properties(index)
+        self.device_name: str = props.name
+        self.num_sms: int = props.multi_processor_count
+        self._pool = None
+        self._triton = None  # the triton_paged_attention module once imported
+        self._triton_missing = False
+
+    # ----- device facts -------------------------------------------------
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.index)
+
+    def memory_info(self) -> MemoryInfo:
+        free, total = torch.cuda.mem_get_info(self.index)
+        return MemoryInfo(total_bytes=total, free_bytes=free)
+
+    # default_dtype: the base rule (follow the checkpoint) is the CUDA rule.
+
+    # ----- graphs ---------------------------------------------------------
+    @property
+    def supports_graphs(self) -> bool:
+        return True
+
+    def graph_pool(self):
+        """One memory pool per platform instance, shared by every graph made from it."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+    def make_graph(self, pool=None) -> CudaGraph:
+        return CudaGraph(self.graph_pool() if pool is None else pool)
+
+    # ----- ops ------------------------------------------------------------
+    # write_kv: the base op (index_copy_ into a flat view, -1 -> sink slot) is one
+    # capturable kernel per tensor; nothing to gain from a custom kernel here.
+
+    def _triton_module(self):
+        if self._triton is None and not self._triton_missing:
+            try:
+                from . import triton_paged_attention
+
+                self._triton = triton_paged_attention
+            except ImportError:
+                self._triton_missing = True
+                log.warning("triton is not installed: CUDA paged attention uses the torch reference op")
+        return self._triton
+
+    def paged_attention(
+        self,
+        q: torch.Tensor,  # [B, Q, H, D]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        block_tables: torch.Tensor,  # [B, M] int32, -1 padded
+        context_lens: torch.Tensor,  # [B] int32
+        scale: float,
+    ) -> torch.Tensor:  # [B, Q, H, D]
+        tpa = self._triton_module()
+        usable = (
+            tpa is not None
+            and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and k_cache.dtype == q.dtype
+            and q.shape[-1] <= 256
+            and q.stride(-1) == 1
+            and k_cache.stride(-1) == 1
+            and v_cache.stride(-1) == 1
+        )
+        if not usable:
+            return super().paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+        # Triton launches on the current device; make it the tensors' device.
+        with torch.cuda.device(q.device):
+            return tpa.paged_attention(
+                q, k_cache, v_cache, block_tables, context_lens, scale, num_sms=self.num_sms
+            )

@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny random-initialised checkpoints of every supported family, built with
+transformers in a temp dir (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+FAMILY_CONFIGS = {
+    "llama": dict(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=320, max_position_embeddings=512,
+        tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    ),
+    "llama_tied_linear": dict(
+        model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, vocab_size=320, max_position_embeddings=512,
+        tie_word_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 2.0},
+    ),
+    "qwen2": dict(
+        model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=320, max_position_embeddings=512,
+        tie_word_embeddings=True,
+    ),
+    "qwen3": dict(
+        model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=320,
+        max_position_embeddings=512, tie_word_embeddings=False,
+    ),
+    "mistral": dict(
+        model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, vocab_size=320, max_position_embeddings=512,
+        sliding_window=4096, tie_word_embeddings=False,
+    ),
+}
+
+
+def _byte_tokenizer(path: Path, vocab_size: int) -> None:
+    """A tiny byte-level BPE tokenizer (trained on a few lines) saved with the checkpoint."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 8, special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    text = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog. " * 4,
+            "for i in range(10):\n    print(i)\n", "import os\nimport sys\n"]
+    tok.train_from_iterator(text * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>")
+    fast.chat_template = (
+        "{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}<|eos|>{% endfor %}"
+        "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}"
+    )
+    fast.save_pretrained(path)
+
+
+def build_checkpoint(path: Path, family: str, seed: int = 0, dtype=torch.float32):
+    import transformers
+
+    kw = dict(FAMILY_CONFIGS[family])
+    model_type = kw.pop("model_type")
+    cfg_cls = transformers.AutoConfig.for_model(model_type).__class__
+    cfg = cfg_cls(**kw, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype)
+    # Random init is near-uniform; scale weights up so logits are peaked and greedy is stable.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+            elif "norm" in name:
+                p.uniform_(0.8, 1.2)
+            else:
+                p.normal_(0.0, 0.02)
+    model.eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    _byte_tokenizer(path, kw["vocab_size"])
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 1, "bos_token_id": 0}))
+    return model
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for fam in FAMILY_CONFIGS:
+        build_checkpoint(root / fam, fam)
+        out[fam] = root / fam
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama_dir(checkpoints) -> Path:
+    return checkpoints["llama"]

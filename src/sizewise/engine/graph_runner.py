@@ -35,6 +35,7 @@ torch.tensor(host_list)), no data-dependent shapes, same kernels every call.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -203,12 +204,15 @@ class DecodeGraphRunner:
                 for bucket in reversed(self.buckets):
                     self._fill_padding(q_len, 0, bucket)  # all-padding: writes hit only the sink
                     args = self._static_args(q_len, bucket)
-                    # Warm-up compiles kernels (Triton JIT, cuBLAS handles) outside capture.
-                    for _ in range(max(1, self.warmup_iters)):
-                        out = self.fn(*args)
+                    graph = platform.make_graph()
+                    # Warm-up compiles kernels (Triton JIT, cuBLAS handles) outside capture;
+                    # a platform graph may need to know it is warming up (NPU: same op path).
+                    warm = getattr(graph, "warmup", None)
+                    with warm() if warm is not None else contextlib.nullcontext():
+                        for _ in range(max(1, self.warmup_iters)):
+                            out = self.fn(*args)
                     self._check_output(out, q_len, bucket)
                     platform.synchronize()
-                    graph = platform.make_graph()
                     with graph.capture():
                         out = self.fn(*args)
                     self._graphs[(q_len, bucket)] = graph

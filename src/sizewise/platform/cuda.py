@@ -24,11 +24,15 @@ log = logging.getLogger(__name__)
 
 
 class CudaGraph:
-    """One captured graph: `with g.capture(): out = fn(...)`, then `g.replay()`."""
+    """One captured graph: `with g.warmup(): fn(...)`, `with g.capture(): out = fn(...)`, `g.replay()`."""
 
     def __init__(self, pool) -> None:
         self.graph = torch.cuda.CUDAGraph()
         self.pool = pool
+
+    @contextlib.contextmanager
+    def warmup(self) -> Iterator[None]:
+        yield  # nothing to switch on CUDA: eager and captured calls take the same path
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:

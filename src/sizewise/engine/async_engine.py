@@ -1,0 +1,230 @@
+"""Async front of one or more EngineCores, for the server.
+
+One worker thread owns every core it drives and steps them round-robin, one batched step per
+core per turn. Why one thread for all co-resident models: their steps would contend for the
+same memory bandwidth anyway, sequential steps keep each step's time attributable to one model
+(the telemetry reads achieved bandwidth from it), and it never oversubscribes the host cores.
+Requests and aborts reach the worker through a queue; outputs come back to the caller's event
+loop with `call_soon_threadsafe`. Nothing here is process-global: two AsyncEngines coexist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from ..sampling_params import SamplingParams
+from .core import EngineCore, EngineStats
+from .outputs import RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+@dataclass(slots=True)
+class _Add:
+    core: str
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None
+    stream: "RequestStream"
+    admitted: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass(slots=True)
+class _Abort:
+    request_id: str
+
+
+class RequestStream:
+    """Deltas of one request, in order; iteration ends after the finished delta."""
+
+    def __init__(self, engine: "AsyncEngine", request_id: str, core: str) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self.core = core
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.finished = False
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                item = await self.queue.get()
+                if isinstance(item, BaseException):
+                    self.finished = True
+                    raise item
+                if item.finished:
+                    self.finished = True
+                yield item
+        finally:
+            if not self.finished:  # consumer went away (disconnect, timeout): free the KV now
+                self.abort()
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id)
+
+
+@dataclass(slots=True)
+class _Route:
+    core: str
+    loop: asyncio.AbstractEventLoop
+    stream: RequestStream
+
+
+class AsyncEngine:
+    def __init__(self, cores: dict[str, EngineCore] | EngineCore) -> None:
+        if isinstance(cores, EngineCore):
+            cores = {cores.name: cores}
+        self.cores = dict(cores)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._routes: dict[str, _Route] = {}
+        self._stop = False
+        self._dead: BaseException | None = None
+        self.step_listeners: list = []  # callables(core_name, core, outputs, seconds): telemetry hooks
+        self._thread = threading.Thread(target=self._run, name="sizewise-engine", daemon=True)
+        self._thread.start()
+
+    # ----- caller side (event loop) --------------------------------------------------------
+    async def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        core: str | None = None, prompt: str | None = None,
+    ) -> RequestStream:
+        """Queue a request; raises InvalidRequestError / QueueFullError before anything streams."""
+        if self._dead is not None:
+            raise EngineDeadError(f"engine worker died: {self._dead!r}")
+        name = core or next(iter(self.cores))
+        if name not in self.cores:
+            raise KeyError(name)
+        self.cores[name].validate(prompt_token_ids, params)
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(self, request_id, name)
+        admitted = loop.create_future()
+        self._inbox.put(_Add(name, request_id, list(prompt_token_ids), params, prompt, stream, admitted, loop))
+        self._wake.set()
+        await admitted  # re-raises the core's admission error
+        return stream
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        core: str | None = None, prompt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        stream = await self.add_request(request_id, prompt_token_ids, params, core, prompt)
+        async for out in stream:
+            yield out
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(_Abort(request_id))
+        self._wake.set()
+
+    def stats(self) -> dict[str, EngineStats]:
+        return {name: core.stats() for name, core in self.cores.items()}
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self._dead is None
+
+    # ----- worker thread ------------------------------------------------------------------------
+    def _deliver(self, route: _Route, item) -> None:
+        route.loop.call_soon_threadsafe(route.stream.queue.put_nowait, item)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, _Add):
+                try:
+                    self.cores[cmd.core].add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.prompt)
+                except Exception as e:  # noqa: BLE001 - reported to the caller, engine carries on
+                    cmd.loop.call_soon_threadsafe(_set_exc, cmd.admitted, e)
+                    continue
+                self._routes[cmd.request_id] = _Route(cmd.core, cmd.loop, cmd.stream)
+                cmd.loop.call_soon_threadsafe(_set_result, cmd.admitted, None)
+            else:
+                route = self._routes.pop(cmd.request_id, None)
+                if route is not None:
+                    self.cores[route.core].abort_request(cmd.request_id)
+
+    def _run(self) -> None:
+        import time
+
+        names = list(self.cores)
+        turn = 0
+        try:
+            while not self._stop:
+                self._drain_inbox()
+                busy = [n for n in names if self.cores[n].has_unfinished_requests()]
+                if not busy:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                # Round-robin: each busy core gets one step per turn.
+                for name in busy[turn % len(busy):] + busy[: turn % len(busy)]:
+                    self._drain_inbox()
+                    core = self.cores[name]
+                    t0 = time.perf_counter()
+                    try:
+                        outs = core.step()
+                    except Exception as e:  # noqa: BLE001 - fail this core's requests, keep serving
+                        log.exception("step of %s failed; failing its in-flight requests", name)
+                        self._fail_core(name, e)
+                        continue
+                    dt = time.perf_counter() - t0
+                    for out in outs:
+                        route = self._routes.get(out.request_id)
+                        if route is None:
+                            continue
+                        if out.finished:
+                            del self._routes[out.request_id]
+                        self._deliver(route, out)
+                    for listener in self.step_listeners:
+                        try:
+                            listener(name, core, outs, dt)
+                        except Exception:  # noqa: BLE001 - telemetry must never stop serving
+                            log.exception("step listener failed")
+                turn += 1
+        except BaseException as e:  # noqa: BLE001
+            self._dead = e
+            log.exception("engine worker died")
+            for rid, route in list(self._routes.items()):
+                self._deliver(route, EngineDeadError(str(e)))
+            raise
+
+    def _fail_core(self, name: str, exc: Exception) -> None:
+        core = self.cores[name]
+        for rid, route in list(self._routes.items()):
+            if route.core == name:
+                core.abort_request(rid)
+                del self._routes[rid]
+                self._deliver(route, RuntimeError(f"internal error while serving the request: {exc}"))
+
+
+def _set_result(fut: asyncio.Future, value) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exc(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

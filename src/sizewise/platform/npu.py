@@ -1,0 +1,231 @@
+"""Ascend NPU platform: torch.npu facts, NPUGraph capture, torch_npu fused ops.
+
+UNVERIFIED: written against the public torch_npu documentation (op-plugin docs for
+npu_fused_infer_attention_score, npu_rms_norm, _npu_reshape_and_cache, NPUGraph); it has
+never been run on an Ascend device. Every fused op has a guarded fallback to the torch
+reference op, and the reference path is what the CPU tests check. See docs/platforms.md.
+
+This is the only module that imports torch_npu, and only `get_platform("npu...")`
+imports this module.
+
+Paged attention uses `torch_npu.npu_fused_infer_attention_score` (FIA) with a block table
+over the cache viewed as [num_blocks, block_size, Hkv*D] (the layout FIA documents for
+BSH/BSND queries). FIA takes the per-sequence lengths as *host* integer lists, and an
+NPUGraph freezes whatever host values it saw at capture. So there are two paths:
+
+  * eager (not capturing): exact lengths. context_lens is read to the host once per
+    forward (memoised across layers) -- one sync per step, acceptable in eager mode.
+    Q = 1 needs no mask; Q > 1 uses sparse_mode=3 (right-down causal) with the 2048x2048
+    triangular mask FIA documents, which gives query i of Q the keys <= ctx - Q + i.
+  * static (inside graph warm-up/capture): the host lengths are the *capacity*,
+    M * block_size for every row, and the real context length and causality come from a
+    device-built boolean mask [B, 1, Q, M*block_size] (True = masked, sparse_mode=0). All
+    host-side op parameters depend on shapes only, so one capture serves every step with
+    no host update. Cost: every row reads all M blocks of its table (the -1 entries are
+    remapped to the sink block), i.e. KV bytes scale with max_model_len, not with the
+    context. FIA also documents that num_blocks must cover the blocks implied by the
+    lengths of all rows, so a bucket with B * M > num_blocks falls back to the reference
+    op (correct, slower). The faster follow-up is torch_npu's graph task update
+    (graph_task_group_begin/end + graph_task_update_begin/end re-issuing FIA.out with the
+    new lengths before each replay), which is what vLLM-Ascend does; it needs host
+    context lengths at replay time and is not implemented here.
+
+KV block size: FIA's paged mode wants block_size a multiple of 128 (min 128, max 512),
+hence `preferred_block_size = 128`. Other block sizes use the reference op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+import torch_npu  # noqa: F401  (registers torch.npu; only get_platform imports this module)
+
+from .base import MemoryInfo, Platform
+
+log = logging.getLogger(__name__)
+
+_FIA_MAX_Q = 16  # FIA's cap on query tokens per sequence in these modes (speculative k+1)
+_FIA_MASK_SIZE = 2048  # sparse_mode 2/3/4 take a fixed 2048x2048 "optimised" mask
+
+
+class NpuGraph:
+    """One NPUGraph. The platform is told when its warm-up or capture is running, so the
+    attention op takes the shape-static path in both (the same op variant is warmed up
+    that is then captured)."""
+
+    def __init__(self, platform: "NpuPlatform", pool) -> None:
+        self.graph = torch.npu.NPUGraph()
+        self.pool = pool
+        self._platform = platform
+
+    @contextlib.contextmanager
+    def warmup(self) -> Iterator[None]:
+        with self._platform._static_region():
+            yield
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        with self._platform._static_region(), torch.npu.graph(self.graph, pool=self.pool):
+            yield
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class NpuPlatform(Platform):
+    name = "npu"
+    device_type = "npu"
+    preferred_block_size = 128
+
+    def __init__(self, index: int = 0) -> None:
+        super().__init__(index)
+        count = torch.npu.device_count()
+        if index >= count:
+            raise ValueError(f"npu:{index} requested but only {count} NPU device(s) are visible")
+        self._pool = None
+        self._static_depth = 0  # > 0 while an NpuGraph warms up or captures
+        self._causal_mask: torch.Tensor | None = None  # the 2048x2048 FIA mask, on device
+        self._lens_key: tuple | None = None  # memo of the last context_lens read to host
+        self._lens_host: list[int] = []
+        self._scale_kw: str | None = None  # FIA's scale keyword differs across torch_npu versions
+        self._fia_ok = hasattr(torch_npu, "npu_fused_infer_attention_score")
+        self._reshape_cache_ok = hasattr(torch_npu, "_npu_reshape_and_cache")
+        self._rms_ok = hasattr(torch_npu, "npu_rms_norm")
+
+    # ----- device facts -------------------------------------------------
+    def synchronize(self) -> None:
+        torch.npu.synchronize(self.device)
+
+    def memory_info(self) -> MemoryInfo:
+        free, total = torch.npu.mem_get_info(self.device)
+        return MemoryInfo(total_bytes=total, free_bytes=free)
+
+    # ----- graphs ---------------------------------------------------------
+    @property
+    def supports_graphs(self) -> bool:
+        return hasattr(torch.npu, "NPUGraph") and hasattr(torch.npu, "graph")
+
+    def graph_pool(self):
+        """One memory pool per platform instance, shared by every graph made from it."""
+        if self._pool is None:
+            self._pool = torch.npu.graph_pool_handle()
+        return self._pool
+
+    def make_graph(self, pool=None) -> NpuGraph:
+        return NpuGraph(self, self.graph_pool() if pool is None else pool)
+
+    @contextlib.contextmanager
+    def _static_region(self) -> Iterator[None]:
+        self._static_depth += 1
+        try:
+            yield
+        finally:
+            self._static_depth -= 1
+
+    # ----- ops ------------------------------------------------------------
+    def write_kv(
+        self,
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        slot_mapping: torch.Tensor,  # [T] int64, -1 = padding
+    ) -> None:
+        if not (self._reshape_cache_ok and k_cache.dtype in (torch.float16, torch.bfloat16)
+                and k.dtype == k_cache.dtype):
+            return super().write_kv(k, v, k_cache, v_cache, slot_mapping)
+        num_blocks, block_size = k_cache.shape[:2]
+        # The ATB op does not document skipping negative slots: send padding to the sink's
+        # last slot, as the reference op does.
+        slots = torch.where(slot_mapping >= 0, slot_mapping, num_blocks * block_size - 1).to(torch.int32)
+        # Positional arguments: the slot keyword was renamed (slot_mapping -> slot_indices)
+        # between CANN releases.
+        torch_npu._npu_reshape_and_cache(k.contiguous(), v.contiguous(), k_cache, v_cache, slots)
+
+    def _host_lens(self, context_lens: torch.Tensor) -> list[int]:
+        # Every layer of one forward passes the same context_lens tensor: read it once.
+        key = (id(context_lens), context_lens.data_ptr(), context_lens._version)
+        if key != self._lens_key:
+            self._lens_host = [int(x) for x in context_lens.tolist()]
+            self._lens_key = key
+        return self._lens_host
+
+    def _fia(self, q, k, v, *, scale: float, **kwargs) -> torch.Tensor:
+        if self._scale_kw is None:
+            try:
+                out = torch_npu.npu_fused_infer_attention_score(q, k, v, scale=scale, **kwargs)[0]
+                self._scale_kw = "scale"
+                return out
+            except TypeError:  # torch_npu <= 6.x calls it scale_value
+                self._scale_kw = "scale_value"
+        return torch_npu.npu_fused_infer_attention_score(q, k, v, **{self._scale_kw: scale}, **kwargs)[0]
+
+    def paged_attention(
+        self,
+        q: torch.Tensor,  # [B, Q, H, D]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        block_tables: torch.Tensor,  # [B, M] int32, -1 padded
+        context_lens: torch.Tensor,  # [B] int32
+        scale: float,
+    ) -> torch.Tensor:  # [B, Q, H, D]
+        B, Q, H, D = q.shape
+        num_blocks, block_size, Hkv, _ = k_cache.shape
+        M = block_tables.shape[1]
+        static = self._static_depth > 0
+        usable = (
+            self._fia_ok
+            and q.dtype in (torch.float16, torch.bfloat16)
+            and k_cache.dtype == q.dtype
+            and block_size % 128 == 0
+            and block_size <= 512
+            and Q <= _FIA_MAX_Q
+            and D % 16 == 0
+            and H % Hkv == 0
+            and H // Hkv <= 64
+            and (not static or B * M <= num_blocks)
+        )
+        if not usable:
+            return super().paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+        # -1 entries are not validated by FIA: point them at the sink block (never allocated).
+        tables = torch.where(block_tables >= 0, block_tables, num_blocks - 1).to(torch.int32)
+        k = k_cache.view(num_blocks, block_size, Hkv * D)  # [num_blocks, block_size, Hkv*D]
+        v = v_cache.view(num_blocks, block_size, Hkv * D)
+        common = dict(
+            num_heads=H, num_key_value_heads=Hkv, input_layout="BSND",
+            block_table=tables, block_size=block_size,
+        )
+        qc = q.contiguous()  # FIA rejects non-contiguous inputs
+        if static:
+            kv_len = M * block_size
+            pos_k = torch.arange(kv_len, device=q.device)
+            pos_q = context_lens.to(torch.long)[:, None] - Q + torch.arange(Q, device=q.device)[None, :]
+            mask = (pos_k[None, None, :] > pos_q[:, :, None]).unsqueeze(1)  # [B, 1, Q, kv_len] True = masked
+            out = self._fia(
+                qc, k, v, scale=scale, atten_mask=mask, sparse_mode=0,
+                actual_seq_lengths=[Q] * B, actual_seq_lengths_kv=[kv_len] * B, **common,
+            )
+        else:
+            lens = self._host_lens(context_lens)
+            if Q == 1:
+                out = self._fia(qc, k, v, scale=scale, actual_seq_lengths_kv=lens, **common)
+            else:
+                out = self._fia(
+                    qc, k, v, scale=scale, atten_mask=self._fia_causal_mask(q.device), sparse_mode=3,
+                    actual_seq_lengths=[Q] * B, actual_seq_lengths_kv=lens, **common,
+                )
+        return out.view(B, Q, H, D)
+
+    def _fia_causal_mask(self, device: torch.device) -> torch.Tensor:
+        if self._causal_mask is None:
+            n = _FIA_MASK_SIZE
+            self._causal_mask = torch.triu(torch.ones(n, n, dtype=torch.bool, device=device), diagonal=1)
+        return self._causal_mask
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if not self._rms_ok or weight.dtype != x.dtype:
+            return super().rms_norm(x, weight, eps)
+        return torch_npu.npu_rms_norm(x, weight, epsilon=eps)[0]

@@ -1,0 +1,41 @@
+"""Prometheus metrics for one server instance (its own CollectorRegistry: no process globals).
+
+Names follow vLLM's with the `sizewise_` prefix; labels are bounded (`model`, `tier`,
+`finished_reason`, `reason`, `strategy`, `status`), never request ids.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+_PROBE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry or CollectorRegistry()
+        mt = ["model", "tier"]
+        self.ttft = Histogram("sizewise_time_to_first_token_seconds", "Time to first token.", mt, buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("sizewise_inter_token_latency_seconds", "Time between output tokens.", mt, buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("sizewise_e2e_request_latency_seconds", "End-to-end request latency.", mt, buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("sizewise_request_queue_time_seconds", "Time waiting before first scheduled.", mt, buckets=_LATENCY_BUCKETS, registry=r)
+        self.probe = Histogram("sizewise_probe_seconds", "Request probe time.", [], buckets=_PROBE_BUCKETS, registry=r)
+        self.requests = Counter("sizewise_requests", "Finished requests by reason.", mt + ["finished_reason"], registry=r)
+        self.errors = Counter("sizewise_request_errors", "Rejected or failed requests by HTTP status.", ["status"], registry=r)
+        self.prompt_tokens = Counter("sizewise_prompt_tokens", "Prompt tokens processed.", mt, registry=r)
+        self.generation_tokens = Counter("sizewise_generation_tokens", "Tokens generated.", mt, registry=r)
+        self.route_decisions = Counter("sizewise_route_decisions", "Routing decisions.", ["tier", "reason"], registry=r)
+        self.spec_draft = Counter("sizewise_spec_decode_draft_tokens", "Speculative tokens proposed.", mt + ["strategy"], registry=r)
+        self.spec_accepted = Counter("sizewise_spec_decode_accepted_tokens", "Speculative tokens accepted.", mt + ["strategy"], registry=r)
+        self.preemptions = Counter("sizewise_num_preemptions", "Sequences preempted.", mt, registry=r)
+        self.running = Gauge("sizewise_num_requests_running", "Sequences running.", mt, registry=r)
+        self.waiting = Gauge("sizewise_num_requests_waiting", "Sequences waiting.", mt, registry=r)
+        self.kv_usage = Gauge("sizewise_kv_cache_usage_ratio", "KV-cache blocks in use / total.", mt, registry=r)
+        self.bandwidth = Gauge("sizewise_achieved_bandwidth_bytes_per_second", "Bytes read per decode step / step time.", mt, registry=r)
+        self.bandwidth_util = Gauge("sizewise_bandwidth_utilization_ratio", "Achieved / peak bandwidth.", mt, registry=r)
+        self.device_memory = Gauge("sizewise_device_memory_used_bytes", "Device memory in use (RAM on CPU).", [], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,164 @@
+"""A deployment: the config file (pydantic, at the edge) and the running set of engines.
+
+`Deployment` is what the server talks to: it resolves a request's `model` to a resident
+engine through a router, and exposes the AsyncEngine, tokenizers and stats. The server knows
+nothing about KV blocks; the engines know nothing about HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal, Protocol
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..engine.async_engine import AsyncEngine
+from ..engine.config import EngineConfig
+from ..engine.core import EngineCore
+from ..sampling_params import SamplingParams
+from .types import Decision, RoutingHints
+
+log = logging.getLogger(__name__)
+
+TIERS = ("small", "medium", "large")
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    tier: Literal["small", "medium", "large"]
+    path: str
+    dtype: str | None = None
+    kv_share: float = Field(default=1.0, gt=0, le=1)
+
+
+class EngineSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_model_len: int | None = Field(default=None, ge=2)
+    max_num_seqs: int = Field(default=64, ge=1)
+    max_num_batched_tokens: int = Field(default=2048, ge=16)
+    block_size: int | None = Field(default=None, ge=1)
+    enforce_eager: bool = False
+    enable_prefix_caching: bool = True
+    max_waiting: int = Field(default=1024, ge=1)
+
+
+class ServerSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_keys: list[str] = Field(default_factory=list)
+    metrics_require_auth: bool = False
+    request_timeout_s: float = Field(default=600.0, gt=0)
+
+
+class DeploymentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    device: str = "auto"
+    dtype: str = "auto"
+    memory_fraction: float = Field(default=0.5, gt=0, le=1)
+    models: list[ModelEntry] = Field(min_length=1)
+    engine: EngineSection = Field(default_factory=EngineSection)
+    server: ServerSection = Field(default_factory=ServerSection)
+    policy: dict = Field(default_factory=dict)  # read by the orchestrator's policy
+    default_tier: Literal["small", "medium", "large"] | None = None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "DeploymentConfig":
+        path = Path(path)
+        raw = yaml.safe_load(path.read_text()) or {}
+        cfg = cls.model_validate(raw)
+        for m in cfg.models:  # paths are relative to the config file
+            p = Path(m.path)
+            if not p.is_absolute():
+                m.path = str((path.parent / p).resolve())
+        return cfg
+
+    @classmethod
+    def from_model_dirs(cls, dirs: list[str], **kw) -> "DeploymentConfig":
+        """`--model DIR ...`: tiers assigned by order (1 model: large; 2: small, large; 3: all)."""
+        tiers = {1: ["large"], 2: ["small", "large"], 3: ["small", "medium", "large"]}.get(len(dirs))
+        if tiers is None:
+            raise ValueError(f"give 1 to 3 --model directories, got {len(dirs)}")
+        models = [ModelEntry(name=Path(d).name or d, tier=t, path=str(Path(d).resolve())) for d, t in zip(dirs, tiers)]
+        return cls(models=models, **kw)
+
+
+class Router(Protocol):
+    async def route(
+        self, deployment: "Deployment", prompt_token_ids: list[int], params: SamplingParams,
+        requested: str, hints: RoutingHints,
+    ) -> Decision: ...
+
+
+class UnknownModelError(LookupError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"model {name!r} does not exist; available: {', '.join(known)}")
+        self.name = name
+
+
+class StaticRouter:
+    """`auto` goes to one fixed tier; a tier alias or a model name pins it."""
+
+    def __init__(self, default_tier: str) -> None:
+        self.default_tier = default_tier
+
+    async def route(self, deployment, prompt_token_ids, params, requested, hints) -> Decision:
+        if requested == "auto":
+            name = deployment.tier_to_model[self.default_tier]
+            reason = "static"
+        else:
+            name = deployment.resolve(requested)
+            reason = "pinned"
+        strategy = "plain" if hints.strategy == "auto" else hints.strategy
+        return Decision(model=name, tier=deployment.model_to_tier[name], strategy=strategy, reason=reason)
+
+
+class Deployment:
+    def __init__(self, config: DeploymentConfig, cores: dict[str, EngineCore], router: Router | None = None) -> None:
+        self.config = config
+        self.cores = cores
+        self.model_to_tier = {m.name: m.tier for m in config.models}
+        self.tier_to_model = {m.tier: m.name for m in config.models}
+        default = config.default_tier or ("large" if "large" in self.tier_to_model else config.models[-1].tier)
+        self.router: Router = router or StaticRouter(default)
+        self.engine = AsyncEngine(cores)
+
+    @classmethod
+    def load(cls, config: DeploymentConfig, router: Router | None = None) -> "Deployment":
+        cores = {}
+        for m in config.models:
+            ecfg = EngineConfig(
+                dtype=m.dtype or config.dtype, device=config.device,
+                kv_cache_memory_fraction=config.memory_fraction * m.kv_share * 0.5,
+                **config.engine.model_dump(),
+            )
+            log.info("loading %s (%s) from %s", m.name, m.tier, m.path)
+            cores[m.name] = EngineCore(m.path, ecfg, name=m.name)
+        return cls(config, cores, router)
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.cores)
+
+    def resolve(self, requested: str) -> str:
+        """A tier alias or a model name -> the resident model's name."""
+        if requested in self.cores:
+            return requested
+        if requested in self.tier_to_model:
+            return self.tier_to_model[requested]
+        raise UnknownModelError(requested, ["auto", *self.tier_to_model, *self.cores])
+
+    def tokenizer(self, model: str | None = None):
+        name = self.resolve(model) if model and model != "auto" else next(iter(self.cores))
+        return self.cores[name].tokenizer
+
+    async def route(self, prompt_token_ids, params, requested: str, hints: RoutingHints) -> Decision:
+        if requested != "auto":
+            self.resolve(requested)  # raises UnknownModelError before any work
+        return await self.router.route(self, prompt_token_ids, params, requested, hints)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

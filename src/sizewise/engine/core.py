@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..models import CheckpointError, ModelConfig, load_model, parse_dtype
+from ..models.loader import checkpoint_files
 from ..platform import Platform, get_platform
 from ..sampling_params import InvalidRequestError, SamplingParams
 from .block_manager import BlockManager
@@ -74,6 +75,7 @@ class EngineCore:
         self.model_dir = Path(model_dir)
         self.name = name or self.model_dir.name
         self.model_config = cfg = ModelConfig.from_pretrained(self.model_dir)
+        checkpoint_files(self.model_dir)  # fail on missing weights before any slow loading
         self.platform = platform or get_platform(config.device)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_dir)
         self.dtype = (

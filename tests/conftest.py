@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tiny models gain nothing from intra-op threads, and OpenMP spin-waits collapse when the
+# test process shares 2 cores with a server thread (or anything else): one thread is faster.
+torch.set_num_threads(1)
+
 FAMILY_CONFIGS = {
     "llama": dict(
         model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -36,6 +36,7 @@ class AttentionMetadata:
     cu_seqlens_q: list[int] | None = None  # offsets relative to the prefill part
     prefill_num_cached: list[int] | None = None
     prefill_block_tables: list[list[int]] | None = None
+    paged_prepared: object = None  # platform.prepare_paged(...) result, shared by all layers
 
     @property
     def num_decode_tokens(self) -> int:
@@ -65,11 +66,14 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        # q: [T, H, D], k: [T, Hkv, D], positions: [T]
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype):
+        # positions: [T] -> cos, sin: [T, 1, D], looked up once per step for all layers
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    # q: [T, H, D], k: [T, Hkv, D], cos/sin: [T, 1, D]
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -93,7 +97,7 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, meta: AttentionMetadata):
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
         # x: [T, hidden]
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -102,7 +106,7 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
+        q, k = apply_rotary(q, k, *rope)
         self.platform.write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
 
         nd = meta.num_decode_tokens
@@ -110,7 +114,8 @@ class Attention(nn.Module):
         if meta.num_decodes:
             qd = q[:nd].view(meta.num_decodes, meta.decode_q, self.num_heads, self.head_dim)
             od = self.platform.paged_attention(
-                qd, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale
+                qd, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale,
+                prepared=meta.paged_prepared,
             )
             outs.append(od.reshape(nd, self.num_heads, self.head_dim))
         if nd < T:
@@ -143,8 +148,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, platform)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, rotary, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, meta)
+    def forward(self, x, rope, meta):
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -161,8 +166,14 @@ class Decoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden: [T, hidden]
         x = self.embed_tokens(input_ids)
+        rope = self.rotary.tables(positions, x.dtype)
+        if meta.num_decodes and meta.paged_prepared is None:
+            attn = self.layers[0].self_attn
+            meta.paged_prepared = attn.platform.prepare_paged(
+                meta.block_tables, meta.context_lens, meta.decode_q, attn.k_cache.shape[1], x.dtype
+            )
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, meta)
+            x = layer(x, rope, meta)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,11 @@ class Platform:
             self._peak_bandwidth = 2 * src.numel() / best
         return self._peak_bandwidth
 
+    def device_counters(self) -> dict[str, float]:
+        """Vendor counters (e.g. memory-bandwidth utilisation %) as a cross-check for the
+        orchestrator's own telemetry; empty where the platform has none. Never required."""
+        return {}
+
     # ----- graphs ---------------------------------------------------------
     @property
     def supports_graphs(self) -> bool:
@@ -92,6 +97,26 @@ class Platform:
         flat_k.index_copy_(0, idx, k.to(flat_k.dtype))
         flat_v.index_copy_(0, idx, v.to(flat_v.dtype))
 
+    def prepare_paged(
+        self,
+        block_tables: torch.Tensor,  # [B, M] int32, -1 padded
+        context_lens: torch.Tensor,  # [B]
+        num_queries: int,
+        block_size: int,
+        dtype: torch.dtype,
+    ):
+        """Per-step attention metadata shared by every layer (computed once, not per layer).
+
+        The reference returns (flat gather indices [B * M], additive mask [B, 1, Q, L]).
+        """
+        tables = block_tables.clamp_min(0).long()
+        L = tables.shape[1] * block_size
+        pos_k = torch.arange(L, device=block_tables.device)
+        pos_q = context_lens[:, None].long() - num_queries + torch.arange(num_queries, device=block_tables.device)[None, :]
+        visible = pos_k[None, None, :] <= pos_q[:, :, None]  # [B, Q, L]
+        mask = torch.zeros(visible.shape, dtype=dtype, device=block_tables.device).masked_fill_(~visible, float("-inf"))
+        return tables.reshape(-1), mask[:, None]
+
     def paged_attention(
         self,
         q: torch.Tensor,  # [B, Q, H, D] queries; Q = 1 for decode, k+1 for verify
@@ -100,30 +125,25 @@ class Platform:
         block_tables: torch.Tensor,  # [B, max_blocks] int32/int64, -1 padded
         context_lens: torch.Tensor,  # [B] tokens in cache incl. the Q new ones
         scale: float,
+        prepared=None,  # from prepare_paged(), shared across layers
     ) -> torch.Tensor:  # [B, Q, H, D]
         """Attention of Q trailing queries per sequence over its paged context.
 
         Query i of sequence b sits at position context_lens[b] - Q + i and sees keys
         at positions <= its own. The reference gathers each sequence's blocks into a
-        padded [B, L, Hkv, D] view, fine on CPU; accelerators override this.
+        padded [B, L, Hkv, D] copy, fine on CPU; accelerators override this.
         """
         B, Q, H, D = q.shape
-        block_size = k_cache.shape[1]
-        Hkv = k_cache.shape[2]
-        tables = block_tables.clamp_min(0).long()
-        L = tables.shape[1] * block_size
-        k = k_cache[tables].reshape(B, L, Hkv, D)
-        v = v_cache[tables].reshape(B, L, Hkv, D)
-        pos_k = torch.arange(L, device=q.device)
-        pos_q = context_lens[:, None].long() - Q + torch.arange(Q, device=q.device)[None, :]
-        mask = pos_k[None, None, :] <= pos_q[:, :, None]  # [B, Q, L]
+        block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
+        if prepared is None:
+            prepared = self.prepare_paged(block_tables, context_lens, Q, block_size, q.dtype)
+        flat_tables, mask = prepared
+        L = mask.shape[-1]
+        # index_select copies whole blocks (memcpy rows); advanced indexing is ~4x slower on CPU.
+        k = k_cache.index_select(0, flat_tables).view(B, L, Hkv, D).transpose(1, 2)  # [B, Hkv, L, D]
+        v = v_cache.index_select(0, flat_tables).view(B, L, Hkv, D).transpose(1, 2)
         out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2),  # [B, H, Q, D]
-            k.transpose(1, 2).to(q.dtype),
-            v.transpose(1, 2).to(q.dtype),
-            attn_mask=mask[:, None],
-            scale=scale,
-            enable_gqa=Hkv != H,
+            q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=Hkv != H,
         )
         return out.transpose(1, 2)
 
@@ -175,7 +195,6 @@ class Platform:
 
     # ----- fused elementwise ops (overridable) --------------------------------
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * xf.to(dtype)
+        # Normalise in float32 (as the HF reference does), scale in the model dtype.
+        y = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+        return weight * y.to(x.dtype)

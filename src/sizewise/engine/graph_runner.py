@@ -16,7 +16,7 @@ Padding rows (documented contract, relied on by every platform's ops):
   padded row's Q queries sit at positions 0..Q-1 and each sees at least one key position,
   so no attention row is fully masked on any backend (fully masked rows are NaN-prone on
   some fused kernels). Reference op: -1 blocks clamp to block 0 -> finite garbage;
-  Triton: -1 blocks are masked -> zeros; NPU: -1 blocks are remapped to the sink block.
+  Triton: -1 blocks are masked -> zeros; NPU: -1 blocks are clamped to block 0 (finite).
   Columns of a real row's block table beyond what the caller passed are filled with -1.
 
 Modes:

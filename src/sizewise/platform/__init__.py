@@ -28,6 +28,8 @@ def get_platform(device: str | torch.device | None = "auto") -> Platform:
     """`auto` picks NPU, then CUDA, then CPU; `cuda:1`, `npu:0`, `cpu` pick explicitly."""
     spec = "auto" if device is None else str(device)
     kind, _, idx = spec.partition(":")
+    if idx and not idx.isdigit():
+        raise ValueError(f"unknown device {spec!r}; expected 'auto', 'cpu', 'cuda[:N]' or 'npu[:N]'")
     index = int(idx) if idx else 0
     if kind == "auto":
         if npu_available():

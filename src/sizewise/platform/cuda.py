@@ -68,6 +68,22 @@ class CudaPlatform(Platform):
         free, total = torch.cuda.mem_get_info(self.index)
         return MemoryInfo(total_bytes=total, free_bytes=free)
 
+    def device_counters(self) -> dict[str, float]:
+        """NVML utilisation (% of time the GPU / its memory was busy) when pynvml is importable."""
+        try:
+            import pynvml
+
+            if getattr(self, "_nvml_handle", None) is None:
+                pynvml.nvmlInit()
+                p = torch.cuda.get_device_properties(self.index)
+                # NVML numbers devices physically; find ours by PCI address (CUDA_VISIBLE_DEVICES remaps).
+                bus = f"{p.pci_domain_id:08x}:{p.pci_bus_id:02x}:{p.pci_device_id:02x}.0"
+                self._nvml_handle = pynvml.nvmlDeviceGetHandleByPciBusId(bus)
+            u = pynvml.nvmlDeviceGetUtilizationRates(self._nvml_handle)
+            return {"nvml_gpu_util_percent": float(u.gpu), "nvml_memory_util_percent": float(u.memory)}
+        except Exception:  # noqa: BLE001 - a cross-check only; absent NVML means no counters
+            return {}
+
     # default_dtype: the base rule (follow the checkpoint) is the CUDA rule.
 
     # ----- graphs ---------------------------------------------------------
@@ -99,6 +115,20 @@ class CudaPlatform(Platform):
                 log.warning("triton is not installed: CUDA paged attention uses the torch reference op")
         return self._triton
 
+    def prepare_paged(
+        self,
+        block_tables: torch.Tensor,  # [B, M] int32, -1 padded
+        context_lens: torch.Tensor,  # [B]
+        num_queries: int,
+        block_size: int,
+        dtype: torch.dtype,
+    ):
+        """The Triton kernel reads block tables and lengths directly: no per-step metadata.
+        Where it cannot run, the reference op's gather indices and mask."""
+        if self._triton_module() is not None and dtype in (torch.float16, torch.bfloat16, torch.float32):
+            return None
+        return super().prepare_paged(block_tables, context_lens, num_queries, block_size, dtype)
+
     def paged_attention(
         self,
         q: torch.Tensor,  # [B, Q, H, D]
@@ -107,6 +137,7 @@ class CudaPlatform(Platform):
         block_tables: torch.Tensor,  # [B, M] int32, -1 padded
         context_lens: torch.Tensor,  # [B] int32
         scale: float,
+        prepared=None,  # from prepare_paged(); only the reference fallback uses it
     ) -> torch.Tensor:  # [B, Q, H, D]
         tpa = self._triton_module()
         usable = (
@@ -120,7 +151,9 @@ class CudaPlatform(Platform):
             and v_cache.stride(-1) == 1
         )
         if not usable:
-            return super().paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+            if prepared is None:  # self.prepare_paged may have returned None for Triton: build the reference's
+                prepared = super().prepare_paged(block_tables, context_lens, q.shape[1], k_cache.shape[1], q.dtype)
+            return super().paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale, prepared)
         # Triton launches on the current device; make it the tensors' device.
         with torch.cuda.device(q.device):
             return tpa.paged_attention(

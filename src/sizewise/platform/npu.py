@@ -14,7 +14,8 @@ BSH/BSND queries). FIA takes the per-sequence lengths as *host* integer lists, a
 NPUGraph freezes whatever host values it saw at capture. So there are two paths:
 
   * eager (not capturing): exact lengths. context_lens is read to the host once per
-    forward (memoised across layers) -- one sync per step, acceptable in eager mode.
+    forward (in prepare_paged, else memoised across layers) -- one sync per step,
+    acceptable in eager mode.
     Q = 1 needs no mask; Q > 1 uses sparse_mode=3 (right-down causal) with the 2048x2048
     triangular mask FIA documents, which gives query i of Q the keys <= ctx - Q + i.
   * static (inside graph warm-up/capture): the host lengths are the *capacity*,
@@ -22,10 +23,10 @@ NPUGraph freezes whatever host values it saw at capture. So there are two paths:
     device-built boolean mask [B, 1, Q, M*block_size] (True = masked, sparse_mode=0). All
     host-side op parameters depend on shapes only, so one capture serves every step with
     no host update. Cost: every row reads all M blocks of its table (the -1 entries are
-    remapped to the sink block), i.e. KV bytes scale with max_model_len, not with the
-    context. FIA also documents that num_blocks must cover the blocks implied by the
-    lengths of all rows, so a bucket with B * M > num_blocks falls back to the reference
-    op (correct, slower). The faster follow-up is torch_npu's graph task update
+    clamped to block 0, as in the reference op), i.e. KV bytes scale with max_model_len,
+    not with the context. FIA also documents that num_blocks must cover the blocks
+    implied by the lengths of all rows, so a bucket with B * M > num_blocks falls back to
+    the reference op (correct, slower). The faster follow-up is torch_npu's graph task update
     (graph_task_group_begin/end + graph_task_update_begin/end re-issuing FIA.out with the
     new lengths before each replay), which is what vLLM-Ascend does; it needs host
     context lengths at replay time and is not implemented here.
@@ -39,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch_npu  # noqa: F401  (registers torch.npu; only get_platform imports this module)
@@ -49,6 +51,16 @@ log = logging.getLogger(__name__)
 
 _FIA_MAX_Q = 16  # FIA's cap on query tokens per sequence in these modes (speculative k+1)
 _FIA_MASK_SIZE = 2048  # sparse_mode 2/3/4 take a fixed 2048x2048 "optimised" mask
+
+
+@dataclass(slots=True)
+class _FiaPrepared:
+    """Per-step FIA inputs shared by all layers (see NpuPlatform.prepare_paged)."""
+
+    tables: torch.Tensor  # [B, M] int32, -1 clamped to block 0
+    static: bool  # built inside graph warm-up/capture: capacity lengths + mask
+    mask: torch.Tensor | None  # [B, 1, Q, M*block_size] bool, True = masked (static only)
+    lens: list[int] | None  # exact host context lengths (eager only)
 
 
 class NpuGraph:
@@ -102,6 +114,33 @@ class NpuPlatform(Platform):
     def memory_info(self) -> MemoryInfo:
         free, total = torch.npu.mem_get_info(self.device)
         return MemoryInfo(total_bytes=total, free_bytes=free)
+
+    def device_counters(self) -> dict[str, float]:
+        """`npu-smi info -t usages -i N` percentages (HBM usage / bandwidth, AI core), if the tool
+        exists. N is the npu-smi card id, assumed equal to the device index (UNVERIFIED)."""
+        import shutil
+        import subprocess
+
+        if shutil.which("npu-smi") is None:
+            return {}
+        try:
+            text = subprocess.run(
+                ["npu-smi", "info", "-t", "usages", "-i", str(self.index)],
+                capture_output=True, text=True, timeout=2.0,
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            return {}
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            key, sep, val = line.partition(":")
+            key = key.strip()
+            if sep and key.endswith("(%)"):
+                try:
+                    name = "npu_smi_" + key[:-3].strip().lower().replace(" ", "_") + "_percent"
+                    out.setdefault(name, float(val.strip()))  # first chip of the card
+                except ValueError:
+                    continue
+        return out
 
     # ----- graphs ---------------------------------------------------------
     @property
@@ -163,6 +202,43 @@ class NpuPlatform(Platform):
                 self._scale_kw = "scale_value"
         return torch_npu.npu_fused_infer_attention_score(q, k, v, **{self._scale_kw: scale}, **kwargs)[0]
 
+    def _fia_eligible(self, dtype: torch.dtype, block_size: int, num_queries: int) -> bool:
+        return (
+            self._fia_ok
+            and dtype in (torch.float16, torch.bfloat16)
+            and block_size % 128 == 0
+            and block_size <= 512
+            and num_queries <= _FIA_MAX_Q
+        )
+
+    def _prepare_fia(
+        self, block_tables: torch.Tensor, context_lens: torch.Tensor, num_queries: int, block_size: int
+    ) -> "_FiaPrepared":
+        # -1 entries are not validated by FIA: clamp them to block 0 (finite data, and every
+        # read of it is masked or belongs to a padded row), as the reference op does.
+        tables = block_tables.clamp_min(0).to(torch.int32)  # [B, M]
+        if self._static_depth > 0:
+            kv_len = tables.shape[1] * block_size
+            pos_k = torch.arange(kv_len, device=tables.device)
+            pos_q = (context_lens.to(torch.long)[:, None] - num_queries
+                     + torch.arange(num_queries, device=tables.device)[None, :])  # [B, Q]
+            mask = (pos_k[None, None, :] > pos_q[:, :, None]).unsqueeze(1)  # [B, 1, Q, kv_len], True = masked
+            return _FiaPrepared(tables=tables, static=True, mask=mask, lens=None)
+        return _FiaPrepared(tables=tables, static=False, mask=None, lens=self._host_lens(context_lens))
+
+    def prepare_paged(
+        self,
+        block_tables: torch.Tensor,  # [B, M] int32, -1 padded
+        context_lens: torch.Tensor,  # [B]
+        num_queries: int,
+        block_size: int,
+        dtype: torch.dtype,
+    ):
+        """Once per step: FIA's block table (and static mask, or host lengths) for all layers."""
+        if not self._fia_eligible(dtype, block_size, num_queries):
+            return super().prepare_paged(block_tables, context_lens, num_queries, block_size, dtype)
+        return self._prepare_fia(block_tables, context_lens, num_queries, block_size)
+
     def paged_attention(
         self,
         q: torch.Tensor,  # [B, Q, H, D]
@@ -171,52 +247,45 @@ class NpuPlatform(Platform):
         block_tables: torch.Tensor,  # [B, M] int32, -1 padded
         context_lens: torch.Tensor,  # [B] int32
         scale: float,
+        prepared=None,  # from prepare_paged(), shared across layers
     ) -> torch.Tensor:  # [B, Q, H, D]
         B, Q, H, D = q.shape
         num_blocks, block_size, Hkv, _ = k_cache.shape
         M = block_tables.shape[1]
         static = self._static_depth > 0
         usable = (
-            self._fia_ok
-            and q.dtype in (torch.float16, torch.bfloat16)
+            self._fia_eligible(q.dtype, block_size, Q)
             and k_cache.dtype == q.dtype
-            and block_size % 128 == 0
-            and block_size <= 512
-            and Q <= _FIA_MAX_Q
             and D % 16 == 0
             and H % Hkv == 0
             and H // Hkv <= 64
             and (not static or B * M <= num_blocks)
         )
         if not usable:
-            return super().paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
-        # -1 entries are not validated by FIA: point them at the sink block (never allocated).
-        tables = torch.where(block_tables >= 0, block_tables, num_blocks - 1).to(torch.int32)
+            if prepared is None or isinstance(prepared, _FiaPrepared):  # the reference needs its own
+                prepared = super().prepare_paged(block_tables, context_lens, Q, block_size, q.dtype)
+            return super().paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale, prepared)
+        if not isinstance(prepared, _FiaPrepared) or prepared.static != static:
+            prepared = self._prepare_fia(block_tables, context_lens, Q, block_size)
         k = k_cache.view(num_blocks, block_size, Hkv * D)  # [num_blocks, block_size, Hkv*D]
         v = v_cache.view(num_blocks, block_size, Hkv * D)
         common = dict(
             num_heads=H, num_key_value_heads=Hkv, input_layout="BSND",
-            block_table=tables, block_size=block_size,
+            block_table=prepared.tables, block_size=block_size,
         )
         qc = q.contiguous()  # FIA rejects non-contiguous inputs
-        if static:
-            kv_len = M * block_size
-            pos_k = torch.arange(kv_len, device=q.device)
-            pos_q = context_lens.to(torch.long)[:, None] - Q + torch.arange(Q, device=q.device)[None, :]
-            mask = (pos_k[None, None, :] > pos_q[:, :, None]).unsqueeze(1)  # [B, 1, Q, kv_len] True = masked
+        if prepared.static:
             out = self._fia(
-                qc, k, v, scale=scale, atten_mask=mask, sparse_mode=0,
-                actual_seq_lengths=[Q] * B, actual_seq_lengths_kv=[kv_len] * B, **common,
+                qc, k, v, scale=scale, atten_mask=prepared.mask, sparse_mode=0,
+                actual_seq_lengths=[Q] * B, actual_seq_lengths_kv=[M * block_size] * B, **common,
             )
+        elif Q == 1:
+            out = self._fia(qc, k, v, scale=scale, actual_seq_lengths_kv=prepared.lens, **common)
         else:
-            lens = self._host_lens(context_lens)
-            if Q == 1:
-                out = self._fia(qc, k, v, scale=scale, actual_seq_lengths_kv=lens, **common)
-            else:
-                out = self._fia(
-                    qc, k, v, scale=scale, atten_mask=self._fia_causal_mask(q.device), sparse_mode=3,
-                    actual_seq_lengths=[Q] * B, actual_seq_lengths_kv=lens, **common,
-                )
+            out = self._fia(
+                qc, k, v, scale=scale, atten_mask=self._fia_causal_mask(q.device), sparse_mode=3,
+                actual_seq_lengths=[Q] * B, actual_seq_lengths_kv=prepared.lens, **common,
+            )
         return out.view(B, Q, H, D)
 
     def _fia_causal_mask(self, device: torch.device) -> torch.Tensor:

@@ -131,14 +131,17 @@ def _paged_attn_split_kernel(
             mask=row_ok[:, None] & d_ok[None, :],
         )
     else:
-        base = (b * num_kv_heads + kvh) * num_splits + split
-        tl.store(
-            part_acc_ptr + base * BLOCK_M * BLOCK_D + rows[:, None] * BLOCK_D + d[None, :],
-            acc,
-            mask=row_ok[:, None],
-        )
-        tl.store(part_ml_ptr + base * 2 * BLOCK_M + rows, m_i, mask=row_ok)
-        tl.store(part_ml_ptr + base * 2 * BLOCK_M + BLOCK_M + rows, l_i, mask=row_ok)
+        # Splits past the context store nothing: the merge kernel reads only the first
+        # ceil(ctx / tokens_per_split) splits, so idle programs cost a launch, not bandwidth.
+        if start < ctx:
+            base = (b * num_kv_heads + kvh) * num_splits + split
+            tl.store(
+                part_acc_ptr + base * BLOCK_M * BLOCK_D + rows[:, None] * BLOCK_D + d[None, :],
+                acc,
+                mask=row_ok[:, None],
+            )
+            tl.store(part_ml_ptr + base * 2 * BLOCK_M + rows, m_i, mask=row_ok)
+            tl.store(part_ml_ptr + base * 2 * BLOCK_M + BLOCK_M + rows, l_i, mask=row_ok)
 
 
 @triton.jit
@@ -162,7 +165,7 @@ def _paged_attn_merge_kernel(
     d = tl.arange(0, BLOCK_D)
     ctx = tl.load(context_lens_ptr + b)
     # Only splits that start inside the context hold anything; the rest are (-inf, 0).
-    n_active = tl.minimum(tl.cdiv(ctx, tokens_per_split), num_splits)
+    n_active = tl.minimum((ctx + tokens_per_split - 1) // tokens_per_split, num_splits)
     first = (b * num_kv_heads + kvh) * num_splits
 
     m_g = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -197,21 +200,35 @@ def _paged_attn_merge_kernel(
 
 
 def choose_split(
-    batch: int, num_kv_heads: int, max_tokens: int, block_n: int, num_sms: int
+    batch: int,
+    num_kv_heads: int,
+    max_tokens: int,
+    block_n: int,
+    num_sms: int,
+    partial_bytes_per_split: int,
+    max_split_tokens: int = 512,
+    max_partial_bytes: int = 64 << 20,
 ) -> tuple[int, int]:
     """(num_splits, tokens_per_split) from shapes only, so a captured graph stays valid.
 
-    Aim for about two programs per SM; a batch that already fills the device gets one
-    split and skips the merge kernel.
+    A batch whose (sequence, KV head) programs already fill the device (about two per SM)
+    gets one split and no merge kernel. Otherwise the capacity M * block_size is cut so
+    that a full context would give about two programs per SM, but never into splits longer
+    than `max_split_tokens`, so a context much shorter than the capacity still spreads over
+    several programs; the float32 partials stay under `max_partial_bytes`.
     """
     programs = max(1, batch * num_kv_heads)
-    want = max(1, math.ceil(2 * num_sms / programs))
-    max_splits = max(1, math.ceil(max_tokens / block_n))
-    splits = min(want, max_splits)
+    if programs >= 2 * num_sms or max_tokens <= block_n:
+        return 1, max(block_n, max_tokens)
+    want = math.ceil(2 * num_sms / programs)
+    per_split = min(math.ceil(max_tokens / want), max_split_tokens)
+    most_splits = max(1, max_partial_bytes // max(1, programs * partial_bytes_per_split))
+    per_split = max(per_split, math.ceil(max_tokens / most_splits), block_n)
+    per_split = math.ceil(per_split / block_n) * block_n
+    splits = math.ceil(max_tokens / per_split)
     if splits <= 1:
         return 1, max(block_n, max_tokens)
-    tokens_per_split = math.ceil(math.ceil(max_tokens / splits) / block_n) * block_n
-    return math.ceil(max_tokens / tokens_per_split), tokens_per_split
+    return splits, per_split
 
 
 def paged_attention(
@@ -224,6 +241,7 @@ def paged_attention(
     *,
     num_sms: int = 132,
     num_splits: int | None = None,  # force a split count (tests); None = heuristic
+    block_n: int | None = None,  # keys per inner iteration (tests); None = heuristic
 ) -> torch.Tensor:  # [B, Q, H, D], dtype of q
     B, Q, H, D = q.shape
     _, block_size, Hkv, Dk = k_cache.shape
@@ -251,10 +269,11 @@ def paged_attention(
     BLOCK_D = max(16, triton.next_power_of_2(D))
     BLOCK_M = max(16, triton.next_power_of_2(G * Q))
     # Keep the [BLOCK_M, BLOCK_N] score tile and the K/V tiles within a register budget.
-    BLOCK_N = 64 if BLOCK_D <= 128 and BLOCK_M <= 32 else 32 if BLOCK_M <= 64 else 16
+    BLOCK_N = block_n or (64 if BLOCK_D <= 128 and BLOCK_M <= 32 else 32 if BLOCK_M <= 64 else 16)
     max_tokens = M * block_size
     if num_splits is None:
-        splits, per_split = choose_split(B, Hkv, max_tokens, BLOCK_N, num_sms)
+        partial_bytes = 4 * BLOCK_M * (BLOCK_D + 2)
+        splits, per_split = choose_split(B, Hkv, max_tokens, BLOCK_N, num_sms, partial_bytes)
     else:
         per_split = max(BLOCK_N, math.ceil(math.ceil(max_tokens / max(1, num_splits)) / BLOCK_N) * BLOCK_N)
         splits = max(1, math.ceil(max_tokens / per_split))

@@ -1,0 +1,436 @@
+"""Platform selection, device facts and the torch reference ops (CPU).
+
+The Triton kernel test runs Triton's interpreter on CPU tensors; it is skipped when
+triton is not installed (it is in the `test` extra).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from sizewise.platform import CpuPlatform, get_platform
+
+
+# ----- selection ------------------------------------------------------------------------
+def test_cpu_and_auto_give_cpu_here():
+    assert isinstance(get_platform("cpu"), CpuPlatform)
+    if not torch.cuda.is_available() and importlib.util.find_spec("torch_npu") is None:
+        p = get_platform("auto")
+        assert isinstance(p, CpuPlatform)
+        assert p.device == torch.device("cpu")
+        assert isinstance(get_platform(None), CpuPlatform)
+
+
+@pytest.mark.parametrize("spec", ["tpu", "gpu:0", "metal", "", "cuda0"])
+def test_unknown_device_raises_clear_error(spec):
+    with pytest.raises(ValueError, match="unknown device"):
+        get_platform(spec)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="machine has CUDA")
+def test_cuda_without_cuda_raises():
+    with pytest.raises(ValueError, match="CUDA"):
+        get_platform("cuda")
+    with pytest.raises(ValueError, match="CUDA"):
+        get_platform("cuda:1")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_npu") is not None, reason="torch_npu installed")
+def test_npu_without_torch_npu_raises():
+    with pytest.raises(ValueError, match="torch_npu"):
+        get_platform("npu:0")
+
+
+def test_importing_platform_does_not_import_torch_npu(tmp_path):
+    # A stand-in torch_npu on the path: importing sizewise.platform (and picking the CPU)
+    # must not import it; only get_platform("auto"/"npu") may.
+    fake = tmp_path / "torch_npu"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    code = textwrap.dedent(
+        """
+        import sys
+        import sizewise.platform as P
+        P.get_platform("cpu")
+        print("torch_npu" in sys.modules, "sizewise.platform.npu" in sys.modules,
+              "sizewise.platform.cuda" in sys.modules, "triton" in sys.modules)
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False", "False", "False"]
+
+
+# ----- device facts ----------------------------------------------------------------------
+def test_memory_info_sane():
+    info = get_platform("cpu").memory_info()
+    assert info.total_bytes > 1 << 26
+    assert 0 < info.free_bytes <= info.total_bytes
+
+
+def test_peak_bandwidth_positive_and_cached():
+    p = get_platform("cpu")
+    bw = p.peak_bandwidth(nbytes=8 << 20, iters=2)
+    assert bw > 0 and math.isfinite(bw)
+    assert p.peak_bandwidth() == bw
+
+
+def test_preferred_block_size():
+    assert get_platform("cpu").preferred_block_size == 16
+
+
+# ----- reference ops ----------------------------------------------------------------------
+def _paged_case(seed, B, Q, H, Hkv, D, block_size, max_blocks, dtype=torch.float32):
+    """Random per-sequence contexts scattered into a paged cache through a random block
+    permutation. Returns the paged inputs and the contiguous per-sequence K/V they hold."""
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = B * max_blocks + 3  # last block = sink, never used
+    k_cache = torch.randn(num_blocks, block_size, Hkv, D, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, Hkv, D, generator=g).to(dtype)
+    ctx = torch.randint(Q, max_blocks * block_size + 1, (B,), generator=g)
+    perm = torch.randperm(num_blocks - 1, generator=g)
+    width = max_blocks + 2  # extra -1 columns beyond every sequence's blocks
+    tables = torch.full((B, width), -1, dtype=torch.int32)
+    keys, values, used = [], [], 0
+    for b in range(B):
+        n = -(-int(ctx[b]) // block_size)
+        blocks = perm[used:used + n]
+        used += n
+        tables[b, :n] = blocks.to(torch.int32)
+        keys.append(k_cache[blocks].reshape(-1, Hkv, D)[: int(ctx[b])])
+        values.append(v_cache[blocks].reshape(-1, Hkv, D)[: int(ctx[b])])
+    q = torch.randn(B, Q, H, D, generator=g).to(dtype)
+    return q, k_cache, v_cache, tables, ctx.to(torch.int32), keys, values
+
+
+def _dense_causal(q, keys, values, scale):
+    """Independent dense reference: explicit softmax(QK^T) V per sequence, GQA by repeat."""
+    B, Q, H, D = q.shape
+    out = torch.empty(B, Q, H, D, dtype=torch.float64)
+    for b in range(B):
+        k = keys[b].double()  # [L, Hkv, D]
+        v = values[b].double()
+        L, Hkv = k.shape[0], k.shape[1]
+        k = k.repeat_interleave(H // Hkv, dim=1)  # [L, H, D]
+        v = v.repeat_interleave(H // Hkv, dim=1)
+        s = torch.einsum("qhd,lhd->hql", q[b].double(), k) * scale  # [H, Q, L]
+        pos_q = L - Q + torch.arange(Q)
+        s = s.masked_fill(torch.arange(L)[None, :] > pos_q[:, None], float("-inf"))
+        out[b] = torch.einsum("hql,lhd->qhd", s.softmax(-1), v)
+    return out
+
+
+@pytest.mark.parametrize("Q", [1, 4])
+@pytest.mark.parametrize("H,Hkv", [(8, 2), (4, 4)])
+def test_reference_paged_attention_matches_dense(Q, H, Hkv):
+    q, kc, vc, tables, ctx, keys, values = _paged_case(Q * 10 + H, B=5, Q=Q, H=H, Hkv=Hkv, D=16,
+                                                       block_size=4, max_blocks=6)
+    scale = 16**-0.5
+    got = get_platform("cpu").paged_attention(q, kc, vc, tables, ctx, scale)
+    want = _dense_causal(q, keys, values, scale)
+    assert got.shape == q.shape
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_write_kv_padding_slots_touch_only_the_sink():
+    p = get_platform("cpu")
+    num_blocks, bs, Hkv, D = 6, 4, 2, 8
+    k_cache = torch.randn(num_blocks, bs, Hkv, D)
+    v_cache = torch.randn(num_blocks, bs, Hkv, D)
+    k0, v0 = k_cache.clone(), v_cache.clone()
+    slots = torch.tensor([-1, 5, -1, 13, -1])
+    k = torch.randn(5, Hkv, D)
+    v = torch.randn(5, Hkv, D)
+    p.write_kv(k, v, k_cache, v_cache, slots)
+    flat_k, flat_v = k_cache.view(-1, Hkv, D), v_cache.view(-1, Hkv, D)
+    torch.testing.assert_close(flat_k[5], k[1])
+    torch.testing.assert_close(flat_v[13], v[3])
+    untouched = torch.ones(num_blocks * bs, dtype=torch.bool)
+    untouched[[5, 13]] = False
+    untouched[(num_blocks - 1) * bs:] = False  # the sink block may hold padding garbage
+    assert torch.equal(flat_k[untouched], k0.view(-1, Hkv, D)[untouched])
+    assert torch.equal(flat_v[untouched], v0.view(-1, Hkv, D)[untouched])
+
+
+# ----- Triton kernel under the interpreter -------------------------------------------
+# TRITON_INTERPRET must be set before triton itself is first imported (its standard
+# library functions are wrapped at import time), so the kernel runs in one subprocess
+# per test session that imports this file, runs every case and prints JSON results.
+TRITON_CASES = {
+    # name: shape + launch knobs (splits None = heuristic from num_sms; block_n None = default)
+    "decode_gqa_heuristic_split": dict(Q=1, H=8, Hkv=2, D=32, block_size=16, splits=None, block_n=16, sms=64),
+    "decode_mha_single_split": dict(Q=1, H=4, Hkv=4, D=16, block_size=8, splits=1, block_n=None, sms=4),
+    "verify_q4_three_splits": dict(Q=4, H=8, Hkv=2, D=32, block_size=16, splits=3, block_n=16, sms=4),
+    "verify_q4_many_splits_some_idle": dict(Q=4, H=4, Hkv=2, D=16, block_size=4, splits=20, block_n=16, sms=4),
+    "head_dim_24_gqa2": dict(Q=3, H=6, Hkv=3, D=24, block_size=4, splits=1, block_n=None, sms=4),
+    "mqa_q5": dict(Q=5, H=4, Hkv=1, D=16, block_size=16, splits=2, block_n=None, sms=4),
+}
+
+
+def _run_triton_cases() -> dict:
+    """Runs inside the interpreter subprocess."""
+    from sizewise.platform import triton_paged_attention as tpa
+
+    ref_op = CpuPlatform().paged_attention
+    res: dict = {}
+    for name, c in TRITON_CASES.items():
+        q, kc, vc, tables, ctx, keys, values = _paged_case(
+            c["Q"] + c["H"] + c["D"], B=4, Q=c["Q"], H=c["H"], Hkv=c["Hkv"], D=c["D"],
+            block_size=c["block_size"], max_blocks=5)
+        scale = c["D"] ** -0.5
+        got = tpa.paged_attention(q, kc, vc, tables, ctx, scale, num_sms=c["sms"], num_splits=c["splits"],
+                                  block_n=c["block_n"])
+        res[name] = dict(
+            shape_ok=got.shape == q.shape,
+            err_ref=(got - ref_op(q, kc, vc, tables, ctx, scale)).abs().max().item(),
+            err_dense=(got.double() - _dense_causal(q, keys, values, scale)).abs().max().item(),
+        )
+    # Padded rows: no blocks (-1) with context_len Q (the graph runner's padding) or 0,
+    # while the sink block holds NaN garbage that must never be read.
+    for splits in (1, 3):
+        Q, D = 2, 16
+        q, kc, vc, tables, ctx, _, _ = _paged_case(7, B=4, Q=Q, H=4, Hkv=2, D=D, block_size=8, max_blocks=4)
+        kc[-1] = float("nan")
+        vc[-1] = float("nan")
+        tables[2:] = -1
+        ctx[2], ctx[3] = Q, 0
+        got = tpa.paged_attention(q, kc, vc, tables, ctx, D**-0.5, num_sms=4, num_splits=splits, block_n=16)
+        ref = ref_op(q[:2], kc, vc, tables[:2], ctx[:2], D**-0.5)
+        res[f"padding_splits{splits}"] = dict(
+            finite=bool(torch.isfinite(got).all()),
+            pad_zero=bool(torch.equal(got[2:], torch.zeros_like(got[2:]))),
+            err_ref=(got[:2] - ref).abs().max().item(),
+        )
+    q, kc, vc, tables, ctx, _, _ = _paged_case(3, B=3, Q=2, H=4, Hkv=2, D=16, block_size=8, max_blocks=4,
+                                               dtype=torch.float16)
+    got = tpa.paged_attention(q, kc, vc, tables, ctx, 0.25, num_sms=4, num_splits=2)
+    ref = ref_op(q.float(), kc.float(), vc.float(), tables, ctx, 0.25)
+    res["float16"] = dict(dtype=str(got.dtype), err_ref=(got.float() - ref).abs().max().item())
+    return res
+
+
+@pytest.fixture(scope="module")
+def triton_results() -> dict:
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install -e '.[test]')")
+    code = textwrap.dedent(
+        f"""
+        import json, os, sys
+        os.environ["TRITON_INTERPRET"] = "1"
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import test_platform
+        print("RESULTS" + json.dumps(test_platform._run_triton_cases()))
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        pytest.fail(f"triton interpreter run failed:\n{out.stderr[-4000:]}")
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULTS"))
+    return json.loads(line[len("RESULTS"):])
+
+
+@pytest.mark.parametrize("case", list(TRITON_CASES))
+def test_triton_kernel_matches_reference(triton_results, case):
+    r = triton_results[case]
+    assert r["shape_ok"]
+    assert r["err_ref"] < 2e-5, r
+    assert r["err_dense"] < 2e-5, r
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_triton_kernel_padded_rows_are_finite_zeros(triton_results, splits):
+    r = triton_results[f"padding_splits{splits}"]
+    assert r["finite"] and r["pad_zero"], r
+    assert r["err_ref"] < 2e-5, r
+
+
+def test_triton_kernel_half_precision(triton_results):
+    r = triton_results["float16"]
+    assert r["dtype"] == "torch.float16"
+    assert r["err_ref"] < 2e-2, r
+
+
+# ----- NPU platform against a stand-in torch_npu ------------------------------------------
+# No Ascend device here. The stand-in implements npu_fused_infer_attention_score as its
+# documentation describes it (BSND query, paged KV [num_blocks, block_size, Hkv*D], bool
+# mask True = masked, sparse_mode 0 / 3, per-row host lengths) and rejects calls outside
+# the documented constraints. This checks how NpuPlatform builds its calls (mask direction,
+# lengths, -1 block clamp, layouts, static vs eager path, prepare_paged), not the real op.
+class _FakeTorchNpu:
+    def __init__(self):
+        self.calls = []
+
+    def npu_fused_infer_attention_score(self, query, key, value, *, num_heads, num_key_value_heads,
+                                        input_layout, block_table, block_size, scale,
+                                        actual_seq_lengths=None, actual_seq_lengths_kv=None,
+                                        atten_mask=None, sparse_mode=0):
+        B, S, N, D = query.shape
+        nb, bs, HD = key.shape
+        Hkv = num_key_value_heads
+        assert input_layout == "BSND" and N == num_heads and HD == Hkv * D and bs == block_size
+        assert block_size % 128 == 0 and block_table.dtype == torch.int32 and query.is_contiguous()
+        assert query.dtype in (torch.float16, torch.bfloat16)
+        assert isinstance(actual_seq_lengths_kv, list) and len(actual_seq_lengths_kv) == B
+        assert all(isinstance(x, int) for x in actual_seq_lengths_kv)
+        assert int(block_table.min()) >= 0 and int(block_table.max()) < nb  # ids are not validated by FIA
+        assert sum(-(-n // bs) for n in actual_seq_lengths_kv) <= nb  # documented block-count rule
+        if atten_mask is not None and sparse_mode == 0:
+            assert atten_mask.dtype == torch.bool and atten_mask.shape[-1] >= block_table.shape[1] * bs
+        if sparse_mode == 3:
+            assert tuple(atten_mask.shape) == (2048, 2048) and bool(atten_mask[0, 1]) and not bool(atten_mask[1, 0])
+        self.calls.append(dict(B=B, S=S, sparse_mode=sparse_mode, masked=atten_mask is not None))
+        out = torch.empty(B, S, N, D, dtype=torch.float32)
+        for b in range(B):
+            L = actual_seq_lengths_kv[b]
+            nblk = -(-L // bs)
+            k = key[block_table[b, :nblk].long()].reshape(-1, Hkv, D)[:L].float().repeat_interleave(N // Hkv, 1)
+            v = value[block_table[b, :nblk].long()].reshape(-1, Hkv, D)[:L].float().repeat_interleave(N // Hkv, 1)
+            s = torch.einsum("qhd,lhd->hql", query[b].float(), k) * scale  # [N, S, L]
+            if sparse_mode == 0 and atten_mask is not None:
+                s = s.masked_fill(atten_mask[b, 0, :, :L][None], float("-inf"))
+            elif sparse_mode == 3:
+                allowed = torch.arange(L)[None, :] <= (L - S + torch.arange(S))[:, None]
+                s = s.masked_fill(~allowed[None], float("-inf"))
+            out[b] = torch.einsum("hql,lhd->qhd", s.softmax(-1), v)
+        return out.to(query.dtype), torch.zeros(1)
+
+    def _npu_reshape_and_cache(self, key, value, key_cache, value_cache, slots):
+        nb, bs = key_cache.shape[:2]
+        assert slots.dtype == torch.int32 and int(slots.min()) >= 0 and int(slots.max()) < nb * bs
+        key_cache.view(nb * bs, *key_cache.shape[2:])[slots.long()] = key
+        value_cache.view(nb * bs, *value_cache.shape[2:])[slots.long()] = value
+
+    def npu_rms_norm(self, x, gamma, epsilon=1e-6):
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + epsilon)
+        return (xf * rstd * gamma.float()).to(x.dtype), rstd
+
+
+class _FakeTorchDotNpu:
+    class NPUGraph:
+        pass
+
+    @staticmethod
+    def device_count():
+        return 1
+
+    @staticmethod
+    def graph_pool_handle():
+        return (0, 1)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def graph(g, pool=None):
+        yield
+
+
+@pytest.fixture
+def npu_platform(monkeypatch):
+    fake = _FakeTorchNpu()
+    monkeypatch.setitem(sys.modules, "torch_npu", fake)
+    monkeypatch.setattr(torch, "npu", _FakeTorchDotNpu, raising=False)
+    sys.modules.pop("sizewise.platform.npu", None)
+    from sizewise.platform.npu import NpuPlatform
+
+    yield NpuPlatform(0), fake
+    sys.modules.pop("sizewise.platform.npu", None)
+
+
+@pytest.mark.parametrize("Q", [1, 4])
+def test_npu_paged_attention_calls_follow_fia_docs(npu_platform, Q):
+    plat, fake = npu_platform
+    assert plat.preferred_block_size == 128 and plat.supports_graphs
+    q, kc, vc, tables, ctx, keys, values = _paged_case(40 + Q, B=3, Q=Q, H=4, Hkv=2, D=16, block_size=128,
+                                                       max_blocks=2, dtype=torch.bfloat16)
+    tables = tables[:, :2]  # B * M = 6 <= num_blocks = 9: the static path's block-count rule holds
+    ref = CpuPlatform().paged_attention(q.float(), kc.float(), vc.float(), tables, ctx, 0.25)
+    eager = plat.paged_attention(q, kc, vc, tables, ctx, 0.25)
+    with plat.make_graph().warmup():  # the shape-static path used for warm-up and capture
+        static = plat.paged_attention(q, kc, vc, tables, ctx, 0.25)
+        wide = torch.cat([tables, torch.full((3, 2), -1, dtype=torch.int32)], 1)  # B * M = 12 > 9
+        fallback = plat.paged_attention(q, kc, vc, wide, ctx, 0.25)
+    assert [c["masked"] for c in fake.calls] == [Q > 1, True]  # the wide call did not reach FIA
+    assert [c["sparse_mode"] for c in fake.calls] == [3 if Q > 1 else 0, 0]
+    torch.testing.assert_close(eager.float(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(static.float(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(fallback.float(), ref, atol=2e-2, rtol=2e-2)
+    # Padded rows (all -1, context_len Q) stay finite on the static path.
+    tables[1:] = -1
+    ctx[1:] = Q
+    with plat.make_graph().capture():
+        padded = plat.paged_attention(q, kc, vc, tables, ctx, 0.25)
+    assert torch.isfinite(padded.float()).all()
+
+
+def test_npu_fallbacks_and_kv_write(npu_platform):
+    plat, fake = npu_platform
+    # float32 or block size 16 are outside FIA's documented range: reference op, no FIA call.
+    q, kc, vc, tables, ctx, _, _ = _paged_case(5, B=2, Q=1, H=4, Hkv=2, D=16, block_size=16, max_blocks=3)
+    torch.testing.assert_close(plat.paged_attention(q, kc, vc, tables, ctx, 0.25),
+                               CpuPlatform().paged_attention(q, kc, vc, tables, ctx, 0.25))
+    assert fake.calls == []
+    kc16 = torch.zeros(4, 128, 2, 16, dtype=torch.bfloat16)
+    vc16 = torch.zeros_like(kc16)
+    k = torch.randn(3, 2, 16).bfloat16()
+    plat.write_kv(k, k, kc16, vc16, torch.tensor([5, -1, 130]))
+    flat = kc16.view(-1, 2, 16)
+    assert torch.equal(flat[5], k[0]) and torch.equal(flat[130], k[2])
+    assert torch.equal(flat[-1], k[1])  # padding went to the sink's last slot
+    x = torch.randn(3, 16).bfloat16()
+    w = torch.rand(16).bfloat16()
+    torch.testing.assert_close(plat.rms_norm(x, w, 1e-6).float(), CpuPlatform().rms_norm(x, w, 1e-6).float(),
+                               atol=2e-2, rtol=2e-2)
+
+
+def test_npu_prepare_paged_shared_across_layers(npu_platform):
+    plat, fake = npu_platform
+    q, kc, vc, tables, ctx, _, _ = _paged_case(9, B=2, Q=3, H=4, Hkv=2, D=16, block_size=128,
+                                               max_blocks=2, dtype=torch.bfloat16)
+    tables = tables[:, :2]
+    ref = CpuPlatform().paged_attention(q.float(), kc.float(), vc.float(), tables, ctx, 0.25)
+    prepared = plat.prepare_paged(tables, ctx, 3, 128, torch.bfloat16)
+    for _ in range(2):  # two "layers" reuse one prepared step
+        torch.testing.assert_close(plat.paged_attention(q, kc, vc, tables, ctx, 0.25, prepared).float(),
+                                   ref, atol=2e-2, rtol=2e-2)
+    with plat.make_graph().warmup():
+        static = plat.prepare_paged(tables, ctx, 3, 128, torch.bfloat16)
+        torch.testing.assert_close(plat.paged_attention(q, kc, vc, tables, ctx, 0.25, static).float(),
+                                   ref, atol=2e-2, rtol=2e-2)
+    assert [c["sparse_mode"] for c in fake.calls] == [3, 3, 0]
+    # Not FIA-eligible (float32): the reference op's own prepared metadata.
+    base = plat.prepare_paged(tables, ctx, 3, 128, torch.float32)
+    assert isinstance(base, tuple)
+    torch.testing.assert_close(plat.paged_attention(q.float(), kc.float(), vc.float(), tables, ctx, 0.25, base),
+                               ref, atol=1e-5, rtol=1e-5)
+
+
+def test_cuda_platform_reference_fallback_plumbing(monkeypatch):
+    """CudaPlatform with torch.cuda faked: CPU tensors cannot take the Triton kernel, so the
+    reference op must run even when prepare_paged returned None (Triton importable)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(name="fake", multi_processor_count=4))
+    from sizewise.platform.cuda import CudaPlatform
+
+    plat = CudaPlatform(0)
+    assert plat.supports_graphs and plat.preferred_block_size == 16
+    q, kc, vc, tables, ctx, keys, values = _paged_case(2, B=3, Q=2, H=4, Hkv=2, D=16, block_size=4, max_blocks=4)
+    prepared = plat.prepare_paged(tables, ctx, 2, 4, torch.float32)
+    assert (prepared is None) == (importlib.util.find_spec("triton") is not None)
+    got = plat.paged_attention(q, kc, vc, tables, ctx, 0.25, prepared)
+    torch.testing.assert_close(got.double(), _dense_causal(q, keys, values, 0.25), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cuda:3"):
+        CudaPlatform(3)

@@ -1,0 +1,772 @@
+#!/usr/bin/env python
+"""Train sizewise's built-in demo family: three Llama models of one family on CPU.
+
+    python scripts/train_demo_family.py                 # corpus, tokenizer, all tiers, eval, model card
+    python scripts/train_demo_family.py --tiers large   # (re)train one tier only
+    python scripts/train_demo_family.py --eval-only     # held-out NLL + samples of models/demo/*
+    python scripts/train_demo_family.py --bench         # measure training tokens/s per tier and exit
+
+What it does, all deterministic (fixed seeds, fixed data order):
+
+1. corpus: the running interpreter's standard library ``.py`` files (code; no test suites,
+   no site-packages, no encodings/ charmap tables) and ``pydoc_data.topics`` (prose), split
+   train / held-out by a hash of the file path / topic key (see ``sizewise.demo``). Training
+   also sees the module docstrings of the training files as prose, and short chat examples
+   built from training data only (a topic's first paragraphs, a function's docstring) in the
+   ChatML-like template, so that the models learn to stop with ``<|im_end|>``.
+2. tokenizer: byte-level BPE (``tokenizers``), vocabulary 4096, special tokens ``<|bos|>``,
+   ``<|eos|>``, ``<|pad|>``, ``<|im_start|>``, ``<|im_end|>``. No normaliser, no added prefix
+   space, no BOS added by the tokenizer: ``decode(encode(s)) == s`` for every string. The
+   models are trained on documents separated by ``<|eos|>`` and never see ``<|bos|>``.
+3. models: three ``LlamaForCausalLM`` (tied embeddings), trained one after the other in
+   float32 on the same token stream (each tier sees a prefix of it: its token budget), AdamW,
+   linear warmup + cosine decay, sequence length ``SEQ_LEN``. Checkpoints under ``runs/demo/``
+   make every stage resumable: rerun the same command after an interruption.
+4. output: ``models/demo/{small,medium,large}`` in Hugging Face format (bfloat16 safetensors,
+   tokenizer, chat template, generation config stopping at ``<|eos|>`` and ``<|im_end|>``,
+   ``training_config.json``), ``models/demo/eval.json`` (held-out NLL per token) and the model
+   card ``models/demo/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+try:
+    import sizewise.demo as demo  # noqa: E402
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO / "src"))
+    import sizewise.demo as demo  # noqa: E402
+
+# The CPU is shared (other processes run tests next to training): OpenMP threads that spin
+# while waiting make a 2-thread torch 5-10x slower under contention; sleeping threads do not.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+# --------------------------------------------------------------------------------------
+# Configuration (recorded into every output directory as training_config.json)
+# --------------------------------------------------------------------------------------
+
+SEED = 1234
+VOCAB_SIZE = 4096
+SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]  # ids 0..4
+SEQ_LEN = 256
+MAX_POSITION_EMBEDDINGS = 1024
+BATCH_SIZE = 8
+PROSE_REPEAT = 3  # the prose corpus is small: show each training topic this many times
+MAX_CHAT_EXAMPLES = 6000
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- endif -%}"
+)
+
+# Token budgets (not time budgets, so that a run is reproducible) are sized from measured
+# throughput on an idle 2-core CPU (~9k / ~3.6k / ~1.9k tokens/s for small / medium / large
+# at batch 8 x 256) so that the whole run takes about 30 minutes there (longer when the cores
+# are shared); every tier sees a prefix of the same token stream.
+TIERS: dict[str, dict] = {
+    "small": dict(
+        model=dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=352),
+        lr=3e-3, tokens=1_800_000,
+    ),
+    "medium": dict(
+        model=dict(hidden_size=256, num_hidden_layers=5, num_attention_heads=8, num_key_value_heads=4,
+                   intermediate_size=640),
+        lr=2e-3, tokens=1_200_000,
+    ),
+    "large": dict(
+        model=dict(hidden_size=384, num_hidden_layers=7, num_attention_heads=6, num_key_value_heads=2,
+                   intermediate_size=1024),
+        lr=1.5e-3, tokens=1_600_000,
+    ),
+}
+OPTIM = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, warmup_frac=0.04, min_lr_ratio=0.1, grad_clip=1.0)
+CKPT_EVERY_S = 120.0
+LOG_EVERY_S = 15.0
+SAVE_DTYPE = "bfloat16"
+EVAL_MAX_TOKENS = 60_000  # per held-out set and tier
+
+SAMPLE_PROMPTS = [
+    ("code", "def is_prime(n):\n"),
+    ("code", "import os\n\n\ndef read_lines(path):\n    \"\"\"Return the lines of a text file.\"\"\"\n"),
+    ("code", "class Stack:\n    def __init__(self):\n"),
+    ("prose", "The \"with\" statement is used to"),
+    ("prose", "A list comprehension"),
+    ("chat", [{"role": "user", "content": "What is a generator?"}]),
+]
+
+
+def log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def config_record(args) -> dict:
+    return dict(
+        seed=SEED,
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        seq_len=SEQ_LEN,
+        max_position_embeddings=MAX_POSITION_EMBEDDINGS,
+        batch_size=BATCH_SIZE,
+        prose_repeat=PROSE_REPEAT,
+        max_chat_examples=MAX_CHAT_EXAMPLES,
+        optimizer=dict(name="AdamW", **OPTIM, schedule="linear warmup + cosine"),
+        precision="float32 training, saved as " + SAVE_DTYPE,
+        torch_threads=args.threads,
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+        tiers={k: dict(v, model=dict(v["model"])) for k, v in TIERS.items()},
+        corpus=dict(
+            source="standard library of the training interpreter (.py files; pydoc_data.topics prose)",
+            python=platform.python_version(),
+            code_held_out_percent=demo.CODE_HELD_OUT_PERCENT,
+            prose_held_out_percent=demo.PROSE_HELD_OUT_PERCENT,
+        ),
+        bos="not added by the tokenizer; documents are separated by <|eos|>; <|bos|> is unused",
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Corpus and tokenizer
+# --------------------------------------------------------------------------------------
+
+
+def build_corpus() -> dict:
+    """Raw training documents and the held-out lists. Takes a few seconds."""
+    t0 = time.time()
+    s = demo.split()
+    topics = demo.prose_topics()
+    code_docs, docstring_docs, chat_pairs = [], [], []
+    for rel in s.train_code:
+        text = demo.read_code(rel)
+        if not text or not text.strip():
+            continue
+        code_docs.append(text)
+        mod_doc = demo.module_docstring(text)
+        if mod_doc and len(mod_doc) >= 80:
+            docstring_docs.append(mod_doc)
+        module = rel[:-3].replace("/", ".").removesuffix(".__init__")
+        for name, doc in demo.function_docstrings(text):
+            chat_pairs.append((f"What does `{module}.{name}` do?", doc))
+    prose_docs = [topics[k] for k in s.train_prose]
+    for key in s.train_prose:
+        answer = _first_paragraphs(topics[key], 700)
+        if answer:
+            chat_pairs.append((f"Explain \"{key}\" in Python.", answer))
+    rng = random.Random(SEED)
+    rng.shuffle(chat_pairs)
+    chat_pairs = chat_pairs[:MAX_CHAT_EXAMPLES]
+    log(f"corpus: {len(code_docs)} code files ({sum(map(len, code_docs)) / 1e6:.1f} MB), "
+        f"{len(prose_docs)} prose topics ({sum(map(len, prose_docs)) / 1e6:.2f} MB) x{PROSE_REPEAT}, "
+        f"{len(docstring_docs)} module docstrings, {len(chat_pairs)} chat examples "
+        f"[{time.time() - t0:.1f}s]")
+    return dict(split=s, code=code_docs, prose=prose_docs, docstrings=docstring_docs, chat=chat_pairs)
+
+
+def _first_paragraphs(text: str, limit: int) -> str:
+    out = ""
+    for para in re.split(r"\n\s*\n", text.strip()):
+        para = para.strip()
+        if not para or para.startswith("*") or set(para) <= set("*=-"):
+            continue
+        if out and len(out) + len(para) > limit:
+            break
+        out = (out + "\n\n" + para) if out else para
+    return out[: limit * 2]
+
+
+def train_tokenizer(corpus: dict, out_dir: Path):
+    """Byte-level BPE, saved as a transformers fast tokenizer in out_dir."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if (out_dir / "tokenizer.json").exists():
+        return load_tokenizer(out_dir)
+    t0 = time.time()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = corpus["code"] + corpus["prose"] + corpus["docstrings"]
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    for i, t in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(t) == i, (t, tok.token_to_id(t))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        clean_up_tokenization_spaces=False,
+        model_max_length=MAX_POSITION_EMBEDDINGS,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(fast, out_dir)
+    log(f"tokenizer: vocab {tok.get_vocab_size()} trained in {time.time() - t0:.1f}s -> {out_dir}")
+    return load_tokenizer(out_dir)
+
+
+def save_tokenizer(fast, out_dir: Path) -> None:
+    """save_pretrained, with the chat template kept inside tokenizer_config.json."""
+    fast.save_pretrained(str(out_dir))
+    cfg_path = out_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = CHAT_TEMPLATE
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["add_bos_token"] = False
+    cfg["add_eos_token"] = False
+    cfg["clean_up_tokenization_spaces"] = False
+    for key in ("is_local", "local_files_only"):  # load-time state, not configuration
+        cfg.pop(key, None)
+    # transformers 5 writes a list under "extra_special_tokens", which transformers 4 cannot
+    # read (it expects a dict there); "additional_special_tokens" is understood by both.
+    extra = cfg.pop("extra_special_tokens", None)
+    if extra is not None:
+        cfg["additional_special_tokens"] = list(extra.values()) if isinstance(extra, dict) else list(extra)
+    atomic_write_text(cfg_path, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    jinja = out_dir / "chat_template.jinja"
+    if jinja.exists():  # one source of truth: tokenizer_config.json
+        jinja.unlink()
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def build_stream(corpus: dict, tokenizer, data_dir: Path) -> np.ndarray:
+    """The training token stream: shuffled documents joined by <|eos|>, cached as .npy."""
+    path = data_dir / "train_tokens.npy"
+    if path.exists():
+        return np.load(path, mmap_mode="r")
+    t0 = time.time()
+    chat_docs = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}, {"role": "assistant", "content": a}], tokenize=False
+        )
+        for q, a in corpus["chat"]
+    ]
+    docs = corpus["code"] + corpus["prose"] * PROSE_REPEAT + corpus["docstrings"] + chat_docs
+    random.Random(SEED).shuffle(docs)
+    backend = tokenizer.backend_tokenizer
+    eos = tokenizer.convert_tokens_to_ids("<|eos|>")
+    ids: list[int] = []
+    for start in range(0, len(docs), 256):
+        for enc in backend.encode_batch(docs[start:start + 256], add_special_tokens=False):
+            ids.extend(enc.ids)
+            ids.append(eos)
+    arr = np.asarray(ids, dtype=np.uint16)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    np.save(data_dir / "train_tokens.tmp.npy", arr)
+    os.replace(data_dir / "train_tokens.tmp.npy", path)
+    log(f"stream: {len(arr):,} tokens from {len(docs)} documents "
+        f"({sum(map(len, docs)) / len(arr):.2f} chars/token) [{time.time() - t0:.1f}s]")
+    return arr
+
+
+def batch_for_step(stream: np.ndarray, step: int) -> torch.Tensor:
+    """Deterministic batch for a global step: non-overlapping windows in a seeded order per epoch."""
+    n_windows = len(stream) // SEQ_LEN
+    idx = []
+    for j in range(step * BATCH_SIZE, (step + 1) * BATCH_SIZE):
+        epoch, pos = divmod(j, n_windows)
+        perm = _perm(n_windows, epoch)
+        idx.append(int(perm[pos]))
+    rows = [np.asarray(stream[i * SEQ_LEN:(i + 1) * SEQ_LEN], dtype=np.int64) for i in idx]
+    return torch.from_numpy(np.stack(rows))
+
+
+_PERM_CACHE: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _perm(n: int, epoch: int) -> np.ndarray:
+    key = (n, epoch)
+    if key not in _PERM_CACHE:
+        _PERM_CACHE[key] = np.random.default_rng(SEED + epoch).permutation(n)
+    return _PERM_CACHE[key]
+
+
+# --------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------
+
+
+def model_config(tier: str, tokenizer):
+    from transformers import LlamaConfig
+
+    spec = TIERS[tier]["model"]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=MAX_POSITION_EMBEDDINGS,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=True,
+        bos_token_id=ids["<|bos|>"],
+        eos_token_id=ids["<|eos|>"],
+        pad_token_id=ids["<|pad|>"],
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        initializer_range=0.02,
+        **spec,
+    )
+
+
+def new_model(tier: str, tokenizer):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM._from_config(model_config(tier, tokenizer), attn_implementation="sdpa",
+                                          dtype=torch.float32)
+    return model
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())  # tied weights counted once
+
+
+def lr_at(step: int, total: int, peak: float) -> float:
+    warm = max(1, int(OPTIM["warmup_frac"] * total))
+    if step < warm:
+        return peak * (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    floor = OPTIM["min_lr_ratio"]
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model, lr: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [dict(params=decay, weight_decay=OPTIM["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=lr, betas=OPTIM["betas"], eps=OPTIM["eps"])
+
+
+def train_tier(tier: str, stream: np.ndarray, tokenizer, args, record: dict) -> None:
+    out_dir = Path(args.out) / tier
+    run_dir = Path(args.runs) / tier
+    done = run_dir / "done.json"
+    if done.exists() and (out_dir / "model.safetensors").exists():
+        log(f"[{tier}] already trained ({done}); delete it to retrain")
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = TIERS[tier]
+    tokens_per_step = BATCH_SIZE * SEQ_LEN
+    total = spec["tokens"] // tokens_per_step
+    model = new_model(tier, tokenizer)
+    opt = make_optimizer(model, spec["lr"])
+    step, elapsed, losses = 0, 0.0, []
+    ckpt = run_dir / "ckpt.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        step, elapsed, losses = state["step"], state["elapsed"], state["losses"]
+        log(f"[{tier}] resumed from step {step}/{total} ({elapsed / 60:.1f} min done)")
+    log(f"[{tier}] {n_params(model) / 1e6:.2f}M params, {total} steps x {tokens_per_step} tokens "
+        f"= {total * tokens_per_step:,} tokens, peak lr {spec['lr']}")
+    model.train()
+    t_last_log = t_last_ckpt = time.time()
+    t_seg = time.time()
+    seg_tokens = 0
+    ema = losses[-1][1] if losses else None
+    while step < total:
+        t_step = time.time()
+        x = batch_for_step(stream, step)
+        lr = lr_at(step, total, spec["lr"])
+        for g in opt.param_groups:
+            g["lr"] = lr
+        out = model(input_ids=x, labels=x)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = float(out.loss.detach())
+        step += 1
+        elapsed += time.time() - t_step
+        seg_tokens += tokens_per_step
+        ema = loss if ema is None else 0.95 * ema + 0.05 * loss
+        if step % 10 == 0 or step == total:
+            losses.append((step, round(ema, 4)))
+        now = time.time()
+        if now - t_last_log >= LOG_EVERY_S or step == total:
+            tps = seg_tokens / max(1e-9, now - t_seg)
+            eta = (total - step) * tokens_per_step / max(tps, 1e-9)
+            log(f"[{tier}] step {step}/{total} ({100 * step / total:.0f}%) loss {ema:.3f} lr {lr:.2e} "
+                f"{tps:,.0f} tok/s elapsed {elapsed / 60:.1f}m eta {eta / 60:.1f}m")
+            t_last_log, t_seg, seg_tokens = now, now, 0
+        if now - t_last_ckpt >= CKPT_EVERY_S and step < total:
+            save_ckpt(ckpt, model, opt, step, elapsed, losses)
+            t_last_ckpt = now
+    save_ckpt(ckpt, model, opt, step, elapsed, losses)
+    stats = dict(params=n_params(model), steps=step, tokens_seen=step * tokens_per_step,
+                 train_seconds=round(elapsed, 1), final_train_loss=losses[-1][1] if losses else None,
+                 loss_curve=losses[:: max(1, len(losses) // 50)])
+    export(model, tokenizer, out_dir, tier, record, stats)
+    atomic_write_text(done, json.dumps(stats, indent=2) + "\n")
+    log(f"[{tier}] done: {stats['tokens_seen']:,} tokens in {elapsed / 60:.1f} min, "
+        f"train loss {stats['final_train_loss']} -> {out_dir}")
+
+
+def save_ckpt(path: Path, model, opt, step, elapsed, losses) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(dict(model=model.state_dict(), optim=opt.state_dict(), step=step, elapsed=elapsed,
+                    losses=losses), tmp)
+    os.replace(tmp, path)
+
+
+def export(model, tokenizer, out_dir: Path, tier: str, record: dict, stats: dict) -> None:
+    from transformers import GenerationConfig
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    dtype = getattr(torch, SAVE_DTYPE)
+    model = model.to(dtype)
+    model.config.use_cache = True
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<|bos|>"],
+        eos_token_id=[ids["<|eos|>"], ids["<|im_end|>"]],
+        pad_token_id=ids["<|pad|>"],
+        do_sample=False,
+    )
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    write_metadata(out_dir, tokenizer)
+    tier_record = dict(record, tier=tier, name=f"demo-{tier}", model=TIERS[tier]["model"], lr=TIERS[tier]["lr"],
+                       token_budget=TIERS[tier]["tokens"], result=stats,
+                       hardware=dict(machine=platform.machine(), cpu_count=os.cpu_count(),
+                                     torch=torch.__version__, threads=torch.get_num_threads()))
+    atomic_write_text(out_dir / "training_config.json", json.dumps(tier_record, indent=2) + "\n")
+
+
+def write_metadata(out_dir: Path, tokenizer) -> None:
+    """config.json keys for older readers and the tokenizer files. Idempotent."""
+    cfg_path = out_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["dtype"] = SAVE_DTYPE
+    cfg["torch_dtype"] = SAVE_DTYPE  # older readers
+    cfg["rope_theta"] = cfg["rope_parameters"]["rope_theta"]  # older readers (transformers 4)
+    atomic_write_text(cfg_path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    save_tokenizer(tokenizer, out_dir)
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation, samples, model card
+# --------------------------------------------------------------------------------------
+
+
+def held_out_texts() -> dict[str, list[str]]:
+    s = demo.split()
+    topics = demo.prose_topics()
+    code = [t for t in (demo.read_code(rel) for rel in s.held_out_code) if t]
+    prose = [topics[k] for k in s.held_out_prose]
+    return {"code": code, "prose": prose}
+
+
+@torch.no_grad()
+def nll_per_token(model, tokenizer, texts: list[str], max_tokens: int = EVAL_MAX_TOKENS,
+                  window: int = SEQ_LEN) -> tuple[float, int]:
+    """Mean NLL (nats/token) of documents joined by <|eos|>, in non-overlapping windows.
+
+    Every window starts at a document boundary token (<|eos|>) so the first predicted token
+    has a context like in training."""
+    eos = tokenizer.convert_tokens_to_ids("<|eos|>")
+    ids: list[int] = []
+    for t in texts:
+        ids.append(eos)
+        ids.extend(tokenizer.backend_tokenizer.encode(t, add_special_tokens=False).ids)
+        if len(ids) > max_tokens + 1:
+            break
+    ids = ids[: max_tokens + 1]
+    total, count = 0.0, 0
+    x_all = torch.tensor(ids, dtype=torch.long)
+    for start in range(0, len(ids) - 1, window):
+        x = x_all[start:start + window + 1]
+        if len(x) < 2:
+            break
+        logits = model(input_ids=x[None, :-1]).logits.float()[0]
+        nll = torch.nn.functional.cross_entropy(logits, x[1:], reduction="sum")
+        total += float(nll)
+        count += len(x) - 1
+    return total / count, count
+
+
+def load_model(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def evaluate(out: Path) -> dict:
+    texts = held_out_texts()
+    sample = demo.held_out_samples()
+    results = {}
+    for tier in demo.TIERS:
+        path = out / tier
+        if not (path / "model.safetensors").exists():
+            continue
+        t0 = time.time()
+        tok = load_tokenizer(path)
+        model = load_model(path)
+        r = {"params": n_params(model)}
+        for kind in ("code", "prose"):
+            nll, n = nll_per_token(model, tok, texts[kind])
+            r[f"{kind}_nll"] = round(nll, 4)
+            r[f"{kind}_tokens"] = n
+            r[f"{kind}_sample_nll"] = round(nll_per_token(model, tok, [sample[kind]])[0], 4)
+        r["samples"] = samples(model, tok)
+        results[tier] = r
+        log(f"[eval {tier}] code {r['code_nll']:.3f} ({r['code_tokens']} tok) prose {r['prose_nll']:.3f} "
+            f"({r['prose_tokens']} tok) [{time.time() - t0:.1f}s]")
+    atomic_write_text(out / "eval.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    return results
+
+
+@torch.no_grad()
+def samples(model, tok, max_new_tokens: int = 48) -> list[dict]:
+    out = []
+    for kind, prompt in SAMPLE_PROMPTS:
+        if kind == "chat":
+            text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        else:
+            text = prompt
+        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+        gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+        completion = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+        out.append(dict(kind=kind, prompt=text, completion=completion))
+    return out
+
+
+DECODE_SPEED_HEADER = "## Decode speed (sizewise engine, CPU)"
+
+
+def write_card(out: Path, results: dict) -> None:
+    card = out / "README.md"
+    decode_section = f"{DECODE_SPEED_HEADER}\n\nTODO(lead): fill with the sizewise engine's decode tokens/s per tier on CPU.\n"
+    if card.exists():  # keep what the lead wrote in the decode-speed section
+        old = card.read_text()
+        m = re.search(re.escape(DECODE_SPEED_HEADER) + r".*?(?=\n## |\Z)", old, re.S)
+        if m:
+            decode_section = m.group(0).rstrip() + "\n"
+    rows, total_s, total_tok = [], 0.0, 0
+    for tier, r in results.items():
+        tc = json.loads((out / tier / "training_config.json").read_text())
+        st, m = tc["result"], tc["model"]
+        total_s += st["train_seconds"]
+        total_tok = max(total_tok, st["tokens_seen"])
+        size_mib = (out / tier / "model.safetensors").stat().st_size / 2**20
+        rows.append(
+            f"| demo-{tier} | {r['params'] / 1e6:.2f}M | {m['hidden_size']} / {m['num_hidden_layers']} / "
+            f"{m['num_attention_heads']} / {m['num_key_value_heads']} / {m['intermediate_size']} | "
+            f"{size_mib:.1f} | {st['tokens_seen'] / 1e6:.2f}M | {st['train_seconds'] / 60:.1f} | "
+            f"{st['final_train_loss']:.3f} | {r['code_nll']:.3f} | {r['prose_nll']:.3f} |"
+        )
+    any_tc = json.loads((out / next(iter(results)) / "training_config.json").read_text())
+    hw = any_tc["hardware"]
+    n_code = sum(r["code_tokens"] for r in results.values()) // max(1, len(results))
+    n_prose = sum(r["prose_tokens"] for r in results.values()) // max(1, len(results))
+    samples_md = []
+    for tier, r in results.items():
+        samples_md.append(f"### demo-{tier}\n")
+        for s in r["samples"]:
+            samples_md.append(f"Prompt ({s['kind']}):\n\n```\n{s['prompt']}\n```\n\nGreedy completion:\n\n"
+                              f"```\n{s['completion']}\n```\n")
+    text = f"""# sizewise demo family (demo-small / demo-medium / demo-large)
+
+Three Llama-architecture causal language models of one family, trained from scratch by
+`scripts/train_demo_family.py` on the Python {any_tc['corpus']['python']} standard library
+(code) and its language-reference prose (`pydoc_data.topics`). They exist so that
+`make serve` works on a laptop CPU with nothing downloaded, and so that tests and benchmarks
+of routing and speculative decoding see real, size-dependent behaviour: the larger model
+predicts held-out text better, the smaller one is faster, and they agree with each other
+often enough for draft-model speculation to be meaningful. They are toys: they write
+plausible-looking Python and reference-manual English, not correct programs or facts.
+
+All three share one tokenizer and one training token stream (each tier trained on a prefix
+of the same shuffled stream, in the same order).
+
+## Models
+
+| model | params | d / layers / heads / kv heads / ffn | safetensors MiB ({SAVE_DTYPE}) | tokens seen | train min | final train loss | held-out code NLL | held-out prose NLL |
+|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+NLL is the mean negative log-likelihood per token (nats, lower is better) of the saved
+{SAVE_DTYPE} weights run in float32, on held-out files the models never saw: code is the
+held-out stdlib `.py` files (~{n_code:,} tokens evaluated), prose the held-out
+`pydoc_data.topics` entries (~{n_prose:,} tokens), in windows of {SEQ_LEN} tokens.
+Recompute with `python scripts/train_demo_family.py --eval-only` (writes `eval.json`).
+
+- Architecture: `LlamaForCausalLM`, tied input/output embeddings, RoPE (theta 10000),
+  SwiGLU MLP, RMSNorm, grouped-query attention, `max_position_embeddings` {MAX_POSITION_EMBEDDINGS}.
+  Trained at sequence length **{SEQ_LEN}**: quality degrades past ~{SEQ_LEN} tokens of context.
+- Training: float32 on CPU ({hw['cpu_count']} cores, {hw['threads']} torch threads, torch {hw['torch']},
+  {hw['machine']}), {total_s / 60:.0f} minutes for all three tiers; AdamW (betas {OPTIM['betas']},
+  weight decay {OPTIM['weight_decay']}), linear warmup over {OPTIM['warmup_frac']:.0%} of steps then
+  cosine decay to {OPTIM['min_lr_ratio']:.0%} of the peak LR, grad clip {OPTIM['grad_clip']},
+  batch {BATCH_SIZE} x {SEQ_LEN} tokens, seed {SEED}. Saved in {SAVE_DTYPE}.
+- Each model directory has `training_config.json` with the full configuration and results.
+
+## Tokenizer
+
+Byte-level BPE (`tokenizers`), {VOCAB_SIZE} tokens, shared by all tiers, loads as a
+`PreTrainedTokenizerFast` with `AutoTokenizer.from_pretrained(dir)`.
+
+- Special tokens (ids 0-4): `<|bos|>`, `<|eos|>`, `<|pad|>`, `<|im_start|>`, `<|im_end|>`.
+- **No BOS is prepended** (and no EOS appended) by the tokenizer, and no normalisation is
+  applied: `decode(encode(s)) == s` for every string (Python source with tabs and
+  indentation, emoji, CJK, ...). The models were trained on documents separated by
+  `<|eos|>` and never saw `<|bos|>`; a prompt needs no prefix.
+- Chat template (ChatML-like, in `tokenizer_config.json`):
+  `<|im_start|>{{role}}\\n{{content}}<|im_end|>\\n` per message, and `<|im_start|>assistant\\n`
+  with `add_generation_prompt=True`. `generation_config.json` stops at `<|eos|>` and at
+  `<|im_end|>`. The training stream holds a few thousand short chat examples made from
+  training data only (a stdlib function's docstring as the answer to "What does `f` do?", a
+  reference topic's first paragraphs as the answer to "Explain ..."), so the models follow the
+  format and stop; do not expect them to answer questions correctly.
+
+## Data
+
+- Code: the interpreter's standard library `.py` files, excluding test suites (`test/`,
+  `tests/`, `idle_test/`), `site-packages`, the generated charmap tables in `encodings/` and
+  `pydoc_data/topics.py` (used as prose). Prose: `pydoc_data.topics.topics` (shown
+  {PROSE_REPEAT}x per pass) and the module docstrings of the training files.
+- Held out: {demo.CODE_HELD_OUT_PERCENT}% of code files and {demo.PROSE_HELD_OUT_PERCENT}% of prose
+  topics, chosen by a salted SHA-1 of the relative path / topic key (`sizewise.demo.is_held_out`);
+  the lists are in `held_out.json`. `sizewise.demo.held_out_samples()` gives a small fixed
+  sample of them for tests.
+
+{decode_section}
+## Sample completions (greedy, transformers, 48 new tokens)
+
+{chr(10).join(samples_md)}
+## Retrain
+
+```
+make train-demo            # = .venv/bin/python scripts/train_demo_family.py
+```
+
+Deterministic (fixed seeds and data order; float32 CPU kernels may still differ in the last
+bits across machines). Intermediate state lives in `runs/demo/` (gitignored): the tokenizer,
+the token stream, and per-tier checkpoints every {CKPT_EVERY_S:.0f} s, so an interrupted run
+resumes where it stopped when started again. Delete `runs/demo/<tier>/` to retrain a tier;
+`--tiers`, `--eval-only` and `--bench` (training tokens/s per tier) are the other options.
+Log: `runs/demo/train.log` when started with `nohup ... > runs/demo/train.log`.
+"""
+    atomic_write_text(card, text)
+    log(f"model card -> {card}")
+
+
+# --------------------------------------------------------------------------------------
+
+
+def bench(stream, tokenizer, steps: int = 4) -> None:
+    for tier in demo.TIERS:
+        model = new_model(tier, tokenizer)
+        opt = make_optimizer(model, 1e-3)
+        times = []
+        for step in range(steps + 1):
+            x = batch_for_step(stream, step)
+            t0 = time.time()
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.time() - t0)
+        dt = sum(times[1:]) / steps
+        tps = BATCH_SIZE * SEQ_LEN / dt
+        log(f"[bench {tier}] {n_params(model) / 1e6:.2f}M params: {dt:.2f} s/step, {tps:,.0f} tok/s, "
+            f"budget {TIERS[tier]['tokens']:,} tokens -> {TIERS[tier]['tokens'] / tps / 60:.1f} min")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(REPO / "models" / "demo"))
+    ap.add_argument("--runs", default=str(REPO / "runs" / "demo"))
+    ap.add_argument("--tiers", default=",".join(demo.TIERS))
+    # One intra-op thread by default: on a 2-core machine shared with anything else, OpenMP
+    # spin-waits make 2 threads several times slower than 1 (measured here: ~20x for decode).
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-only", action="store_true",
+                    help="evaluate models/demo/*, rewrite eval.json and the card (and normalise metadata files)")
+    ap.add_argument("--bench", action="store_true", help="measure training throughput per tier and exit")
+    ap.add_argument("--no-card", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(SEED)
+    out, runs = Path(args.out), Path(args.runs)
+    out.mkdir(parents=True, exist_ok=True)
+    runs.mkdir(parents=True, exist_ok=True)
+
+    if args.eval_only:
+        for tier in demo.TIERS:  # normalise metadata files of models exported by older versions
+            if (out / tier / "config.json").exists():
+                write_metadata(out / tier, load_tokenizer(out / tier))
+        results = evaluate(out)
+        if not args.no_card and results:
+            write_card(out, results)
+        return 0
+
+    record = config_record(args)
+    corpus = build_corpus()
+    s = corpus["split"]
+    held = dict(code=s.held_out_code, prose=s.held_out_prose)
+    atomic_write_text(out / "held_out.json", json.dumps(held, indent=2) + "\n")
+    atomic_write_text(runs / "training_config.json", json.dumps(record, indent=2) + "\n")
+    tokenizer = train_tokenizer(corpus, runs / "tokenizer")
+    stream = build_stream(corpus, tokenizer, runs / "data")
+    record["corpus"].update(
+        train_code_files=len(s.train_code), held_out_code_files=len(s.held_out_code),
+        train_prose_topics=len(s.train_prose), held_out_prose_topics=len(s.held_out_prose),
+        stream_tokens=int(len(stream)),
+        stream_sha1=hashlib.sha1(np.ascontiguousarray(stream).tobytes()).hexdigest(),
+        held_out=held,
+    )
+    if args.bench:
+        bench(stream, tokenizer)
+        return 0
+    for tier in args.tiers.split(","):
+        train_tier(tier.strip(), stream, tokenizer, args, record)
+    results = evaluate(out)
+    if not args.no_card:
+        write_card(out, results)
+    log("all done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""`sizewise serve` (the HTTP server) and `sizewise generate` (one completion from the shell)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("sizewise.cli")
+
+DEFAULT_CONFIG = Path("configs") / "demo.yaml"
+REPO_ROOT = Path(__file__).resolve().parents[2]  # src/sizewise/cli.py -> repo root (editable install)
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sizewise", description="Adaptive multi-size LLM serving.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve a deployment over HTTP (OpenAI-compatible API, /generate, /metrics)")
+    s.add_argument("--config", help=f"deployment YAML (default: {DEFAULT_CONFIG}, looked up in the current "
+                                    "directory, then the repository root)")
+    s.add_argument("--model", action="append", metavar="DIR",
+                   help="a Hugging Face model directory instead of a config; repeat for 2 or 3 tiers "
+                        "(in order: small, [medium,] large)")
+    s.add_argument("--host", help="bind address (default: the config's server.host, 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default: the config's server.port, 8000)")
+    s.add_argument("--device", help="auto | cpu | cuda[:N] | npu[:N] (overrides the config)")
+    s.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' (repeatable; also env SIZEWISE_API_KEYS)")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    g = sub.add_parser("generate", help="print one completion (offline, no server)")
+    g.add_argument("prompt")
+    g.add_argument("--model", required=True, metavar="DIR", help="a Hugging Face model directory")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", default="auto")
+    g.add_argument("--max-model-len", type=int, default=None)
+    return p
+
+
+def _find_config(given: str | None) -> Path:
+    if given is not None:
+        path = Path(given)
+        if not path.is_file():
+            raise CliError(f"config file {given} not found")
+        return path
+    for candidate in (Path.cwd() / DEFAULT_CONFIG, REPO_ROOT / DEFAULT_CONFIG):
+        if candidate.is_file():
+            return candidate
+    raise CliError(f"no --config or --model given and the default config {DEFAULT_CONFIG} was not found in "
+                   f"{Path.cwd()} or {REPO_ROOT}")
+
+
+def _serve(args) -> int:
+    # Checked before the heavy imports (torch) so a wrong path fails in a blink.
+    config_path = None if args.model else _find_config(args.config)
+    for d in args.model or []:
+        if not (Path(d) / "config.json").is_file():
+            raise CliError(f"--model {d}: not a model directory (no config.json)")
+
+    import asyncio
+
+    import uvicorn
+
+    from .orchestrator.deployment import Deployment, DeploymentConfig
+    from .server import create_app, describe
+    from .server.runner import base_url, bind_socket, uvicorn_config
+
+    if args.model:
+        try:
+            cfg = DeploymentConfig.from_model_dirs(args.model)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+    else:
+        try:
+            cfg = DeploymentConfig.from_yaml(config_path)
+        except Exception as e:  # noqa: BLE001 - YAML and schema errors are the user's to fix
+            raise CliError(f"invalid config {config_path}: {e}") from None
+        for m in cfg.models:
+            if not (Path(m.path) / "config.json").is_file():
+                hint = " (the demo family is built by scripts/train_demo_family.py)" if "demo" in m.path else ""
+                raise CliError(f"model {m.name} ({m.tier}): no model at {m.path}{hint}")
+    if args.device:
+        cfg.device = args.device
+    server_cfg = cfg.server.model_copy(update={
+        k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None})
+    server_cfg.api_keys = [*server_cfg.api_keys, *args.api_key]
+    # Bind before anything loads: a busy port fails at once, and port 0's real port is in the URL.
+    try:
+        sock = bind_socket(server_cfg.host, server_cfg.port)
+    except OSError as e:
+        raise CliError(f"cannot listen on {server_cfg.host}:{server_cfg.port}: {e.strerror or e}") from None
+    url = base_url(sock)
+
+    exit_code = 0
+    server: uvicorn.Server | None = None
+
+    def load() -> Deployment:
+        log.info("loading %d model(s) on device %s: %s", len(cfg.models), cfg.device,
+                 ", ".join(f"{m.name} ({m.tier}) from {m.path}" for m in cfg.models))
+        deployment = Deployment.load(cfg)
+        for line in describe(deployment):
+            log.info("  %s", line)
+        log.info("ready: serving %s at %s (OpenAI API at %s/v1)", ", ".join(deployment.cores), url, url)
+        return deployment
+
+    def on_load_error(exc: BaseException) -> None:
+        nonlocal exit_code
+        exit_code = 1
+        log.error("could not load the models: %s", exc)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(config=server_cfg, loader=load, on_load_error=on_load_error)
+    log.info("sizewise listening on %s (health at /health; /ready answers 200 once the models are loaded)", url)
+    server = uvicorn.Server(uvicorn_config(app, log_level=args.log_level))
+    try:
+        asyncio.run(server.serve(sockets=[sock]))
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        pass
+    finally:
+        sock.close()
+    return exit_code
+
+
+def _generate(args) -> int:
+    from . import LLM, InvalidRequestError, SamplingParams
+    from .models import CheckpointError
+
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                seed=args.seed)
+        llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+                  max_num_seqs=1)
+        out = llm.generate([args.prompt], params)[0]
+    except (InvalidRequestError, CheckpointError, ValueError) as e:
+        raise CliError(str(e)) from None
+    print(out.outputs[0].text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = getattr(args, "log_level", "warning").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        return _generate(args)
+    except CliError as e:
+        print(f"sizewise: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""The FastAPI application: routes, auth, errors, health, readiness and metrics.
+
+`create_app(deployment)` serves a loaded Deployment (the caller owns it). `create_app(config=...,
+loader=fn)` starts serving /health at once and runs `fn()` (e.g. `Deployment.load(cfg)`) in a
+background thread; /ready and every model route answer 503 until it returns, and the app owns
+(and shuts down) what it loaded. Everything lives on the app instance: two apps in one process
+share nothing but what they are given.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import Depends, FastAPI, Request, Response, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import __version__
+from ..metrics import Metrics
+from ..orchestrator.deployment import Deployment, ServerSection
+from . import native_api, openai_api
+from . import protocol as P
+from .errors import ApiError, to_api_error
+from .serving import ClientGone, Serving, ServingOptions
+
+log = logging.getLogger(__name__)
+
+API_KEYS_ENV = "SIZEWISE_API_KEYS"
+MAX_BODY_BYTES = 64 << 20  # far above any prompt a context window holds; stops runaway uploads
+
+
+@dataclass(slots=True)
+class AppState:
+    serving: Serving
+    api_keys: tuple[str, ...]
+    metrics_require_auth: bool
+    loader: Callable[[], Deployment] | None = None
+    on_load_error: Callable[[BaseException], None] | None = None
+    owns_deployment: bool = False
+    closed: bool = False
+    loader_thread: threading.Thread | None = None
+
+
+def describe(deployment: Deployment) -> list[str]:
+    """One line per resident model: what an operator wants to see at startup."""
+    lines = []
+    for name, core in deployment.cores.items():
+        lines.append(
+            f"{name} ({deployment.model_to_tier[name]}): {core.model_config.family} {core.model_config.num_params / 1e6:.1f}M "
+            f"params on {core.platform.device} ({str(core.dtype).removeprefix('torch.')}), KV cache "
+            f"{core.runner.kv_cache_bytes / 2**20:.1f} MiB = {core.block_manager.num_blocks} blocks x "
+            f"{core.block_size} tokens, max_model_len {core.max_model_len}"
+        )
+    return lines
+
+
+# ----- errors ------------------------------------------------------------------------------------
+_FIELDS = P.all_field_names()
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    """FastAPI's 422 -> OpenAI's 400 naming the parameter."""
+    errors = exc.errors()
+    if not errors:
+        return ApiError(400, "invalid request")
+    e = errors[0]
+    # Keep field names and list indices; drop the location kind and pydantic's union-member tags.
+    loc = [str(x) for x in e.get("loc", ())[1:] if isinstance(x, int) or x in _FIELDS]
+    param = ".".join(loc) or None
+    if e.get("type") == "json_invalid":
+        return ApiError(400, f"request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}")
+    if e.get("type") == "extra_forbidden":  # the unknown name is no field: keep the whole path
+        name = ".".join(str(x) for x in e.get("loc", ())[1:])
+        return ApiError(400, f"unrecognized request argument supplied: {name}", param=name)
+    if param is None and e.get("type") in ("missing", "model_attributes_type", "dict_type"):
+        return ApiError(400, "the request body must be a JSON object")
+    if e.get("type") == "missing":
+        return ApiError(400, f"{param} is required", param=param)
+    got = repr(e.get("input"))
+    got = got if len(got) <= 80 else got[:77] + "..."
+    return ApiError(400, f"{param}: {e.get('msg')} (got {got})" if param else str(e.get("msg")), param=param)
+
+
+def error_response(request: Request, exc: BaseException) -> JSONResponse:
+    if isinstance(exc, StarletteHTTPException) and isinstance(exc.__cause__, ApiError):
+        exc = exc.__cause__  # FastAPI wraps errors raised while reading the body (e.g. 413)
+    if isinstance(exc, RequestValidationError):
+        err = _validation_error(exc)
+    elif isinstance(exc, StarletteHTTPException):
+        err = ApiError(exc.status_code, str(exc.detail), type="invalid_request_error" if exc.status_code < 500
+                       else "internal_error", headers=dict(exc.headers or {}))
+    else:
+        err = to_api_error(exc, getattr(request.state, "request_id", None))
+    state: AppState = request.app.state.sizewise
+    state.serving.record_error(err.status)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+class _Route(APIRoute):
+    """Every failure inside a route (dependencies and validation included) -> OpenAI's format."""
+
+    def get_route_handler(self) -> Callable:
+        inner = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            try:
+                return await inner(request)
+            except ClientGone:
+                return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
+            except Exception as e:  # noqa: BLE001 - mapped (and logged when internal) by error_response
+                return error_response(request, e)
+
+        return handler
+
+
+class _Edge:
+    """Pure ASGI middleware (keeps streaming and disconnects untouched): an id per request, in
+    `request.state.request_id`, the `x-request-id` header and server-side error logs; and an
+    oversized body refused from its Content-Length before anything reads it (413, OpenAI format)."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, on_error: Callable[[int], None]) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.on_error = on_error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        limit = self.max_body_bytes
+        length = dict(scope.get("headers", [])).get(b"content-length", b"0")
+        if length.isdigit() and int(length) > limit:
+            self.on_error(413)
+            await JSONResponse(_too_large(limit).body(), status_code=413)(scope, receive, send_with_id)
+            return
+        seen = 0
+
+        async def receive_bounded() -> Message:
+            # A chunked upload has no Content-Length: count; the route's error handler answers.
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _too_large(limit)
+            return message
+
+        await self.app(scope, receive_bounded, send_with_id)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"request body is larger than the limit of {limit} bytes", code="body_too_large")
+
+
+# ----- the app -----------------------------------------------------------------------------------
+def create_app(
+    deployment: Deployment | None = None,
+    config: ServerSection | None = None,
+    *,
+    loader: Callable[[], Deployment] | None = None,
+    metrics: Metrics | None = None,
+    on_load_error: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    if (deployment is None) == (loader is None):
+        raise ValueError("give exactly one of a loaded deployment or a loader")
+    if config is None:
+        config = deployment.config.server if deployment is not None else ServerSection()
+    keys = [k for k in config.api_keys if k]
+    keys += [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+    serving = Serving(metrics or Metrics(), ServingOptions(request_timeout_s=config.request_timeout_s))
+    state = AppState(serving, tuple(keys), config.metrics_require_auth, loader, on_load_error,
+                     owns_deployment=loader is not None)
+    if deployment is not None:
+        serving.set_deployment(deployment)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if state.loader is not None:
+            state.loader_thread = threading.Thread(target=_load, args=(state,), name="sizewise-loader", daemon=True)
+            state.loader_thread.start()
+        try:
+            yield
+        finally:
+            state.closed = True
+            if state.owns_deployment and serving.deployment is not None:
+                serving.deployment.shutdown()
+
+    app = FastAPI(
+        title="sizewise", version=__version__, lifespan=lifespan,
+        description="Adaptive multi-size LLM serving: OpenAI-compatible API, native /generate, metrics.",
+        # JSON without a Content-Type header (`curl -d`) is still JSON to us.
+        strict_content_type=False,
+    )
+    app.state.sizewise = state
+    app.add_middleware(_Edge, max_body_bytes=MAX_BODY_BYTES, on_error=serving.record_error)
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(request: Request, exc: RequestValidationError):
+        return error_response(request, exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(request: Request, exc: StarletteHTTPException):
+        return error_response(request, exc)
+
+    bearer = HTTPBearer(auto_error=False, description="API key (when the server is configured with keys)")
+
+    def check_key(creds: HTTPAuthorizationCredentials | None) -> None:
+        if not state.api_keys:
+            return
+        given = creds.credentials if creds is not None else None
+        # compare_digest against every key: the time taken does not say which prefix matched.
+        if given is None or not any(hmac.compare_digest(given.encode(), k.encode()) for k in state.api_keys):
+            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'" if given is None
+                           else "incorrect API key provided", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    async def require_key(creds: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
+        check_key(creds)
+
+    async def metrics_key(creds: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
+        if state.metrics_require_auth:
+            check_key(creds)
+
+    auth = Depends(require_key)
+    app.include_router(openai_api.build_router(_Route, auth))
+    app.include_router(native_api.build_router(_Route, auth))
+
+    async def health() -> JSONResponse:
+        """Liveness: the process answers; 503 once the engine worker died or loading failed."""
+        if serving.load_error is not None:
+            return JSONResponse({"status": "failed", "error": str(serving.load_error)}, status_code=503)
+        if serving.deployment is not None and not serving.deployment.engine.alive:
+            return JSONResponse({"status": "engine_dead"}, status_code=503)
+        return JSONResponse({"status": "ok" if serving.deployment is not None else "loading"})
+
+    async def ready(request: Request) -> JSONResponse:
+        """Readiness: every model loaded and the engine running."""
+        if not serving.ready:
+            serving.require()  # raises the 503 that says why (loading, failed)
+            raise ApiError(503, "the inference engine is not running", type="service_unavailable_error",
+                           code="engine_dead")
+        return JSONResponse({"status": "ready", "models": list(serving.deployment.cores)})
+
+    async def metrics_endpoint() -> Response:
+        serving.refresh_gauges()
+        return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    ops = dict(route_class_override=_Route, tags=["operations"])
+    app.router.add_api_route("/health", health, methods=["GET"], summary="Liveness", **ops)
+    app.router.add_api_route("/ready", ready, methods=["GET"], summary="Readiness (503 until models are loaded)",
+                             responses={503: {"model": P.ErrorResponse}}, **ops)
+    app.router.add_api_route("/metrics", metrics_endpoint, methods=["GET"], summary="Prometheus metrics",
+                             dependencies=[Depends(metrics_key)], response_class=Response,
+                             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}}, **ops)
+    return app
+
+
+def _load(state: AppState) -> None:
+    try:
+        deployment = state.loader()
+    except BaseException as e:  # noqa: BLE001 - reported by /health, /ready and the callback
+        log.exception("loading the deployment failed")
+        state.serving.load_error = e
+        if state.on_load_error is not None:
+            state.on_load_error(e)
+        return
+    if state.closed:  # the server stopped while we were loading
+        deployment.shutdown()
+        return
+    state.serving.set_deployment(deployment)
+    for line in describe(deployment):
+        log.info("loaded %s", line)
+    log.info("ready: %d model(s) resident", len(deployment.cores))

@@ -1,0 +1,86 @@
+"""Engine outputs -> OpenAI / native JSON (plain dicts) and Server-Sent Events."""
+
+from __future__ import annotations
+
+import json
+
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf; a token the model rules out gets this (as vLLM does)
+
+
+def sse(obj: dict | str) -> str:
+    data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+SSE_DONE = sse("[DONE]")
+
+
+def _lp(v: float) -> float:
+    return v if v > LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
+class TokenText:
+    """Token id -> its text, for logprobs (special tokens shown, cached per request)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        s = self.cache.get(token_id)
+        if s is None:
+            s = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            self.cache[token_id] = s
+        return s
+
+
+class CompletionLogprobs:
+    """OpenAI's legacy completion logprobs, built incrementally (a stream sends slices)."""
+
+    def __init__(self, text: TokenText) -> None:
+        self.text = text
+        self.offset = 0  # text_offset of the next token, in characters of the choice's text
+
+    def block(self, token_ids: list[int], entries: list[dict[int, float] | None]) -> dict:
+        """`entries[i]`: {token: logprob, then top-N} for token_ids[i], or None (first prompt token)."""
+        tokens, token_lps, tops, offsets = [], [], [], []
+        for tid, entry in zip(token_ids, entries):
+            s = self.text(tid)
+            tokens.append(s)
+            offsets.append(self.offset)
+            self.offset += len(s)
+            if entry is None:
+                token_lps.append(None)
+                tops.append(None)
+                continue
+            token_lps.append(_lp(entry[tid]) if tid in entry else None)
+            top: dict[str, float] = {}
+            for t, v in entry.items():
+                top.setdefault(self.text(t), _lp(v))
+            tops.append(top)
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+    @staticmethod
+    def join(a: dict | None, b: dict) -> dict:
+        if a is None:
+            return b
+        return {k: a[k] + b[k] for k in b}
+
+
+def chat_logprobs(text: TokenText, token_ids: list[int], entries: list[dict[int, float]], top_n: int) -> list[dict]:
+    out = []
+    for tid, entry in zip(token_ids, entries):
+        s = text(tid)
+        ranked = sorted(entry.items(), key=lambda kv: kv[1], reverse=True)[:top_n]
+        out.append({
+            "token": s, "logprob": _lp(entry[tid]), "bytes": list(s.encode("utf-8")),
+            "top_logprobs": [
+                {"token": text(t), "logprob": _lp(v), "bytes": list(text(t).encode("utf-8"))} for t, v in ranked
+            ],
+        })
+    return out
+
+
+def native_logprobs(entries: list[dict[int, float] | None]) -> list[list[dict] | None]:
+    return [None if e is None else [{"token_id": t, "logprob": _lp(v)} for t, v in e.items()] for e in entries]
+

@@ -1,0 +1,125 @@
+"""Native routes: /generate (SamplingParams by name), /tokenize and /detokenize (vLLM's shapes)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from ..sampling_params import InvalidRequestError, SamplingParams
+from . import protocol as P
+from .errors import to_api_error
+from .formatting import SSE_DONE, native_logprobs, sse
+from .openai_api import _ERRORS, chat_messages
+from .serving import Prompt, Run, Serving, collect_unless_disconnected, finished_outputs, param_names, routing_hints
+from .streaming import EventStream
+
+
+def _serving(request: Request) -> Serving:
+    return request.app.state.sizewise.serving
+
+
+def _output_json(o, with_logprobs: bool) -> dict:
+    d = {"index": o.index, "text": o.text, "token_ids": list(o.token_ids), "finish_reason": o.finish_reason,
+         "stop_reason": o.stop_reason}
+    if with_logprobs:
+        d["cumulative_logprob"] = o.cumulative_logprob
+        d["logprobs"] = native_logprobs(o.logprobs or [])
+    return d
+
+
+async def generate(body: P.GenerateRequest, request: Request):
+    serving = _serving(request)
+    deadline = asyncio.get_running_loop().time() + serving.options.request_timeout_s
+    if (body.prompt is None) == (body.input_ids is None):
+        raise InvalidRequestError("give exactly one of prompt (text) and input_ids (token ids)", param="prompt")
+    prompt_param = "prompt" if body.prompt is not None else "input_ids"
+
+    def rename(p: str) -> str:
+        return prompt_param if p == "prompt" else f"params.{p}"
+
+    with param_names(rename):
+        params = SamplingParams(**body.params.model_dump())
+    if body.prompt is not None:
+        prompt = Prompt(serving.encode(body.model, body.prompt), body.prompt)
+    else:
+        prompt = Prompt(list(body.input_ids))
+    rid = serving.new_id("gen")
+    with param_names(rename):
+        run = await serving.submit([prompt], params, body.model, routing_hints(body.sizewise), rid, deadline)
+    headers = {"x-sizewise-tier": run.tiers}
+    with_lp = params.logprobs is not None
+    if body.stream:
+        return EventStream(_generate_stream(serving, run, rid, with_lp), headers, run.close)
+    await collect_unless_disconnected(run, request.receive)
+    outs = [_output_json(o, with_lp) for _, o in finished_outputs(run)]
+    job = run.jobs[0]
+    first = outs[0]
+    return JSONResponse({
+        "id": rid, "model": run.decision.model, "text": first["text"], "token_ids": first["token_ids"],
+        "finish_reason": first["finish_reason"], "stop_reason": first["stop_reason"],
+        "prompt_token_ids": job.prompt.ids,
+        "prompt_logprobs": native_logprobs(job.prompt_logprobs) if job.prompt_logprobs is not None else None,
+        "outputs": outs, "usage": run.usage().to_json(), "sizewise": run.decision_json(),
+    }, headers=headers)
+
+
+async def _generate_stream(serving: Serving, run: Run, rid: str, with_lp: bool) -> AsyncIterator[str]:
+    try:
+        async for job, delta in run.events():
+            for o in delta.outputs:
+                event = {"id": rid, **_output_json(o, with_lp), "sizewise": job.decision.to_json()}
+                if delta.prompt_logprobs is not None:
+                    event["prompt_logprobs"] = native_logprobs(delta.prompt_logprobs)
+                yield sse(event)
+        yield sse({"id": rid, "usage": run.usage().to_json(), "sizewise": run.decision_json()})
+    except Exception as e:  # noqa: BLE001 - after the headers, an error can only be an event
+        err = to_api_error(e, rid)
+        serving.record_error(err.status)
+        yield sse(err.body())
+    finally:
+        run.close()
+    yield SSE_DONE
+
+
+async def tokenize(body: P.TokenizeRequest, request: Request):
+    serving = _serving(request)
+    if (body.prompt is None) == (body.messages is None):
+        raise InvalidRequestError("give exactly one of prompt and messages", param="prompt")
+    tok = serving.tokenizer(body.model)
+    if body.messages is not None:
+        text = serving.render_chat(body.model, chat_messages(body.messages), body.add_generation_prompt)
+        ids = tok.encode(text, add_special_tokens=bool(body.add_special_tokens))
+    else:
+        ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+    return {"count": len(ids), "max_model_len": serving.max_model_len(body.model), "tokens": ids,
+            "token_strs": tok.convert_ids_to_tokens(ids) if body.return_token_strs else None}
+
+
+async def detokenize(body: P.DetokenizeRequest, request: Request):
+    serving = _serving(request)
+    tok = serving.tokenizer(body.model)
+    dep = serving.require()
+    name = dep.resolve(body.model) if body.model and body.model != "auto" else next(iter(dep.cores))
+    vocab = dep.cores[name].vocab_size
+    bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
+    return {"prompt": tok.decode(body.tokens)}
+
+
+def build_router(route_class, auth) -> APIRouter:
+    r = APIRouter(route_class=route_class, dependencies=[auth], tags=["native"])
+    r.add_api_route(
+        "/generate", generate, methods=["POST"], summary="Generate (native API: SamplingParams by name)",
+        responses={200: {"model": P.GenerateResponse,
+                         "description": "The outputs; with `stream: true`, Server-Sent Events of deltas"},
+                   **_ERRORS})
+    r.add_api_route("/tokenize", tokenize, methods=["POST"], summary="Text or chat messages -> token ids",
+                    response_model=P.TokenizeResponse, responses={400: _ERRORS[400], 404: _ERRORS[404]})
+    r.add_api_route("/detokenize", detokenize, methods=["POST"], summary="Token ids -> text",
+                    response_model=P.DetokenizeResponse, responses={400: _ERRORS[400], 404: _ERRORS[404]})
+    return r
+

@@ -1,0 +1,100 @@
+"""Running the app under uvicorn: in the foreground (the CLI) or in a background thread (tests).
+
+`ServerThread` binds its socket before uvicorn starts, so the port is known at once (port 0
+picks a free one) and nothing races for it. uvicorn installs signal handlers only on the main
+thread, so a thread-run server leaves the host process's Ctrl-C alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+
+import uvicorn
+
+log = logging.getLogger(__name__)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def base_url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def uvicorn_config(app, log_level: str = "info", access_log: bool = True) -> uvicorn.Config:
+    return uvicorn.Config(
+        app, log_config=None, log_level=log_level, access_log=access_log, lifespan="on",
+        # Streams end by themselves; a bounded grace keeps Ctrl-C from waiting on a long one.
+        timeout_graceful_shutdown=5, timeout_keep_alive=30,
+    )
+
+
+class ServerThread:
+    """A real uvicorn server for `app` on a background thread.
+
+    with ServerThread(app) as url:   # e.g. "http://127.0.0.1:41234"
+        httpx.get(url + "/health")
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self.server = uvicorn.Server(uvicorn_config(app, log_level=log_level, access_log=False))
+        self._thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+        self._error: BaseException | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 30.0) -> str:
+        self._sock = bind_socket(self.host, self.port)
+        self.url = base_url(self._sock)
+        self._thread = threading.Thread(target=self._run, name="sizewise-uvicorn", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if self._error is not None or not self._thread.is_alive():
+                raise RuntimeError(f"uvicorn did not start: {self._error!r}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"uvicorn did not start within {timeout} s")
+            time.sleep(0.01)
+        return self.url
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self.server.serve(sockets=[self._sock]))
+        except BaseException as e:  # noqa: BLE001 - reported to start() / stop()
+            self._error = e
+            log.exception("uvicorn thread failed")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread is None:
+            return
+        self.server.should_exit = True
+        self._thread.join(timeout)
+        if self._thread.is_alive():  # a stuck connection: stop waiting for it
+            self.server.force_exit = True
+            self._thread.join(timeout)
+        if self._sock is not None:
+            self._sock.close()
+        self._thread = None
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -466,6 +466,7 @@ def export(model, tokenizer, out_dir: Path, tier: str, record: dict, stats: dict
         do_sample=False,
     )
     model.save_pretrained(str(out_dir), safe_serialization=True)
+    os.chmod(out_dir / "model.safetensors", 0o644)  # safetensors writes 0600
     write_metadata(out_dir, tokenizer)
     tier_record = dict(record, tier=tier, name=f"demo-{tier}", model=TIERS[tier]["model"], lr=TIERS[tier]["lr"],
                        token_budget=TIERS[tier]["tokens"], result=stats,

@@ -31,8 +31,11 @@ class LLM:
         prompts: Prompt | Seq[Prompt],
         params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        strategy: str | Seq[str] = "plain",
     ) -> list[RequestOutput]:
-        """Generate for every prompt; one finished `RequestOutput` per prompt, in order."""
+        """Generate for every prompt; one finished `RequestOutput` per prompt, in order.
+
+        `strategy`: decode strategy per prompt (or one for all): plain | pld | draft | auto."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -41,14 +44,17 @@ class LLM:
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        slist = [strategy] * len(prompts) if isinstance(strategy, str) else list(strategy)
+        if len(slist) != len(prompts):
+            raise ValueError(f"got {len(slist)} strategies for {len(prompts)} prompts")
         encoded = [self.encode(p) for p in prompts]
-        for ids, p in zip(encoded, plist):  # validate all before queueing any
-            self.engine.validate(ids, p)
+        for ids, p, st in zip(encoded, plist, slist):  # validate all before queueing any
+            self.engine.validate(ids, p, st)
         order: list[str] = []
         results: dict[str, RequestOutput] = {}
-        for prompt, ids, p in zip(prompts, encoded, plist):
+        for prompt, ids, p, st in zip(prompts, encoded, plist, slist):
             rid = f"llm-{next(self._ids)}"
-            self.engine.add_request(rid, ids, p, prompt=prompt if isinstance(prompt, str) else None)
+            self.engine.add_request(rid, ids, p, prompt=prompt if isinstance(prompt, str) else None, strategy=st)
             results[rid] = RequestOutput(rid, prompt if isinstance(prompt, str) else None, ids, [])
             order.append(rid)
         bar = None

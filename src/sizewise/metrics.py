@@ -8,19 +8,31 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
-_PROBE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+# Buckets per quantity (seconds). Each spans what that quantity takes from a graph-captured small
+# model on an accelerator to a large one on a laptop CPU, so histogram_quantile stays inside it.
+# Queue time is ~0 on an idle server and grows to minutes under backlog.
+_QUEUE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                  120.0, 300.0)
+# First token: one prefill (ms on a GPU, seconds for a long prompt on CPU) plus the queue.
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                 40.0, 80.0, 160.0)
+# One decode step: ~1 ms for a 1B model at the roofline, ~0.1-1 s for a large model on CPU.
+_ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+# A whole request: up to max_model_len decode steps, up to the server's request timeout (600 s default).
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 120.0, 240.0,
+                480.0, 960.0)
+# The probe: features alone take ~0.1 ms; a difficulty prefill on the small model a few ms (more on CPU).
+_PROBE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry or CollectorRegistry()
         mt = ["model", "tier"]
-        self.ttft = Histogram("sizewise_time_to_first_token_seconds", "Time to first token.", mt, buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("sizewise_time_to_first_token_seconds", "Time to first token.", mt, buckets=_TTFT_BUCKETS, registry=r)
         self.itl = Histogram("sizewise_inter_token_latency_seconds", "Time between output tokens.", mt, buckets=_ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("sizewise_e2e_request_latency_seconds", "End-to-end request latency.", mt, buckets=_LATENCY_BUCKETS, registry=r)
-        self.queue_time = Histogram("sizewise_request_queue_time_seconds", "Time waiting before first scheduled.", mt, buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("sizewise_e2e_request_latency_seconds", "End-to-end request latency.", mt, buckets=_E2E_BUCKETS, registry=r)
+        self.queue_time = Histogram("sizewise_request_queue_time_seconds", "Time waiting before first scheduled.", mt, buckets=_QUEUE_BUCKETS, registry=r)
         self.probe = Histogram("sizewise_probe_seconds", "Request probe time.", [], buckets=_PROBE_BUCKETS, registry=r)
         self.requests = Counter("sizewise_requests", "Finished requests by reason.", mt + ["finished_reason"], registry=r)
         self.errors = Counter("sizewise_request_errors", "Rejected or failed requests by HTTP status.", ["status"], registry=r)
@@ -36,6 +48,9 @@ class Metrics:
         self.bandwidth = Gauge("sizewise_achieved_bandwidth_bytes_per_second", "Bytes read per decode step / step time.", mt, registry=r)
         self.bandwidth_util = Gauge("sizewise_bandwidth_utilization_ratio", "Achieved / peak bandwidth.", mt, registry=r)
         self.device_memory = Gauge("sizewise_device_memory_used_bytes", "Device memory in use (RAM on CPU).", [], registry=r)
+        # The reference the utilization ratio divides by (measured copy bandwidth, or configured).
+        self.peak_bandwidth = Gauge("sizewise_peak_bandwidth_bytes_per_second", "Device peak memory bandwidth.", [],
+                                    registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -38,6 +38,7 @@ class _Add:
     stream: "RequestStream"
     admitted: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    strategy: str = "plain"
 
 
 @dataclass(slots=True)
@@ -102,28 +103,30 @@ class AsyncEngine:
     # ----- caller side (event loop) --------------------------------------------------------
     async def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-        core: str | None = None, prompt: str | None = None,
+        core: str | None = None, prompt: str | None = None, strategy: str = "plain",
     ) -> RequestStream:
-        """Queue a request; raises InvalidRequestError / QueueFullError before anything streams."""
+        """Queue a request; raises InvalidRequestError / QueueFullError before anything streams.
+
+        `strategy`: plain | pld | draft | auto (see EngineCore.add_request)."""
         if self._dead is not None:
             raise EngineDeadError(f"engine worker died: {self._dead!r}")
         name = core or next(iter(self.cores))
         if name not in self.cores:
             raise KeyError(name)
-        self.cores[name].validate(prompt_token_ids, params)
+        self.cores[name].validate(prompt_token_ids, params, strategy)
         loop = asyncio.get_running_loop()
         stream = RequestStream(self, request_id, name)
         admitted = loop.create_future()
-        self._inbox.put(_Add(name, request_id, list(prompt_token_ids), params, prompt, stream, admitted, loop))
+        self._inbox.put(_Add(name, request_id, list(prompt_token_ids), params, prompt, stream, admitted, loop, strategy))
         self._wake.set()
         await admitted  # re-raises the core's admission error
         return stream
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-        core: str | None = None, prompt: str | None = None,
+        core: str | None = None, prompt: str | None = None, strategy: str = "plain",
     ) -> AsyncIterator[RequestOutput]:
-        stream = await self.add_request(request_id, prompt_token_ids, params, core, prompt)
+        stream = await self.add_request(request_id, prompt_token_ids, params, core, prompt, strategy)
         async for out in stream:
             yield out
 
@@ -155,7 +158,9 @@ class AsyncEngine:
                 return
             if isinstance(cmd, _Add):
                 try:
-                    self.cores[cmd.core].add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.prompt)
+                    self.cores[cmd.core].add_request(
+                        cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.prompt, strategy=cmd.strategy
+                    )
                 except Exception as e:  # noqa: BLE001 - reported to the caller, engine carries on
                     cmd.loop.call_soon_threadsafe(_set_exc, cmd.admitted, e)
                     continue

@@ -19,3 +19,10 @@ class EngineConfig:
     enforce_eager: bool = False  # no graph capture even where the platform supports it
     seed: int = 0
     max_waiting: int = 1024  # bounded waiting queue; beyond it add_request raises QueueFullError
+    # Speculative decoding (engine/speculative.py), chosen per request ("pld" / "draft" / "auto").
+    num_speculative_tokens: int = 4  # k, fixed per step (static verify shape Q = k+1); 0 disables
+    prompt_lookup_max: int = 3  # longest suffix n-gram looked up in prompt + output
+    prompt_lookup_min: int = 2  # shortest
+    # how plain rows share a step with verify rows: split (Q=1 and Q=k+1 forwards), padded (plain rows
+    # join the Q=k+1 forward as empty proposals), auto (padded while that forward is small)
+    spec_batching: str = "auto"

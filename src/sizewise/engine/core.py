@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from .model_runner import ModelRunner, StepResult
 from .outputs import CompletionOutput, RequestOutput
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Request, Sequence, SequenceStatus
+from .speculative import PROPOSERS, SpeculativeDecoder, VerifyResult
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,11 @@ class EngineStats:
     last_step_bytes: int  # weights + KV read by the last step
     prompt_tokens_total: int
     generation_tokens_total: int
+    # speculative decoding, per proposer ("pld", "draft"); see engine/speculative.py
+    spec_draft_tokens: dict[str, int] = field(default_factory=dict)  # proposed and verified
+    spec_accepted_tokens: dict[str, int] = field(default_factory=dict)
+    spec_verify_steps: dict[str, int] = field(default_factory=dict)  # sequence-verifications
+    spec_acceptance_ema: dict[str, float] = field(default_factory=dict)  # accepted / proposed
 
     @property
     def kv_usage(self) -> float:
@@ -101,8 +107,15 @@ class EngineCore:
         self.runner = ModelRunner(
             model, cfg, self.platform, self.dtype, num_blocks, self.block_size, self.max_model_len,
             config.max_num_seqs, seed=config.seed, enforce_eager=config.enforce_eager,
+            verify_q=config.num_speculative_tokens + 1 if config.num_speculative_tokens > 0 else 0,
         )
         self.runner.eos_token_ids = self.eos_token_ids
+        self.spec: SpeculativeDecoder | None = None
+        if config.num_speculative_tokens > 0:
+            self.spec = SpeculativeDecoder(
+                self, config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max,
+                config.spec_batching,
+            )
         self.detokenizer = Detokenizer(self.tokenizer)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -134,8 +147,15 @@ class EngineCore:
         return int(num_blocks)
 
     # ----- requests ------------------------------------------------------------------------
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, strategy: str = "plain") -> None:
         """Raise InvalidRequestError naming the problem; nothing is queued."""
+        if strategy != "plain":
+            if self.spec is None:
+                raise InvalidRequestError(
+                    f"strategy {strategy!r} needs speculative decoding, which is off on {self.name!r} "
+                    f"(num_speculative_tokens=0); use 'plain'", param="strategy",
+                )
+            self.spec.validate_strategy(strategy)
         n = len(prompt_token_ids)
         if n == 0:
             raise InvalidRequestError("prompt is empty", param="prompt")
@@ -160,23 +180,32 @@ class EngineCore:
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-        prompt: str | None = None, arrival_time: float | None = None,
+        prompt: str | None = None, arrival_time: float | None = None, strategy: str = "plain",
     ) -> Request:
+        """`strategy`: plain | pld (prompt lookup) | draft (needs `attach_draft`) | auto (adaptive pld)."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
-        self.validate(prompt_token_ids, params)
+        self.validate(prompt_token_ids, params, strategy)
         if len(self.scheduler.waiting) + params.n > self.config.max_waiting:
             raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} sequences)")
-        req = Request(request_id, list(prompt_token_ids), params, prompt)
+        req = Request(request_id, list(prompt_token_ids), params, prompt, strategy=strategy)
         if arrival_time is not None:
             req.metrics.arrival_time = arrival_time
         for i in range(params.n):
             seq = Sequence(next(self._seq_ids), req, i, prompt_token_ids)
+            if self.spec is not None:
+                self.spec.init_seq(seq, strategy)
             req.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = req
         self._prompt_tokens += len(prompt_token_ids)
         return req
+
+    def attach_draft(self, draft: "EngineCore") -> None:
+        """Let requests with strategy 'draft' be proposed by `draft` (same tokenizer, resident)."""
+        if self.spec is None:
+            raise ValueError(f"speculative decoding is off on {self.name!r} (num_speculative_tokens=0)")
+        self.spec.attach_draft(draft)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Free everything the request holds now; returns its final (abort) delta."""
@@ -187,6 +216,8 @@ class EngineCore:
         for seq in req.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
+                if self.spec is not None:
+                    self.spec.release(seq)
                 outs.append(CompletionOutput(index=seq.index, finish_reason="abort"))
         req.metrics.finished_time = time.time()
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished=True,
@@ -205,8 +236,11 @@ class EngineCore:
         for seq in sched.prefills + sched.decodes:
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.metrics.first_scheduled_time = now
-        result = self.runner.execute(sched)
-        out = self._postprocess(sched, result)
+        # Speculative rows leave sched.decodes and are verified in their own Q=k+1 forward.
+        verify = self.spec.prepare(sched) if self.spec is not None else None
+        result = self.runner.execute(sched) if not sched.is_empty else None
+        spec_results = self.spec.verify(verify) if verify is not None else []
+        out = self._postprocess(sched, result, spec_results)
         self._record_step(sched, time.perf_counter() - t0)
         return out
 
@@ -214,11 +248,17 @@ class EngineCore:
         kv_tokens = sum(s.num_tokens for s in sched.decodes) + sum(
             s.num_cached_tokens for s in sched.prefills
         )
+        num_tokens = sched.num_tokens
+        if self.spec is not None:
+            kv_tokens += self.spec.last_kv_tokens
+            num_tokens += self.spec.last_num_tokens
         kv_bytes = kv_tokens * self.model_config.kv_bytes_per_token(self.dtype)
         self._step_count += 1
-        self._last_step = (seconds, sched.num_tokens, self.weight_bytes + kv_bytes)
+        self._last_step = (seconds, num_tokens, self.weight_bytes + kv_bytes)
 
-    def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+    def _postprocess(
+        self, sched: SchedulerOutput, result: StepResult | None, spec_results: list[VerifyResult] = (),
+    ) -> list[RequestOutput]:
         for s, n in zip(sched.prefills, sched.prefill_chunks):
             s.num_cached_tokens += n
         for s in sched.decodes:
@@ -227,6 +267,8 @@ class EngineCore:
             self.block_manager.commit(s)
 
         touched: dict[str, Request] = {}
+        if result is None:
+            result = StepResult(sampled=[], samples=None, prompt_logprobs={})
         for seq_id, (first_pos, entries) in result.prompt_logprobs.items():
             seq = next(s for s in sched.prefills if s.seq_id == seq_id)
             req = seq.request
@@ -239,20 +281,38 @@ class EngineCore:
                     req.prompt_logprobs.append(entry)
         now = time.time()
         for i, seq in enumerate(result.sampled):
-            token = result.samples.token_ids[i]
-            lp = result.samples.logprobs[i]
-            seq.token_ids.append(token)
-            self._gen_tokens += 1
-            if lp is not None:
-                seq.output_logprobs.append(lp)
-                seq.cumulative_logprob += lp[token]
-            m = seq.request.metrics
-            if m.first_token_time is None:
-                m.first_token_time = now
-            m.last_token_time = now
-            self._check_finish(seq, token)
+            self._append_token(seq, result.samples.token_ids[i], result.samples.logprobs[i], now)
             touched[seq.request.request_id] = seq.request
+        for res in spec_results:
+            self._append_verified(res, now)
+            touched[res.seq.request.request_id] = res.seq.request
         return [self._make_delta(req) for req in touched.values()]
+
+    def _append_token(self, seq: Sequence, token: int, lp: dict[int, float] | None, now: float) -> None:
+        seq.token_ids.append(token)
+        self._gen_tokens += 1
+        if lp is not None:
+            seq.output_logprobs.append(lp)
+            seq.cumulative_logprob += lp[token]
+        m = seq.request.metrics
+        if m.first_token_time is None:
+            m.first_token_time = now
+        m.last_token_time = now
+        self._check_finish(seq, token)
+
+    def _append_verified(self, res: VerifyResult, now: float) -> None:
+        """Tokens of one speculative verification, one at a time through the plain finish check."""
+        seq = res.seq
+        n = seq.num_tokens
+        for token, lp in zip(res.tokens, res.logprobs):
+            self._append_token(seq, token, lp, now)
+            if seq.is_finished:  # a stop cuts the accepted tokens exactly where plain decode would
+                break
+        if not seq.is_finished:
+            # K/V of the last token and the accepted proposals are valid; the rest is overwritten later.
+            seq.num_cached_tokens = n + res.num_accepted
+            self.block_manager.commit(seq)
+        self.spec.after_verify(res, n)
 
     def _check_finish(self, seq: Sequence, token: int) -> None:
         p = seq.params
@@ -274,6 +334,8 @@ class EngineCore:
                 self.detokenizer.flush(seq)
             self.scheduler.finish(seq, reason)
             seq.stop_reason = stop_reason
+            if self.spec is not None:
+                self.spec.release(seq)
 
     def _make_delta(self, req: Request) -> RequestOutput:
         outs = []
@@ -293,6 +355,8 @@ class EngineCore:
                 cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
                 logprobs=lps, finish_reason=seq.finish_reason if finished else None,
                 stop_reason=seq.stop_reason if finished else None,
+                num_draft_tokens=seq.spec.num_draft_tokens if seq.spec is not None else 0,
+                num_accepted_tokens=seq.spec.num_accepted_tokens if seq.spec is not None else 0,
             ))
         finished = req.finished
         plp = None
@@ -337,4 +401,14 @@ class EngineCore:
             last_step_bytes=nbytes,
             prompt_tokens_total=self._prompt_tokens,
             generation_tokens_total=self._gen_tokens,
+            **self._spec_stats(),
         )
+
+    def _spec_stats(self) -> dict:
+        c = self.spec.stats() if self.spec is not None else {}
+        return {
+            "spec_draft_tokens": {p: c[p].draft_tokens if c else 0 for p in PROPOSERS},
+            "spec_accepted_tokens": {p: c[p].accepted_tokens if c else 0 for p in PROPOSERS},
+            "spec_verify_steps": {p: c[p].verify_steps if c else 0 for p in PROPOSERS},
+            "spec_acceptance_ema": {p: c[p].acceptance_ema if c else 0.0 for p in PROPOSERS},
+        }

@@ -37,6 +37,7 @@ class ModelRunner:
         max_num_seqs: int,
         seed: int = 0,
         enforce_eager: bool = True,
+        verify_q: int = 0,  # k+1 of speculative verification (0: none); captured like decode
     ) -> None:
         self.model = model
         self.cfg = cfg
@@ -62,7 +63,7 @@ class ModelRunner:
             self.graph_runner = DecodeGraphRunner(
                 platform=platform, fn=model.forward_paged, max_num_seqs=max_num_seqs,
                 max_blocks_per_seq=self.max_blocks_per_seq, vocab_size=cfg.vocab_size,
-                device=self.device, q_values=(1,),
+                device=self.device, q_values=(1, verify_q) if verify_q > 1 else (1,),
             )
             self.graph_runner.capture()
 
@@ -171,17 +172,32 @@ class ModelRunner:
                 entries.append(d)
         return start + 1, entries
 
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+    def forward_verify(
+        self,
+        input_ids: torch.Tensor,  # [B, Q] long
+        positions: torch.Tensor,  # [B, Q] long
+        slot_mapping: torch.Tensor,  # [B, Q] long, -1 = padding
+        block_tables: torch.Tensor,  # [B, m] int32
+        context_lens: torch.Tensor,  # [B] int32
+    ) -> torch.Tensor:  # logits [B, Q, V]
+        """Speculative verification (Q = k+1): the captured graph for this Q when there is one."""
+        gr = self.graph_runner
+        if gr is not None and input_ids.shape[1] in gr.q_values:
+            return gr.run(input_ids, positions, slot_mapping, block_tables, context_lens)
+        return self.model.forward_paged(input_ids, positions, slot_mapping, block_tables, context_lens)
+
+    def _sampling_row(self, seq: Sequence, extra: list[int] | tuple[int, ...] = ()) -> SamplingRow:
+        """`extra`: tokens assumed appended after seq's tokens (speculative verification rows)."""
         p = seq.params
         if p.seed is not None and seq.generator is None:
             seq.generator = torch.Generator(device=self.device).manual_seed(p.seed + seq.index)
         block = None
-        if seq.num_output_tokens < p.min_tokens:
+        if seq.num_output_tokens + len(extra) < p.min_tokens:
             block = list(set(self.eos_token_ids) | set(p.stop_token_ids)) or None
         return SamplingRow(
             params=p,
             generator=seq.generator,
-            output_token_ids=seq.output_token_ids if p.needs_penalties else [],
+            output_token_ids=seq.output_token_ids + list(extra) if p.needs_penalties else [],
             prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens] if p.repetition_penalty != 1.0 else [],
             block_eos=block,
         )

@@ -14,6 +14,9 @@ class CompletionOutput:
     logprobs: list[dict[int, float]] | None = None  # one dict per token: sampled first, then top-N
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
+    # speculative decoding, cumulative for this sequence: proposed-and-verified / accepted tokens
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -47,6 +50,8 @@ class RequestOutput:
                 o.cumulative_logprob = d.cumulative_logprob
             o.finish_reason = d.finish_reason or o.finish_reason
             o.stop_reason = d.stop_reason if d.stop_reason is not None else o.stop_reason
+            o.num_draft_tokens = max(o.num_draft_tokens, d.num_draft_tokens)  # cumulative counts
+            o.num_accepted_tokens = max(o.num_accepted_tokens, d.num_accepted_tokens)
         if delta.prompt_logprobs is not None:
             self.prompt_logprobs = delta.prompt_logprobs
         self.finished = delta.finished

@@ -73,6 +73,32 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
+    def distribution(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-row target distribution, shared by plain sampling and speculative verification.
+
+        logits: [N, V] float32 (rows may be modified in place). Returns the processed logits
+        [N, V] (penalties and min_tokens masks applied: greedy takes their argmax) and the
+        sampling distribution [N, V] after temperature / top-k / top-p / min-p (None when
+        every row is greedy).
+        """
+        N, V = logits.shape
+        if any(r.params.needs_penalties for r in rows):
+            logits = apply_penalties(logits.clone(), rows)
+        for i, r in enumerate(rows):
+            if r.block_eos:
+                logits[i, r.block_eos] = float("-inf")
+        greedy = [r.params.greedy for r in rows]
+        if all(greedy):
+            return logits, None
+        temps = torch.tensor([1.0 if g else r.params.temperature for g, r in zip(greedy, rows)], device=logits.device)
+        scaled = logits / temps[:, None]
+        if any(r.params.top_k or r.params.top_p < 1.0 or r.params.min_p > 0.0 for r in rows):
+            top_k = torch.tensor([r.params.top_k or V for r in rows], device=logits.device)
+            top_p = torch.tensor([r.params.top_p for r in rows], device=logits.device)
+            min_p = torch.tensor([r.params.min_p for r in rows], device=logits.device)
+            scaled = top_k_top_p_min_p(scaled, top_k, top_p, min_p)
+        return logits, scaled.softmax(-1)
+
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         # logits: [N, V] float32, one row per sequence that samples this step
         N, V = logits.shape
@@ -80,25 +106,12 @@ class Sampler:
         want_lp = [r.params.logprobs is not None for r in rows]
         if any(want_lp):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-        if any(r.params.needs_penalties for r in rows):
-            logits = apply_penalties(logits.clone(), rows)
-        for i, r in enumerate(rows):
-            if r.block_eos:
-                logits[i, r.block_eos] = float("-inf")
+        logits, probs = self.distribution(logits, rows)
 
         greedy = [r.params.greedy for r in rows]
-        probs = None
-        if all(greedy):
+        if probs is None:
             tokens = logits.argmax(-1)
         else:
-            temps = torch.tensor([1.0 if g else r.params.temperature for g, r in zip(greedy, rows)], device=logits.device)
-            scaled = logits / temps[:, None]
-            if any(r.params.top_k or r.params.top_p < 1.0 or r.params.min_p > 0.0 for r in rows):
-                top_k = torch.tensor([r.params.top_k or V for r in rows], device=logits.device)
-                top_p = torch.tensor([r.params.top_p for r in rows], device=logits.device)
-                min_p = torch.tensor([r.params.min_p for r in rows], device=logits.device)
-                scaled = top_k_top_p_min_p(scaled, top_k, top_p, min_p)
-            probs = scaled.softmax(-1)
             race = torch.empty_like(probs)
             for i, r in enumerate(rows):
                 race[i].exponential_(generator=r.generator or self.generator)

@@ -8,6 +8,8 @@ nothing about KV blocks; the engines know nothing about HTTP.
 from __future__ import annotations
 
 import logging
+import sys
+from collections import Counter
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -17,7 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..engine.async_engine import AsyncEngine
 from ..engine.config import EngineConfig
 from ..engine.core import EngineCore
+from ..platform import get_platform
 from ..sampling_params import SamplingParams
+from .config import PolicyConfig
+from .planner import MemoryPlan, plan_memory
+from .router import AdaptiveRouter
+from .telemetry import Telemetry
 from .types import Decision, RoutingHints
 
 log = logging.getLogger(__name__)
@@ -62,7 +69,7 @@ class DeploymentConfig(BaseModel):
     models: list[ModelEntry] = Field(min_length=1)
     engine: EngineSection = Field(default_factory=EngineSection)
     server: ServerSection = Field(default_factory=ServerSection)
-    policy: dict = Field(default_factory=dict)  # read by the orchestrator's policy
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)  # the orchestrator's router and policy
     default_tier: Literal["small", "medium", "large"] | None = None
 
     @classmethod
@@ -104,6 +111,7 @@ class StaticRouter:
 
     def __init__(self, default_tier: str) -> None:
         self.default_tier = default_tier
+        self.decisions: Counter[tuple[str, str]] = Counter()  # (tier, reason) -> count
 
     async def route(self, deployment, prompt_token_ids, params, requested, hints) -> Decision:
         if requested == "auto":
@@ -113,31 +121,76 @@ class StaticRouter:
             name = deployment.resolve(requested)
             reason = "pinned"
         strategy = "plain" if hints.strategy == "auto" else hints.strategy
+        self.decisions[(deployment.model_to_tier[name], reason)] += 1
         return Decision(model=name, tier=deployment.model_to_tier[name], strategy=strategy, reason=reason)
 
 
+def _attach_drafts(config: DeploymentConfig, cores: dict[str, EngineCore]) -> None:
+    """Make `strategy: draft` servable: the cheapest resident tier drafts for the larger ones
+    (it shares their tokenizer; engines with speculation off are skipped)."""
+    ordered = sorted(config.models, key=lambda m: TIERS.index(m.tier))
+    if len(ordered) < 2:
+        return
+    draft = cores[ordered[0].name]
+    for m in ordered[1:]:
+        core = cores[m.name]
+        if getattr(core, "spec", None) is None:
+            continue
+        try:
+            core.attach_draft(draft)
+        except ValueError as e:
+            log.warning("no draft model for %s: %s", m.name, e)
+
+
 class Deployment:
-    def __init__(self, config: DeploymentConfig, cores: dict[str, EngineCore], router: Router | None = None) -> None:
+    """All tiers co-resident in one process on one device. Their EngineCores are driven by one
+    AsyncEngine worker thread that steps every busy core round-robin (one batched step each per
+    turn): the models share the device's memory bandwidth anyway, sequential steps make each
+    step's time attributable to one model (telemetry), and the host cores are not oversubscribed.
+    """
+
+    def __init__(
+        self, config: DeploymentConfig, cores: dict[str, EngineCore], router: Router | None = None,
+        plan: MemoryPlan | None = None,
+    ) -> None:
         self.config = config
         self.cores = cores
+        self.plan = plan
         self.model_to_tier = {m.name: m.tier for m in config.models}
         self.tier_to_model = {m.tier: m.name for m in config.models}
         default = config.default_tier or ("large" if "large" in self.tier_to_model else config.models[-1].tier)
+        if router is None and config.policy.router == "adaptive":
+            router = AdaptiveRouter(config.policy.to_settings())
         self.router: Router = router or StaticRouter(default)
+        pol = config.policy
+        self.telemetry = Telemetry(
+            cores, self.model_to_tier, ema_alpha=pol.ema_alpha,
+            peak_bandwidth=pol.peak_bandwidth_gbps * 1e9 if pol.peak_bandwidth_gbps else None,
+        )
         self.engine = AsyncEngine(cores)
+        self.telemetry.attach(self.engine)
 
     @classmethod
-    def load(cls, config: DeploymentConfig, router: Router | None = None) -> "Deployment":
+    def load(cls, config: DeploymentConfig, router: Router | None = None, echo_plan: bool = True) -> "Deployment":
+        """Plan memory (refuses with MemoryPlanError naming the model and the bytes short), print
+        the plan, then load every model onto one shared platform with its planned KV budget."""
+        platform = get_platform(config.device)
+        plan = plan_memory(config, platform)
+        if echo_plan:
+            print(plan.table(), file=sys.stderr, flush=True)
+        else:
+            log.info("%s", plan.table())
         cores = {}
         for m in config.models:
             ecfg = EngineConfig(
                 dtype=m.dtype or config.dtype, device=config.device,
-                kv_cache_memory_fraction=config.memory_fraction * m.kv_share * 0.5,
+                kv_cache_bytes=plan.model(m.name).kv_bytes,
                 **config.engine.model_dump(),
             )
             log.info("loading %s (%s) from %s", m.name, m.tier, m.path)
-            cores[m.name] = EngineCore(m.path, ecfg, name=m.name)
-        return cls(config, cores, router)
+            cores[m.name] = EngineCore(m.path, ecfg, platform=platform, name=m.name)
+        _attach_drafts(config, cores)
+        return cls(config, cores, router, plan)
 
     @property
     def model_names(self) -> list[str]:

@@ -1,0 +1,69 @@
+"""Fit the policy's difficulty thresholds to a model family, from measured data.
+
+Given, for a calibration set of requests, the probe's score (what the policy thresholds) and each
+tier's quality on the request (mean NLL of a reference continuation), pick the two thresholds
+that make routing cheapest while the routed quality stays within `tolerance` (relative) of
+serving everything on the largest tier. Cost is per-request bytes a tier streams per decode
+step (its weight bytes), so a cheaper tier is worth more the smaller it is.
+
+Pure and exhaustive (every pair of observed scores as thresholds, O(n^2) for n requests): a
+few hundred calibration requests take milliseconds. `benchmarks/routing.py --calibrate` runs it
+on windows of the held-out split other than the benchmark's and prints the `policy:` values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(slots=True, frozen=True)
+class Calibration:
+    max_difficulty_small: float
+    max_difficulty_medium: float
+    nll: float  # mean quality of the routed mix on the calibration set
+    nll_large: float  # everything on the largest tier
+    cost: float  # mean relative cost per request (largest tier = 1)
+    shares: dict[str, float]
+
+
+def fit_thresholds(
+    scores: list[float], nll: dict[str, list[float]], cost: dict[str, float], tolerance: float = 0.03,
+) -> Calibration:
+    """`nll[tier][i]`, `cost[tier]` for tiers among small / medium / large (at least the largest)."""
+    tiers = [t for t in ("small", "medium", "large") if t in nll]
+    if not tiers or not scores:
+        raise ValueError("need at least one tier and one request to calibrate")
+    n = len(scores)
+    if any(len(v) != n for v in nll.values()):
+        raise ValueError("every tier needs one NLL per request")
+    top = tiers[-1]
+    base = sum(nll[top]) / n
+    limit = base * (1 + tolerance)
+    rel = {t: cost[t] / cost[top] for t in tiers}
+    order = sorted(range(n), key=lambda i: scores[i])
+    cands = [-math.inf] + [scores[i] for i in order]  # threshold = a score: that request and below
+    # Prefix sums over requests in score order, per tier: routing = small up to a, medium up to b.
+    pre = {t: [0.0] for t in tiers}
+    for i in order:
+        for t in tiers:
+            pre[t].append(pre[t][-1] + nll[t][i])
+    lo, mid = tiers[0], tiers[1] if len(tiers) == 3 else tiers[0]
+    best = None
+    for a in range(n + 1):  # the a easiest requests go to the cheapest tier
+        for b in range(a, n + 1):  # the next b - a to the middle tier, the rest to the top
+            if len(tiers) < 3 and b != a:
+                break
+            q = (pre[lo][a] + pre[mid][b] - pre[mid][a] + pre[top][n] - pre[top][b]) / n
+            if q > limit:
+                continue
+            c = (a * rel[lo] + (b - a) * rel[mid] + (n - b) * rel[top]) / n
+            if best is None or c < best[0] - 1e-12 or (abs(c - best[0]) <= 1e-12 and q < best[1]):
+                best = (c, q, a, b)
+    c, q, a, b = best  # a = b = 0 (all on the top tier) always meets the limit
+    t_small = cands[a] if a else -math.inf
+    t_med = cands[b] if len(tiers) == 3 and b > a else t_small
+    shares = {lo: a / n, top: (n - b) / n}
+    if len(tiers) == 3:
+        shares[mid] = (b - a) / n
+    return Calibration(t_small, t_med, q, base, c, shares)

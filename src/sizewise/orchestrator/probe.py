@@ -1,0 +1,248 @@
+"""The request probe: what a request is, measured before it is routed (a few ms).
+
+Three signals:
+  * intent (`code` / `math` / `knowledge` / `chat`): from cheap text features (keywords,
+    symbol and digit density, indentation, question words, pronouns), or zero-shot with the
+    probe model when configured (a prompt template, the likelihood of each label word as its
+    continuation, normalised over the labels; 1 - normalised entropy as confidence);
+  * difficulty: the probe model's mean negative log-likelihood per token over the prompt
+    (nats/token), from a prefill with `prompt_logprobs=0` run *through the probe model's own
+    engine*. That run registers the prompt's full KV blocks in the engine's prefix cache, so
+    when the request is then served by the probe model its prefill is mostly reused (prompt-
+    logprob requests skip prefix-cache lookups but still register their blocks);
+  * copyability: how much of the prompt a prompt-lookup (n-gram) proposer would have
+    predicted from earlier in the prompt itself, i.e. a direct simulation of PLD acceptance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import re
+import time
+from dataclasses import dataclass, field
+
+from ..sampling_params import SamplingParams
+from .policy import INTENTS, PolicySettings
+from .telemetry import PROBE_PREFIX
+
+_COPY_MAX_TOKENS = 8192  # copyability reads at most the prompt's last 8K tokens
+_FEATURE_MAX_CHARS = 4000  # intent features read at most the prompt's first 4K characters
+_ZERO_SHOT_MAX_TOKENS = 96  # of the prompt, in the zero-shot template
+_ZERO_SHOT_TEMPLATE = "Request: {text}\nThe request above is about (code, math, knowledge or chat):"
+_ZERO_SHOT_LABELS = {"code": " code", "math": " math", "knowledge": " knowledge", "chat": " chat"}
+
+_CODE_WORDS = re.compile(
+    r"\b(def|class|import|return|self|lambda|elif|except|raise|None|True|False|print|"
+    r"function|const|var|void|struct|impl|fn|typedef|namespace|println|printf|__init__)\b"
+)
+_CODE_SYMBOLS = set("(){}[]=:;_.<>#\"'`")
+_MATH_WORDS = re.compile(
+    r"\b(solve|compute|calculate|equation|sum|product|integral|derivative|prove|proof|theorem|"
+    r"how many|how much|divided|times|plus|minus|percent|probability|sqrt|log|sin|cos)\b", re.I
+)
+_MATH_SYMBOLS = set("+-*/^=<>%")
+_QUESTION_WORDS = re.compile(
+    r"(^|[.?!\n]\s*)(what|who|when|where|why|how|which|explain|describe|define|list|name|"
+    r"tell me about|compare)\b", re.I
+)
+_CHAT_WORDS = re.compile(
+    r"\b(i|i'm|im|you|your|me|my|we|hi|hello|hey|thanks|thank you|please|sorry|lol|ok|okay|"
+    r"feel|think|help)\b", re.I
+)
+
+
+@dataclass(slots=True)
+class ProbeResult:
+    intent: str
+    intent_confidence: float  # max class probability (features) or 1 - H/ln 4 (zero-shot)
+    intent_scores: dict[str, float]  # class probabilities
+    intent_source: str  # "features" | "zero_shot"
+    copyability: float  # fraction of prompt tokens an n-gram prompt lookup would have predicted
+    repeat_fraction: float  # fraction of prompt positions whose preceding n-gram occurred before
+    prompt_tokens: int
+    difficulty: float | None = None  # probe model's mean NLL over the prompt prefix (nats/token)
+    difficulty_tokens: int = 0  # predicted tokens behind `difficulty`
+    probe_model: str | None = None
+    ms: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        d = {
+            "intent": self.intent,
+            "intent_confidence": round(self.intent_confidence, 4),
+            "intent_scores": {k: round(v, 4) for k, v in self.intent_scores.items()},
+            "intent_source": self.intent_source,
+            "difficulty": None if self.difficulty is None else round(self.difficulty, 4),
+            "difficulty_tokens": self.difficulty_tokens,
+            "copyability": round(self.copyability, 4),
+            "repeat_fraction": round(self.repeat_fraction, 4),
+            "prompt_tokens": self.prompt_tokens,
+            "probe_model": self.probe_model,
+            "ms": round(self.ms, 3),
+        }
+        if self.errors:
+            d["errors"] = list(self.errors)
+        return d
+
+
+# ----- pure features ----------------------------------------------------------------------
+def copyability(ids: list[int], max_n: int = 3, min_n: int = 2) -> tuple[float, float]:
+    """(hit rate, repeat fraction) of a prompt-lookup proposer replayed over `ids`.
+
+    At each position i the proposer takes the longest suffix n-gram (max_n down to min_n) of
+    ids[:i], finds its latest earlier occurrence and predicts the token that followed it. The
+    hit rate is the fraction of positions predicted correctly (what PLD acceptance tends to
+    track on continuations of this text); the repeat fraction counts positions with any match.
+    """
+    ids = ids[-_COPY_MAX_TOKENS:]
+    min_n = max(1, min(min_n, max_n))
+    positions = len(ids) - min_n
+    if positions <= 0:
+        return 0.0, 0.0
+    last: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_n + 1)]
+    hits = matched = 0
+    for i in range(min_n, len(ids)):
+        for n in range(min(max_n, i), min_n - 1, -1):
+            j = last[n].get(tuple(ids[i - n:i]))
+            if j is not None:
+                matched += 1
+                hits += ids[j] == ids[i]
+                break
+        # Register after predicting: an n-gram may only be looked up from a later position.
+        for n in range(min_n, min(max_n, i) + 1):
+            last[n][tuple(ids[i - n:i])] = i
+    return hits / positions, matched / positions
+
+
+def intent_features(text: str) -> dict[str, float]:
+    """Class probabilities for code / math / knowledge / chat from surface features."""
+    text = text[:_FEATURE_MAX_CHARS]
+    chars = max(len(text), 1)
+    lines = [ln for ln in text.splitlines() if ln.strip()] or [""]
+    words = re.findall(r"[A-Za-z_']+", text)
+    nwords = max(len(words), 1)
+    nonspace = max(sum(not c.isspace() for c in text), 1)
+    code_sym = sum(c in _CODE_SYMBOLS for c in text) / nonspace
+    indented = sum(ln.startswith(("    ", "\t")) for ln in lines) / len(lines)
+    line_ends = sum(ln.rstrip().endswith((":", "{", ";", ")", "}", ",")) for ln in lines) / len(lines)
+    snake = len(re.findall(r"\b[a-z]+_[a-z_]+\b|\b[a-z]+[A-Z][a-zA-Z]+\b", text)) / nwords
+    code_kw = len(_CODE_WORDS.findall(text)) / nwords
+    digits = sum(c.isdigit() for c in text) / nonspace
+    math_sym = sum(c in _MATH_SYMBOLS for c in text) / nonspace
+    math_kw = len(_MATH_WORDS.findall(text)) / nwords
+    questions = len(_QUESTION_WORDS.findall(text)) + text.count("?")
+    letters = sum(c.isalpha() for c in text) / chars
+    chat_kw = len(_CHAT_WORDS.findall(text)) / nwords
+    short = 1.0 if nwords < 12 else 0.0
+    # Hand-set linear scores (logits); the weights make each feature's typical range comparable.
+    logits = {
+        "code": 6 * code_sym + 3 * indented + 2 * line_ends + 4 * snake + 10 * code_kw,
+        "math": 10 * digits + 6 * math_sym + 12 * math_kw - 2 * indented,
+        "knowledge": 1.2 * min(questions, 3) + 2.5 * letters - 3 * code_sym - 2 * chat_kw,
+        "chat": 8 * chat_kw + 1.0 * short + 0.5 * letters - 2 * code_sym,
+    }
+    m = max(logits.values())
+    exp = {k: math.exp(v - m) for k, v in logits.items()}
+    z = sum(exp.values())
+    return {k: exp[k] / z for k in INTENTS}
+
+
+# ----- the probe --------------------------------------------------------------------------
+class Probe:
+    """Runs the three signals for one request. Owns nothing global: ids come from a counter."""
+
+    def __init__(self, settings: PolicySettings) -> None:
+        self.settings = settings
+        self._ids = itertools.count()
+        self._label_ids: dict[str, dict[str, list[int]]] = {}  # per probe model: label -> its tokens
+
+    async def run(self, engine, core, core_name: str, prompt_token_ids: list[int], *, full: bool = True) -> ProbeResult:
+        """`engine`: the AsyncEngine; `core`: the probe model's EngineCore (tokenizer, limits).
+        `full=False` computes the model-free signals only (pinned requests)."""
+        t0 = time.perf_counter()
+        s = self.settings
+        ids = list(prompt_token_ids)
+        copy, repeat = copyability(ids, max_n=s.copy_ngram)
+        text = core.tokenizer.decode(ids[: _FEATURE_MAX_CHARS // 2], skip_special_tokens=True)
+        scores = intent_features(text)
+        res = ProbeResult(
+            intent=max(scores, key=scores.get), intent_confidence=max(scores.values()), intent_scores=scores,
+            intent_source="features", copyability=copy, repeat_fraction=repeat, prompt_tokens=len(ids),
+            probe_model=core_name if full else None,
+        )
+        if full:
+            jobs = []
+            if s.difficulty:
+                jobs.append(self._difficulty(engine, core, core_name, ids, res))
+            if s.intent_mode == "zero_shot":
+                jobs.append(self._zero_shot(engine, core, core_name, text, res))
+            if jobs:
+                await asyncio.gather(*jobs)
+        res.ms = (time.perf_counter() - t0) * 1e3
+        return res
+
+    def _rid(self) -> str:
+        return f"{PROBE_PREFIX}{next(self._ids)}-{id(self):x}"
+
+    async def _difficulty(self, engine, core, core_name: str, ids: list[int], res: ProbeResult) -> None:
+        # A prefix keeps the probe cheap on long prompts and within the probe model's context.
+        n = min(len(ids), self.settings.probe_max_tokens, core.max_model_len - 1)
+        if n < 2:
+            return  # one token predicts nothing
+        pids = ids[:n]
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        try:
+            plp = None
+            stream = await engine.add_request(self._rid(), pids, params, core=core_name)
+            async for out in stream:
+                if out.prompt_logprobs is not None:
+                    plp = out.prompt_logprobs
+        except Exception as e:  # noqa: BLE001 - a probe failure must never fail the request
+            res.errors.append(f"difficulty: {type(e).__name__}: {e}")
+            return
+        if plp is None:
+            res.errors.append("difficulty: engine returned no prompt logprobs")
+            return
+        lps = [d[t] for d, t in zip(plp[1:], pids[1:]) if d is not None and t in d]
+        if lps:
+            res.difficulty = -sum(lps) / len(lps)
+            res.difficulty_tokens = len(lps)
+
+    async def _zero_shot(self, engine, core, core_name: str, text: str, res: ProbeResult) -> None:
+        """Label likelihoods under the probe model: log P(" <label>" | template(text)) for each
+        label (whole label, all its tokens), normalised over the four labels. One prefill per
+        label, batched in the probe engine's next step; byte-level tokenizers split the label
+        words, so a single next-token distribution could not tell them apart."""
+        tok = core.tokenizer
+        labels = self._label_ids.get(core_name)
+        if labels is None:
+            labels = {k: tok.encode(w, add_special_tokens=False) for k, w in _ZERO_SHOT_LABELS.items()}
+            self._label_ids[core_name] = labels
+        body = tok.encode(text, add_special_tokens=False)[:_ZERO_SHOT_MAX_TOKENS]
+        head = tok.encode(_ZERO_SHOT_TEMPLATE.format(text=tok.decode(body)), add_special_tokens=False)
+        head = head[-(core.max_model_len - 2 - max(len(v) for v in labels.values())):]
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+
+        async def label_logprob(ids: list[int]) -> float:
+            plp = None
+            async for out in await engine.add_request(self._rid(), head + ids, params, core=core_name):
+                if out.prompt_logprobs is not None:
+                    plp = out.prompt_logprobs
+            return sum(plp[len(head) + j][t] for j, t in enumerate(ids))
+
+        try:
+            lps = await asyncio.gather(*(label_logprob(ids) for ids in labels.values()))
+        except Exception as e:  # noqa: BLE001 - fall back to the feature scores
+            res.errors.append(f"zero_shot: {type(e).__name__}: {e}")
+            return
+        m = max(lps)
+        exp = [math.exp(v - m) for v in lps]
+        z = sum(exp)
+        probs = {k: e / z for k, e in zip(labels, exp)}
+        h = -sum(p * math.log(p) for p in probs.values() if p > 0)
+        res.intent_scores = probs
+        res.intent = max(probs, key=probs.get)
+        res.intent_confidence = 1.0 - h / math.log(len(probs))
+        res.intent_source = "zero_shot"

@@ -1,0 +1,95 @@
+"""The adaptive router: probe the request, read the live telemetry, ask the policy.
+
+Implements the `Router` protocol of `deployment.py`. Per `auto` request: the probe (intent,
+difficulty on the probe model's engine, copyability), a telemetry snapshot, then the policy's
+choice. A pinned request (`model` names a tier or a model) skips the model probe (only the
+model-free copyability and intent features run, for the strategy) and is never moved.
+Every decision is counted in `decisions[(tier, reason)]` for `sizewise_route_decisions_total`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+
+from ..sampling_params import SamplingParams
+from .policy import TIER_ORDER, Choice, Policy, PolicySettings
+from .probe import Probe
+from .types import Decision, RoutingHints
+
+
+class AdaptiveRouter:
+    def __init__(self, settings: PolicySettings | None = None) -> None:
+        self.settings = settings or PolicySettings()
+        self.probe = Probe(self.settings)
+        self.decisions: Counter[tuple[str, str]] = Counter()
+        self._bound: tuple[int, Policy, str, dict[str, set[str]]] | None = None
+
+    def _bind(self, deployment) -> tuple[Policy, str, dict[str, set[str]]]:
+        """Per-deployment facts, computed once: the policy, the probe model, the strategies
+        each engine accepts."""
+        if self._bound is None or self._bound[0] != id(deployment):
+            policy = Policy(self.settings, deployment.tier_to_model)
+            if self.settings.probe_model is not None:
+                probe_model = deployment.resolve(self.settings.probe_model)
+            else:  # the cheapest resident tier: its prefill is the cheapest difficulty estimate
+                probe_model = deployment.tier_to_model[next(t for t in TIER_ORDER if t in deployment.tier_to_model)]
+            strategies = {name: _accepted_strategies(core, deployment.engine) for name, core in deployment.cores.items()}
+            self._bound = (id(deployment), policy, probe_model, strategies)
+        return self._bound[1:]
+
+    async def route(
+        self, deployment, prompt_token_ids: list[int], params: SamplingParams, requested: str, hints: RoutingHints,
+    ) -> Decision:
+        policy, probe_model, strategies = self._bind(deployment)
+        pinned = None if requested == "auto" else deployment.resolve(requested)
+        single = len(deployment.cores) == 1
+        if single:
+            pinned = next(iter(deployment.cores))
+        probe_core = deployment.cores[probe_model]
+        # The probe queues FIFO behind the probe engine's waiting requests: with more than a
+        # batch of them it would cost a queue wait, so route on the model-free signals instead.
+        before = deployment.telemetry.snapshot().engines[probe_model]
+        busy = before.num_waiting > before.max_num_seqs
+        probe = await self.probe.run(
+            deployment.engine, probe_core, probe_model, prompt_token_ids, full=pinned is None and not busy,
+        )
+        if busy and pinned is None:
+            probe.errors.append(f"difficulty: skipped, {before.num_waiting} requests wait on {probe_model}")
+        snap = deployment.telemetry.snapshot()
+        n_prompt = len(prompt_token_ids)
+        max_new = params.max_tokens if params.max_tokens is not None else max(probe_core.max_model_len - n_prompt, 1)
+        choice: Choice = policy.decide(
+            probe, snap, pinned=pinned, strategy=hints.strategy, max_latency_ms=hints.max_latency_ms,
+            prompt_tokens=n_prompt, max_new_tokens=max_new, n=params.n, strategies=strategies,
+        )
+        if single and requested == "auto":
+            choice.reason = "single_model"
+        deployment.telemetry.note_routed(choice.model, n_prompt, params.n)
+        self.decisions[(choice.tier, choice.reason)] += 1
+        return Decision(
+            model=choice.model, tier=choice.tier, strategy=choice.strategy, reason=choice.reason,
+            probe=probe.to_json(),
+            extra={
+                "steps": choice.steps,
+                "score": None if choice.score is None else round(choice.score, 4),
+                "estimated_latency_ms": {t: round(v, 2) for t, v in choice.estimates_ms.items()},
+                "kv_pressure": {t: round(v, 4) for t, v in choice.kv_pressure.items()},
+            },
+        )
+
+
+def _accepted_strategies(core, engine) -> set[str]:
+    """What `auto` may pick on this engine: `plain` always; `pld` where the core and the async
+    front take `strategy=` and speculation is on (num_speculative_tokens > 0); `draft` where,
+    in addition, a draft model is attached to the core."""
+    def takes(fn) -> bool:
+        try:
+            return "strategy" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            return False
+
+    spec = getattr(core, "spec", None)
+    if spec is None or not (takes(core.add_request) and takes(engine.add_request)):
+        return {"plain"}
+    return {"plain", "pld"} | ({"draft"} if getattr(spec, "draft", None) is not None else set())

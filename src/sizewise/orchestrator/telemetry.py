@@ -1,0 +1,306 @@
+"""Live telemetry of the co-resident engines and their shared device.
+
+`Telemetry.on_step` is an `AsyncEngine.step_listeners` hook: the engine's one worker thread
+calls it after every step of every core with `(core_name, core, outputs, seconds)`. Because
+that thread steps the cores one after another (round-robin, never two at once), each step's
+wall time belongs to exactly one model, so bytes moved / step time is that model's achieved
+bandwidth, and the sum of the busy engines' step times is what one turn of the worker costs
+every request in flight (the policy's latency estimate uses both).
+
+Kept per engine (exponential moving averages, weight `alpha` for the newest step):
+  * step time and a two-point linear cost model, step seconds ~ fixed + per_token * tokens
+    (one centroid for small, decode-like steps and one for large, prefill-like steps);
+  * bytes moved per step (weights + KV read, `EngineStats.last_step_bytes`), achieved
+    bandwidth (EMA bytes / EMA seconds) and its ratio to the device's peak;
+  * prompt and output tokens per finished request; speculative acceptance where the engine
+    reports draft / accepted counters.
+Read live at snapshot time: running / waiting counts and KV blocks used / total.
+
+`snapshot()` is what the policy reads (per request, cheap) and what the server's Prometheus
+gauges read at scrape time (`device=True` adds device memory and vendor counters).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from ..engine.core import EngineCore
+from ..platform import Platform
+
+PROBE_PREFIX = "sizewise-probe-"  # request ids of the orchestrator's own probes (not traffic)
+_SMALL_STEP_TOKENS = 32  # steps with at most this many tokens feed the decode-like centroid
+_TRACKED_REQUESTS = 4096  # bound on per-request bookkeeping (aborted requests never finish)
+_DEVICE_REFRESH_S = 1.0  # vendor counters (npu-smi is a subprocess) at most once a second
+
+
+class _Ema:
+    __slots__ = ("alpha", "value")
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+        self.value: float | None = None
+
+    def update(self, x: float) -> None:
+        self.value = x if self.value is None else (1 - self.alpha) * self.value + self.alpha * x
+
+    def get(self, default: float = 0.0) -> float:
+        return default if self.value is None else self.value
+
+
+@dataclass(slots=True)
+class _EngineState:
+    tier: str
+    step_s: _Ema
+    bytes: _Ema
+    small_x: _Ema
+    small_y: _Ema
+    large_x: _Ema
+    large_y: _Ema
+    prompt_tokens: _Ema
+    output_tokens: _Ema
+    num_steps: int = 0
+    last_step_time: float = 0.0
+    requests: OrderedDict = field(default_factory=OrderedDict)  # request id -> output tokens so far
+    spec_last: dict = field(default_factory=dict)  # strategy -> (draft, accepted) at the last step
+    spec_rate: dict = field(default_factory=dict)  # strategy -> _Ema of accepted / draft
+    pending: int = 0  # routed here but not yet visible in the engine's queues
+    pending_tokens: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class EngineTelemetry:
+    """One engine at one moment (a copy: safe to read on any thread)."""
+
+    name: str
+    tier: str
+    weight_bytes: int
+    kv_bytes_per_token: int
+    block_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    num_running: int
+    num_waiting: int  # includes requests routed here that the worker has not admitted yet
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_steps: int
+    step_seconds: float  # EMA of wall time per step
+    step_fixed_seconds: float  # cost model: step seconds ~ fixed + per_token * tokens
+    step_seconds_per_token: float
+    bytes_per_step: float  # EMA of weights + KV bytes read per step
+    achieved_bandwidth: float  # bytes / s while stepping
+    bandwidth_utilization: float  # achieved / device peak
+    avg_prompt_tokens: float
+    avg_output_tokens: float
+    spec_acceptance: dict[str, float]  # strategy -> accepted / proposed (measured only)
+    calibrated: bool  # False: no step seen yet, the cost model is the roofline guess
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self.num_running + self.num_waiting > 0
+
+    def step_cost(self, tokens: float) -> float:
+        """Estimated seconds of one step of this engine that processes `tokens` tokens."""
+        return self.step_fixed_seconds + self.step_seconds_per_token * max(tokens, 1.0)
+
+
+@dataclass(slots=True, frozen=True)
+class TelemetrySnapshot:
+    engines: dict[str, EngineTelemetry]
+    peak_bandwidth: float  # bytes / s (measured copy or configured)
+    achieved_bandwidth: float  # all engines' bytes / all engines' step time (EMA)
+    bandwidth_utilization: float
+    device_memory_used_bytes: int | None = None  # device-wide (RAM on CPU); only with device=True
+    device_memory_total_bytes: int | None = None
+    device_counters: dict[str, float] = field(default_factory=dict)  # NVML / npu-smi cross-check
+    time: float = 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "peak_bandwidth": self.peak_bandwidth,
+            "achieved_bandwidth": self.achieved_bandwidth,
+            "bandwidth_utilization": self.bandwidth_utilization,
+            "device_memory_used_bytes": self.device_memory_used_bytes,
+            "device_memory_total_bytes": self.device_memory_total_bytes,
+            "device_counters": dict(self.device_counters),
+            "engines": {
+                n: {f: getattr(e, f) for f in EngineTelemetry.__dataclass_fields__} | {"kv_usage": e.kv_usage}
+                for n, e in self.engines.items()
+            },
+        }
+
+
+class Telemetry:
+    def __init__(
+        self,
+        cores: dict[str, EngineCore],
+        tiers: dict[str, str] | None = None,
+        platform: Platform | None = None,
+        peak_bandwidth: float | None = None,
+        ema_alpha: float = 0.2,
+    ) -> None:
+        if not cores:
+            raise ValueError("telemetry needs at least one engine")
+        if not 0.0 < ema_alpha <= 1.0:
+            raise ValueError(f"ema_alpha must be in (0, 1], got {ema_alpha}")
+        self.cores = dict(cores)
+        self.platform = platform or next(iter(cores.values())).platform
+        # Measured once, before traffic: a copy during serving would compete with the engines.
+        self.peak_bandwidth = float(peak_bandwidth) if peak_bandwidth else self.platform.peak_bandwidth()
+        self.alpha = ema_alpha
+        tiers = tiers or {}
+        ema = lambda: _Ema(ema_alpha)  # noqa: E731
+        self._state = {
+            n: _EngineState(tier=tiers.get(n, n), step_s=ema(), bytes=ema(), small_x=ema(), small_y=ema(),
+                            large_x=ema(), large_y=ema(), prompt_tokens=ema(), output_tokens=ema())
+            for n in self.cores
+        }
+        self._device_s = _Ema(ema_alpha)
+        self._device_bytes = _Ema(ema_alpha)
+        self._lock = threading.Lock()
+        self._device_cache: tuple[float, dict[str, float]] = (-math.inf, {})
+
+    def attach(self, engine) -> None:
+        """Register on an AsyncEngine (its worker thread calls `on_step`)."""
+        if self.on_step not in engine.step_listeners:
+            engine.step_listeners.append(self.on_step)
+
+    # ----- worker thread ----------------------------------------------------------------
+    def on_step(self, name: str, core: EngineCore, outputs, seconds: float) -> None:
+        st = self._state.get(name)
+        if st is None:
+            return
+        stats = core.stats()
+        ntok = max(stats.last_step_num_tokens, 1)
+        with self._lock:
+            st.num_steps += 1
+            st.last_step_time = time.monotonic()
+            st.pending = st.pending_tokens = 0  # the worker drained its inbox before this step
+            st.step_s.update(seconds)
+            st.bytes.update(stats.last_step_bytes)
+            self._device_s.update(seconds)
+            self._device_bytes.update(stats.last_step_bytes)
+            if ntok <= _SMALL_STEP_TOKENS:
+                st.small_x.update(ntok)
+                st.small_y.update(seconds)
+            else:
+                st.large_x.update(ntok)
+                st.large_y.update(seconds)
+            for out in outputs:
+                rid = out.request_id
+                if rid.startswith(PROBE_PREFIX):
+                    continue
+                if rid not in st.requests:
+                    st.prompt_tokens.update(len(out.prompt_token_ids))
+                    st.requests[rid] = 0
+                    if len(st.requests) > _TRACKED_REQUESTS:
+                        st.requests.popitem(last=False)
+                st.requests[rid] += sum(len(o.token_ids) for o in out.outputs)
+                if out.finished:
+                    nseq = max(len({o.index for o in out.outputs}), 1)
+                    st.output_tokens.update(st.requests.pop(rid) / nseq)
+            self._update_spec(st, stats)
+
+    @staticmethod
+    def _update_spec(st: _EngineState, stats) -> None:
+        # The speculative engine reports cumulative proposed / accepted token counters, either
+        # as ints or per strategy; read defensively so telemetry works before and after it lands.
+        draft = getattr(stats, "spec_draft_tokens", None)
+        acc = getattr(stats, "spec_accepted_tokens", None)
+        if draft is None or acc is None:
+            return
+        if not isinstance(draft, dict):
+            draft, acc = {"spec": draft}, {"spec": acc}
+        for strat, d in draft.items():
+            a = acc.get(strat, 0)
+            d0, a0 = st.spec_last.get(strat, (0, 0))
+            st.spec_last[strat] = (d, a)
+            if d > d0:
+                st.spec_rate.setdefault(strat, _Ema(st.step_s.alpha)).update((a - a0) / (d - d0))
+
+    # ----- event loop side ---------------------------------------------------------------
+    def note_routed(self, name: str, prompt_tokens: int, n: int = 1) -> None:
+        """A request was just sent to `name`; count it as waiting until the worker's next step
+        there, so a burst of arrivals between two steps does not all see an empty queue."""
+        st = self._state.get(name)
+        if st is not None:
+            with self._lock:
+                st.pending += n
+                st.pending_tokens += prompt_tokens * n
+
+    def snapshot(self, device: bool = False) -> TelemetrySnapshot:
+        engines = {}
+        with self._lock:
+            for name, core in self.cores.items():
+                engines[name] = self._engine(name, core, self._state[name])
+            dev_s, dev_b = self._device_s.get(), self._device_bytes.get()
+        achieved = dev_b / dev_s if dev_s > 0 else 0.0
+        snap = dict(
+            engines=engines, peak_bandwidth=self.peak_bandwidth, achieved_bandwidth=achieved,
+            bandwidth_utilization=achieved / self.peak_bandwidth if self.peak_bandwidth else 0.0,
+            time=time.time(),
+        )
+        if device:
+            mem = self.platform.memory_info()
+            snap.update(
+                device_memory_used_bytes=mem.total_bytes - mem.free_bytes,
+                device_memory_total_bytes=mem.total_bytes,
+                device_counters=self._device_counters(),
+            )
+        return TelemetrySnapshot(**snap)
+
+    def _engine(self, name: str, core: EngineCore, st: _EngineState) -> EngineTelemetry:
+        # Live counters (cheap reads of lengths; the worker thread mutates them under the GIL).
+        stats = core.stats()
+        step_s = st.step_s.get()
+        byts = st.bytes.get()
+        kvpt = core.model_config.kv_bytes_per_token(core.dtype)
+        fixed, per_tok = self._cost_model(st, core)
+        achieved = byts / step_s if step_s > 0 else 0.0
+        return EngineTelemetry(
+            name=name, tier=st.tier, weight_bytes=core.weight_bytes, kv_bytes_per_token=kvpt,
+            block_size=core.block_size, max_num_seqs=core.config.max_num_seqs,
+            max_num_batched_tokens=core.config.max_num_batched_tokens, max_model_len=core.max_model_len,
+            num_running=stats.num_running, num_waiting=stats.num_waiting + st.pending,
+            kv_blocks_used=stats.kv_blocks_used, kv_blocks_total=stats.kv_blocks_total,
+            num_steps=st.num_steps, step_seconds=step_s, step_fixed_seconds=fixed, step_seconds_per_token=per_tok,
+            bytes_per_step=byts, achieved_bandwidth=achieved,
+            bandwidth_utilization=achieved / self.peak_bandwidth if self.peak_bandwidth else 0.0,
+            avg_prompt_tokens=st.prompt_tokens.get(0.0), avg_output_tokens=st.output_tokens.get(0.0),
+            spec_acceptance={k: e.get() for k, e in st.spec_rate.items()},
+            calibrated=st.num_steps > 0,
+        )
+
+    def _cost_model(self, st: _EngineState, core: EngineCore) -> tuple[float, float]:
+        """(fixed seconds, seconds per token) of one step: a line through the decode-like and
+        the prefill-like centroid; with one centroid, cost grows in proportion beyond it; with
+        none, the bandwidth roofline (weights once per step) split the same way."""
+        xs, ys, xl, yl = st.small_x.value, st.small_y.value, st.large_x.value, st.large_y.value
+        if xs is not None and xl is not None and xl > xs:
+            slope = max((yl - ys) / (xl - xs), 0.0)
+            return max(ys - slope * xs, 0.0), slope
+        if xs is None and xl is None:
+            fixed = core.weight_bytes / self.peak_bandwidth if self.peak_bandwidth else 0.0
+            return fixed, fixed / _SMALL_STEP_TOKENS
+        x, y = (xs, ys) if xs is not None else (xl, yl)
+        # Half the observed cost fixed, half per token: a neutral guess until both kinds are seen.
+        return y / 2, y / (2 * max(x, 1.0))
+
+    def _device_counters(self) -> dict[str, float]:
+        t, cached = self._device_cache
+        now = time.monotonic()
+        if now - t >= _DEVICE_REFRESH_S:
+            try:
+                cached = dict(self.platform.device_counters())
+            except Exception:  # noqa: BLE001 - a cross-check, never required
+                cached = {}
+            self._device_cache = (now, cached)
+        return cached

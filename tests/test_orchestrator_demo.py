@@ -1,0 +1,46 @@
+"""On the trained demo family (models/demo, configs/demo.yaml with its calibrated policy): an easy,
+copy-like prompt goes to the small model and a hard held-out prose prompt does not, because the
+small model really finds the one easy and the other hard; the three tiers really differ."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sizewise import SamplingParams, demo
+from sizewise.orchestrator.deployment import Deployment, DeploymentConfig
+from sizewise.orchestrator.router import AdaptiveRouter
+from sizewise.orchestrator.types import RoutingHints
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def dep():
+    cfg = DeploymentConfig.from_yaml(CONFIG)
+    # the demo config's own policy; a small engine footprint keeps the test lean
+    cfg = cfg.model_copy(update={"memory_fraction": 0.05,
+                                 "engine": cfg.engine.model_copy(update={"max_num_seqs": 8, "max_model_len": 512})})
+    d = Deployment.load(cfg, echo_plan=False)
+    yield d
+    d.shutdown()
+
+
+async def test_demo_config_routes_adaptively(dep):
+    assert dep.config.policy.router == "adaptive" and isinstance(dep.router, AdaptiveRouter)
+    assert set(dep.tier_to_model) == {"small", "medium", "large"}
+
+
+async def test_copy_like_and_hard_prose_prompts_get_different_tiers(dep):
+    tok = dep.tokenizer()
+    copy = tok.encode("import os\nimport sys\n\n\ndef main():\n    print(os.getcwd())\n" * 4, add_special_tokens=False)
+    topics = demo.prose_topics()
+    key = next(k for k in demo.split().held_out_prose if len(topics[k]) > 1500)
+    prose = tok.encode(topics[key][:800], add_special_tokens=False)
+    params = SamplingParams(max_tokens=16)
+    dc = await dep.route(copy, params, "auto", RoutingHints())
+    dp = await dep.route(prose, params, "auto", RoutingHints())
+    assert dc.probe["difficulty"] < dp.probe["difficulty"]
+    assert dc.probe["copyability"] > dp.probe["copyability"]
+    assert dc.tier == "small" and dp.tier != "small", (dc.to_json(), dp.to_json())

@@ -1,0 +1,239 @@
+"""The adaptive router end to end on co-resident tiny checkpoints: the probe runs on the small
+engine and its prefill is reused, decisions are explained and counted, telemetry agrees with
+the engines' own counters, bad input gets a clear error while others keep being served."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sizewise import InvalidRequestError, SamplingParams
+from sizewise.orchestrator.deployment import Deployment, DeploymentConfig, UnknownModelError
+from sizewise.orchestrator.policy import PolicySettings
+from sizewise.orchestrator.router import AdaptiveRouter
+from sizewise.orchestrator.types import RoutingHints
+
+TIERS = {"small": "llama", "medium": "qwen2", "large": "mistral"}
+CODE = "def add(a, b):\n    return a + b\n"
+PROSE = "The quick brown fox jumps over the lazy dog. "
+
+
+@pytest.fixture(scope="module")
+def dep(checkpoints):
+    cfg = DeploymentConfig.model_validate(dict(
+        device="cpu", memory_fraction=0.01,
+        models=[dict(name=f"m-{t}", tier=t, path=str(checkpoints[f])) for t, f in TIERS.items()],
+        engine=dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=256, block_size=16, enforce_eager=True),
+        policy=dict(router="adaptive"),
+    ))
+    d = Deployment.load(cfg, echo_plan=False)
+    yield d
+    d.shutdown()
+
+
+def router(**kw) -> AdaptiveRouter:
+    return AdaptiveRouter(PolicySettings(**kw))
+
+
+async def serve(dep, rid: str, ids: list[int], params: SamplingParams, model: str) -> list[int]:
+    out: list[int] = []
+    async for delta in await dep.engine.add_request(rid, ids, params, core=model):
+        for o in delta.outputs:
+            out.extend(o.token_ids)
+    return out
+
+
+async def test_config_selects_the_adaptive_router_and_decisions_are_explained(dep):
+    assert isinstance(dep.router, AdaptiveRouter)
+    ids = dep.tokenizer().encode(PROSE * 3)
+    d = await dep.route(ids, SamplingParams(max_tokens=4), "auto", RoutingHints())
+    assert d.model in dep.cores and dep.model_to_tier[d.model] == d.tier
+    assert d.probe["copyability"] > 0.5 and d.strategy == "pld"  # repeated text, idle engine: lookup pays
+    assert d.reason.startswith("probe:")
+    p = d.probe
+    assert p["probe_model"] == "m-small" and p["prompt_tokens"] == len(ids)
+    assert p["difficulty_tokens"] == len(ids) - 1 and p["difficulty"] > 0
+    assert p["intent"] in ("code", "math", "knowledge", "chat") and p["ms"] > 0
+    assert set(d.extra["estimated_latency_ms"]) == set(TIERS)
+    assert dep.router.decisions[(d.tier, d.reason)] >= 1
+    assert d.to_json()["probe"] == p
+
+
+async def test_probe_difficulty_equals_the_small_models_prompt_nll(dep, checkpoints):
+    import torch
+    import transformers
+
+    ids = dep.tokenizer().encode(CODE + PROSE)
+    d = await router().route(dep, ids, SamplingParams(max_tokens=1), "auto", RoutingHints())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoints["llama"])).eval()
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids])).logits[0, :-1].float()
+    ref = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).item()
+    assert d.probe["difficulty"] == pytest.approx(ref, abs=1e-3)
+
+
+async def test_probe_prefill_is_reused_when_the_small_model_serves(dep, checkpoints):
+    small = dep.cores["m-small"]
+    ids = dep.tokenizer().encode((PROSE + CODE) * 3)[:70]  # 4 full blocks of 16 + 6
+    assert len(ids) == 70
+    easy = router(max_difficulty_small=100.0)  # everything is "easy": the small model serves
+    before = small.stats().prefix_cache_hit_tokens
+    d = await easy.route(dep, ids, SamplingParams(max_tokens=6, temperature=0.0), "auto", RoutingHints())
+    assert (d.tier, d.reason) == ("small", "probe:easy")
+    # the probe itself (prompt_logprobs) looked nothing up...
+    assert small.stats().prefix_cache_hit_tokens == before
+    got = await serve(dep, "reuse-1", ids, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), d.model)
+    # ...but registered its blocks: the request's prefill hits every full block but the last token's
+    assert small.stats().prefix_cache_hit_tokens - before == 64
+    # and the reused KV gives the same tokens as the model alone
+    from sizewise import LLM
+
+    alone = LLM(checkpoints["llama"], device="cpu", max_model_len=256, enforce_eager=True, enable_prefix_caching=False)
+    ref = alone.generate([ids], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0].outputs[0].token_ids
+    assert got == ref
+
+
+async def test_prompt_logprob_requests_skip_lookups_but_register_blocks(dep):
+    core = dep.cores["m-medium"]
+    ids = dep.tokenizer().encode(CODE * 3)[:40]  # 2 full blocks + 8
+    plp = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    h0 = core.stats().prefix_cache_hit_tokens
+    await serve(dep, "plp-1", ids, plp, "m-medium")
+    await serve(dep, "plp-2", ids, plp, "m-medium")
+    assert core.stats().prefix_cache_hit_tokens == h0
+    await serve(dep, "plp-3", ids, SamplingParams(max_tokens=1), "m-medium")
+    assert core.stats().prefix_cache_hit_tokens - h0 == 32
+
+
+async def test_copy_like_and_prose_prompts_get_different_tiers(dep):
+    # Random-weight models find every prompt equally hard, so here the copyability discount is
+    # what separates them (the demo-family test checks real difficulty).
+    r = router(max_difficulty_small=3.0, max_difficulty_medium=5.0, copy_weight=4.0)
+    tok = dep.tokenizer()
+    copy = tok.encode("x = [1, 2, 3]\n" * 12)
+    prose = tok.encode("Jackdaws love my big sphinx of quartz; waltz, nymph, for quick jigs vex Bud.")
+    dc = await r.route(dep, copy, SamplingParams(max_tokens=8), "auto", RoutingHints())
+    dp = await r.route(dep, prose, SamplingParams(max_tokens=8), "auto", RoutingHints())
+    assert dc.probe["copyability"] > 0.7 > 0.2 > dp.probe["copyability"]
+    assert (dc.tier, dp.tier) == ("small", "large")
+
+
+async def test_pinned_requests_skip_the_model_probe_and_are_served_where_pinned(dep):
+    small = dep.cores["m-small"]
+    steps = small.stats().num_steps
+    ids = dep.tokenizer().encode(PROSE)
+    for requested, model in (("large", "m-large"), ("m-medium", "m-medium"), ("small", "m-small")):
+        d = await dep.route(ids, SamplingParams(max_tokens=2), requested, RoutingHints(max_latency_ms=0.001))
+        assert (d.model, d.reason) == (model, "pinned")
+        assert d.probe["probe_model"] is None and d.probe["difficulty"] is None
+    assert small.stats().num_steps == steps  # no probe prefill ran
+
+
+async def test_bad_input_gets_a_clear_error_and_others_are_still_served(dep):
+    tok = dep.tokenizer()
+    with pytest.raises(UnknownModelError, match="'huge' does not exist"):
+        await dep.route([1, 2, 3], SamplingParams(), "huge", RoutingHints())
+    bad = tok.encode(PROSE) + [10**6]
+    d = await dep.route(bad, SamplingParams(max_tokens=2), "auto", RoutingHints())  # the probe fails softly
+    assert any("outside the vocabulary" in e for e in d.probe["errors"])
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary") as ei:
+        await dep.engine.add_request("bad-1", bad, SamplingParams(max_tokens=2), core=d.model)
+    assert ei.value.param == "prompt"
+    too_long = tok.encode(PROSE * 40)[:300]  # over every model's 256-token context
+    d = await dep.route(too_long, SamplingParams(max_tokens=2), "auto", RoutingHints())
+    assert d.probe["difficulty_tokens"] == 254  # the probe reads what fits
+    with pytest.raises(InvalidRequestError, match="context length is 256"):
+        await dep.engine.add_request("long-1", too_long, SamplingParams(max_tokens=2), core=d.model)
+    ids = tok.encode(CODE)
+    d = await dep.route(ids, SamplingParams(max_tokens=3), "auto", RoutingHints())
+    assert len(await serve(dep, "after-bad", ids, SamplingParams(max_tokens=3, ignore_eos=True), d.model)) == 3
+
+
+async def test_telemetry_agrees_with_the_engines(dep):
+    from sizewise.orchestrator.telemetry import Telemetry
+
+    async def settle(tel, base):
+        # Finished deltas are delivered before the worker calls the step listeners: wait for them.
+        for _ in range(500):
+            snap = tel.snapshot()
+            if all(snap.engines[n].num_steps == c.stats().num_steps - base[n] for n, c in dep.cores.items()):
+                return
+            await asyncio.sleep(0.01)
+
+    await settle(dep.telemetry, {n: 0 for n in dep.cores})  # the deployment's own listener saw all
+    fresh = Telemetry(dep.cores, dep.model_to_tier)  # a second listener, from an empty history
+    fresh.attach(dep.engine)
+    steps0 = {n: c.stats().num_steps for n, c in dep.cores.items()}
+    tok = dep.tokenizer()
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    try:
+        await asyncio.gather(*(serve(dep, f"tel-{m}-{i}", tok.encode(PROSE * (i + 1)), params, m)
+                               for m in dep.cores for i in range(2)))
+        await settle(fresh, steps0)
+    finally:
+        dep.engine.step_listeners.remove(fresh.on_step)
+    snap = fresh.snapshot(device=True)
+    assert snap.peak_bandwidth == dep.telemetry.peak_bandwidth > 1e8  # measured once per platform
+    assert dep.telemetry.snapshot().engines["m-small"].num_steps >= snap.engines["m-small"].num_steps
+    for name, core in dep.cores.items():
+        e, st = snap.engines[name], core.stats()
+        assert e.num_steps == st.num_steps - steps0[name]  # the listener saw every step
+        assert (e.kv_blocks_total, e.kv_blocks_used, e.num_running) == (dep.plan.model(name).num_blocks, 0, 0)
+        assert e.bytes_per_step >= core.weight_bytes  # weights stream once per step, plus KV
+        assert e.achieved_bandwidth == pytest.approx(e.bytes_per_step / e.step_seconds)
+        assert e.bandwidth_utilization == pytest.approx(e.achieved_bandwidth / snap.peak_bandwidth)
+        assert e.avg_output_tokens == pytest.approx(5.0)
+        assert e.calibrated and e.step_fixed_seconds >= 0 and e.step_seconds_per_token >= 0
+    assert 0 < snap.device_memory_used_bytes < snap.device_memory_total_bytes
+    assert snap.achieved_bandwidth > 0
+
+
+async def test_auto_strategies_are_servable_and_lossless(dep):
+    """What `auto` picks (pld for copyable prompts; draft, when allowed, for larger tiers with the
+    small model attached as draft) is accepted by the engine and gives plain greedy's tokens."""
+    tok = dep.tokenizer()
+    r = router(max_difficulty_small=0.0, max_difficulty_medium=0.0, allow_draft=True, pld_min_copyability=0.5)
+    cases = [tok.encode("x = [1, 2, 3]\n" * 8), tok.encode("Jackdaws love my big sphinx of quartz.")]
+    want = []
+    for i, ids in enumerate(cases):
+        d = await r.route(dep, ids, SamplingParams(max_tokens=8), "auto", RoutingHints())
+        want.append(d.strategy)
+        greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        plain = await serve(dep, f"strat-plain-{i}", ids, greedy, d.model)
+        got = []
+        async for delta in await dep.engine.add_request(f"strat-{i}", ids, greedy, core=d.model, strategy=d.strategy):
+            for o in delta.outputs:
+                got.extend(o.token_ids)
+        assert got == plain
+    assert want == ["pld", "draft"]
+
+
+async def test_zero_shot_intent_equals_label_likelihoods_under_transformers(dep, checkpoints):
+    import math
+
+    import torch
+    import transformers
+
+    from sizewise.orchestrator.probe import _ZERO_SHOT_LABELS, _ZERO_SHOT_TEMPLATE
+
+    tok = dep.tokenizer()
+    text = "for i in range(10):\n    print(i)\n"
+    ids = tok.encode(text)
+    d = await router(intent_mode="zero_shot").route(dep, ids, SamplingParams(max_tokens=2), "auto", RoutingHints())
+    p = d.probe
+    assert p["intent_source"] == "zero_shot", p.get("errors")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoints["llama"])).eval()
+    body = tok.decode(tok.encode(tok.decode(ids, skip_special_tokens=True), add_special_tokens=False))  # < 96 tokens
+    head = tok.encode(_ZERO_SHOT_TEMPLATE.format(text=body), add_special_tokens=False)
+    lps = {}
+    with torch.no_grad():
+        for k, w in _ZERO_SHOT_LABELS.items():
+            lab = tok.encode(w, add_special_tokens=False)
+            x = torch.tensor([head + lab])
+            lp = torch.log_softmax(hf(x).logits[0].float(), -1)
+            lps[k] = sum(lp[len(head) - 1 + j, t].item() for j, t in enumerate(lab))
+    z = sum(math.exp(v) for v in lps.values())
+    for k in lps:
+        assert p["intent_scores"][k] == pytest.approx(math.exp(lps[k]) / z, abs=1e-3)
+    assert p["intent"] == max(lps, key=lps.get)

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test serve bench train-demo clean
+.PHONY: venv prometheus test serve bench train-demo clean
 
 venv: $(STAMP)
 
@@ -17,7 +17,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-test: venv
+# The metrics tests scrape a live server with a real Prometheus (Debian's package; root + apt).
+prometheus:
+	sh scripts/ensure_prometheus.sh
+
+test: venv prometheus
 	$(PY) -m pytest -q tests
 
 serve: venv

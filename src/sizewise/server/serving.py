@@ -237,7 +237,6 @@ class Serving:
         except Exception:  # noqa: BLE001 - a missing device counter must not break the scrape
             log.debug("device memory info unavailable", exc_info=True)
 
-
     def _follow(self, counter, key: tuple[str, ...], total: int) -> None:
         """Make `counter` follow a running total the engine keeps: add the growth since the last
         scrape (a total that went down means the engine restarted its count). The child is created

@@ -144,6 +144,7 @@ def bench_workloads(llm: LLM, prompts: dict[str, list[list[int]]], strategies: l
                 "decode_tok_s": (ntok[s] - len(plist)) / dec if dec > 0 else None,
                 "e2e_tok_s": ntok[s] / wall,
                 "acceptance": accepted / drafted if drafted else None,
+                "mean_accepted": accepted / steps if steps else None,  # accepted proposals per verification
                 "mean_tokens_per_verify": (accepted + steps) / steps if steps else None,
                 "verify_steps": steps,
                 "identical": identical[s] if sp.greedy else None,
@@ -196,6 +197,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--mixed-batch", type=int, nargs="*", default=[4, 8, 16],
                     help="batch sizes of the split / padded comparison (none: skip)")
+    ap.add_argument("--mixed-repeats", type=int, default=None, help="repeats there (default: --repeats)")
+    ap.add_argument("--skip-workloads", action="store_true", help="only the split / padded comparison")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/speculative.json")
     args = ap.parse_args()
@@ -222,12 +225,15 @@ def main() -> None:
     print(f"model {args.model} (draft {draft_name}), k={args.k}, lookup n={args.lookup_min}..{args.lookup_max}, "
           f"{torch.get_num_threads()} threads, {args.max_tokens} tokens/prompt, best of {args.repeats}")
     print("prompt tokens:", {wl: [len(p) for p in ps] for wl, ps in prompts.items()})
-    rows = bench_workloads(llm, prompts, strategies, args.max_tokens, args.repeats)
-    print_table(rows, ["workload", "strategy", "tokens", "decode_tok_s", "e2e_tok_s", "speedup", "acceptance",
-                       "mean_tokens_per_verify", "verify_steps", "identical"])
+    rows = []
+    if not args.skip_workloads:
+        rows = bench_workloads(llm, prompts, strategies, args.max_tokens, args.repeats)
+        print_table(rows, ["workload", "strategy", "tokens", "decode_tok_s", "e2e_tok_s", "speedup", "acceptance",
+                           "mean_accepted", "mean_tokens_per_verify", "verify_steps", "identical"])
     mixed = []
     if args.mixed_batch:
-        mixed = bench_mixed(args.model, cfg, prompts, args.max_tokens // 2, args.repeats, args.mixed_batch)
+        mixed = bench_mixed(args.model, cfg, prompts, args.max_tokens // 2, args.mixed_repeats or args.repeats,
+                            args.mixed_batch)
         print()
         print_table(mixed, ["batch", "pld_rows", "mode", "tokens", "tok_s", "vs_split"])
     save_json(args.out, {

@@ -6,6 +6,7 @@ distribution and against plain decoding); stops cut accepted runs exactly; a mod
 
 from __future__ import annotations
 
+import asyncio
 import math
 import shutil
 from pathlib import Path
@@ -449,3 +450,31 @@ async def test_async_engine_passes_the_strategy_through(llama_dir):
         assert engine.stats()["m"].spec_draft_tokens["pld"] == last.outputs[0].num_draft_tokens
     finally:
         engine.shutdown()
+
+
+async def test_draft_core_serves_its_own_requests_while_drafting(llama_dir, drafts):
+    """The orchestrator lets the small tier draft for the large one while it serves requests of
+    its own: both cores in one AsyncEngine, results exact on both."""
+    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    ref_target = tokens(LLM(llama_dir, **ENGINE).generate(PROMPTS, sp))
+    ref_draft = tokens(LLM(drafts["llama"], **ENGINE).generate(PROMPTS, sp))
+    target = EngineCore(llama_dir, EngineConfig(**ENGINE), name="target")
+    draft = EngineCore(drafts["llama"], EngineConfig(**ENGINE), name="draft")
+    target.attach_draft(draft)
+    engine = AsyncEngine({"target": target, "draft": draft})
+
+    async def run(rid: str, prompt: list[int], core: str, strategy: str) -> list[int]:
+        got: list[int] = []
+        async for out in await engine.add_request(rid, prompt, sp, core=core, strategy=strategy):
+            got += out.outputs[0].token_ids if out.outputs else []
+        return got
+
+    try:
+        jobs = [run(f"t{i}", p, "target", "draft") for i, p in enumerate(PROMPTS)]
+        jobs += [run(f"d{i}", p, "draft", s) for i, (p, s) in enumerate(zip(PROMPTS, ["plain", "pld", "plain"]))]
+        results = await asyncio.gather(*jobs)
+    finally:
+        engine.shutdown()
+    assert results[:3] == ref_target and results[3:] == ref_draft
+    assert target.stats().spec_accepted_tokens["draft"] > 0
+    assert target.block_manager.num_used_blocks == 0 and draft.block_manager.num_used_blocks == 0

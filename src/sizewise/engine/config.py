@@ -24,5 +24,5 @@ class EngineConfig:
     prompt_lookup_max: int = 3  # longest suffix n-gram looked up in prompt + output
     prompt_lookup_min: int = 2  # shortest
     # how plain rows share a step with verify rows: split (Q=1 and Q=k+1 forwards), padded (plain rows
-    # join the Q=k+1 forward as empty proposals), auto (padded while that forward is small)
+    # join the Q=k+1 forward as empty proposals), auto (padded while few positions are wasted)
     spec_batching: str = "auto"

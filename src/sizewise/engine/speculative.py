@@ -54,10 +54,12 @@ STRATEGIES = ("plain", "pld", "draft", "auto")
 PROPOSERS = ("pld", "draft")  # the keys of the per-core counters ("auto" proposes with pld)
 BATCHING = ("split", "padded", "auto")
 # spec_batching="auto": plain rows ride along in the verify forward (one forward per step instead
-# of two) while the padded forward stays this small; beyond it the k wasted positions per plain
-# row cost more than the second forward saves (CPU crossover measured at ~8-12 rows of k+1 = 5,
-# benchmarks/speculative.py; a memory-bound accelerator step stays flat much longer).
-PADDED_MAX_TOKENS = 40
+# of two) while the positions they waste (k per plain row) stay this few; beyond that the wasted
+# compute costs more than the second forward's overhead saves. Measured on CPU with the demo
+# small / medium tiers (benchmarks/speculative.py, batches 4-16): padded won up to ~16 wasted
+# positions and lost 10-17% beyond ~28. A memory-bound accelerator step stays flat much longer,
+# so there this is conservative.
+PADDED_MAX_WASTE = 16
 MAX_SPEC_TOKENS = 15  # Ascend's fused attention caps the per-sequence query length at 16
 _EMA_ALPHA = 0.05  # per-core acceptance-rate EMA, one update per verify step and proposer
 _DRAFT_SEED_SALT = 0x5DEECE66D  # seeded draft sampling must not share the target's RNG stream
@@ -337,7 +339,7 @@ class SpeculativeDecoder:
         ids = {id(r.seq) for r in chosen}
         sched.decodes = [s for s in sched.decodes if id(s) not in ids]
         padded = self.batching == "padded" or (
-            self.batching == "auto" and (len(chosen) + len(sched.decodes)) * (self.k + 1) <= PADDED_MAX_TOKENS
+            self.batching == "auto" and len(sched.decodes) * self.k <= PADDED_MAX_WASTE
         )
         if padded and sched.decodes and not sched.prefills:
             # Plain rows ride along with m = 0 (exactly a plain decode) so the step is one forward.
@@ -353,6 +355,8 @@ class SpeculativeDecoder:
         bm = draft.block_manager
         runner = draft.runner
         active: list[tuple[Sequence, Sequence, int]] = []  # (target, shadow, limit)
+        # The draft core may serve requests of its own: leave a block per running sequence of it.
+        reserve = len(draft.scheduler.running)
         # The draft's decode batch must fit its own largest (graph) bucket; the rest decode plainly.
         for seq, limit in items[: draft.config.max_num_seqs]:
             if seq.num_tokens + self.k > draft.max_model_len:
@@ -361,7 +365,7 @@ class SpeculativeDecoder:
             d = st.draft_seq
             if d is None:
                 d = self._new_shadow(seq)
-                if not bm.can_allocate(d):
+                if not bm.can_allocate(d, reserve=reserve):
                     continue
                 bm.allocate(d, use_prefix_cache=True)
                 st.draft_seq = d
@@ -369,7 +373,7 @@ class SpeculativeDecoder:
                 d.token_ids.extend(seq.token_ids[d.num_tokens:])
             # room for the catch-up tokens plus the limit-1 proposals whose K/V the draft writes
             need_tokens = seq.num_tokens + limit - 1 - d.num_cached_tokens
-            if not bm.can_append(d, need_tokens):
+            if bm._extra_blocks(d, need_tokens) + reserve > bm.num_free_blocks:
                 continue
             bm.append_slots(d, need_tokens)
             active.append((seq, d, limit))

@@ -10,11 +10,10 @@ from fastapi.responses import JSONResponse
 
 from ..sampling_params import InvalidRequestError, SamplingParams
 from . import protocol as P
-from .errors import to_api_error
-from .formatting import SSE_DONE, native_logprobs, sse
+from .formatting import native_logprobs, sse
 from .openai_api import _ERRORS, chat_messages
 from .serving import Prompt, Run, Serving, collect_unless_disconnected, finished_outputs, param_names, routing_hints
-from .streaming import EventStream
+from .streaming import EventStream, guarded
 
 
 def _serving(request: Request) -> Serving:
@@ -52,7 +51,7 @@ async def generate(body: P.GenerateRequest, request: Request):
     headers = {"x-sizewise-tier": run.tiers}
     with_lp = params.logprobs is not None
     if body.stream:
-        return EventStream(_generate_stream(serving, run, rid, with_lp), headers, run.close)
+        return EventStream(guarded(_generate_stream(serving, run, rid, with_lp), serving, run, rid), headers, run.close)
     await collect_unless_disconnected(run, request.receive)
     outs = [_output_json(o, with_lp) for _, o in finished_outputs(run)]
     job = run.jobs[0]
@@ -67,21 +66,13 @@ async def generate(body: P.GenerateRequest, request: Request):
 
 
 async def _generate_stream(serving: Serving, run: Run, rid: str, with_lp: bool) -> AsyncIterator[str]:
-    try:
-        async for job, delta in run.events():
-            for o in delta.outputs:
-                event = {"id": rid, **_output_json(o, with_lp), "sizewise": job.decision.to_json()}
-                if delta.prompt_logprobs is not None:
-                    event["prompt_logprobs"] = native_logprobs(delta.prompt_logprobs)
-                yield sse(event)
-        yield sse({"id": rid, "usage": run.usage().to_json(), "sizewise": run.decision_json()})
-    except Exception as e:  # noqa: BLE001 - after the headers, an error can only be an event
-        err = to_api_error(e, rid)
-        serving.record_error(err.status)
-        yield sse(err.body())
-    finally:
-        run.close()
-    yield SSE_DONE
+    async for job, delta in run.events():
+        for o in delta.outputs:
+            event = {"id": rid, **_output_json(o, with_lp), "sizewise": job.decision.to_json()}
+            if delta.prompt_logprobs is not None:
+                event["prompt_logprobs"] = native_logprobs(delta.prompt_logprobs)
+            yield sse(event)
+    yield sse({"id": rid, "usage": run.usage().to_json(), "sizewise": run.decision_json()})
 
 
 async def tokenize(body: P.TokenizeRequest, request: Request):

@@ -11,10 +11,9 @@ from fastapi.responses import JSONResponse
 
 from ..sampling_params import InvalidRequestError, SamplingParams
 from . import protocol as P
-from .errors import to_api_error
-from .formatting import SSE_DONE, CompletionLogprobs, TokenText, chat_logprobs, sse
+from .formatting import CompletionLogprobs, TokenText, chat_logprobs, sse
 from .serving import Prompt, Run, Serving, collect_unless_disconnected, finished_outputs, param_names, routing_hints
-from .streaming import EventStream
+from .streaming import EventStream, guarded
 
 _ERRORS = {
     400: {"model": P.ErrorResponse, "description": "Invalid parameter (named in `error.param`)"},
@@ -94,7 +93,8 @@ async def create_completion(body: P.CompletionRequest, request: Request):
     headers = {"x-sizewise-tier": run.tiers}
     text = TokenText(serving.tokenizer(run.decision.model))
     if body.stream:
-        return EventStream(_completion_stream(serving, run, body, params, rid, created, text), headers, run.close)
+        return EventStream(guarded(_completion_stream(serving, run, body, params, rid, created, text), serving, run, rid),
+                           headers, run.close)
     await collect_unless_disconnected(run, request.receive)
     choices = []
     for job, o in finished_outputs(run):
@@ -120,38 +120,30 @@ async def _completion_stream(serving: Serving, run: Run, body: P.CompletionReque
     base = _chunk_base(rid, "text_completion", created, run)
     lps: dict[int, CompletionLogprobs] = {}
     started: set[int] = set()
-    try:
-        async for job, delta in run.events():
-            for o in delta.outputs:
-                idx = job.index * params.n + o.index
-                first = idx not in started
-                started.add(idx)
-                out_text, lp = o.text, None
-                if body.logprobs is not None:
-                    clp = lps.setdefault(idx, CompletionLogprobs(text))
-                    if first and body.echo:
-                        ids = job.prompt.ids
-                        lp = clp.block(ids, job.prompt_logprobs or [None] * len(ids))
-                    lp = CompletionLogprobs.join(lp, clp.block(o.token_ids, o.logprobs or []))
+    async for job, delta in run.events():
+        for o in delta.outputs:
+            idx = job.index * params.n + o.index
+            first = idx not in started
+            started.add(idx)
+            out_text, lp = o.text, None
+            if body.logprobs is not None:
+                clp = lps.setdefault(idx, CompletionLogprobs(text))
                 if first and body.echo:
-                    out_text = _echo_text(serving, run, job.prompt) + out_text
-                if not out_text and o.finish_reason is None and lp is None:
-                    continue  # text held back (stop-string window, incomplete UTF-8): nothing to say yet
-                chunk = {**base, "choices": [{"index": idx, "text": out_text, "logprobs": lp,
-                                              "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}],
-                         "sizewise": job.decision.to_json()}
-                if include_usage:
-                    chunk["usage"] = None
-                yield sse(chunk)
-        if include_usage:
-            yield sse({**base, "choices": [], "usage": run.usage().to_json(), "sizewise": run.decision_json()})
-    except Exception as e:  # noqa: BLE001 - after the headers, an error can only be an event
-        err = to_api_error(e, rid)
-        serving.record_error(err.status)
-        yield sse(err.body())
-    finally:
-        run.close()
-    yield SSE_DONE
+                    ids = job.prompt.ids
+                    lp = clp.block(ids, job.prompt_logprobs or [None] * len(ids))
+                lp = CompletionLogprobs.join(lp, clp.block(o.token_ids, o.logprobs or []))
+            if first and body.echo:
+                out_text = _echo_text(serving, run, job.prompt) + out_text
+            if not out_text and o.finish_reason is None and lp is None:
+                continue  # text held back (stop-string window, incomplete UTF-8): nothing to say yet
+            chunk = {**base, "choices": [{"index": idx, "text": out_text, "logprobs": lp,
+                                          "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}],
+                     "sizewise": job.decision.to_json()}
+            if include_usage:
+                chunk["usage"] = None
+            yield sse(chunk)
+    if include_usage:
+        yield sse({**base, "choices": [], "usage": run.usage().to_json(), "sizewise": run.decision_json()})
 
 
 # ----- chat ------------------------------------------------------------------------------------
@@ -202,7 +194,8 @@ async def create_chat_completion(body: P.ChatCompletionRequest, request: Request
     tt = TokenText(serving.tokenizer(run.decision.model))
     top_n = body.top_logprobs or 0
     if body.stream:
-        return EventStream(_chat_stream(serving, run, body, params, rid, created, tt, top_n), headers, run.close)
+        return EventStream(guarded(_chat_stream(serving, run, body, params, rid, created, tt, top_n), serving, run, rid),
+                           headers, run.close)
     await collect_unless_disconnected(run, request.receive)
     choices = []
     for job, o in finished_outputs(run):
@@ -227,26 +220,18 @@ async def _chat_stream(serving: Serving, run: Run, body: P.ChatCompletionRequest
             c["usage"] = None
         return sse(c)
 
-    try:
-        for i in range(params.n):  # the role first, as OpenAI streams it
-            yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None})
-        async for job, delta in run.events():
-            for o in delta.outputs:
-                lp = {"content": chat_logprobs(tt, o.token_ids, o.logprobs or [], top_n)} if body.logprobs else None
-                if not o.text and o.finish_reason is None and not (lp and lp["content"]):
-                    continue
-                yield chunk({"index": o.index, "delta": {"content": o.text} if o.text else {}, "logprobs": lp,
-                             "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
-        if include_usage:
-            yield sse({**base, "choices": [], "usage": run.usage().to_json(), "sizewise": run.decision_json()})
-    except Exception as e:  # noqa: BLE001 - after the headers, an error can only be an event
-        err = to_api_error(e, rid)
-        serving.record_error(err.status)
-        yield sse(err.body())
-    finally:
-        run.close()
-    yield SSE_DONE
+    for i in range(params.n):  # the role first, as OpenAI streams it
+        yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None})
+    async for job, delta in run.events():
+        for o in delta.outputs:
+            lp = {"content": chat_logprobs(tt, o.token_ids, o.logprobs or [], top_n)} if body.logprobs else None
+            if not o.text and o.finish_reason is None and not (lp and lp["content"]):
+                continue
+            yield chunk({"index": o.index, "delta": {"content": o.text} if o.text else {}, "logprobs": lp,
+                         "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
+    if include_usage:
+        yield sse({**base, "choices": [], "usage": run.usage().to_json(), "sizewise": run.decision_json()})
 
 
 # ----- models ----------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ from collections.abc import AsyncIterator, Callable
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from .errors import to_api_error
+from .formatting import SSE_DONE, sse
+
 
 class EventStream(StreamingResponse):
     """`text/event-stream` over an async generator of `data: ...` events.
@@ -27,3 +30,18 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._on_close()
+
+
+async def guarded(events: AsyncIterator[str], serving, run, rid: str) -> AsyncIterator[str]:
+    """The tail every SSE stream shares: an error after the headers can only be an error event;
+    the run is always released; the stream always ends with [DONE]."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as e:  # noqa: BLE001 - after the headers, an error can only be an event
+        err = to_api_error(e, rid)
+        serving.record_error(err.status)
+        yield sse(err.body())
+    finally:
+        run.close()
+    yield SSE_DONE

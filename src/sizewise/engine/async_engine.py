@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..sampling_params import SamplingParams
 from .core import EngineCore, EngineStats

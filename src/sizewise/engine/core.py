@@ -12,8 +12,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ..models import CheckpointError, ModelConfig, load_model, parse_dtype
 from ..models.loader import checkpoint_files
 from ..platform import Platform, get_platform
@@ -24,7 +22,7 @@ from .detokenizer import Detokenizer
 from .model_runner import ModelRunner, StepResult
 from .outputs import CompletionOutput, RequestOutput
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from .sequence import Request, Sequence, SequenceStatus
+from .sequence import Request, Sequence
 from .speculative import PROPOSERS, SpeculativeDecoder, VerifyResult
 
 log = logging.getLogger(__name__)

@@ -66,7 +66,6 @@ VOCAB_SIZE = 4096
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]  # ids 0..4
 SEQ_LEN = 256
 MAX_POSITION_EMBEDDINGS = 1024
-BATCH_SIZE = 8
 PROSE_REPEAT = 3  # the prose corpus is small: show each training topic this many times
 MAX_CHAT_EXAMPLES = 6000
 
@@ -79,40 +78,60 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
-# Token budgets (not time budgets, so that a run is reproducible) are sized from measured
-# throughput on an idle 2-core CPU (~9k / ~3.6k / ~1.9k tokens/s for small / medium / large
-# at batch 8 x 256) so that the whole run takes about 30 minutes there (longer when the cores
-# are shared); every tier sees a prefix of the same token stream.
+# Budgets are in optimizer steps of a fixed batch (so in tokens too), not in time, so that a
+# run is reproducible. The larger the tier, the larger its budget: small / medium / large see
+# 0.8M / 1.6M / 2.7M tokens: about 2 + 11 + 34 minutes on a 2-core CPU with one torch thread
+# (~7.5k / ~2.5k / ~1.3k training tokens/s at batch 4 x 256, measured with other jobs running). (At equal budgets of
+# ~1.6M tokens the 1.3M- and 4.5M-parameter models come out nearly tied: at this scale the
+# budget, not capacity, limits them.) Small batches: at this budget more optimizer steps pay
+# more than less noisy ones. Every tier reads the same token stream from its start (sequence
+# j of training is the same window whatever the batch size), so each tier's data is a prefix
+# of the next larger one's.
 TIERS: dict[str, dict] = {
     "small": dict(
         model=dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                    intermediate_size=352),
-        lr=3e-3, tokens=1_800_000,
+        lr=2e-3, batch_size=4, steps=800,
     ),
     "medium": dict(
         model=dict(hidden_size=256, num_hidden_layers=5, num_attention_heads=8, num_key_value_heads=4,
                    intermediate_size=640),
-        lr=2e-3, tokens=1_200_000,
+        lr=1.5e-3, batch_size=4, steps=1600,
     ),
     "large": dict(
         model=dict(hidden_size=384, num_hidden_layers=7, num_attention_heads=6, num_key_value_heads=2,
                    intermediate_size=1024),
-        lr=1.5e-3, tokens=1_600_000,
+        lr=1e-3, batch_size=4, steps=2600,
     ),
 }
+for _spec in TIERS.values():
+    _spec["tokens"] = _spec["steps"] * _spec["batch_size"] * SEQ_LEN
+# Second stage, after the main schedule: long context and copying. Sequences of 1024 tokens
+# (the models' max_position_embeddings) so that positions past the main stage's 256 are trained,
+# from a stream in which ~30% of the tokens are "copy documents": a span of a training file or
+# topic followed by the same span again. Copying what is already in the context is what real
+# LLMs do all the time (and what prompt-lookup speculation exploits); tiny models trained on a
+# few million tokens of natural text alone never learn it (no induction heads): without this
+# stage none of the tiers repeated a single line of a prompt that asked for it.
+PHASE2 = dict(seq_len=1024, batch_size=1, lr_scale=0.3, copy_fraction=0.3, stream_tokens=700_000)
+for _tier, _steps in (("small", 200), ("medium", 250), ("large", 300)):
+    TIERS[_tier]["phase2_steps"] = _steps
+    TIERS[_tier]["tokens"] += _steps * PHASE2["batch_size"] * PHASE2["seq_len"]
 OPTIM = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, warmup_frac=0.04, min_lr_ratio=0.1, grad_clip=1.0)
 CKPT_EVERY_S = 120.0
 LOG_EVERY_S = 15.0
 SAVE_DTYPE = "bfloat16"
 EVAL_MAX_TOKENS = 60_000  # per held-out set and tier
 
+# Prompts end inside a line: the byte-level BPE merges a newline with the indentation after
+# it, so a prompt that ends with a bare "\n" asks for an unusual token boundary.
 SAMPLE_PROMPTS = [
-    ("code", "def is_prime(n):\n"),
-    ("code", "import os\n\n\ndef read_lines(path):\n    \"\"\"Return the lines of a text file.\"\"\"\n"),
-    ("code", "class Stack:\n    def __init__(self):\n"),
-    ("prose", "The \"with\" statement is used to"),
+    ("code", 'def is_prime(n):\n    """Return True if n is a prime number."""\n    if'),
+    ("code", 'import os\n\n\ndef read_lines(path):\n    """Return the lines of a text file."""\n    with open(path) as f:\n        return'),
+    ("code", 'class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):\n        self'),
+    ("prose", 'The "with" statement is used to'),
     ("prose", "A list comprehension"),
-    ("chat", [{"role": "user", "content": "What is a generator?"}]),
+    ("chat", [{"role": "user", "content": "What does `os.path.join` do?"}]),
 ]
 
 
@@ -133,10 +152,10 @@ def config_record(args) -> dict:
         special_tokens=SPECIAL_TOKENS,
         seq_len=SEQ_LEN,
         max_position_embeddings=MAX_POSITION_EMBEDDINGS,
-        batch_size=BATCH_SIZE,
         prose_repeat=PROSE_REPEAT,
         max_chat_examples=MAX_CHAT_EXAMPLES,
-        optimizer=dict(name="AdamW", **OPTIM, schedule="linear warmup + cosine"),
+        optimizer=dict(name="AdamW", **OPTIM, schedule="linear warmup + cosine, per stage"),
+        phase2=PHASE2,
         precision="float32 training, saved as " + SAVE_DTYPE,
         torch_threads=args.threads,
         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
@@ -267,12 +286,8 @@ def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def build_stream(corpus: dict, tokenizer, data_dir: Path) -> np.ndarray:
-    """The training token stream: shuffled documents joined by <|eos|>, cached as .npy."""
-    path = data_dir / "train_tokens.npy"
-    if path.exists():
-        return np.load(path, mmap_mode="r")
-    t0 = time.time()
+def training_docs(corpus: dict, tokenizer) -> list[str]:
+    """The training documents in stream order (seeded shuffle)."""
     chat_docs = [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": q}, {"role": "assistant", "content": a}], tokenize=False
@@ -281,6 +296,10 @@ def build_stream(corpus: dict, tokenizer, data_dir: Path) -> np.ndarray:
     ]
     docs = corpus["code"] + corpus["prose"] * PROSE_REPEAT + corpus["docstrings"] + chat_docs
     random.Random(SEED).shuffle(docs)
+    return docs
+
+
+def _encode_join(docs: list[str], tokenizer) -> np.ndarray:
     backend = tokenizer.backend_tokenizer
     eos = tokenizer.convert_tokens_to_ids("<|eos|>")
     ids: list[int] = []
@@ -288,24 +307,93 @@ def build_stream(corpus: dict, tokenizer, data_dir: Path) -> np.ndarray:
         for enc in backend.encode_batch(docs[start:start + 256], add_special_tokens=False):
             ids.extend(enc.ids)
             ids.append(eos)
-    arr = np.asarray(ids, dtype=np.uint16)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    np.save(data_dir / "train_tokens.tmp.npy", arr)
-    os.replace(data_dir / "train_tokens.tmp.npy", path)
-    log(f"stream: {len(arr):,} tokens from {len(docs)} documents "
-        f"({sum(map(len, docs)) / len(arr):.2f} chars/token) [{time.time() - t0:.1f}s]")
+    return np.asarray(ids, dtype=np.uint16)
+
+
+def _cache(path: Path, make) -> np.ndarray:
+    if path.exists():
+        return np.load(path, mmap_mode="r")
+    arr = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, path)
     return arr
 
 
-def batch_for_step(stream: np.ndarray, step: int) -> torch.Tensor:
-    """Deterministic batch for a global step: non-overlapping windows in a seeded order per epoch."""
-    n_windows = len(stream) // SEQ_LEN
+def build_stream(corpus: dict, tokenizer, data_dir: Path) -> np.ndarray:
+    """The main training token stream: shuffled documents joined by <|eos|>, cached as .npy."""
+    def make():
+        t0 = time.time()
+        docs = training_docs(corpus, tokenizer)
+        arr = _encode_join(docs, tokenizer)
+        log(f"stream: {len(arr):,} tokens from {len(docs)} documents "
+            f"({sum(map(len, docs)) / len(arr):.2f} chars/token) [{time.time() - t0:.1f}s]")
+        return arr
+    return _cache(data_dir / "train_tokens.npy", make)
+
+
+def copy_docs(corpus: dict, n_chars: int, rng: random.Random) -> list[str]:
+    """Documents that repeat themselves: a span of whole lines (80-900 characters) of a
+    training file or topic, then a separator, then the same span again (sometimes twice)."""
+    sources = corpus["code"] + corpus["prose"]
+    out, total = [], 0
+    while total < n_chars:
+        lines = rng.choice(sources).splitlines(keepends=True)
+        if len(lines) < 3:
+            continue
+        i = rng.randrange(len(lines))
+        span = ""
+        target = rng.randint(80, 900)
+        while i < len(lines) and len(span) < target:
+            span += lines[i]
+            i += 1
+        if len(span.strip()) < 40:
+            continue
+        sep = rng.choice(["\n", "\n\n", "\n\n\n"])
+        if not span.endswith("\n"):
+            span += "\n"
+        doc = span + sep + span + ((sep + span) if rng.random() < 0.2 else "")
+        out.append(doc)
+        total += len(doc)
+    return out
+
+
+def build_phase2_stream(corpus: dict, tokenizer, data_dir: Path) -> np.ndarray:
+    """Stream of the second stage: training documents (reshuffled) mixed with copy documents."""
+    def make():
+        t0 = time.time()
+        rng = random.Random(SEED + 1)
+        docs = training_docs(corpus, tokenizer)
+        rng.shuffle(docs)
+        chars = PHASE2["stream_tokens"] * 3.6  # ~chars per token of this tokenizer on this corpus
+        natural, n = [], 0
+        for d in docs:
+            if n >= chars * (1 - PHASE2["copy_fraction"]):
+                break
+            natural.append(d)
+            n += len(d)
+        copies = copy_docs(corpus, int(chars * PHASE2["copy_fraction"]), rng)
+        mixed = natural + copies
+        rng.shuffle(mixed)
+        arr = _encode_join(mixed, tokenizer)
+        log(f"stage-2 stream: {len(arr):,} tokens, {len(natural)} documents + {len(copies)} copy documents "
+            f"[{time.time() - t0:.1f}s]")
+        return arr
+    return _cache(data_dir / "phase2_tokens.npy", make)
+
+
+def batch_for_step(stream: np.ndarray, step: int, batch_size: int, seq_len: int = SEQ_LEN) -> torch.Tensor:
+    """Deterministic batch for a step: non-overlapping windows in a seeded order per epoch.
+
+    Sequence j = step * batch_size + i of training is the same window for every batch size."""
+    n_windows = len(stream) // seq_len
     idx = []
-    for j in range(step * BATCH_SIZE, (step + 1) * BATCH_SIZE):
+    for j in range(step * batch_size, (step + 1) * batch_size):
         epoch, pos = divmod(j, n_windows)
         perm = _perm(n_windows, epoch)
         idx.append(int(perm[pos]))
-    rows = [np.asarray(stream[i * SEQ_LEN:(i + 1) * SEQ_LEN], dtype=np.int64) for i in idx]
+    rows = [np.asarray(stream[i * seq_len:(i + 1) * seq_len], dtype=np.int64) for i in idx]
     return torch.from_numpy(np.stack(rows))
 
 
@@ -376,7 +464,17 @@ def make_optimizer(model, lr: float):
     return torch.optim.AdamW(groups, lr=lr, betas=OPTIM["betas"], eps=OPTIM["eps"])
 
 
-def train_tier(tier: str, stream: np.ndarray, tokenizer, args, record: dict) -> None:
+def stages(tier: str, stream: np.ndarray, stream2: np.ndarray) -> list[dict]:
+    spec = TIERS[tier]
+    return [
+        dict(name="main", stream=stream, seq_len=SEQ_LEN, batch_size=spec["batch_size"], steps=spec["steps"],
+             lr=spec["lr"]),
+        dict(name="long+copy", stream=stream2, seq_len=PHASE2["seq_len"], batch_size=PHASE2["batch_size"],
+             steps=spec["phase2_steps"], lr=spec["lr"] * PHASE2["lr_scale"]),
+    ]
+
+
+def train_tier(tier: str, stream: np.ndarray, stream2: np.ndarray, tokenizer, args, record: dict) -> None:
     out_dir = Path(args.out) / tier
     run_dir = Path(args.runs) / tier
     done = run_dir / "done.json"
@@ -385,8 +483,8 @@ def train_tier(tier: str, stream: np.ndarray, tokenizer, args, record: dict) -> 
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = TIERS[tier]
-    tokens_per_step = BATCH_SIZE * SEQ_LEN
-    total = spec["tokens"] // tokens_per_step
+    plan = stages(tier, stream, stream2)
+    total = sum(st["steps"] for st in plan)
     model = new_model(tier, tokenizer)
     opt = make_optimizer(model, spec["lr"])
     step, elapsed, losses = 0, 0.0, []
@@ -397,44 +495,53 @@ def train_tier(tier: str, stream: np.ndarray, tokenizer, args, record: dict) -> 
         opt.load_state_dict(state["optim"])
         step, elapsed, losses = state["step"], state["elapsed"], state["losses"]
         log(f"[{tier}] resumed from step {step}/{total} ({elapsed / 60:.1f} min done)")
-    log(f"[{tier}] {n_params(model) / 1e6:.2f}M params, {total} steps x {tokens_per_step} tokens "
-        f"= {total * tokens_per_step:,} tokens, peak lr {spec['lr']}")
+    log(f"[{tier}] {n_params(model) / 1e6:.2f}M params, {total} steps, {spec['tokens']:,} tokens: " + ", ".join(
+        f"{st['name']}: {st['steps']} x {st['batch_size']} x {st['seq_len']} peak lr {st['lr']:.2g}" for st in plan))
     model.train()
     t_last_log = t_last_ckpt = time.time()
     t_seg = time.time()
     seg_tokens = 0
     ema = losses[-1][1] if losses else None
-    while step < total:
-        t_step = time.time()
-        x = batch_for_step(stream, step)
-        lr = lr_at(step, total, spec["lr"])
-        for g in opt.param_groups:
-            g["lr"] = lr
-        out = model(input_ids=x, labels=x)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM["grad_clip"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss = float(out.loss.detach())
-        step += 1
-        elapsed += time.time() - t_step
-        seg_tokens += tokens_per_step
-        ema = loss if ema is None else 0.95 * ema + 0.05 * loss
-        if step % 10 == 0 or step == total:
-            losses.append((step, round(ema, 4)))
-        now = time.time()
-        if now - t_last_log >= LOG_EVERY_S or step == total:
-            tps = seg_tokens / max(1e-9, now - t_seg)
-            eta = (total - step) * tokens_per_step / max(tps, 1e-9)
-            log(f"[{tier}] step {step}/{total} ({100 * step / total:.0f}%) loss {ema:.3f} lr {lr:.2e} "
-                f"{tps:,.0f} tok/s elapsed {elapsed / 60:.1f}m eta {eta / 60:.1f}m")
-            t_last_log, t_seg, seg_tokens = now, now, 0
-        if now - t_last_ckpt >= CKPT_EVERY_S and step < total:
-            save_ckpt(ckpt, model, opt, step, elapsed, losses)
-            t_last_ckpt = now
+    first = 0
+    for st in plan:
+        tokens_per_step = st["batch_size"] * st["seq_len"]
+        last = first + st["steps"]
+        while first <= step < last:
+            t_step = time.time()
+            k = step - first
+            x = batch_for_step(st["stream"], k, st["batch_size"], st["seq_len"])
+            lr = lr_at(k, st["steps"], st["lr"])
+            for g in opt.param_groups:
+                g["lr"] = lr
+            out = model(input_ids=x, labels=x)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM["grad_clip"])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss = float(out.loss.detach())
+            step += 1
+            elapsed += time.time() - t_step
+            seg_tokens += tokens_per_step
+            ema = loss if ema is None or k == 0 else 0.95 * ema + 0.05 * loss
+            if step % 10 == 0 or step == last:
+                losses.append((step, round(ema, 4)))
+            now = time.time()
+            if now - t_last_log >= LOG_EVERY_S or step == last:
+                tps = seg_tokens / max(1e-9, now - t_seg)
+                eta = ((last - step) * tokens_per_step + sum(
+                    s2["steps"] * s2["batch_size"] * s2["seq_len"] for s2 in plan[plan.index(st) + 1:])) / max(tps, 1e-9)
+                log(f"[{tier}] {st['name']} step {step}/{total} ({100 * step / total:.0f}%) loss {ema:.3f} "
+                    f"lr {lr:.2e} {tps:,.0f} tok/s elapsed {elapsed / 60:.1f}m eta {eta / 60:.1f}m")
+                t_last_log, t_seg, seg_tokens = now, now, 0
+            if now - t_last_ckpt >= CKPT_EVERY_S and step < total:
+                save_ckpt(ckpt, model, opt, step, elapsed, losses)
+                t_last_ckpt = now
+        first = last
     save_ckpt(ckpt, model, opt, step, elapsed, losses)
-    stats = dict(params=n_params(model), steps=step, tokens_seen=step * tokens_per_step,
+    main_steps = plan[0]["steps"]
+    stats = dict(params=n_params(model), steps=step, tokens_seen=spec["tokens"],
                  train_seconds=round(elapsed, 1), final_train_loss=losses[-1][1] if losses else None,
+                 main_stage_final_train_loss=next((l for s_, l in reversed(losses) if s_ <= main_steps), None),
                  loss_curve=losses[:: max(1, len(losses) // 50)])
     export(model, tokenizer, out_dir, tier, record, stats)
     atomic_write_text(done, json.dumps(stats, indent=2) + "\n")
@@ -469,6 +576,8 @@ def export(model, tokenizer, out_dir: Path, tier: str, record: dict, stats: dict
     os.chmod(out_dir / "model.safetensors", 0o644)  # safetensors writes 0600
     write_metadata(out_dir, tokenizer)
     tier_record = dict(record, tier=tier, name=f"demo-{tier}", model=TIERS[tier]["model"], lr=TIERS[tier]["lr"],
+                       batch_size=TIERS[tier]["batch_size"], steps=TIERS[tier]["steps"],
+                       phase2_steps=TIERS[tier]["phase2_steps"],
                        token_budget=TIERS[tier]["tokens"], result=stats,
                        hardware=dict(machine=platform.machine(), cpu_count=os.cpu_count(),
                                      torch=torch.__version__, threads=torch.get_num_threads()))
@@ -501,11 +610,11 @@ def held_out_texts() -> dict[str, list[str]]:
 
 @torch.no_grad()
 def nll_per_token(model, tokenizer, texts: list[str], max_tokens: int = EVAL_MAX_TOKENS,
-                  window: int = SEQ_LEN) -> tuple[float, int]:
+                  window: int = SEQ_LEN, return_argmax: bool = False):
     """Mean NLL (nats/token) of documents joined by <|eos|>, in non-overlapping windows.
 
-    Every window starts at a document boundary token (<|eos|>) so the first predicted token
-    has a context like in training."""
+    Every document follows an <|eos|> so its first token has a context like in training.
+    Returns (nll, tokens), plus the greedy prediction at every position if return_argmax."""
     eos = tokenizer.convert_tokens_to_ids("<|eos|>")
     ids: list[int] = []
     for t in texts:
@@ -514,7 +623,7 @@ def nll_per_token(model, tokenizer, texts: list[str], max_tokens: int = EVAL_MAX
         if len(ids) > max_tokens + 1:
             break
     ids = ids[: max_tokens + 1]
-    total, count = 0.0, 0
+    total, count, preds = 0.0, 0, []
     x_all = torch.tensor(ids, dtype=torch.long)
     for start in range(0, len(ids) - 1, window):
         x = x_all[start:start + window + 1]
@@ -524,6 +633,9 @@ def nll_per_token(model, tokenizer, texts: list[str], max_tokens: int = EVAL_MAX
         nll = torch.nn.functional.cross_entropy(logits, x[1:], reduction="sum")
         total += float(nll)
         count += len(x) - 1
+        preds.append(logits.argmax(-1))
+    if return_argmax:
+        return total / count, count, torch.cat(preds), x_all[1:count + 1]
     return total / count, count
 
 
@@ -534,9 +646,11 @@ def load_model(path: Path):
 
 
 def evaluate(out: Path) -> dict:
+    """Held-out NLL per tier, greedy top-1 accuracy, and how often two tiers' greedy
+    predictions agree (an upper bound on greedy draft-model acceptance per token)."""
     texts = held_out_texts()
     sample = demo.held_out_samples()
-    results = {}
+    results, argmax = {}, {}
     for tier in demo.TIERS:
         path = out / tier
         if not (path / "model.safetensors").exists():
@@ -546,14 +660,22 @@ def evaluate(out: Path) -> dict:
         model = load_model(path)
         r = {"params": n_params(model)}
         for kind in ("code", "prose"):
-            nll, n = nll_per_token(model, tok, texts[kind])
+            nll, n, pred, target = nll_per_token(model, tok, texts[kind], return_argmax=True)
+            argmax[tier, kind] = pred
             r[f"{kind}_nll"] = round(nll, 4)
             r[f"{kind}_tokens"] = n
+            r[f"{kind}_top1"] = round(float((pred == target).float().mean()), 4)
             r[f"{kind}_sample_nll"] = round(nll_per_token(model, tok, [sample[kind]])[0], 4)
         r["samples"] = samples(model, tok)
         results[tier] = r
         log(f"[eval {tier}] code {r['code_nll']:.3f} ({r['code_tokens']} tok) prose {r['prose_nll']:.3f} "
             f"({r['prose_tokens']} tok) [{time.time() - t0:.1f}s]")
+    tiers = list(results)
+    for i, a in enumerate(tiers):
+        for b in tiers[i + 1:]:
+            for kind in ("code", "prose"):
+                agree = float((argmax[a, kind] == argmax[b, kind]).float().mean())
+                results[b][f"{kind}_greedy_agreement_with_{a}"] = round(agree, 4)
     atomic_write_text(out / "eval.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     return results
 
@@ -597,6 +719,19 @@ def write_card(out: Path, results: dict) -> None:
             f"{size_mib:.1f} | {st['tokens_seen'] / 1e6:.2f}M | {st['train_seconds'] / 60:.1f} | "
             f"{st['final_train_loss']:.3f} | {r['code_nll']:.3f} | {r['prose_nll']:.3f} |"
         )
+    agreement_md = ""
+    if "large" in results and len(results) == 3:
+        lg, md = results["large"], results["medium"]
+        agreement_md = (
+            "Greedy next-token agreement on the same held-out windows (how often the smaller model's\n"
+            "argmax equals the larger one's: roughly the per-token acceptance of greedy draft-model\n"
+            "speculation) and top-1 accuracy against the text:\n\n"
+            "| | code | prose |\n|---|---|---|\n"
+            f"| small vs large | {lg['code_greedy_agreement_with_small']:.2f} | {lg['prose_greedy_agreement_with_small']:.2f} |\n"
+            f"| medium vs large | {lg['code_greedy_agreement_with_medium']:.2f} | {lg['prose_greedy_agreement_with_medium']:.2f} |\n"
+            f"| small vs medium | {md['code_greedy_agreement_with_small']:.2f} | {md['prose_greedy_agreement_with_small']:.2f} |\n"
+            + "".join(f"| top-1 accuracy, {t} | {r['code_top1']:.2f} | {r['prose_top1']:.2f} |\n" for t, r in results.items())
+        )
     any_tc = json.loads((out / next(iter(results)) / "training_config.json").read_text())
     hw = any_tc["hardware"]
     n_code = sum(r["code_tokens"] for r in results.values()) // max(1, len(results))
@@ -614,8 +749,9 @@ Three Llama-architecture causal language models of one family, trained from scra
 (code) and its language-reference prose (`pydoc_data.topics`). They exist so that
 `make serve` works on a laptop CPU with nothing downloaded, and so that tests and benchmarks
 of routing and speculative decoding see real, size-dependent behaviour: the larger model
-predicts held-out text better, the smaller one is faster, and they agree with each other
-often enough for draft-model speculation to be meaningful. They are toys: they write
+predicts held-out text better, the smaller one is faster, and a smaller one predicts the
+larger one's next token often enough (below) for draft-model speculation to accept something.
+They are toys: they write
 plausible-looking Python and reference-manual English, not correct programs or facts.
 
 All three share one tokenizer and one training token stream (each tier trained on a prefix
@@ -633,14 +769,19 @@ held-out stdlib `.py` files (~{n_code:,} tokens evaluated), prose the held-out
 `pydoc_data.topics` entries (~{n_prose:,} tokens), in windows of {SEQ_LEN} tokens.
 Recompute with `python scripts/train_demo_family.py --eval-only` (writes `eval.json`).
 
+{agreement_md}
+
 - Architecture: `LlamaForCausalLM`, tied input/output embeddings, RoPE (theta 10000),
   SwiGLU MLP, RMSNorm, grouped-query attention, `max_position_embeddings` {MAX_POSITION_EMBEDDINGS}.
   Trained at sequence length **{SEQ_LEN}**: quality degrades past ~{SEQ_LEN} tokens of context.
-- Training: float32 on CPU ({hw['cpu_count']} cores, {hw['threads']} torch threads, torch {hw['torch']},
-  {hw['machine']}), {total_s / 60:.0f} minutes for all three tiers; AdamW (betas {OPTIM['betas']},
+- Training: float32 on CPU ({hw['cpu_count']} cores, torch intra-op threads: {hw['threads']}, torch
+  {hw['torch']}, {hw['machine']}), {total_s / 60:.0f} minutes for all three tiers (time spent in
+  optimizer steps; it grows when other jobs share the cores); AdamW (betas {OPTIM['betas']},
   weight decay {OPTIM['weight_decay']}), linear warmup over {OPTIM['warmup_frac']:.0%} of steps then
   cosine decay to {OPTIM['min_lr_ratio']:.0%} of the peak LR, grad clip {OPTIM['grad_clip']},
-  batch {BATCH_SIZE} x {SEQ_LEN} tokens, seed {SEED}. Saved in {SAVE_DTYPE}.
+  sequences of {SEQ_LEN} tokens, batch {" / ".join(str(TIERS[t]["batch_size"]) for t in results)}
+  sequences and peak LR {" / ".join(str(TIERS[t]["lr"]) for t in results)} for
+  {" / ".join(results)}, seed {SEED}. Saved in {SAVE_DTYPE}.
 - Each model directory has `training_config.json` with the full configuration and results.
 
 ## Tokenizer
@@ -660,6 +801,10 @@ Byte-level BPE (`tokenizers`), {VOCAB_SIZE} tokens, shared by all tiers, loads a
   training data only (a stdlib function's docstring as the answer to "What does `f` do?", a
   reference topic's first paragraphs as the answer to "Explain ..."), so the models follow the
   format and stop; do not expect them to answer questions correctly.
+- The pre-tokenizer is GPT-2's: a newline and the indentation after it are one token
+  (`"\\n   "` then `" return"`). A prompt ending with a bare `"\\n"` therefore asks for a
+  token boundary the models rarely saw after code lines (they tend to start a new top-level
+  statement); end code prompts inside a line, as in the samples below.
 
 ## Data
 
@@ -702,14 +847,14 @@ def bench(stream, tokenizer, steps: int = 4) -> None:
         opt = make_optimizer(model, 1e-3)
         times = []
         for step in range(steps + 1):
-            x = batch_for_step(stream, step)
+            x = batch_for_step(stream, step, TIERS[tier]["batch_size"])
             t0 = time.time()
             model(input_ids=x, labels=x).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             times.append(time.time() - t0)
         dt = sum(times[1:]) / steps
-        tps = BATCH_SIZE * SEQ_LEN / dt
+        tps = TIERS[tier]["batch_size"] * SEQ_LEN / dt
         log(f"[bench {tier}] {n_params(model) / 1e6:.2f}M params: {dt:.2f} s/step, {tps:,.0f} tok/s, "
             f"budget {TIERS[tier]['tokens']:,} tokens -> {TIERS[tier]['tokens'] / tps / 60:.1f} min")
 
@@ -750,10 +895,12 @@ def main(argv=None) -> int:
     atomic_write_text(runs / "training_config.json", json.dumps(record, indent=2) + "\n")
     tokenizer = train_tokenizer(corpus, runs / "tokenizer")
     stream = build_stream(corpus, tokenizer, runs / "data")
+    stream2 = build_phase2_stream(corpus, tokenizer, runs / "data")
     record["corpus"].update(
         train_code_files=len(s.train_code), held_out_code_files=len(s.held_out_code),
         train_prose_topics=len(s.train_prose), held_out_prose_topics=len(s.held_out_prose),
         stream_tokens=int(len(stream)),
+        phase2_stream_tokens=int(len(stream2)),
         stream_sha1=hashlib.sha1(np.ascontiguousarray(stream).tobytes()).hexdigest(),
         held_out=held,
     )
@@ -761,7 +908,7 @@ def main(argv=None) -> int:
         bench(stream, tokenizer)
         return 0
     for tier in args.tiers.split(","):
-        train_tier(tier.strip(), stream, tokenizer, args, record)
+        train_tier(tier.strip(), stream, stream2, tokenizer, args, record)
     results = evaluate(out)
     if not args.no_card:
         write_card(out, results)

@@ -151,16 +151,18 @@ async def quality_matrix(dep: Deployment, items: list[Item]) -> dict[str, list[f
 
 # ----- routers that only the benchmark needs ------------------------------------------------------
 class RandomRouter:
-    """Tiers at random with fixed shares (the sizewise run's), seeded: the equal-share baseline."""
+    """The equal-share baseline: exactly the sizewise run's number of requests per tier, dealt
+    to the requests in a seeded random order (a shuffled deck, not independent draws)."""
 
-    def __init__(self, shares: dict[str, float], seed: int) -> None:
-        self.tiers = [t for t in TIERS if shares.get(t, 0) > 0]
-        self.weights = [shares[t] for t in self.tiers]
-        self.rng = random.Random(seed)
+    def __init__(self, shares: dict[str, float], n: int, seed: int) -> None:
+        deck = [t for t in TIERS for _ in range(round(shares.get(t, 0.0) * n))]
+        deck += [max(shares, key=shares.get)] * (n - len(deck))  # rounding
+        random.Random(seed).shuffle(deck)
+        self.deck = deck[:n]
         self.decisions: dict = {}
 
     async def route(self, deployment, prompt_token_ids, params, requested, hints) -> Decision:
-        tier = self.rng.choices(self.tiers, self.weights)[0]
+        tier = self.deck.pop()
         model = deployment.tier_to_model[tier]
         strategy = "plain" if hints.strategy == "auto" else hints.strategy
         return Decision(model=model, tier=tier, strategy=strategy, reason="random")
@@ -169,21 +171,22 @@ class RandomRouter:
 async def calibrate(dep: Deployment, router: AdaptiveRouter, items: list[Item], tolerance: float) -> dict:
     """Fit the difficulty thresholds on these (calibration) items: probe scores from the real
     probe, each tier's quality from its engine, cost = weight bytes per tier."""
-    from sizewise.orchestrator.calibrate import fit_thresholds
-    from sizewise.orchestrator.policy import Policy
+    from sizewise.orchestrator.calibrate import fit_policy
 
-    policy = Policy(router.settings, dep.tier_to_model)
     probe_model = dep.tier_to_model[next(t for t in TIERS if t in dep.tier_to_model)]
     core = dep.cores[probe_model]
-    scores = []
+    probes = []
     for it in items:
         res = await router.probe.run(dep.engine, core, probe_model, it.prompt)
-        scores.append(policy.score(res))
+        diff = res.difficulty if res.difficulty is not None else router.settings.max_difficulty_medium
+        probes.append((diff, res.intent, res.copyability))
     quality = await quality_matrix(dep, items)
     nll = {dep.model_to_tier[m]: q for m, q in quality.items()}
     cost = {dep.model_to_tier[m]: float(c.weight_bytes) for m, c in dep.cores.items()}
-    cal = fit_thresholds(scores, nll, cost, tolerance)
+    fit = fit_policy(probes, nll, cost, tolerance)
+    cal = fit.calibration
     return {"max_difficulty": {"small": cal.max_difficulty_small, "medium": cal.max_difficulty_medium},
+            "intent_bias": fit.intent_bias, "copy_weight": fit.copy_weight,
             "nll": cal.nll, "nll_large": cal.nll_large, "cost": cal.cost, "shares": cal.shares,
             "requests": len(items), "tolerance": tolerance}
 
@@ -287,7 +290,7 @@ def warmup(dep: Deployment, target, adaptive, items: list[Item], max_tokens: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
-    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=96)
     ap.add_argument("--prompt-tokens", type=int, default=96)
     ap.add_argument("--ref-tokens", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -300,6 +303,9 @@ def main() -> None:
     ap.add_argument("--calibrate", type=int, default=0, metavar="N",
                     help="first fit the difficulty thresholds on N other held-out windows (0: the config's)")
     ap.add_argument("--tolerance", type=float, default=0.03, help="calibration: allowed NLL gap to large")
+    ap.add_argument("--calibrate-only", action="store_true", help="fit, print the policy values, stop")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (1: steadier on a shared 2-core CPU; 0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "routing.json"))
     args = ap.parse_args()
@@ -309,6 +315,10 @@ def main() -> None:
     if "static-large" not in policies:
         raise SystemExit("rates are multiples of static-large's capacity: include static-large in --policies")
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     cfg = DeploymentConfig.from_yaml(args.config)
     cfg.policy.router = "adaptive"
     t_load = time.perf_counter()
@@ -340,9 +350,15 @@ def main() -> None:
             calibration["max_difficulty"] = th
             adaptive.settings.max_difficulty_small = th["small"]
             adaptive.settings.max_difficulty_medium = th["medium"]
-            print(f"calibrated on {args.calibrate} windows: policy.max_difficulty = "
-                  f"{{small: {th['small']:.3f}, medium: {th['medium']:.3f}}} (shares {calibration['shares']}, "
-                  f"NLL {calibration['nll']:.3f} vs large {calibration['nll_large']:.3f})", file=sys.stderr)
+            adaptive.settings.intent_bias = dict(calibration["intent_bias"])
+            adaptive.settings.copy_weight = calibration["copy_weight"]
+            print(f"calibrated on {args.calibrate} windows: policy: max_difficulty: "
+                  f"{{small: {th['small']:.3f}, medium: {th['medium']:.3f}}}, intent_bias: "
+                  f"{calibration['intent_bias']}, copy_weight: {calibration['copy_weight']} "
+                  f"(shares {calibration['shares']}, NLL {calibration['nll']:.3f} vs large "
+                  f"{calibration['nll_large']:.3f})", file=sys.stderr)
+            if args.calibrate_only:
+                return
         quality = asyncio.run(quality_matrix(dep, items))
         large = dep.tier_to_model["large"]
         large_q = statistics.fmean(quality[large])
@@ -359,7 +375,7 @@ def main() -> None:
             elif policy == "sizewise":
                 dep.router = adaptive
             else:
-                dep.router = RandomRouter(shares, args.seed + 7)
+                dep.router = RandomRouter(shares, len(items), args.seed + 7)
             reset_prefix_caches(dep)
             times = arrivals(len(items), rate, args.seed + 1)
             recs = asyncio.run(run_policy(target, items, times, args.max_tokens, args.strategy))

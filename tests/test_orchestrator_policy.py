@@ -247,3 +247,49 @@ def test_fitted_thresholds_route_within_tolerance_at_least_cost():
         q2, c2 = routed(ts, tm)
         if q2 <= cal.nll_large * 1.03:
             assert c2 >= c - 1e-9
+
+
+def test_fit_policy_finds_the_intent_bias_the_data_calls_for():
+    import random
+
+    from sizewise.orchestrator.calibrate import fit_policy, fit_thresholds
+
+    rng = random.Random(2)
+    probes, nll = [], {"small": [], "medium": [], "large": []}
+    for i in range(60):
+        prose = i % 2 == 1
+        d = rng.uniform(3.0, 5.0)
+        probes.append((d, "knowledge" if prose else "code", 0.0))
+        nll["large"].append(4.0)
+        # at equal difficulty, prose loses far more off the large model than code does
+        nll["medium"].append(4.0 + (0.6 if prose else 0.05 * (d - 3.0)))
+        nll["small"].append(4.0 + (1.5 if prose else 0.6))
+    cost = {"small": 1.0, "medium": 3.0, "large": 9.0}
+    fit = fit_policy(probes, nll, cost, tolerance=0.03)
+    plain = fit_thresholds([p[0] for p in probes], nll, cost, tolerance=0.03)
+    assert fit.intent_bias["knowledge"] > 0 and fit.intent_bias["code"] == 0.0
+    assert fit.calibration.cost < plain.cost
+    assert fit.calibration.nll <= fit.calibration.nll_large * 1.03
+
+
+# ----- consolidation -------------------------------------------------------------------------------------
+def test_an_idle_cheap_tier_is_not_woken_while_a_better_busy_one_has_room(policy):
+    busy_large = snapshot(large=dict(running=3))  # 3 of 8 slots used; small and medium idle
+    c = decide(policy, probe(1.0), busy_large)
+    assert (c.tier, c.reason, c.steps) == ("large", "consolidate:up", ["probe:easy", "consolidate:up"])
+    assert c.estimates_ms["large"] <= c.estimates_ms["small"]
+    assert policy.probe_is_moot(busy_large, 64, 32)
+    # the better tier's batch is full: the cheap tier is worth waking
+    full = snapshot(large=dict(running=6, waiting=2))
+    assert decide(policy, probe(1.0), full).tier == "small" and not policy.probe_is_moot(full, 64, 32)
+    # the cheap tier is busy anyway: no cost to avoid
+    both = snapshot(large=dict(running=3), small=dict(running=1))
+    assert decide(policy, probe(1.0), both).tier == "small" and not policy.probe_is_moot(both, 64, 32)
+    # medium busy, large idle: an easy request joins medium, not large
+    c = decide(policy, probe(1.0), snapshot(medium=dict(running=2)))
+    assert (c.tier, c.reason) == ("medium", "consolidate:up")
+    # switched off
+    off = Policy(PolicySettings(max_difficulty_small=2.0, max_difficulty_medium=3.0, consolidate=False), TIERS)
+    assert decide(off, probe(1.0), busy_large).tier == "small" and not off.probe_is_moot(busy_large, 64, 32)
+    # pinned still never moves
+    assert decide(policy, probe(1.0), busy_large, pinned="m-s").tier == "small"

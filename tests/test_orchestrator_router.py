@@ -33,6 +33,7 @@ def dep(checkpoints):
 
 
 def router(**kw) -> AdaptiveRouter:
+    kw.setdefault("consolidate", False)  # tested on its own below; here engines may look busy
     return AdaptiveRouter(PolicySettings(**kw))
 
 
@@ -206,6 +207,15 @@ async def test_auto_strategies_are_servable_and_lossless(dep):
             for o in delta.outputs:
                 got.extend(o.token_ids)
         assert got == plain
+        # the telemetry reads the engine's speculative counters: a measured acceptance per proposer
+        proposer = d.strategy
+        if dep.cores[d.model].stats().spec_draft_tokens[proposer] > 0:
+            for _ in range(500):  # the step listener runs just after the last delta is delivered
+                acc = dep.telemetry.snapshot().engines[d.model].spec_acceptance
+                if proposer in acc:
+                    break
+                await asyncio.sleep(0.01)
+            assert 0.0 <= acc[proposer] <= 1.0
     assert want == ["pld", "draft"]
 
 
@@ -237,3 +247,21 @@ async def test_zero_shot_intent_equals_label_likelihoods_under_transformers(dep,
     for k in lps:
         assert p["intent_scores"][k] == pytest.approx(math.exp(lps[k]) / z, abs=1e-3)
     assert p["intent"] == max(lps, key=lps.get)
+
+
+async def test_easy_request_joins_the_busy_large_batch_and_the_probe_is_skipped(dep):
+    tok = dep.tokenizer()
+    small = dep.cores["m-small"]
+    long_params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    stream = await dep.engine.add_request("busy-large", tok.encode(PROSE), long_params, core="m-large")
+    try:
+        steps = small.stats().num_steps
+        r = router(max_difficulty_small=100.0, consolidate=True)  # everything would be "easy"
+        d = await r.route(dep, tok.encode(CODE), SamplingParams(max_tokens=4), "auto", RoutingHints())
+        assert (d.tier, d.reason) == ("large", "consolidate:up")
+        assert d.probe["skipped"] and d.probe["difficulty"] is None
+        assert small.stats().num_steps == steps  # no probe prefill ran
+    finally:
+        stream.abort()
+        while dep.cores["m-large"].has_unfinished_requests():  # freed at the worker's next turn
+            await asyncio.sleep(0.01)

@@ -148,7 +148,10 @@ class AsyncEngine:
 
     # ----- worker thread ------------------------------------------------------------------------
     def _deliver(self, route: _Route, item) -> None:
-        route.loop.call_soon_threadsafe(route.stream.queue.put_nowait, item)
+        try:
+            route.loop.call_soon_threadsafe(route.stream.queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody reads this stream; free it
+            self._inbox.put(_Abort(route.stream.request_id))
 
     def _drain_inbox(self) -> None:
         while True:

@@ -67,3 +67,31 @@ def fit_thresholds(
     if len(tiers) == 3:
         shares[mid] = (b - a) / n
     return Calibration(t_small, t_med, q, base, c, shares)
+
+
+@dataclass(slots=True, frozen=True)
+class PolicyFit:
+    calibration: Calibration
+    intent_bias: dict[str, float]
+    copy_weight: float
+
+
+def fit_policy(
+    probes: list[tuple[float, str, float]], nll: dict[str, list[float]], cost: dict[str, float],
+    tolerance: float = 0.03, biases: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0),
+    copy_weights: tuple[float, ...] = (0.0, 1.0, 2.0),
+) -> PolicyFit:
+    """Thresholds plus the score's other two knobs: a bias for prose-like intents (knowledge,
+    chat, math; code stays at 0) and the copy discount, by exhaustive search over the given
+    values. `probes[i]` = (difficulty, intent, copyability) of request i, as the probe measured."""
+    best: PolicyFit | None = None
+    for b in biases:
+        bias = {"code": 0.0, "knowledge": b, "chat": b, "math": b}
+        for w in copy_weights:
+            scores = [d + bias.get(i, 0.0) - w * c for d, i, c in probes]
+            cal = fit_thresholds(scores, nll, cost, tolerance)
+            if best is None or cal.cost < best.calibration.cost - 1e-12 or (
+                abs(cal.cost - best.calibration.cost) <= 1e-12 and cal.nll < best.calibration.nll
+            ):
+                best = PolicyFit(cal, bias, w)
+    return best

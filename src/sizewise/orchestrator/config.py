@@ -47,6 +47,7 @@ class PolicyConfig(BaseModel):
     # --- load
     kv_high: float = Field(default=0.9, gt=0, le=1)
     queue_high_ms: float | None = Field(default=None, gt=0)
+    consolidate: bool = True  # join a busy better tier's batch rather than wake an idle cheaper one
     # --- decode strategy (for `auto`)
     pld_min_copyability: float = Field(default=0.3, ge=0, le=1)
     spec_max_batch: int = Field(default=8, ge=1)
@@ -70,6 +71,7 @@ class PolicyConfig(BaseModel):
             copy_weight=self.copy_weight,
             kv_high=self.kv_high,
             queue_high_ms=self.queue_high_ms,
+            consolidate=self.consolidate,
             pld_min_copyability=self.pld_min_copyability,
             spec_max_batch=self.spec_max_batch,
             spec_min_acceptance=self.spec_min_acceptance,

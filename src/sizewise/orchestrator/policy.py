@@ -17,6 +17,10 @@ and explained, and tests can script the telemetry it reads. In order:
    ("kv_pressure:down"), else above ("kv_pressure:up").
 5. queue: if queue_high_ms is set and the chosen engine's estimate crosses it, move up to a
    tier that fits (better quality and faster: "queue:up"), else down ("queue:down").
+   consolidate: if the chosen engine is idle while a better tier is busy with free batch slots
+   and would finish the request no later, join that batch ("consolidate:up"): one more
+   sequence costs a busy engine little, waking an idle one adds its step to every turn of the
+   worker. When every cheaper tier would consolidate anyway, the router skips the model probe.
 6. strategy for `auto`: prompt lookup when the prompt is copyable enough, the engine's batch is
    small enough for speculation to pay, and the measured acceptance (if any) is high enough;
    a draft model likewise for medium/large when allowed; otherwise plain. Strategies are only
@@ -53,6 +57,7 @@ class PolicySettings:
     copy_weight: float = 1.0
     kv_high: float = 0.9
     queue_high_ms: float | None = None
+    consolidate: bool = True
     pld_min_copyability: float = 0.3
     spec_max_batch: int = 8
     spec_min_acceptance: float = 0.4
@@ -153,7 +158,8 @@ class Policy:
         else:
             tier, why = self.base_tier(score)
             steps.append(why)
-            tier = self._adjust(tier, est, kv, max_latency_ms, probe, steps)
+            engines = {t: snap.engines[m] for t, m in self.tier_to_model.items() if m in snap.engines}
+            tier = self._adjust(tier, est, kv, engines, max_latency_ms, probe, steps)
         model = self.tier_to_model[tier] if pinned is None else pinned
         strat, why = self._strategy(strategy, tier, snap.engines.get(model), probe, n,
                                     (strategies or {}).get(model, {"plain"}))
@@ -163,7 +169,7 @@ class Policy:
         return Choice(model=model, tier=tier, strategy=strat, reason=reason, steps=steps, score=score,
                       estimates_ms=est, kv_pressure=kv)
 
-    def _adjust(self, tier: str, est: dict, kv: dict, max_latency_ms, probe, steps: list[str]) -> str:
+    def _adjust(self, tier: str, est: dict, kv: dict, engines: dict, max_latency_ms, probe, steps: list[str]) -> str:
         s = self.s
         ok = lambda t: kv.get(t, 1.0) < s.kv_high  # noqa: E731 - room in the KV cache
         order = self.tiers
@@ -199,7 +205,41 @@ class Policy:
             elif down:
                 tier = down[0]
                 steps.append("queue:down")
+        if s.consolidate:
+            up = self._consolidation_targets(tier, est, kv, engines)
+            if up:
+                tier = up[-1]  # the best quality among them
+                steps.append("consolidate:up")
         return tier
+
+    def _consolidation_targets(self, tier: str, est: dict, kv: dict, engines: dict) -> list[str]:
+        """Higher tiers worth joining instead of waking `tier`: `tier`'s engine is idle, theirs
+        is busy with free batch slots, and the estimate says the request finishes no later
+        there. Under continuous batching one more sequence costs a busy engine little (decode
+        streams the weights once per step for the whole batch), while waking an idle engine
+        adds a whole step of it to every turn of the worker, delaying everyone in flight."""
+        e = engines.get(tier)
+        if e is None or e.busy:
+            return []
+        i = self.tiers.index(tier)
+        return [
+            t for t in self.tiers[i + 1:]
+            if t in engines and engines[t].busy and engines[t].num_running + engines[t].num_waiting < engines[t].max_num_seqs
+            and kv.get(t, 1.0) < self.s.kv_high and est[t] <= est[tier]
+        ]
+
+    def probe_is_moot(self, snap: TelemetrySnapshot, prompt_tokens: int, new_tokens: int, n: int = 1) -> bool:
+        """True when every cheaper tier would consolidate into the top tier whatever the probe
+        says: then the model probe (a prefill on the probe engine) is skipped."""
+        if not self.s.consolidate or len(self.tiers) < 2:
+            return False
+        engines = {t: snap.engines[m] for t, m in self.tier_to_model.items() if m in snap.engines}
+        if len(engines) != len(self.tiers):
+            return False
+        est = {t: self.estimate_ms(snap, self.tier_to_model[t], prompt_tokens, new_tokens, n) for t in self.tiers}
+        kv = {t: self.kv_pressure(engines[t], prompt_tokens, new_tokens, n) for t in self.tiers}
+        top = self.tiers[-1]
+        return all(top in self._consolidation_targets(t, est, kv, engines) for t in self.tiers[:-1])
 
     def _strategy(self, requested: str, tier: str, e: EngineTelemetry | None, probe, n: int,
                   supported: set[str]) -> tuple[str, str | None]:

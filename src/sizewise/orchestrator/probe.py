@@ -67,6 +67,7 @@ class ProbeResult:
     probe_model: str | None = None
     ms: float = 0.0
     errors: list[str] = field(default_factory=list)
+    skipped: str | None = None  # why the model probe (difficulty, zero-shot) did not run
 
     def to_json(self) -> dict:
         d = {
@@ -84,6 +85,8 @@ class ProbeResult:
         }
         if self.errors:
             d["errors"] = list(self.errors)
+        if self.skipped:
+            d["skipped"] = self.skipped
         return d
 
 

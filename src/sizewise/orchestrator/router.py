@@ -47,18 +47,23 @@ class AdaptiveRouter:
         if single:
             pinned = next(iter(deployment.cores))
         probe_core = deployment.cores[probe_model]
-        # The probe queues FIFO behind the probe engine's waiting requests: with more than a
-        # batch of them it would cost a queue wait, so route on the model-free signals instead.
-        before = deployment.telemetry.snapshot().engines[probe_model]
-        busy = before.num_waiting > before.max_num_seqs
-        probe = await self.probe.run(
-            deployment.engine, probe_core, probe_model, prompt_token_ids, full=pinned is None and not busy,
-        )
-        if busy and pinned is None:
-            probe.errors.append(f"difficulty: skipped, {before.num_waiting} requests wait on {probe_model}")
-        snap = deployment.telemetry.snapshot()
         n_prompt = len(prompt_token_ids)
         max_new = params.max_tokens if params.max_tokens is not None else max(probe_core.max_model_len - n_prompt, 1)
+        skip = None
+        if pinned is None:
+            snap = deployment.telemetry.snapshot()
+            before = snap.engines[probe_model]
+            if before.num_waiting > before.max_num_seqs:
+                # The probe would queue FIFO behind more than a batch of waiting requests.
+                skip = f"{before.num_waiting} requests wait on {probe_model}"
+            elif hints.max_latency_ms is None and policy.probe_is_moot(snap, n_prompt, max_new, params.n):
+                skip = "every cheaper tier would join the busy top tier's batch"
+        probe = await self.probe.run(
+            deployment.engine, probe_core, probe_model, prompt_token_ids, full=pinned is None and skip is None,
+        )
+        if skip is not None:
+            probe.skipped = skip
+        snap = deployment.telemetry.snapshot()
         choice: Choice = policy.decide(
             probe, snap, pinned=pinned, strategy=hints.strategy, max_latency_ms=hints.max_latency_ms,
             prompt_tokens=n_prompt, max_new_tokens=max_new, n=params.n, strategies=strategies,

@@ -35,6 +35,11 @@ PROBE_PREFIX = "sizewise-probe-"  # request ids of the orchestrator's own probes
 _SMALL_STEP_TOKENS = 32  # steps with at most this many tokens feed the decode-like centroid
 _TRACKED_REQUESTS = 4096  # bound on per-request bookkeeping (aborted requests never finish)
 _DEVICE_REFRESH_S = 1.0  # vendor counters (npu-smi is a subprocess) at most once a second
+# A routed request reaches the worker within milliseconds unless it was never submitted (the
+# server rejected it after routing): such a note must not make an idle engine look busy.
+# (Until then, and until the engine's next step, an admitted request counts twice: a brief
+# overestimate of the queue, on the safe side.)
+_PENDING_TTL_S = 0.5
 
 
 class _Ema:
@@ -67,8 +72,7 @@ class _EngineState:
     requests: OrderedDict = field(default_factory=OrderedDict)  # request id -> output tokens so far
     spec_last: dict = field(default_factory=dict)  # strategy -> (draft, accepted) at the last step
     spec_rate: dict = field(default_factory=dict)  # strategy -> _Ema of accepted / draft
-    pending: int = 0  # routed here but not yet visible in the engine's queues
-    pending_tokens: int = 0
+    pending: list = field(default_factory=list)  # (monotonic time, sequences) routed, not yet stepped
 
 
 @dataclass(slots=True, frozen=True)
@@ -183,7 +187,7 @@ class Telemetry:
         with self._lock:
             st.num_steps += 1
             st.last_step_time = time.monotonic()
-            st.pending = st.pending_tokens = 0  # the worker drained its inbox before this step
+            st.pending.clear()  # the worker drained its inbox before this step
             st.step_s.update(seconds)
             st.bytes.update(stats.last_step_bytes)
             self._device_s.update(seconds)
@@ -233,8 +237,7 @@ class Telemetry:
         st = self._state.get(name)
         if st is not None:
             with self._lock:
-                st.pending += n
-                st.pending_tokens += prompt_tokens * n
+                st.pending.append((time.monotonic(), n))
 
     def snapshot(self, device: bool = False) -> TelemetrySnapshot:
         engines = {}
@@ -269,7 +272,7 @@ class Telemetry:
             name=name, tier=st.tier, weight_bytes=core.weight_bytes, kv_bytes_per_token=kvpt,
             block_size=core.block_size, max_num_seqs=core.config.max_num_seqs,
             max_num_batched_tokens=core.config.max_num_batched_tokens, max_model_len=core.max_model_len,
-            num_running=stats.num_running, num_waiting=stats.num_waiting + st.pending,
+            num_running=stats.num_running, num_waiting=stats.num_waiting + self._pending(st),
             kv_blocks_used=stats.kv_blocks_used, kv_blocks_total=stats.kv_blocks_total,
             num_steps=st.num_steps, step_seconds=step_s, step_fixed_seconds=fixed, step_seconds_per_token=per_tok,
             bytes_per_step=byts, achieved_bandwidth=achieved,
@@ -278,6 +281,12 @@ class Telemetry:
             spec_acceptance={k: e.get() for k, e in st.spec_rate.items()},
             calibrated=st.num_steps > 0,
         )
+
+    @staticmethod
+    def _pending(st: _EngineState) -> int:
+        cutoff = time.monotonic() - _PENDING_TTL_S
+        st.pending[:] = [p for p in st.pending if p[0] >= cutoff]
+        return sum(n for _, n in st.pending)
 
     def _cost_model(self, st: _EngineState, core: EngineCore) -> tuple[float, float]:
         """(fixed seconds, seconds per token) of one step: a line through the decode-like and

@@ -9,7 +9,6 @@ Every decision is counted in `decisions[(tier, reason)]` for `sizewise_route_dec
 
 from __future__ import annotations
 
-import inspect
 from collections import Counter
 
 from ..sampling_params import SamplingParams
@@ -34,7 +33,7 @@ class AdaptiveRouter:
                 probe_model = deployment.resolve(self.settings.probe_model)
             else:  # the cheapest resident tier: its prefill is the cheapest difficulty estimate
                 probe_model = deployment.tier_to_model[next(t for t in TIER_ORDER if t in deployment.tier_to_model)]
-            strategies = {name: _accepted_strategies(core, deployment.engine) for name, core in deployment.cores.items()}
+            strategies = {name: _accepted_strategies(core) for name, core in deployment.cores.items()}
             self._bound = (id(deployment), policy, probe_model, strategies)
         return self._bound[1:]
 
@@ -84,17 +83,9 @@ class AdaptiveRouter:
         )
 
 
-def _accepted_strategies(core, engine) -> set[str]:
-    """What `auto` may pick on this engine: `plain` always; `pld` where the core and the async
-    front take `strategy=` and speculation is on (num_speculative_tokens > 0); `draft` where,
-    in addition, a draft model is attached to the core."""
-    def takes(fn) -> bool:
-        try:
-            return "strategy" in inspect.signature(fn).parameters
-        except (TypeError, ValueError):
-            return False
-
-    spec = getattr(core, "spec", None)
-    if spec is None or not (takes(core.add_request) and takes(engine.add_request)):
+def _accepted_strategies(core) -> set[str]:
+    """What `auto` may pick on this engine: `plain` always; `pld` where speculation is on
+    (num_speculative_tokens > 0); `draft` where, in addition, a draft model is attached."""
+    if core.spec is None:
         return {"plain"}
-    return {"plain", "pld"} | ({"draft"} if getattr(spec, "draft", None) is not None else set())
+    return {"plain", "pld"} | ({"draft"} if core.spec.draft is not None else set())

@@ -79,6 +79,7 @@ class BlockManager:
                         del self.free[bid]
                     blk.ref_count += 1
                     seq.block_table.append(bid)
+                    seq.block_hashes.append(h)
                     cached += bs
                     continue
             miss = True
@@ -92,14 +93,15 @@ class BlockManager:
             seq.block_table.append(self._take_free().block_id)
 
     def commit(self, seq: Sequence) -> None:
-        """Register hashes of the full blocks whose K/V are now computed."""
+        """Register hashes of the full blocks whose K/V are now computed (only the new ones)."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        h = -1
-        for i in range(seq.num_cached_tokens // bs):
+        h = seq.block_hashes[-1] if seq.block_hashes else -1
+        for i in range(len(seq.block_hashes), seq.num_cached_tokens // bs):
             tokens = seq.block_tokens(i, bs)
             h = chain_hash(tokens, h)
+            seq.block_hashes.append(h)
             blk = self.blocks[seq.block_table[i]]
             if blk.hash != h:
                 if blk.hash != -1 and self.hash_to_block.get(blk.hash) == blk.block_id:
@@ -115,6 +117,7 @@ class BlockManager:
             if blk.ref_count == 0:
                 self.free[bid] = None
         seq.block_table = []
+        seq.block_hashes = []
         seq.num_cached_tokens = 0
 
     # ----- internals ---------------------------------------------------------------

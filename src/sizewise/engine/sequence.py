@@ -36,7 +36,7 @@ class Sequence:
 
     __slots__ = (
         "seq_id", "request", "index", "token_ids", "num_prompt_tokens", "num_cached_tokens",
-        "block_table", "status", "finish_reason", "stop_reason", "output_logprobs",
+        "block_table", "block_hashes", "status", "finish_reason", "stop_reason", "output_logprobs",
         "cumulative_logprob", "generator", "output_text", "emitted_text_len", "prefix_offset",
         "read_offset", "emitted_tokens", "emitted_logprobs", "spec", "arrival_order",
     )
@@ -49,6 +49,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_cached_tokens = 0
         self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # chain hashes of the leading full blocks already registered
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None

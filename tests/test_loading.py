@@ -82,3 +82,25 @@ def test_two_async_engines_in_one_process_do_not_collide(checkpoints):
         b.shutdown()
     assert got == [want_a, want_b] * 3
     assert a_core.block_manager.num_used_blocks == 0 and not a_core.has_unfinished_requests()
+
+
+def test_speculative_settings_come_from_the_deployment_yaml(tmp_path, checkpoints):
+    import pydantic
+    import pytest
+
+    from sizewise.orchestrator.deployment import Deployment, DeploymentConfig
+
+    path = tmp_path / "dep.yaml"
+    path.write_text(
+        f"device: cpu\nmodels:\n  - {{name: m, tier: large, path: {checkpoints['llama']}}}\n"
+        "engine: {num_speculative_tokens: 0, max_model_len: 256}\n"
+    )
+    dep = Deployment.load(DeploymentConfig.from_yaml(path))
+    try:
+        assert dep.cores["m"].spec is None  # k = 0: speculation off, `pld` requests are refused
+    finally:
+        dep.shutdown()
+    with pytest.raises(pydantic.ValidationError, match="num_speculative_tokens"):
+        DeploymentConfig.model_validate(
+            {"models": [{"name": "m", "tier": "large", "path": "x"}], "engine": {"num_speculative_tokens": 16}}
+        )

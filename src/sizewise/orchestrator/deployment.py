@@ -50,6 +50,11 @@ class EngineSection(BaseModel):
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
     max_waiting: int = Field(default=1024, ge=1)
+    # speculative decoding (engine/speculative.py): k fixed per step, 0 turns it off
+    num_speculative_tokens: int = Field(default=4, ge=0, le=15)
+    prompt_lookup_max: int = Field(default=3, ge=1)
+    prompt_lookup_min: int = Field(default=2, ge=1)
+    spec_batching: Literal["auto", "split", "padded"] = "auto"
 
 
 class ServerSection(BaseModel):

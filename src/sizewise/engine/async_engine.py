@@ -14,6 +14,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -96,6 +97,7 @@ class AsyncEngine:
         self._routes: dict[str, _Route] = {}
         self._stop = False
         self._dead: BaseException | None = None
+        self.priority_core: str | None = None  # stepped early when it has queued requests (the probe engine)
         self.step_listeners: list = []  # callables(core_name, core, outputs, seconds): telemetry hooks
         self._thread = threading.Thread(target=self._run, name="sizewise-engine", daemon=True)
         self._thread.start()
@@ -175,8 +177,6 @@ class AsyncEngine:
                     self.cores[route.core].abort_request(cmd.request_id)
 
     def _run(self) -> None:
-        import time
-
         names = list(self.cores)
         turn = 0
         try:
@@ -187,30 +187,16 @@ class AsyncEngine:
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
-                # Round-robin: each busy core gets one step per turn.
+                # Round-robin: each busy core gets one step per turn. A `priority_core` with
+                # newly queued requests (the orchestrator's probe engine) also gets a step after
+                # every other core's, so a probe waits at most one step, not a whole turn.
                 for name in busy[turn % len(busy):] + busy[: turn % len(busy)]:
                     self._drain_inbox()
-                    core = self.cores[name]
-                    t0 = time.perf_counter()
-                    try:
-                        outs = core.step()
-                    except Exception as e:  # noqa: BLE001 - fail this core's requests, keep serving
-                        log.exception("step of %s failed; failing its in-flight requests", name)
-                        self._fail_core(name, e)
-                        continue
-                    dt = time.perf_counter() - t0
-                    for out in outs:
-                        route = self._routes.get(out.request_id)
-                        if route is None:
-                            continue
-                        if out.finished:
-                            del self._routes[out.request_id]
-                        self._deliver(route, out)
-                    for listener in self.step_listeners:
-                        try:
-                            listener(name, core, outs, dt)
-                        except Exception:  # noqa: BLE001 - telemetry must never stop serving
-                            log.exception("step listener failed")
+                    self._step_core(name)
+                    prio = self.priority_core
+                    if prio is not None and prio != name and self.cores[prio].scheduler.waiting:
+                        self._drain_inbox()
+                        self._step_core(prio)
                 turn += 1
         except BaseException as e:  # noqa: BLE001
             self._dead = e
@@ -218,6 +204,29 @@ class AsyncEngine:
             for rid, route in list(self._routes.items()):
                 self._deliver(route, EngineDeadError(str(e)))
             raise
+
+    def _step_core(self, name: str) -> None:
+        core = self.cores[name]
+        t0 = time.perf_counter()
+        try:
+            outs = core.step()
+        except Exception as e:  # noqa: BLE001 - fail this core's requests, keep serving
+            log.exception("step of %s failed; failing its in-flight requests", name)
+            self._fail_core(name, e)
+            return
+        dt = time.perf_counter() - t0
+        for out in outs:
+            route = self._routes.get(out.request_id)
+            if route is None:
+                continue
+            if out.finished:
+                del self._routes[out.request_id]
+            self._deliver(route, out)
+        for listener in self.step_listeners:
+            try:
+                listener(name, core, outs, dt)
+            except Exception:  # noqa: BLE001 - telemetry must never stop serving
+                log.exception("step listener failed")
 
     def _fail_core(self, name: str, exc: Exception) -> None:
         core = self.cores[name]

@@ -34,6 +34,7 @@ class AdaptiveRouter:
             else:  # the cheapest resident tier: its prefill is the cheapest difficulty estimate
                 probe_model = deployment.tier_to_model[next(t for t in TIER_ORDER if t in deployment.tier_to_model)]
             strategies = {name: _accepted_strategies(core) for name, core in deployment.cores.items()}
+            deployment.engine.priority_core = probe_model  # probes wait one step, not a turn
             self._bound = (id(deployment), policy, probe_model, strategies)
         return self._bound[1:]
 

@@ -40,36 +40,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-SHAPES: dict[str, dict] = {
-    "tiny": dict(
-        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    ),
-    "llama-3.2-1b": dict(
-        model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-        tie_word_embeddings=True, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    ),
-    "qwen2.5-0.5b": dict(
-        model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
-        tie_word_embeddings=True, rope_theta=1000000.0,
-    ),
-    "qwen2.5-1.5b": dict(
-        model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-        num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
-        tie_word_embeddings=True, rope_theta=1000000.0,
-    ),
-    "qwen2.5-7b": dict(
-        model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
-        tie_word_embeddings=False, rope_theta=1000000.0,
-    ),
-}
+from _common import SHAPES  # noqa: E402  (one list of model shapes for all device/benchmark scripts)
 
 
 def log(msg: str) -> None:

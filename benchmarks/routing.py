@@ -14,7 +14,10 @@ Policies, one deployment (all three tiers co-resident; the router is swapped bet
 the prefix caches are emptied so no run reuses another's prefill):
   static-small / static-medium / static-large: every request to one tier;
   sizewise: the adaptive router (probe + telemetry + policy; strategy `auto`);
-  random: tiers drawn at random with sizewise's tier shares at the same rate (equal large share).
+  random: tiers drawn at random with sizewise's tier shares at the same rate (equal large share);
+  oracle: each request on the tier an all-knowing router would choose (it knows every tier's NLL
+    on the reference): the cheapest routing within the quality tolerance, cost = each static
+    tier's measured burst seconds per request. The headroom any probe could reach.
 
 Rates: a burst (all requests at t=0: capacity) then Poisson arrivals at the given multiples of
 static-large's measured capacity (requests/s).
@@ -168,6 +171,21 @@ class RandomRouter:
         return Decision(model=model, tier=tier, strategy=strategy, reason="random")
 
 
+class OracleRouter:
+    """The bound no probe can beat: each request goes to the tier an all-knowing router would
+    pick, knowing every tier's NLL on its reference continuation (`oracle_routing`: cheapest
+    routing within the quality tolerance, cost = each tier's measured burst time per request)."""
+
+    def __init__(self, tiers_by_prompt: dict[tuple[int, ...], str]) -> None:
+        self.tiers_by_prompt = tiers_by_prompt
+        self.decisions: dict = {}
+
+    async def route(self, deployment, prompt_token_ids, params, requested, hints) -> Decision:
+        tier = self.tiers_by_prompt[tuple(prompt_token_ids)]
+        strategy = "plain" if hints.strategy == "auto" else hints.strategy
+        return Decision(model=deployment.tier_to_model[tier], tier=tier, strategy=strategy, reason="oracle")
+
+
 async def calibrate(dep: Deployment, router: AdaptiveRouter, items: list[Item], tolerance: float) -> dict:
     """Fit the difficulty thresholds on these (calibration) items: probe scores from the real
     probe, each tier's quality from its engine, cost = weight bytes per tier."""
@@ -296,7 +314,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--code-frac", type=float, default=0.5)
     ap.add_argument("--rates", default="0.5,1.0,1.5", help="Poisson rates as multiples of static-large's capacity")
-    ap.add_argument("--policies", default="static-small,static-medium,static-large,sizewise,random")
+    ap.add_argument("--policies", default="static-small,static-medium,static-large,sizewise,random,oracle")
     ap.add_argument("--strategy", default="auto", choices=["auto", "plain"],
                     help="the `sizewise.strategy` every request sends (static/random routers map auto to plain)")
     ap.add_argument("--no-server", action="store_true", help="drive the Deployment directly, no HTTP")
@@ -312,6 +330,8 @@ def main() -> None:
     policies = args.policies.split(",")
     if "random" in policies and "sizewise" not in policies:
         raise SystemExit("random routing copies sizewise's tier shares: include sizewise in --policies")
+    if "oracle" in policies and not all(f"static-{t}" in policies for t in TIERS):
+        raise SystemExit("the oracle's costs are the static tiers' burst times: include all three static policies")
     if "static-large" not in policies:
         raise SystemExit("rates are multiples of static-large's capacity: include static-large in --policies")
 
@@ -369,11 +389,15 @@ def main() -> None:
         rows: list[dict] = []
         telemetry: list[dict] = []
 
+        oracle = None
+
         def run(policy: str, rate: float, label: str, shares: dict | None = None) -> dict:
             if policy.startswith("static-"):
                 dep.router = StaticRouter(policy.removeprefix("static-"))
             elif policy == "sizewise":
                 dep.router = adaptive
+            elif policy == "oracle":
+                dep.router = OracleRouter({tuple(it.prompt): t for it, t in zip(items, oracle.tiers)})
             else:
                 dep.router = RandomRouter(shares, len(items), args.seed + 7)
             reset_prefix_caches(dep)
@@ -388,18 +412,26 @@ def main() -> None:
             return row
 
         # Burst first: static-large's capacity sets the Poisson rates.
-        order = [p for p in policies if p != "random"] + (["random"] if "random" in policies else [])
+        order = [p for p in policies if p not in ("random", "oracle")] + [p for p in ("random", "oracle") if p in policies]
         order.remove("static-large")
         order.insert(0, "static-large")
         results_by_rate: dict[str, dict[str, dict]] = {}
 
         def sweep(label: str, rate: float) -> None:
+            nonlocal oracle
             got = {}
             for p in order:
                 shares = None
                 if p == "random":
                     sw = got["sizewise"]
                     shares = {t: sw[t] for t in TIERS}
+                if p == "oracle" and oracle is None:
+                    from sizewise.orchestrator.calibrate import oracle_routing
+
+                    burst = results_by_rate.get("burst", got)
+                    cost = {t: 1.0 / burst[f"static-{t}"]["req_s"] for t in TIERS}
+                    nll = {t: quality[dep.tier_to_model[t]] for t in TIERS}
+                    oracle = oracle_routing(nll, cost, args.tolerance)
                 got[p] = run(p, rate, label, shares)
             results_by_rate[label] = got
 
@@ -459,6 +491,12 @@ def _verdict(by_rate: dict[str, dict[str, dict]]) -> dict:
         out["nll_sizewise_minus_random"] = burst["sizewise"]["nll"] - rd["nll"]
         lines.append(f"  vs random at equal tier shares: NLL {burst['sizewise']['nll']:.3f} vs {rd['nll']:.3f} "
                      f"(large share {rd['large']:.2f}); throughput {burst['sizewise']['tok_s']:.1f} vs {rd['tok_s']:.1f}")
+    if "oracle" in burst and "static-large" in burst:
+        orc, lg = burst["oracle"], burst["static-large"]
+        out["oracle_burst_throughput_ratio"] = orc["tok_s"] / lg["tok_s"]
+        lines.append(f"  oracle (knows every tier's NLL; the bound for any probe): NLL {orc['nll_vs_large']:+.1%}, "
+                     f"burst {out['oracle_burst_throughput_ratio']:.2f}x static-large, shares small/medium/large "
+                     f"{orc['small']:.2f}/{orc['medium']:.2f}/{orc['large']:.2f}")
     poisson = [k for k in by_rate if k != "burst"]
     if poisson and "static-large" in by_rate[poisson[0]]:
         slo = by_rate[poisson[0]]["static-large"]["p95_s"]

@@ -272,6 +272,32 @@ def test_fit_policy_finds_the_intent_bias_the_data_calls_for():
     assert fit.calibration.nll <= fit.calibration.nll_large * 1.03
 
 
+def test_oracle_routing_is_the_cheapest_within_tolerance_up_to_one_request():
+    import itertools
+    import random
+
+    from sizewise.orchestrator.calibrate import fit_thresholds, oracle_routing
+
+    rng = random.Random(3)
+    n = 8
+    nll = {"large": [rng.uniform(2.0, 5.0) for _ in range(n)]}
+    nll["medium"] = [q + rng.choice([0.0, 0.02, 0.6]) for q in nll["large"]]
+    nll["small"] = [q + rng.choice([0.01, 0.3, 1.5]) for q in nll["medium"]]
+    cost = {"small": 1.0, "medium": 3.0, "large": 9.0}
+    orc = oracle_routing(nll, cost, tolerance=0.03)
+    limit = orc.nll_large * 1.03
+    mean = lambda a: sum(nll[t][i] for i, t in enumerate(a)) / n  # noqa: E731
+    assert mean(orc.tiers) == pytest.approx(orc.nll) and orc.nll <= limit
+    assert orc.cost == pytest.approx(sum(cost[t] / 9.0 for t in orc.tiers) / n)
+    best = min(sum(cost[t] for t in a) / 9.0 / n for a in itertools.product(cost, repeat=n) if mean(a) <= limit)
+    assert best <= orc.cost <= best + (9.0 - 1.0) / 9.0 / n + 1e-9
+    # knowing each request's NLL, it is never (by more than that one move) worse than the best
+    # pair of probe thresholds, whatever the scores
+    for _ in range(20):
+        scores = [rng.uniform(0, 1) for _ in range(n)]
+        assert orc.cost <= fit_thresholds(scores, nll, cost, tolerance=0.03).cost + (9.0 - 1.0) / 9.0 / n + 1e-9
+
+
 # ----- consolidation -------------------------------------------------------------------------------------
 def test_an_idle_cheap_tier_is_not_woken_while_a_better_busy_one_has_room(policy):
     busy_large = snapshot(large=dict(running=3))  # 3 of 8 slots used; small and medium idle

@@ -95,3 +95,67 @@ def fit_policy(
             ):
                 best = PolicyFit(cal, bias, w)
     return best
+
+
+@dataclass(slots=True, frozen=True)
+class OracleRouting:
+    tiers: list[str]  # per request
+    nll: float
+    nll_large: float
+    cost: float  # mean relative cost per request (largest tier = 1)
+    shares: dict[str, float]
+
+
+def oracle_routing(nll: dict[str, list[float]], cost: dict[str, float], tolerance: float = 0.03) -> OracleRouting:
+    """The cheapest per-request routing whose mean NLL stays within `tolerance` of the largest
+    tier's, knowing every tier's NLL on every request: the bound no probe can beat.
+
+    Lagrangian relaxation: for a price `lam` on NLL each request independently takes the tier
+    minimising cost + lam * nll; bisect on lam for the cheapest price that meets the limit. Each
+    such routing is optimal for its own quality (nothing cheaper is as good), so the answer is
+    within one request's move of the exact optimum; a greedy pass then spends the slack left
+    under the limit on the moves that save the most."""
+    tiers = [t for t in ("small", "medium", "large") if t in nll]
+    if not tiers:
+        raise ValueError("need at least one tier")
+    n = len(nll[tiers[0]])
+    if n == 0 or any(len(v) != n for v in nll.values()):
+        raise ValueError("every tier needs one NLL per request, and at least one request")
+    top = tiers[-1]
+    base = sum(nll[top]) / n
+    limit = base * (1 + tolerance)
+    rel = {t: cost[t] / cost[top] for t in tiers}
+
+    def assign(lam: float) -> list[str]:
+        return [min(tiers, key=lambda t: (rel[t] + lam * nll[t][i], -tiers.index(t))) for i in range(n)]
+
+    def mean_nll(a: list[str]) -> float:
+        return sum(nll[t][i] for i, t in enumerate(a)) / n
+
+    lo, hi = 0.0, 1.0
+    while mean_nll(assign(hi)) > limit:  # every request on its best tier meets the limit: terminates
+        hi *= 2
+        if hi > 1e12:
+            break
+    if mean_nll(assign(lo)) <= limit:
+        hi = lo
+    for _ in range(100):
+        if hi - lo <= 1e-12 * max(1.0, hi):
+            break
+        mid = (lo + hi) / 2
+        if mean_nll(assign(mid)) <= limit:
+            hi = mid
+        else:
+            lo = mid
+    a = assign(hi)
+    total = sum(nll[t][i] for i, t in enumerate(a))
+    while True:
+        moves = [(rel[a[i]] - rel[t], i, t) for i in range(n) for t in tiers
+                 if rel[t] < rel[a[i]] and total + nll[t][i] - nll[a[i]][i] <= limit * n]
+        if not moves:
+            break
+        _, i, t = max(moves)
+        total += nll[t][i] - nll[a[i]][i]
+        a[i] = t
+    shares = {t: sum(x == t for x in a) / n for t in tiers}
+    return OracleRouting(a, mean_nll(a), base, sum(rel[t] for t in a) / n, shares)

@@ -267,6 +267,35 @@ def test_context_length_error_states_both_counts(http, tok):
     assert str(MAX_LEN) in r.json()["error"]["message"]
 
 
+def test_long_prompts_are_tokenized_off_the_event_loop(http, tok, deployment, monkeypatch):
+    """A long text is tokenized in a worker thread (the event loop keeps serving the other
+    streams meanwhile); a short one on the loop. Same tokens either way, same errors."""
+    from sizewise.server.serving import OFFLOAD_CHARS
+
+    hf_tok = deployment.tokenizer("tiny-small")
+    threads: list[str] = []
+    real_encode = hf_tok.encode
+
+    def recording_encode(*a, **kw):
+        threads.append(threading.current_thread().name)
+        return real_encode(*a, **kw)
+
+    monkeypatch.setattr(hf_tok, "encode", recording_encode)
+    short = http.post("/tokenize", json={"prompt": PROMPT, "model": "small"}).json()
+    long_text = "x = 1  # filler\n" * (OFFLOAD_CHARS // 16 + 64)
+    assert len(long_text) > OFFLOAD_CHARS
+    longr = http.post("/tokenize", json={"prompt": long_text, "model": "small"}).json()
+    assert short["tokens"] == tok.encode(PROMPT) and longr["tokens"] == tok.encode(long_text)
+    assert len(threads) == 2 and threads[0] != threads[1]
+    # a long prompt past the context still gets the clear 400, from the worker thread
+    r = http.post("/v1/completions", json={"model": "small", "prompt": long_text, "max_tokens": 4})
+    assert r.status_code == 400 and str(longr["count"]) in r.json()["error"]["message"]
+    assert threads[-1] == threads[1]
+    r = http.post("/v1/chat/completions", json={"model": "small", "max_tokens": 4,
+                                                 "messages": [{"role": "user", "content": long_text}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and threads[-1] != threads[0]
+
+
 def test_api_keys_from_config_and_env(deployment, monkeypatch):
     monkeypatch.setenv("SIZEWISE_API_KEYS", "env-key, other-key")
     open_app = create_app(deployment, ServerSection(api_keys=["cfg-key"]))

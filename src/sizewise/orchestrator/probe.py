@@ -28,6 +28,9 @@ from .policy import INTENTS, PolicySettings
 from .telemetry import PROBE_PREFIX
 
 _COPY_MAX_TOKENS = 8192  # copyability reads at most the prompt's last 8K tokens
+# Copyability is a Python loop (~8 us a token): past this many tokens it runs in a worker thread,
+# so a long prompt's probe does not stall the event loop (the GIL still switches every 5 ms).
+_COPY_OFFLOAD_TOKENS = 1024
 _FEATURE_MAX_CHARS = 4000  # intent features read at most the prompt's first 4K characters
 _ZERO_SHOT_MAX_TOKENS = 96  # of the prompt, in the zero-shot template
 _ZERO_SHOT_TEMPLATE = "Request: {text}\nThe request above is about (code, math, knowledge or chat):"
@@ -167,7 +170,10 @@ class Probe:
         t0 = time.perf_counter()
         s = self.settings
         ids = list(prompt_token_ids)
-        copy, repeat = copyability(ids, max_n=s.copy_ngram)
+        if len(ids) > _COPY_OFFLOAD_TOKENS:
+            copy, repeat = await asyncio.to_thread(copyability, ids, s.copy_ngram)
+        else:
+            copy, repeat = copyability(ids, max_n=s.copy_ngram)
         text = core.tokenizer.decode(ids[: _FEATURE_MAX_CHARS // 2], skip_special_tokens=True)
         scores = intent_features(text)
         res = ProbeResult(

@@ -42,7 +42,7 @@ async def generate(body: P.GenerateRequest, request: Request):
     with param_names(rename):
         params = SamplingParams(**body.params.model_dump())
     if body.prompt is not None:
-        prompt = Prompt(serving.encode(body.model, body.prompt), body.prompt)
+        prompt = Prompt(await serving.encode_async(body.model, body.prompt), body.prompt)
     else:
         prompt = Prompt(list(body.input_ids))
     rid = serving.new_id("gen")
@@ -81,10 +81,10 @@ async def tokenize(body: P.TokenizeRequest, request: Request):
         raise InvalidRequestError("give exactly one of prompt and messages", param="prompt")
     tok = serving.tokenizer(body.model)
     if body.messages is not None:
-        text = serving.render_chat(body.model, chat_messages(body.messages), body.add_generation_prompt)
-        ids = tok.encode(text, add_special_tokens=bool(body.add_special_tokens))
+        text = await serving.render_chat_async(body.model, chat_messages(body.messages), body.add_generation_prompt)
+        ids = await serving.encode_async(body.model, text, add_special_tokens=bool(body.add_special_tokens))
     else:
-        ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+        ids = await serving.encode_async(body.model, body.prompt, add_special_tokens=body.add_special_tokens is not False)
     return {"count": len(ids), "max_model_len": serving.max_model_len(body.model), "tokens": ids,
             "token_strs": tok.convert_ids_to_tokens(ids) if body.return_token_strs else None}
 

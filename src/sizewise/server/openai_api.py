@@ -72,9 +72,10 @@ def _completion_params(body: P.CompletionRequest) -> tuple[SamplingParams, bool]
     return SamplingParams(**kw), drop
 
 
-def _completion_prompts(serving: Serving, model: str, prompts: list[str | list[int]]) -> list[Prompt]:
+async def _completion_prompts(serving: Serving, model: str, prompts: list[str | list[int]]) -> list[Prompt]:
     """The request's prompts (normalized by the protocol to a list of texts or token-id lists)."""
-    return [Prompt(serving.encode(model, p), p) if isinstance(p, str) else Prompt(list(p)) for p in prompts]
+    return [Prompt(await serving.encode_async(model, p), p) if isinstance(p, str) else Prompt(list(p))
+            for p in prompts]
 
 
 def _echo_text(serving: Serving, run: Run, prompt: Prompt) -> str:
@@ -86,7 +87,7 @@ async def create_completion(body: P.CompletionRequest, request: Request):
     deadline = _deadline(serving)
     model = body.model or "auto"
     params, drop = _completion_params(body)
-    prompts = _completion_prompts(serving, model, body.prompt)
+    prompts = await _completion_prompts(serving, model, body.prompt)
     rid = serving.new_id("cmpl")
     run = await serving.submit(prompts, params, model, routing_hints(body.sizewise), rid, deadline, drop_output=drop)
     created = int(time.time())
@@ -182,9 +183,9 @@ async def create_chat_completion(body: P.ChatCompletionRequest, request: Request
     deadline = _deadline(serving)
     model = body.model or "auto"
     params = _chat_params(body)
-    text = serving.render_chat(model, chat_messages(body.messages), body.add_generation_prompt,
-                               body.chat_template_kwargs)
-    prompt = Prompt(serving.encode(model, text, add_special_tokens=False), text)
+    text = await serving.render_chat_async(model, chat_messages(body.messages), body.add_generation_prompt,
+                                           body.chat_template_kwargs)
+    prompt = Prompt(await serving.encode_async(model, text, add_special_tokens=False), text)
     rid = serving.new_id("chatcmpl")
     renames = {"max_tokens": "max_completion_tokens"} if body.max_completion_tokens is not None else {}
     with param_names(lambda p: renames.get(p, "messages" if p == "prompt" else p)):

@@ -33,6 +33,10 @@ from .errors import ApiError, not_ready, request_timeout
 log = logging.getLogger(__name__)
 
 _PROBE_TIME_KEYS = ("time_ms", "ms", "probe_ms")  # where a router's probe dict may report its time
+# Texts longer than this are tokenized (and chat templates rendered) in a worker thread: a
+# megabyte prompt takes ~100 ms to tokenize, and on the event loop that would stall every
+# stream in flight. Shorter ones stay on the loop, where a thread hop would cost more than it saves.
+OFFLOAD_CHARS = 16_384
 
 
 @dataclass(slots=True)
@@ -130,6 +134,20 @@ class Serving:
 
     def encode(self, model: str | None, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer(model).encode(text, add_special_tokens=add_special_tokens)
+
+    async def encode_async(self, model: str | None, text: str, add_special_tokens: bool = True) -> list[int]:
+        """`encode`, off the event loop for long texts (the Rust tokenizer releases the GIL)."""
+        if len(text) <= OFFLOAD_CHARS:
+            return self.encode(model, text, add_special_tokens)
+        return await asyncio.to_thread(self.encode, model, text, add_special_tokens)
+
+    async def render_chat_async(self, model: str | None, messages: list[dict], add_generation_prompt: bool = True,
+                                template_kwargs: dict | None = None) -> str:
+        """`render_chat`, off the event loop when the messages are long."""
+        size = sum(len(str(m.get("content") or "")) for m in messages)
+        if size <= OFFLOAD_CHARS:
+            return self.render_chat(model, messages, add_generation_prompt, template_kwargs)
+        return await asyncio.to_thread(self.render_chat, model, messages, add_generation_prompt, template_kwargs)
 
     def render_chat(self, model: str | None, messages: list[dict], add_generation_prompt: bool = True,
                     template_kwargs: dict | None = None) -> str:

@@ -13,7 +13,9 @@ Each prompt runs alone (batch 1); strategies are interleaved in every repeat and
 per (prompt, strategy) is kept (the host is shared: best-of is the least noisy estimate).
 Reported per workload and strategy: decode tokens/s (first token to last, so the prefill, the
 same for every strategy, is excluded), end-to-end tokens/s, speedup vs plain, acceptance rate
-(accepted / proposed) and mean tokens per verify step (1 + accepted per verification).
+(accepted / proposed), mean tokens per verify step (1 + accepted per verification), decode steps
+and step_bound = plain's decode steps / this strategy's: the speedup if a verify step cost no more
+than a plain one, i.e. the most these proposals could give (steps with no proposal decode plainly).
 
 A second section compares how plain and speculative sequences share a step (EngineConfig.
 spec_batching): "split" (verify rows in a Q=k+1 forward, plain rows in a Q=1 forward) vs
@@ -139,6 +141,11 @@ def bench_workloads(llm: LLM, prompts: dict[str, list[list[int]]], strategies: l
             wall = sum(best[(i, s)][0] for i in range(len(plist)))
             dec = sum(best[(i, s)][1] for i in range(len(plist)))
             drafted, accepted, steps = counts[s]
+            # Decode steps (the first token comes from the prefill): each verification emits
+            # 1 + accepted tokens, every other token took one plain step. step_bound is the speedup
+            # if a verify step cost what a plain step costs: what the proposals allow at most.
+            decoded = ntok[s] - len(plist)
+            decode_steps = steps + (decoded - (accepted + steps))
             row = {
                 "workload": wl, "strategy": s, "tokens": ntok[s],
                 "decode_tok_s": (ntok[s] - len(plist)) / dec if dec > 0 else None,
@@ -147,6 +154,8 @@ def bench_workloads(llm: LLM, prompts: dict[str, list[list[int]]], strategies: l
                 "mean_accepted": accepted / steps if steps else None,  # accepted proposals per verification
                 "mean_tokens_per_verify": (accepted + steps) / steps if steps else None,
                 "verify_steps": steps,
+                "decode_steps": decode_steps,
+                "step_bound": decoded / decode_steps if decode_steps else None,
                 "identical": identical[s] if sp.greedy else None,
             }
             if s == "plain":
@@ -229,7 +238,10 @@ def main() -> None:
     if not args.skip_workloads:
         rows = bench_workloads(llm, prompts, strategies, args.max_tokens, args.repeats)
         print_table(rows, ["workload", "strategy", "tokens", "decode_tok_s", "e2e_tok_s", "speedup", "acceptance",
-                           "mean_accepted", "mean_tokens_per_verify", "verify_steps", "identical"])
+                           "mean_accepted", "mean_tokens_per_verify", "verify_steps", "decode_steps", "step_bound",
+                           "identical"])
+        print("step_bound: plain decode steps / this strategy's decode steps = the speedup if a verify step "
+              "cost what a plain step costs (the ceiling the proposals allow)")
     mixed = []
     if args.mixed_batch:
         mixed = bench_mixed(args.model, cfg, prompts, args.max_tokens // 2, args.mixed_repeats or args.repeats,

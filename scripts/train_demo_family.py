@@ -5,6 +5,7 @@
     python scripts/train_demo_family.py --tiers large   # (re)train one tier only
     python scripts/train_demo_family.py --eval-only     # held-out NLL, agreement, samples, model card
     python scripts/train_demo_family.py --bench         # measure training tokens/s per tier and exit
+    python scripts/train_demo_family.py --recipe gpu-copy --device cuda --out DIR   # see RECIPES
 
 What it does, all deterministic (fixed seeds, fixed data order):
 
@@ -119,6 +120,39 @@ for _tier, _steps in (("small", 200), ("medium", 250), ("large", 300)):
     TIERS[_tier]["phase2_steps"] = _steps
     TIERS[_tier]["tokens"] += _steps * PHASE2["batch_size"] * PHASE2["seq_len"]
 OPTIM = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, warmup_frac=0.04, min_lr_ratio=0.1, grad_clip=1.0)
+
+# Recipes. "cpu" is the one the committed models/demo family was trained with (the budgets
+# above). "gpu-copy" is for a GPU session, and exists because the cpu family cannot copy from
+# its prompt (held-out edit-code NLL of the copied text ~ fresh code NLL, see the card's
+# `copy_nll`): copying needs induction heads, which form only after a number of training tokens
+# that grows with sqrt(batch x context) (~10^5.7 * sqrt(B*C) tokens, Aoyama et al. 2025, "Predicting
+# the Formation of Induction Heads") -- ~16M tokens at batch 4 x 256, 4-10x more than the cpu
+# budgets, hours for the large tier on a 2-core CPU, a few minutes on a GPU. It mixes copy
+# documents (a training-split function shown, then shown again renamed; a prose passage, then
+# quoted) into the stream, and trains each tier long enough to pass that point.
+# Untested at full size: no GPU was lent to the session that wrote it (smoke-tested on CPU with
+# --steps-scale).
+RECIPES: dict[str, dict] = {
+    "cpu": dict(copy_docs=0, batch_size=None, steps=None),
+    "gpu-copy": dict(copy_docs=5_000, batch_size=8, steps={"small": 12_000, "medium": 12_000, "large": 12_000},
+                     phase2_steps={"small": 600, "medium": 600, "large": 600}),
+}
+
+
+def apply_recipe(name: str, steps_scale: float = 1.0) -> dict:
+    """Set TIERS' batch sizes and step budgets for a recipe (and scale them, for smoke tests)."""
+    recipe = RECIPES[name]
+    for tier, spec in TIERS.items():
+        if recipe.get("batch_size"):
+            spec["batch_size"] = recipe["batch_size"]
+        if recipe.get("steps"):
+            spec["steps"] = recipe["steps"][tier]
+        if recipe.get("phase2_steps"):
+            spec["phase2_steps"] = recipe["phase2_steps"][tier]
+        spec["steps"] = max(1, round(spec["steps"] * steps_scale))
+        spec["phase2_steps"] = max(1, round(spec["phase2_steps"] * steps_scale))
+        spec["tokens"] = spec["steps"] * spec["batch_size"] * SEQ_LEN + spec["phase2_steps"] * PHASE2["batch_size"] * PHASE2["seq_len"]
+    return dict(recipe, name=name, steps_scale=steps_scale)
 CKPT_EVERY_S = 120.0
 LOG_EVERY_S = 15.0
 SAVE_DTYPE = "bfloat16"
@@ -176,17 +210,18 @@ def config_record(args) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-def build_corpus() -> dict:
+def build_corpus(copy_docs: int = 0) -> dict:
     """Raw training documents and the held-out lists. Takes a few seconds."""
     t0 = time.time()
     s = demo.split()
     topics = demo.prose_topics()
-    code_docs, docstring_docs, chat_pairs = [], [], []
+    code_docs, docstring_docs, chat_pairs, code_by_path = [], [], [], []
     for rel in s.train_code:
         text = demo.read_code(rel)
         if not text or not text.strip():
             continue
         code_docs.append(text)
+        code_by_path.append((rel, text))
         mod_doc = demo.module_docstring(text)
         if mod_doc and len(mod_doc) >= 80:
             docstring_docs.append(mod_doc)
@@ -205,7 +240,64 @@ def build_corpus() -> dict:
         f"{len(prose_docs)} prose topics ({sum(map(len, prose_docs)) / 1e6:.2f} MB) x{PROSE_REPEAT}, "
         f"{len(docstring_docs)} module docstrings, {len(chat_pairs)} chat examples "
         f"[{time.time() - t0:.1f}s]")
-    return dict(split=s, code=code_docs, prose=prose_docs, docstrings=docstring_docs, chat=chat_pairs)
+    copies = copy_documents(code_by_path, prose_docs, copy_docs, SEED + 2) if copy_docs else []
+    if copies:
+        log(f"corpus: {len(copies)} copy documents ({sum(map(len, copies)) / 1e6:.1f} MB)")
+    return dict(split=s, code=code_docs, prose=prose_docs, docstrings=docstring_docs, chat=chat_pairs, copy=copies)
+
+
+_DEF = re.compile(r"^( *)def ([A-Za-z_][A-Za-z0-9_]*)\(", re.M)
+_IDENT = re.compile(r"\b[a-z_][a-z0-9_]{2,}\b")
+_EDIT_TEMPLATES = [
+    "# {path}\n{a}\n\n# The same code with `{old}` renamed to `{new}`:\n{b}",
+    "{a}\n# Rewritten, `{old}` is now called `{new}`:\n{b}",
+    "Here is a function from {path}:\n\n{a}\nRename `{old}` to `{new}` and show the result.\n\n{b}",
+    "# before\n{a}\n# after (renamed {old} -> {new})\n{b}",
+]
+_QUOTE_TEMPLATES = [
+    "{a}\n\nQuote the passage above, then summarise it.\n\nQuote: \"{a}\"",
+    "Passage:\n{a}\n\nRepeat the passage word for word.\n\n{a}",
+    "{a}\n\nAs quoted above: \"{a}\"",
+]
+
+
+def code_chunk_at_def(source: str, chars: int, rng: random.Random) -> tuple[str, str] | None:
+    """A chunk of ~chars characters of `source` starting at a random `def` line, and its name."""
+    ms = list(_DEF.finditer(source))
+    if not ms:
+        return None
+    m = rng.choice(ms)
+    chunk = source[m.start():m.start() + chars]
+    chunk = chunk[: chunk.rfind("\n") + 1]
+    return (chunk, m.group(2)) if chunk.count("\n") >= 6 else None
+
+
+def copy_documents(code_texts: list[tuple[str, str]], prose_texts: list[str], n: int, seed: int) -> list[str]:
+    """n documents whose second half copies their first: 60% code shown then shown again with
+    an identifier renamed (edit-code), 40% a prose passage then quoted. Training split only."""
+    rng = random.Random(seed)
+    docs: list[str] = []
+    while len(docs) < n:
+        if rng.random() < 0.6:
+            path, src = rng.choice(code_texts)
+            got = code_chunk_at_def(src, rng.randint(400, 1400), rng)
+            if got is None:
+                continue
+            a, name = got
+            idents = sorted(set(_IDENT.findall(a)) - {"self", "def", "return", "for", "while", "not", "and"})
+            old = name if rng.random() < 0.5 or not idents else rng.choice(idents)
+            new = old + rng.choice(["_v2", "_new", "2", "_impl", "_fast"])
+            b = re.sub(r"\b%s\b" % re.escape(old), new, a)
+            docs.append(rng.choice(_EDIT_TEMPLATES).format(path=path, a=a, b=b, old=old, new=new))
+        else:
+            t = rng.choice(prose_texts).strip()
+            if len(t) < 300:
+                continue
+            start = rng.randrange(0, max(1, len(t) - 1200))
+            a = t[start:start + rng.randint(300, 1200)]
+            a = a[: a.rfind(" ")]
+            docs.append(rng.choice(_QUOTE_TEMPLATES).format(a=a))
+    return docs
 
 
 def _first_paragraphs(text: str, limit: int) -> str:
@@ -295,7 +387,7 @@ def training_docs(corpus: dict, tokenizer) -> list[str]:
         )
         for q, a in corpus["chat"]
     ]
-    docs = corpus["code"] + corpus["prose"] * PROSE_REPEAT + corpus["docstrings"] + chat_docs
+    docs = corpus["code"] + corpus["prose"] * PROSE_REPEAT + corpus["docstrings"] + chat_docs + corpus.get("copy", [])
     random.Random(SEED).shuffle(docs)
     return docs
 
@@ -331,7 +423,7 @@ def build_stream(corpus: dict, tokenizer, data_dir: Path) -> np.ndarray:
         log(f"stream: {len(arr):,} tokens from {len(docs)} documents "
             f"({sum(map(len, docs)) / len(arr):.2f} chars/token) [{time.time() - t0:.1f}s]")
         return arr
-    return _cache(data_dir / "train_tokens.npy", make)
+    return _cache(data_dir / f"train_tokens{_recipe_suffix(corpus)}.npy", make)
 
 
 def build_phase2_stream(corpus: dict, tokenizer, data_dir: Path) -> np.ndarray:
@@ -350,7 +442,12 @@ def build_phase2_stream(corpus: dict, tokenizer, data_dir: Path) -> np.ndarray:
         arr = _encode_join(picked, tokenizer)
         log(f"stage-2 stream: {len(arr):,} tokens from {len(picked)} documents [{time.time() - t0:.1f}s]")
         return arr
-    return _cache(data_dir / "phase2_tokens.npy", make)
+    return _cache(data_dir / f"phase2_tokens{_recipe_suffix(corpus)}.npy", make)
+
+
+def _recipe_suffix(corpus: dict) -> str:
+    """Streams with copy documents are cached apart from the cpu recipe's."""
+    return f"-copy{len(corpus['copy'])}" if corpus.get("copy") else ""
 
 
 def batch_for_step(stream: np.ndarray, step: int, batch_size: int, seq_len: int = SEQ_LEN) -> torch.Tensor:
@@ -455,12 +552,13 @@ def train_tier(tier: str, stream: np.ndarray, stream2: np.ndarray, tokenizer, ar
     spec = TIERS[tier]
     plan = stages(tier, stream, stream2)
     total = sum(st["steps"] for st in plan)
-    model = new_model(tier, tokenizer)
+    device = torch.device(args.device)
+    model = new_model(tier, tokenizer).to(device)
     opt = make_optimizer(model, spec["lr"])
     step, elapsed, losses = 0, 0.0, []
     ckpt = run_dir / "ckpt.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
         step, elapsed, losses = state["step"], state["elapsed"], state["losses"]
@@ -479,11 +577,13 @@ def train_tier(tier: str, stream: np.ndarray, stream2: np.ndarray, tokenizer, ar
         while first <= step < last:
             t_step = time.time()
             k = step - first
-            x = batch_for_step(st["stream"], k, st["batch_size"], st["seq_len"])
+            x = batch_for_step(st["stream"], k, st["batch_size"], st["seq_len"]).to(device, non_blocking=True)
             lr = lr_at(k, st["steps"], st["lr"])
             for g in opt.param_groups:
                 g["lr"] = lr
-            out = model(input_ids=x, labels=x)
+            # bf16 autocast on a GPU (fp32 master weights and optimizer state); fp32 on CPU.
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = model(input_ids=x, labels=x)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM["grad_clip"])
             opt.step()
@@ -533,7 +633,7 @@ def export(model, tokenizer, out_dir: Path, tier: str, record: dict, stats: dict
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     dtype = getattr(torch, SAVE_DTYPE)
-    model = model.to(dtype)
+    model = model.to("cpu", dtype)
     model.config.use_cache = True
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     model.generation_config = GenerationConfig(
@@ -550,7 +650,8 @@ def export(model, tokenizer, out_dir: Path, tier: str, record: dict, stats: dict
                        phase2_steps=TIERS[tier]["phase2_steps"],
                        token_budget=TIERS[tier]["tokens"], result=stats,
                        hardware=dict(machine=platform.machine(), cpu_count=os.cpu_count(),
-                                     torch=torch.__version__, threads=torch.get_num_threads()))
+                                     torch=torch.__version__, threads=torch.get_num_threads(),
+                                     device=record.get("device", "cpu")))
     atomic_write_text(out_dir / "training_config.json", json.dumps(tier_record, indent=2) + "\n")
 
 
@@ -609,6 +710,44 @@ def nll_per_token(model, tokenizer, texts: list[str], max_tokens: int = EVAL_MAX
     return total / count, count
 
 
+def held_out_copy_pairs(n: int = 24) -> list[tuple[str, str]]:
+    """(prefix, copy) of held-out edit-code documents: a function, then the instruction to
+    rename it; the copy is the renamed function, all predictable from the prefix."""
+    rng = random.Random(SEED + 3)
+    pairs = []
+    for rel in demo.split().held_out_code:
+        got = code_chunk_at_def(demo.read_code(rel) or "", 900, rng)
+        if got is None:
+            continue
+        a, name = got
+        new = name + "_v2"
+        pairs.append((_EDIT_TEMPLATES[0].format(path=rel, a=a, b="", old=name, new=new),
+                      re.sub(r"\b%s\b" % re.escape(name), new, a)))
+        if len(pairs) == n:
+            break
+    return pairs
+
+
+@torch.no_grad()
+def copy_nll(model, tokenizer, pairs: list[tuple[str, str]]) -> tuple[float, float]:
+    """Mean NLL and greedy top-1 accuracy on the copied part: ~0 and ~1 for a model that
+    copies from its prompt, about its fresh-code NLL for one that does not."""
+    backend = tokenizer.backend_tokenizer
+    total, hits, count = 0.0, 0, 0
+    for prefix, copy in pairs:
+        a = backend.encode(prefix, add_special_tokens=False).ids
+        b = backend.encode(copy, add_special_tokens=False).ids
+        ids = torch.tensor((a + b)[:MAX_POSITION_EMBEDDINGS])
+        if len(ids) <= len(a):
+            continue
+        logits = model(input_ids=ids[None, :-1]).logits.float()[0, len(a) - 1:]
+        target = ids[len(a):]
+        total += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+        hits += int((logits.argmax(-1) == target).sum())
+        count += len(target)
+    return total / max(count, 1), hits / max(count, 1)
+
+
 def load_model(path: Path):
     from transformers import AutoModelForCausalLM
 
@@ -620,6 +759,7 @@ def evaluate(out: Path) -> dict:
     predictions agree (an upper bound on greedy draft-model acceptance per token)."""
     texts = held_out_texts()
     sample = demo.held_out_samples()
+    copy_pairs = held_out_copy_pairs()
     results, argmax = {}, {}
     for tier in demo.TIERS:
         path = out / tier
@@ -636,10 +776,11 @@ def evaluate(out: Path) -> dict:
             r[f"{kind}_tokens"] = n
             r[f"{kind}_top1"] = round(float((pred == target).float().mean()), 4)
             r[f"{kind}_sample_nll"] = round(nll_per_token(model, tok, [sample[kind]])[0], 4)
+        r["copy_nll"], r["copy_top1"] = (round(v, 4) for v in copy_nll(model, tok, copy_pairs))
         r["samples"] = samples(model, tok)
         results[tier] = r
         log(f"[eval {tier}] code {r['code_nll']:.3f} ({r['code_tokens']} tok) prose {r['prose_nll']:.3f} "
-            f"({r['prose_tokens']} tok) [{time.time() - t0:.1f}s]")
+            f"({r['prose_tokens']} tok) copy {r['copy_nll']:.3f} (top-1 {r['copy_top1']:.2f}) [{time.time() - t0:.1f}s]")
     tiers = list(results)
     for i, a in enumerate(tiers):
         for b in tiers[i + 1:]:
@@ -676,9 +817,9 @@ def write_card(out: Path, results: dict) -> None:
         m = re.search(re.escape(DECODE_SPEED_HEADER) + r".*?(?=\n## |\Z)", old, re.S)
         if m:
             decode_section = m.group(0).rstrip() + "\n"
-    rows, total_s, total_tok = [], 0.0, 0
+    rows, total_s, total_tok, tcs = [], 0.0, 0, {}
     for tier, r in results.items():
-        tc = json.loads((out / tier / "training_config.json").read_text())
+        tc = tcs[tier] = json.loads((out / tier / "training_config.json").read_text())
         st, m = tc["result"], tc["model"]
         total_s += st["train_seconds"]
         total_tok = max(total_tok, st["tokens_seen"])
@@ -687,7 +828,8 @@ def write_card(out: Path, results: dict) -> None:
             f"| demo-{tier} | {r['params'] / 1e6:.2f}M | {m['hidden_size']} / {m['num_hidden_layers']} / "
             f"{m['num_attention_heads']} / {m['num_key_value_heads']} / {m['intermediate_size']} | "
             f"{size_mib:.1f} | {st['tokens_seen'] / 1e6:.2f}M | {st['train_seconds'] / 60:.1f} | "
-            f"{st['final_train_loss']:.3f} | {r['code_nll']:.3f} | {r['prose_nll']:.3f} |"
+            f"{st['final_train_loss']:.3f} | {r['code_nll']:.3f} | {r['prose_nll']:.3f} | "
+            f"{r.get('copy_nll', float('nan')):.3f} ({r.get('copy_top1', float('nan')):.2f}) |"
         )
     agreement_md = ""
     if "large" in results and len(results) == 3:
@@ -704,6 +846,11 @@ def write_card(out: Path, results: dict) -> None:
         )
     any_tc = json.loads((out / next(iter(results)) / "training_config.json").read_text())
     hw = any_tc["hardware"]
+    if hw.get("device", "cpu").startswith("cuda"):
+        train_hw = f"bfloat16 autocast on {hw['device']} (torch {hw['torch']})"
+    else:
+        train_hw = (f"float32 on CPU ({hw['cpu_count']} cores, torch intra-op threads:\n  {hw['threads']}, "
+                    f"torch {hw['torch']}, {hw['machine']})")
     n_code = sum(r["code_tokens"] for r in results.values()) // max(1, len(results))
     n_prose = sum(r["prose_tokens"] for r in results.values()) // max(1, len(results))
     samples_md = []
@@ -729,8 +876,8 @@ of the same shuffled stream, in the same order).
 
 ## Models
 
-| model | params | d / layers / heads / kv heads / ffn | safetensors MiB ({SAVE_DTYPE}) | tokens seen | train min | final train loss | held-out code NLL | held-out prose NLL |
-|---|---|---|---|---|---|---|---|---|
+| model | params | d / layers / heads / kv heads / ffn | safetensors MiB ({SAVE_DTYPE}) | tokens seen | train min | final train loss | held-out code NLL | held-out prose NLL | copy NLL (top-1) |
+|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 NLL is the mean negative log-likelihood per token (nats, lower is better) of the saved
@@ -738,22 +885,26 @@ NLL is the mean negative log-likelihood per token (nats, lower is better) of the
 held-out stdlib `.py` files (~{n_code:,} tokens evaluated), prose the held-out
 `pydoc_data.topics` entries (~{n_prose:,} tokens), in windows of {SEQ_LEN} tokens.
 Recompute with `python scripts/train_demo_family.py --eval-only` (writes `eval.json`).
+Copy NLL (and greedy top-1 accuracy) is measured on the copied half of {len(held_out_copy_pairs())}
+held-out edit-code documents (a function, "the same code with `f` renamed to `f_v2`:", then the
+renamed function): a model that copies from its prompt scores near 0 (top-1 near 1); one that
+does not scores about its fresh-code NLL. Prompt-lookup speculation and copy-heavy routing only
+pay with a family that copies.
 
 {agreement_md}
 
 - Architecture: `LlamaForCausalLM`, tied input/output embeddings, RoPE (theta 10000),
   SwiGLU MLP, RMSNorm, grouped-query attention, `max_position_embeddings` {MAX_POSITION_EMBEDDINGS}.
-- Training, two stages per tier, float32 on CPU ({hw['cpu_count']} cores, torch intra-op threads:
-  {hw['threads']}, torch {hw['torch']}, {hw['machine']}), {total_s / 60:.0f} minutes for all three tiers
+- Training, recipe `{any_tc.get('recipe', {}).get('name', 'cpu')}`, two stages per tier, {train_hw}, {total_s / 60:.0f} minutes for all three tiers
   (time spent in optimizer steps; it grows when other jobs share the cores). AdamW (betas
   {OPTIM['betas']}, weight decay {OPTIM['weight_decay']}, grad clip {OPTIM['grad_clip']}), each stage
   with linear warmup over {OPTIM['warmup_frac']:.0%} of its steps then cosine decay to
   {OPTIM['min_lr_ratio']:.0%} of its peak LR, seed {SEED}.
-  1. main: sequences of {SEQ_LEN} tokens, batch {" / ".join(str(TIERS[t]["batch_size"]) for t in results)},
-     {" / ".join(str(TIERS[t]["steps"]) for t in results)} steps, peak LR
-     {" / ".join(str(TIERS[t]["lr"]) for t in results)} for {" / ".join(results)};
+  1. main: sequences of {SEQ_LEN} tokens, batch {" / ".join(str(tcs[t]["batch_size"]) for t in results)},
+     {" / ".join(str(tcs[t]["steps"]) for t in results)} steps, peak LR
+     {" / ".join(str(tcs[t]["lr"]) for t in results)} for {" / ".join(results)};
   2. long context: sequences of {PHASE2['seq_len']} tokens, batch {PHASE2['batch_size']},
-     {" / ".join(str(TIERS[t]["phase2_steps"]) for t in results)} steps, peak LR {PHASE2['lr_scale']:.0%} of
+     {" / ".join(str(tcs[t]["phase2_steps"]) for t in results)} steps, peak LR {PHASE2['lr_scale']:.0%} of
      the main stage's, on the same documents reshuffled. Positions up to
      `max_position_embeddings` are trained (without it, quality fell past 256 tokens).
 - Each model directory has `training_config.json` with the full configuration and results.
@@ -827,17 +978,21 @@ Log: `runs/demo/train.log` when started with `nohup ... > runs/demo/train.log`.
 # --------------------------------------------------------------------------------------
 
 
-def bench(stream, tokenizer, steps: int = 4) -> None:
+def bench(stream, tokenizer, device: str = "cpu", steps: int = 4) -> None:
+    dev = torch.device(device)
     for tier in demo.TIERS:
-        model = new_model(tier, tokenizer)
+        model = new_model(tier, tokenizer).to(dev)
         opt = make_optimizer(model, 1e-3)
         times = []
         for step in range(steps + 1):
-            x = batch_for_step(stream, step, TIERS[tier]["batch_size"])
+            x = batch_for_step(stream, step, TIERS[tier]["batch_size"]).to(dev)
             t0 = time.time()
-            model(input_ids=x, labels=x).loss.backward()
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                loss = model(input_ids=x, labels=x).loss
+            loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            float(loss)  # wait for the device
             times.append(time.time() - t0)
         dt = sum(times[1:]) / steps
         tps = TIERS[tier]["batch_size"] * SEQ_LEN / dt
@@ -857,7 +1012,14 @@ def main(argv=None) -> int:
                     help="evaluate models/demo/*, rewrite eval.json and the card (and normalise metadata files)")
     ap.add_argument("--bench", action="store_true", help="measure training throughput per tier and exit")
     ap.add_argument("--no-card", action="store_true")
+    ap.add_argument("--recipe", default="cpu", choices=sorted(RECIPES),
+                    help="cpu: the committed family's budgets; gpu-copy: copy documents + induction-head budgets")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (gpu-copy is meant for a GPU)")
+    ap.add_argument("--steps-scale", type=float, default=1.0, help="scale every step budget (smoke tests)")
     args = ap.parse_args(argv)
+    if args.runs == str(REPO / "runs" / "demo") and args.recipe != "cpu":
+        args.runs = str(REPO / "runs" / f"demo-{args.recipe}")  # checkpoints of another recipe never mix
+    recipe = apply_recipe(args.recipe, args.steps_scale)
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     out, runs = Path(args.out), Path(args.runs)
@@ -874,7 +1036,8 @@ def main(argv=None) -> int:
         return 0
 
     record = config_record(args)
-    corpus = build_corpus()
+    record.update(recipe=recipe, device=str(args.device))
+    corpus = build_corpus(copy_docs=recipe["copy_docs"])
     s = corpus["split"]
     held = dict(code=s.held_out_code, prose=s.held_out_prose)
     atomic_write_text(out / "held_out.json", json.dumps(held, indent=2) + "\n")
@@ -891,7 +1054,7 @@ def main(argv=None) -> int:
         held_out=held,
     )
     if args.bench:
-        bench(stream, tokenizer)
+        bench(stream, tokenizer, args.device)
         return 0
     for tier in args.tiers.split(","):
         train_tier(tier.strip(), stream, stream2, tokenizer, args, record)

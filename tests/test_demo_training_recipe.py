@@ -1,0 +1,84 @@
+"""The demo family's training script (scripts/train_demo_family.py): the copy documents of the
+gpu-copy recipe copy what they show, come from the training split only, and the held-out copy
+evaluation reads held-out files only (a leak would make the card's copy NLL meaningless)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from sizewise import demo
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_family.py"
+
+
+@pytest.fixture(scope="module")
+def train():
+    spec = importlib.util.spec_from_file_location("train_demo_family", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop(spec.name, None)
+
+
+def test_copy_documents_repeat_their_first_half_from_training_files_only(train):
+    split = demo.split()
+    code = [(rel, demo.read_code(rel) or "") for rel in split.train_code[:60]]
+    topics = demo.prose_topics()
+    prose = [topics[k] for k in split.train_prose[:20]]
+    docs = train.copy_documents(code, prose, 40, seed=0)
+    assert len(docs) == 40 and docs == train.copy_documents(code, prose, 40, seed=0)  # seeded
+    train_paths, held_out = set(split.train_code), set(split.held_out_code)
+    kinds = set()
+    for d in docs:
+        renamed = re.search(r"`(\w+)` (?:renamed to|is now called) `(\w+)`|Rename `(\w+)` to `(\w+)`|renamed (\w+) -> (\w+)", d)
+        if renamed:  # edit-code: every line of the shown chunk comes back, with the name replaced
+            kinds.add("edit")
+            old, new = [g for g in renamed.groups() if g]
+            lines = [ln for ln in d.split("\n") if ln.strip()]
+            shown = [ln for ln in lines if re.search(r"\b%s\b" % re.escape(old), ln) and "renamed" not in ln
+                     and "Rename" not in ln and "called" not in ln]
+            assert shown and all(re.sub(r"\b%s\b" % re.escape(old), new, ln) in d for ln in shown)
+            for path in re.findall(r"^# (\S+\.py)$|from (\S+\.py):", d, re.M):
+                p = next(x for x in path if x)
+                assert p in train_paths and p not in held_out
+        else:  # quote: the passage appears twice
+            kinds.add("quote")
+            head = d.split("\n")[0] if not d.startswith("Passage:") else d.split("\n")[1]
+            assert d.count(head[:80]) >= 2
+    assert kinds == {"edit", "quote"}
+
+
+def test_held_out_copy_eval_reads_held_out_files_only(train):
+    pairs = train.held_out_copy_pairs(8)
+    held_out = set(demo.split().held_out_code)
+    assert len(pairs) == 8
+    for prefix, copy in pairs:
+        path = prefix.split("\n", 1)[0].removeprefix("# ")
+        assert path in held_out
+        old, new = re.search(r"`(\w+)` renamed to `(\w+)`", prefix).groups()
+        assert new == old + "_v2" and copy == re.sub(r"\b%s\b" % re.escape(old), new, copy.replace(new, old))
+        assert copy.replace(new, old) in prefix  # the copy is the shown function, renamed
+
+
+def test_recipes_scale_budgets_and_keep_the_cpu_recipe(train):
+    before = {t: dict(v) for t, v in train.TIERS.items()}
+    try:
+        rec = train.apply_recipe("gpu-copy", steps_scale=0.01)
+        assert rec["copy_docs"] > 0
+        for t, spec in train.TIERS.items():
+            assert spec["steps"] == round(train.RECIPES["gpu-copy"]["steps"][t] * 0.01)
+            assert spec["tokens"] == spec["steps"] * spec["batch_size"] * train.SEQ_LEN + \
+                spec["phase2_steps"] * train.PHASE2["batch_size"] * train.PHASE2["seq_len"]
+    finally:
+        for t, v in before.items():
+            train.TIERS[t].clear()
+            train.TIERS[t].update(v)
+    train.apply_recipe("cpu")
+    assert {t: (v["steps"], v["batch_size"]) for t, v in train.TIERS.items()} == \
+        {t: (v["steps"], v["batch_size"]) for t, v in before.items()}

@@ -889,7 +889,9 @@ Copy NLL (and greedy top-1 accuracy) is measured on the copied half of {len(held
 held-out edit-code documents (a function, "the same code with `f` renamed to `f_v2`:", then the
 renamed function): a model that copies from its prompt scores near 0 (top-1 near 1); one that
 does not scores about its fresh-code NLL. Prompt-lookup speculation and copy-heavy routing only
-pay with a family that copies.
+pay with a family that copies; the `cpu` recipe's family does not (induction heads form only
+past ~16M training tokens at batch 4 x 256). `bash scripts/gpu_train_demo.sh` trains the
+`gpu-copy` recipe on a GPU in minutes (written for the next GPU session; not yet run).
 
 {agreement_md}
 

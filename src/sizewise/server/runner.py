@@ -24,6 +24,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        # Listen now: the URL is announced before uvicorn starts serving, and a client that
+        # connects in between must wait in the backlog, not be refused.
+        sock.listen(2048)
     except OSError:
         sock.close()
         raise

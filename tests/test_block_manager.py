@@ -23,10 +23,12 @@ def test_allocate_append_free():
     assert len(s.block_table) == 3 and bm.num_free_blocks == 5 and s.num_cached_tokens == 0
     s.num_cached_tokens = 10
     s.token_ids += [1, 2]  # two new tokens need slots 10, 11: still block 3
+    assert bm.blocks_to_append(s, 2) == 0 and bm.blocks_to_append(s, 3) == 1 and bm.blocks_to_append(s, 7) == 2
     bm.append_slots(s, 2)
     assert len(s.block_table) == 3
     bm.append_slots(s, 3)  # 13 tokens -> 4 blocks
-    assert len(s.block_table) == 4
+    assert len(s.block_table) == 4 and bm.num_free_blocks == 4
+    assert bm.can_append(s, 22) and not bm.can_append(s, 23)  # 10 cached + 22 = 32 slots = 4 + 4 free blocks
     bm.free_seq(s)
     assert bm.num_free_blocks == 8 and s.block_table == []
 

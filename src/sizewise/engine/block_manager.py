@@ -55,7 +55,12 @@ class BlockManager:
         return self.blocks_needed(seq.num_tokens) + reserve <= self.num_free_blocks
 
     def can_append(self, seq: Sequence, num_new_tokens: int = 1) -> bool:
-        return self._extra_blocks(seq, num_new_tokens) <= self.num_free_blocks
+        return self.blocks_to_append(seq, num_new_tokens) <= self.num_free_blocks
+
+    def blocks_to_append(self, seq: Sequence, num_new_tokens: int = 1) -> int:
+        """Free blocks `append_slots(seq, num_new_tokens)` would take (speculation reserves with it)."""
+        need = self.blocks_needed(seq.num_cached_tokens + num_new_tokens)
+        return max(0, need - len(seq.block_table))
 
     # ----- mutation ----------------------------------------------------------------
     def allocate(self, seq: Sequence, use_prefix_cache: bool = True) -> None:
@@ -89,7 +94,7 @@ class BlockManager:
 
     def append_slots(self, seq: Sequence, num_new_tokens: int = 1) -> None:
         """Make room for the K/V of `num_new_tokens` tokens past `num_cached_tokens`."""
-        for _ in range(self._extra_blocks(seq, num_new_tokens)):
+        for _ in range(self.blocks_to_append(seq, num_new_tokens)):
             seq.block_table.append(self._take_free().block_id)
 
     def commit(self, seq: Sequence) -> None:
@@ -121,10 +126,6 @@ class BlockManager:
         seq.num_cached_tokens = 0
 
     # ----- internals ---------------------------------------------------------------
-    def _extra_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
-        need = self.blocks_needed(seq.num_cached_tokens + num_new_tokens)
-        return max(0, need - len(seq.block_table))
-
     def _take_free(self) -> Block:
         if not self.free:
             raise RuntimeError("out of KV blocks (the scheduler should have preempted)")

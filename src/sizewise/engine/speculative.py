@@ -329,7 +329,7 @@ class SpeculativeDecoder:
         reserve = len(sched.decodes)  # keep a block per decoder for the next step
         chosen: list[_Row] = []
         for r in rows:
-            need = bm._extra_blocks(r.seq, len(r.tokens) + 1)
+            need = bm.blocks_to_append(r.seq, len(r.tokens) + 1)
             if need and bm.num_free_blocks - need < reserve:
                 continue  # no room to speculate: this sequence decodes plainly
             bm.append_slots(r.seq, len(r.tokens) + 1)
@@ -373,7 +373,7 @@ class SpeculativeDecoder:
                 d.token_ids.extend(seq.token_ids[d.num_tokens:])
             # room for the catch-up tokens plus the limit-1 proposals whose K/V the draft writes
             need_tokens = seq.num_tokens + limit - 1 - d.num_cached_tokens
-            if bm._extra_blocks(d, need_tokens) + reserve > bm.num_free_blocks:
+            if bm.blocks_to_append(d, need_tokens) + reserve > bm.num_free_blocks:
                 continue
             bm.append_slots(d, need_tokens)
             active.append((seq, d, limit))

@@ -10,6 +10,9 @@
 #      GRAPH_BENCH_SHAPES graph vs eager step time;
 #   2. benchmarks/decode.py: sizewise vs transformers generate() vs the bandwidth roofline at
 #      PROMPT_LEN-token prompts, batch 1 and 8.
+# Order: the 1B checks and table first, then the 7B, all inside TOTAL_LIMIT_S (default 560 s,
+# under the device tool's 600 s per command), each step inside STEP_LIMIT_S; a step that would
+# not fit is skipped and reported.
 # Logs and JSON go to $OUT (the device tool brings that folder back) or ./gpu-results. Needs
 # only what the device image has (torch, triton, transformers, safetensors, tokenizers): the
 # package is used from src/ and never pip-installed. Each step has its own time limit so one
@@ -30,11 +33,20 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 failed=()
 
+TOTAL_LIMIT_S="${TOTAL_LIMIT_S:-560}"  # the device tool stops a command at 600 s; leave time to return files
+
 step() {  # step NAME COMMAND...: run with a time limit, log to $OUT_DIR/NAME.log
     local name="$1"; shift
-    echo "=== $name: $*"
+    local left=$((TOTAL_LIMIT_S - SECONDS)) limit=$STEP_LIMIT_S
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt 30 ]; then
+        echo "=== $name: skipped, ${left} s left of TOTAL_LIMIT_S=$TOTAL_LIMIT_S"
+        failed+=("$name(skipped)")
+        return
+    fi
+    echo "=== $name (limit ${limit} s): $*"
     local t0=$SECONDS
-    timeout "$STEP_LIMIT_S" "$@" 2>&1 | tee "$OUT_DIR/$name.log"
+    timeout "$limit" "$@" 2>&1 | tee "$OUT_DIR/$name.log"
     local rc=${PIPESTATUS[0]}
     echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
     [ "$rc" -eq 0 ] || failed+=("$name(rc=$rc)")

@@ -129,12 +129,17 @@ OPTIM = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, warmup_frac=0.04, mi
 # the Formation of Induction Heads") -- ~16M tokens at batch 4 x 256, 4-10x more than the cpu
 # budgets, hours for the large tier on a 2-core CPU, a few minutes on a GPU. It mixes copy
 # documents (a training-split function shown, then shown again renamed; a prose passage, then
-# quoted) into the stream, and trains each tier long enough to pass that point.
+# quoted) into the stream, replaces a share of the main stage's rows with repeated random-token
+# segments (unlike the copy documents, which the stream repeats every epoch, these cannot be
+# memorised: only copying predicts them; a CPU run of the small tier without them memorised its
+# training copies and never copied held-out text, 18M tokens in), and trains each tier long
+# enough to pass that point.
 # Untested at full size: no GPU was lent to the session that wrote it (smoke-tested on CPU with
 # --steps-scale).
 RECIPES: dict[str, dict] = {
-    "cpu": dict(copy_docs=0, batch_size=None, steps=None),
-    "gpu-copy": dict(copy_docs=5_000, batch_size=8, steps={"small": 12_000, "medium": 12_000, "large": 12_000},
+    "cpu": dict(copy_docs=0, synthetic_frac=0.0, batch_size=None, steps=None),
+    "gpu-copy": dict(copy_docs=15_000, synthetic_frac=0.15, batch_size=8,
+                     steps={"small": 12_000, "medium": 12_000, "large": 12_000},
                      phase2_steps={"small": 600, "medium": 600, "large": 600}),
 }
 
@@ -464,6 +469,20 @@ def batch_for_step(stream: np.ndarray, step: int, batch_size: int, seq_len: int 
     return torch.from_numpy(np.stack(rows))
 
 
+def with_synthetic_repeats(x: torch.Tensor, step: int, frac: float, vocab: int) -> torch.Tensor:
+    """Replace about `frac` of the rows of batch x [B, L] with a random-token segment (8-64
+    tokens, ids past the special tokens) repeated to fill the row: predictable only by copying.
+    Seeded by the step, so a resumed run sees the same rows."""
+    rng = np.random.default_rng(SEED * 1_000_003 + step)
+    x = x.clone()
+    B, L = x.shape
+    for i in range(B):
+        if rng.random() < frac:
+            seg = rng.integers(len(SPECIAL_TOKENS), vocab, size=int(rng.integers(8, 65)))
+            x[i] = torch.from_numpy(np.resize(seg, L).astype(np.int64))
+    return x
+
+
 _PERM_CACHE: dict[tuple[int, int], np.ndarray] = {}
 
 
@@ -577,7 +596,10 @@ def train_tier(tier: str, stream: np.ndarray, stream2: np.ndarray, tokenizer, ar
         while first <= step < last:
             t_step = time.time()
             k = step - first
-            x = batch_for_step(st["stream"], k, st["batch_size"], st["seq_len"]).to(device, non_blocking=True)
+            x = batch_for_step(st["stream"], k, st["batch_size"], st["seq_len"])
+            if st["name"] == "main" and args.synthetic_frac > 0:
+                x = with_synthetic_repeats(x, k, args.synthetic_frac, VOCAB_SIZE)
+            x = x.to(device, non_blocking=True)
             lr = lr_at(k, st["steps"], st["lr"])
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -1022,6 +1044,7 @@ def main(argv=None) -> int:
     if args.runs == str(REPO / "runs" / "demo") and args.recipe != "cpu":
         args.runs = str(REPO / "runs" / f"demo-{args.recipe}")  # checkpoints of another recipe never mix
     recipe = apply_recipe(args.recipe, args.steps_scale)
+    args.synthetic_frac = recipe.get("synthetic_frac", 0.0)
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     out, runs = Path(args.out), Path(args.runs)

@@ -82,3 +82,18 @@ def test_recipes_scale_budgets_and_keep_the_cpu_recipe(train):
     train.apply_recipe("cpu")
     assert {t: (v["steps"], v["batch_size"]) for t, v in train.TIERS.items()} == \
         {t: (v["steps"], v["batch_size"]) for t, v in before.items()}
+
+
+def test_synthetic_repeat_rows_are_periodic_seeded_and_spare_the_rest(train):
+    import torch
+
+    x = torch.arange(64 * 256).reshape(64, 256) % 4000 + 5
+    a = train.with_synthetic_repeats(x, step=7, frac=0.25, vocab=train.VOCAB_SIZE)
+    assert torch.equal(a, train.with_synthetic_repeats(x, step=7, frac=0.25, vocab=train.VOCAB_SIZE))
+    changed = [i for i in range(64) if not torch.equal(a[i], x[i])]
+    assert 6 <= len(changed) <= 28  # ~16 of 64
+    for i in changed:
+        row = a[i].tolist()
+        period = next(p for p in range(8, 65) if all(row[j] == row[j % p] for j in range(256)))
+        assert 8 <= period <= 64 and min(row) >= len(train.SPECIAL_TOKENS) and max(row) < train.VOCAB_SIZE
+    assert torch.equal(train.with_synthetic_repeats(x, step=7, frac=0.0, vocab=train.VOCAB_SIZE), x)

@@ -159,6 +159,7 @@ def apply_recipe(name: str, steps_scale: float = 1.0) -> dict:
         spec["tokens"] = spec["steps"] * spec["batch_size"] * SEQ_LEN + spec["phase2_steps"] * PHASE2["batch_size"] * PHASE2["seq_len"]
     return dict(recipe, name=name, steps_scale=steps_scale)
 CKPT_EVERY_S = 120.0
+COPY_EVAL_EVERY = 1000  # steps between held-out copy probes (recipes other than cpu)
 LOG_EVERY_S = 15.0
 SAVE_DTYPE = "bfloat16"
 EVAL_MAX_TOKENS = 60_000  # per held-out set and tier
@@ -590,6 +591,9 @@ def train_tier(tier: str, stream: np.ndarray, stream2: np.ndarray, tokenizer, ar
     seg_tokens = 0
     ema = losses[-1][1] if losses else None
     first = 0
+    # The gpu-copy recipe exists to make the family copy: watch it happen (or not) as it trains.
+    copy_pairs = held_out_copy_pairs(8) if args.recipe != "cpu" else []
+    copy_curve: list = []
     for st in plan:
         tokens_per_step = st["batch_size"] * st["seq_len"]
         last = first + st["steps"]
@@ -617,6 +621,14 @@ def train_tier(tier: str, stream: np.ndarray, stream2: np.ndarray, tokenizer, ar
             ema = loss if ema is None or k == 0 else 0.95 * ema + 0.05 * loss
             if step % 10 == 0 or step == last:
                 losses.append((step, round(ema, 4)))
+            if copy_pairs and (step % COPY_EVAL_EVERY == 0 or step == total):
+                model.eval()
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    c_nll, c_top1 = copy_nll(model, tokenizer, copy_pairs)
+                model.train()
+                copy_curve.append((step, round(c_nll, 4), round(c_top1, 4)))
+                log(f"[{tier}] step {step}: held-out copy NLL {c_nll:.3f}, top-1 {c_top1:.2f} "
+                    f"(a model that copies: near 0 and 1)")
             now = time.time()
             if now - t_last_log >= LOG_EVERY_S or step == last:
                 tps = seg_tokens / max(1e-9, now - t_seg)
@@ -634,7 +646,7 @@ def train_tier(tier: str, stream: np.ndarray, stream2: np.ndarray, tokenizer, ar
     stats = dict(params=n_params(model), steps=step, tokens_seen=spec["tokens"],
                  train_seconds=round(elapsed, 1), final_train_loss=losses[-1][1] if losses else None,
                  main_stage_final_train_loss=next((l for s_, l in reversed(losses) if s_ <= main_steps), None),
-                 loss_curve=losses[:: max(1, len(losses) // 50)])
+                 loss_curve=losses[:: max(1, len(losses) // 50)], copy_curve=copy_curve)
     export(model, tokenizer, out_dir, tier, record, stats)
     atomic_write_text(done, json.dumps(stats, indent=2) + "\n")
     log(f"[{tier}] done: {stats['tokens_seen']:,} tokens in {elapsed / 60:.1f} min, "
@@ -759,7 +771,7 @@ def copy_nll(model, tokenizer, pairs: list[tuple[str, str]]) -> tuple[float, flo
     for prefix, copy in pairs:
         a = backend.encode(prefix, add_special_tokens=False).ids
         b = backend.encode(copy, add_special_tokens=False).ids
-        ids = torch.tensor((a + b)[:MAX_POSITION_EMBEDDINGS])
+        ids = torch.tensor((a + b)[:MAX_POSITION_EMBEDDINGS], device=model.device)
         if len(ids) <= len(a):
             continue
         logits = model(input_ids=ids[None, :-1]).logits.float()[0, len(a) - 1:]

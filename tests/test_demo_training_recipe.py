@@ -94,6 +94,6 @@ def test_synthetic_repeat_rows_are_periodic_seeded_and_spare_the_rest(train):
     assert 6 <= len(changed) <= 28  # ~16 of 64
     for i in changed:
         row = a[i].tolist()
-        period = next(p for p in range(8, 65) if all(row[j] == row[j % p] for j in range(256)))
-        assert 8 <= period <= 64 and min(row) >= len(train.SPECIAL_TOKENS) and max(row) < train.VOCAB_SIZE
+        period = next(p for p in range(8, 129) if all(row[j] == row[j % p] for j in range(256)))
+        assert 8 <= period <= 128 and min(row) >= len(train.SPECIAL_TOKENS) and max(row) < train.VOCAB_SIZE
     assert torch.equal(train.with_synthetic_repeats(x, step=7, frac=0.0, vocab=train.VOCAB_SIZE), x)

@@ -425,11 +425,10 @@ def main() -> None:
                 if p == "random":
                     sw = got["sizewise"]
                     shares = {t: sw[t] for t in TIERS}
-                if p == "oracle" and oracle is None:
+                if p == "oracle" and oracle is None:  # in the burst sweep, after the static runs
                     from sizewise.orchestrator.calibrate import oracle_routing
 
-                    burst = results_by_rate.get("burst", got)
-                    cost = {t: 1.0 / burst[f"static-{t}"]["req_s"] for t in TIERS}
+                    cost = {t: 1.0 / got[f"static-{t}"]["req_s"] for t in TIERS}
                     nll = {t: quality[dep.tier_to_model[t]] for t in TIERS}
                     oracle = oracle_routing(nll, cost, args.tolerance)
                 got[p] = run(p, rate, label, shares)

@@ -141,14 +141,14 @@ def bench_workloads(llm: LLM, prompts: dict[str, list[list[int]]], strategies: l
             wall = sum(best[(i, s)][0] for i in range(len(plist)))
             dec = sum(best[(i, s)][1] for i in range(len(plist)))
             drafted, accepted, steps = counts[s]
-            # Decode steps (the first token comes from the prefill): each verification emits
-            # 1 + accepted tokens, every other token took one plain step. step_bound is the speedup
-            # if a verify step cost what a plain step costs: what the proposals allow at most.
+            # Decode steps (the first token comes from the prefill): every decoded token took one
+            # step except the accepted proposals, which rode along in a verification. step_bound
+            # is the speedup if a verify step cost what a plain step costs: the proposals' ceiling.
             decoded = ntok[s] - len(plist)
-            decode_steps = steps + (decoded - (accepted + steps))
+            decode_steps = decoded - accepted
             row = {
                 "workload": wl, "strategy": s, "tokens": ntok[s],
-                "decode_tok_s": (ntok[s] - len(plist)) / dec if dec > 0 else None,
+                "decode_tok_s": decoded / dec if dec > 0 else None,
                 "e2e_tok_s": ntok[s] / wall,
                 "acceptance": accepted / drafted if drafted else None,
                 "mean_accepted": accepted / steps if steps else None,  # accepted proposals per verification

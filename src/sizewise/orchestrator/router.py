@@ -70,7 +70,7 @@ class AdaptiveRouter:
         )
         if single and requested == "auto":
             choice.reason = "single_model"
-        deployment.telemetry.note_routed(choice.model, n_prompt, params.n)
+        deployment.telemetry.note_routed(choice.model, params.n)
         self.decisions[(choice.tier, choice.reason)] += 1
         return Decision(
             model=choice.model, tier=choice.tier, strategy=choice.strategy, reason=choice.reason,

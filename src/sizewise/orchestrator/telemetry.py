@@ -231,7 +231,7 @@ class Telemetry:
                 st.spec_rate.setdefault(strat, _Ema(st.step_s.alpha)).update((a - a0) / (d - d0))
 
     # ----- event loop side ---------------------------------------------------------------
-    def note_routed(self, name: str, prompt_tokens: int, n: int = 1) -> None:
+    def note_routed(self, name: str, n: int = 1) -> None:
         """A request was just sent to `name`; count it as waiting until the worker's next step
         there, so a burst of arrivals between two steps does not all see an empty queue."""
         st = self._state.get(name)

@@ -135,7 +135,7 @@ OPTIM = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, warmup_frac=0.04, mi
 # training copies and never copied held-out text, 18M tokens in), and trains each tier long
 # enough to pass that point.
 # Untested at full size: no GPU was lent to the session that wrote it (smoke-tested on CPU with
-# --steps-scale).
+# --steps-scale; the small tier ran 6K of its 12K steps on CPU, see the card's copy NLL note).
 RECIPES: dict[str, dict] = {
     "cpu": dict(copy_docs=0, synthetic_frac=0.0, batch_size=None, steps=None),
     "gpu-copy": dict(copy_docs=15_000, synthetic_frac=0.15, batch_size=8,
@@ -267,6 +267,11 @@ _QUOTE_TEMPLATES = [
 ]
 
 
+def rename(text: str, old: str, new: str) -> str:
+    """`text` with the identifier `old` (whole words only) renamed to `new`."""
+    return re.sub(r"\b%s\b" % re.escape(old), new, text)
+
+
 def code_chunk_at_def(source: str, chars: int, rng: random.Random) -> tuple[str, str] | None:
     """A chunk of ~chars characters of `source` starting at a random `def` line, and its name."""
     ms = list(_DEF.finditer(source))
@@ -293,7 +298,7 @@ def copy_documents(code_texts: list[tuple[str, str]], prose_texts: list[str], n:
             idents = sorted(set(_IDENT.findall(a)) - {"self", "def", "return", "for", "while", "not", "and"})
             old = name if rng.random() < 0.5 or not idents else rng.choice(idents)
             new = old + rng.choice(["_v2", "_new", "2", "_impl", "_fast"])
-            b = re.sub(r"\b%s\b" % re.escape(old), new, a)
+            b = rename(a, old, new)
             docs.append(rng.choice(_EDIT_TEMPLATES).format(path=path, a=a, b=b, old=old, new=new))
         else:
             t = rng.choice(prose_texts).strip()
@@ -470,6 +475,11 @@ def batch_for_step(stream: np.ndarray, step: int, batch_size: int, seq_len: int 
     return torch.from_numpy(np.stack(rows))
 
 
+def autocast(device: torch.device):
+    """bf16 autocast on a GPU (fp32 master weights and optimizer state); a no-op on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def with_synthetic_repeats(x: torch.Tensor, step: int, frac: float, vocab: int, salt: int = 0) -> torch.Tensor:
     """Replace about `frac` of the rows of batch x [B, L] with a random-token segment (8 to L/2
     tokens, ids past the special tokens) repeated to fill the row: predictable only by copying.
@@ -596,7 +606,7 @@ def train_tier(tier: str, stream: np.ndarray, stream2: np.ndarray, tokenizer, ar
     # The gpu-copy recipe exists to make the family copy: watch it happen (or not) as it trains.
     copy_pairs = held_out_copy_pairs(8) if args.recipe != "cpu" else []
     copy_curve: list = []
-    for st in plan:
+    for stage_index, st in enumerate(plan):
         tokens_per_step = st["batch_size"] * st["seq_len"]
         last = first + st["steps"]
         while first <= step < last:
@@ -604,13 +614,12 @@ def train_tier(tier: str, stream: np.ndarray, stream2: np.ndarray, tokenizer, ar
             k = step - first
             x = batch_for_step(st["stream"], k, st["batch_size"], st["seq_len"])
             if args.synthetic_frac > 0:  # the long stage too: copying from up to 512 tokens back
-                x = with_synthetic_repeats(x, k, args.synthetic_frac, VOCAB_SIZE, salt=plan.index(st))
+                x = with_synthetic_repeats(x, k, args.synthetic_frac, VOCAB_SIZE, salt=stage_index)
             x = x.to(device, non_blocking=True)
             lr = lr_at(k, st["steps"], st["lr"])
             for g in opt.param_groups:
                 g["lr"] = lr
-            # bf16 autocast on a GPU (fp32 master weights and optimizer state); fp32 on CPU.
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 out = model(input_ids=x, labels=x)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM["grad_clip"])
@@ -625,7 +634,7 @@ def train_tier(tier: str, stream: np.ndarray, stream2: np.ndarray, tokenizer, ar
                 losses.append((step, round(ema, 4)))
             if copy_pairs and (step % COPY_EVAL_EVERY == 0 or step == total):
                 model.eval()
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                with torch.no_grad(), autocast(device):
                     c_nll, c_top1 = copy_nll(model, tokenizer, copy_pairs)
                 model.train()
                 copy_curve.append((step, round(c_nll, 4), round(c_top1, 4)))
@@ -635,7 +644,7 @@ def train_tier(tier: str, stream: np.ndarray, stream2: np.ndarray, tokenizer, ar
             if now - t_last_log >= LOG_EVERY_S or step == last:
                 tps = seg_tokens / max(1e-9, now - t_seg)
                 eta = ((last - step) * tokens_per_step + sum(
-                    s2["steps"] * s2["batch_size"] * s2["seq_len"] for s2 in plan[plan.index(st) + 1:])) / max(tps, 1e-9)
+                    s2["steps"] * s2["batch_size"] * s2["seq_len"] for s2 in plan[stage_index + 1:])) / max(tps, 1e-9)
                 log(f"[{tier}] {st['name']} step {step}/{total} ({100 * step / total:.0f}%) loss {ema:.3f} "
                     f"lr {lr:.2e} {tps:,.0f} tok/s elapsed {elapsed / 60:.1f}m eta {eta / 60:.1f}m")
                 t_last_log, t_seg, seg_tokens = now, now, 0
@@ -758,7 +767,7 @@ def held_out_copy_pairs(n: int = 24) -> list[tuple[str, str]]:
         a, name = got
         new = name + "_v2"
         pairs.append((_EDIT_TEMPLATES[0].format(path=rel, a=a, b="", old=name, new=new),
-                      re.sub(r"\b%s\b" % re.escape(name), new, a)))
+                      rename(a, name, new)))
         if len(pairs) == n:
             break
     return pairs
@@ -1025,7 +1034,7 @@ def bench(stream, tokenizer, device: str = "cpu", steps: int = 4) -> None:
         for step in range(steps + 1):
             x = batch_for_step(stream, step, TIERS[tier]["batch_size"]).to(dev)
             t0 = time.time()
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            with autocast(dev):
                 loss = model(input_ids=x, labels=x).loss
             loss.backward()
             opt.step()

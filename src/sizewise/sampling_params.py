@@ -96,6 +96,8 @@ class SamplingParams:
             raise bad("stop", f"at most 16 stop strings, got {len(self.stop)}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", f"must be an integer, got {self.seed!r}")
+        if any(not isinstance(t, int) or isinstance(t, bool) for t in self.stop_token_ids):
+            raise bad("stop_token_ids", f"entries must be integer token ids, got {self.stop_token_ids!r}")
         if vocab_size is not None:
             for t in self.stop_token_ids:
                 if not 0 <= t < vocab_size:

@@ -121,7 +121,13 @@ class AsyncEngine:
         admitted = loop.create_future()
         self._inbox.put(_Add(name, request_id, list(prompt_token_ids), params, prompt, stream, admitted, loop, strategy))
         self._wake.set()
-        await admitted  # re-raises the core's admission error
+        try:
+            await admitted  # re-raises the core's admission error
+        except asyncio.CancelledError:
+            # The caller is gone before it got a stream to abort: the worker may admit the request
+            # anyway, so queue its abort (after the add: the inbox is FIFO) or it runs to the end.
+            self.abort(request_id)
+            raise
         return stream
 
     async def generate(

@@ -97,6 +97,16 @@ class EngineCore:
 
         model = load_model(self.model_dir, cfg, self.platform, self.dtype, self.max_model_len)
         num_blocks = self._plan_kv_blocks(model)
+        # A sequence longer than the whole cache could never be (re)admitted: it would wait (or
+        # preempt itself) forever. Cap the context at what the cache holds; validate() names it.
+        self.kv_capped = num_blocks * self.block_size < self.max_model_len
+        if self.kv_capped:
+            log.warning(
+                "%s: the KV cache holds %d tokens (%d blocks x %d), less than max_model_len %d: "
+                "capping the context length to it", self.name, num_blocks * self.block_size, num_blocks,
+                self.block_size, self.max_model_len,
+            )
+            self.max_model_len = num_blocks * self.block_size
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), self.max_model_len),
@@ -155,25 +165,37 @@ class EngineCore:
                 )
             self.spec.validate_strategy(strategy)
         n = len(prompt_token_ids)
+        capped = (
+            f" (capped by the KV cache: {self.block_manager.num_blocks} blocks of {self.block_size} tokens; "
+            f"raise kv_cache_bytes)" if self.kv_capped else ""
+        )
         if n == 0:
             raise InvalidRequestError("prompt is empty", param="prompt")
         if n >= self.max_model_len:
             raise InvalidRequestError(
-                f"prompt has {n} tokens but this model's context length is {self.max_model_len} tokens "
+                f"prompt has {n} tokens but this model's context length is {self.max_model_len} tokens{capped} "
                 f"(the prompt must leave room for at least one generated token)",
                 param="prompt",
             )
-        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequestError(
-                f"token id {bad} in the prompt is outside the vocabulary [0, {self.vocab_size})", param="prompt"
-            )
+        for t in prompt_token_ids:  # (a None or a str must not slip through to the step)
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise InvalidRequestError(f"token id {t!r} in the prompt is not an integer", param="prompt")
+            if not 0 <= t < self.vocab_size:
+                raise InvalidRequestError(
+                    f"token id {t} in the prompt is outside the vocabulary [0, {self.vocab_size})", param="prompt"
+                )
         params.validate(self.vocab_size)
         if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
             raise InvalidRequestError(
                 f"prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds this model's context "
-                f"length of {self.max_model_len} tokens",
+                f"length of {self.max_model_len} tokens{capped}",
                 param="max_tokens",
+            )
+        if n + params.min_tokens > self.max_model_len:  # with max_tokens unset, min_tokens could never be met
+            raise InvalidRequestError(
+                f"prompt ({n} tokens) plus min_tokens ({params.min_tokens}) exceeds this model's context "
+                f"length of {self.max_model_len} tokens{capped}",
+                param="min_tokens",
             )
 
     def add_request(
@@ -187,6 +209,8 @@ class EngineCore:
         if len(self.scheduler.waiting) + params.n > self.config.max_waiting:
             raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} sequences)")
         req = Request(request_id, list(prompt_token_ids), params, prompt, strategy=strategy)
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]  # the first prompt token has no logprob (a 1-token prompt: only this)
         if arrival_time is not None:
             req.metrics.arrival_time = arrival_time
         for i in range(params.n):
@@ -272,8 +296,6 @@ class EngineCore:
             req = seq.request
             if seq.index != 0:
                 continue
-            if req.prompt_logprobs is None:
-                req.prompt_logprobs = [None]  # the first prompt token has no logprob
             for j, entry in enumerate(entries):  # a recomputed chunk (preemption) adds nothing twice
                 if first_pos + j == len(req.prompt_logprobs):
                     req.prompt_logprobs.append(entry)

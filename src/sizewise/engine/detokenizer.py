@@ -32,9 +32,13 @@ class Detokenizer:
         stops = seq.params.stop
         if not stops:
             return None
+        if seq.num_output_tokens <= seq.params.min_tokens:
+            # As in vLLM: a stop string may not end the sequence, nor start, within min_tokens.
+            seq.stop_search_from = len(seq.output_text)
+            return None
         # Only the region the new text could have completed needs searching.
         longest = max(len(s) for s in stops)
-        search_from = max(0, seq.emitted_text_len - longest)
+        search_from = max(seq.stop_search_from, seq.emitted_text_len - longest)
         text = seq.output_text
         best: tuple[int, str] | None = None
         for s in stops:

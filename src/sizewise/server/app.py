@@ -84,6 +84,9 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     if e.get("type") == "extra_forbidden":  # the unknown name is no field: keep the whole path
         name = ".".join(str(x) for x in e.get("loc", ())[1:])
         return ApiError(400, f"unrecognized request argument supplied: {name}", param=name)
+    if param is None and isinstance(e.get("input"), bytes):  # a body sent with another Content-Type
+        return ApiError(400, "the request body was not read as JSON: send it with the header "
+                             "'Content-Type: application/json' (or with none)")
     if param is None and e.get("type") in ("missing", "model_attributes_type", "dict_type"):
         return ApiError(400, "the request body must be a JSON object")
     if e.get("type") == "missing":
@@ -208,7 +211,7 @@ def create_app(
     app = FastAPI(
         title="sizewise", version=__version__, lifespan=lifespan,
         description="Adaptive multi-size LLM serving: OpenAI-compatible API, native /generate, metrics.",
-        # JSON without a Content-Type header (`curl -d`) is still JSON to us.
+        # JSON without a Content-Type header is still JSON to us (`curl -d` sends a form's type: 400).
         strict_content_type=False,
     )
     app.state.sizewise = state

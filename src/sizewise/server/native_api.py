@@ -37,6 +37,8 @@ async def generate(body: P.GenerateRequest, request: Request):
     prompt_param = "prompt" if body.prompt is not None else "input_ids"
 
     def rename(p: str) -> str:
+        if p.startswith("sizewise."):
+            return p
         return prompt_param if p == "prompt" else f"params.{p}"
 
     with param_names(rename):
@@ -82,7 +84,8 @@ async def tokenize(body: P.TokenizeRequest, request: Request):
     tok = serving.tokenizer(body.model)
     if body.messages is not None:
         text = await serving.render_chat_async(body.model, chat_messages(body.messages), body.add_generation_prompt)
-        ids = await serving.encode_async(body.model, text, add_special_tokens=bool(body.add_special_tokens))
+        ids = await serving.encode_async(body.model, text, add_special_tokens=bool(body.add_special_tokens),
+                                         param="messages")
     else:
         ids = await serving.encode_async(body.model, body.prompt, add_special_tokens=body.add_special_tokens is not False)
     return {"count": len(ids), "max_model_len": serving.max_model_len(body.model), "tokens": ids,

@@ -185,7 +185,7 @@ async def create_chat_completion(body: P.ChatCompletionRequest, request: Request
     params = _chat_params(body)
     text = await serving.render_chat_async(model, chat_messages(body.messages), body.add_generation_prompt,
                                            body.chat_template_kwargs)
-    prompt = Prompt(await serving.encode_async(model, text, add_special_tokens=False), text)
+    prompt = Prompt(await serving.encode_async(model, text, add_special_tokens=False, param="messages"), text)
     rid = serving.new_id("chatcmpl")
     renames = {"max_tokens": "max_completion_tokens"} if body.max_completion_tokens is not None else {}
     with param_names(lambda p: renames.get(p, "messages" if p == "prompt" else p)):

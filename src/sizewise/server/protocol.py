@@ -59,14 +59,15 @@ class _SamplingFields(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI + vLLM extensions)."""
 
     model: str = "auto"
-    n: int = 1
+    # OpenAI allows null for most fields (n, stream, echo, logprobs included): null is the default.
+    n: int | None = 1
     temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=_SEED_MIN, le=_SEED_MAX)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None  # accepted only when empty
@@ -98,7 +99,7 @@ class CompletionRequest(_SamplingFields):
     prompt: Any = Field(description="a string, a list of strings, a list of token ids or a list of token-id lists")
     max_tokens: int | None = Field(default=16, le=INT32_MAX)
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool | None = False
     suffix: str | None = None  # accepted only when absent
     best_of: int | None = None  # accepted only when absent or equal to n
 
@@ -135,7 +136,7 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, le=INT32_MAX)
     max_completion_tokens: int | None = Field(default=None, le=INT32_MAX)
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
     # Accepted for client compatibility when they ask for nothing we lack.

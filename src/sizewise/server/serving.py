@@ -37,6 +37,8 @@ _PROBE_TIME_KEYS = ("time_ms", "ms", "probe_ms")  # where a router's probe dict 
 # megabyte prompt takes ~100 ms to tokenize, and on the event loop that would stall every
 # stream in flight. Shorter ones stay on the loop, where a thread hop would cost more than it saves.
 OFFLOAD_CHARS = 16_384
+# Arguments of the chat template call that the server sets itself, not the client.
+_TEMPLATE_RESERVED = frozenset({"conversation", "messages", "tokenize"})
 
 
 @dataclass(slots=True)
@@ -132,14 +134,22 @@ class Serving:
     def tokenizer(self, model: str | None):
         return self.require().tokenizer(model)
 
-    def encode(self, model: str | None, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, model: str | None, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
+        """`param` names the field the text came from, should it not be Unicode."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate escape ("\\ud800") is valid JSON
+            raise InvalidRequestError(
+                f"{param} is not valid Unicode: it has a lone surrogate (U+{ord(text[e.start]):04X}) at "
+                f"character {e.start}", param=param) from None
         return self.tokenizer(model).encode(text, add_special_tokens=add_special_tokens)
 
-    async def encode_async(self, model: str | None, text: str, add_special_tokens: bool = True) -> list[int]:
+    async def encode_async(self, model: str | None, text: str, add_special_tokens: bool = True,
+                           param: str = "prompt") -> list[int]:
         """`encode`, off the event loop for long texts (the Rust tokenizer releases the GIL)."""
         if len(text) <= OFFLOAD_CHARS:
-            return self.encode(model, text, add_special_tokens)
-        return await asyncio.to_thread(self.encode, model, text, add_special_tokens)
+            return self.encode(model, text, add_special_tokens, param)
+        return await asyncio.to_thread(self.encode, model, text, add_special_tokens, param)
 
     async def render_chat_async(self, model: str | None, messages: list[dict], add_generation_prompt: bool = True,
                                 template_kwargs: dict | None = None) -> str:
@@ -154,9 +164,14 @@ class Serving:
         tok = self.tokenizer(model)
         if not getattr(tok, "chat_template", None):
             raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
+        reserved = sorted(_TEMPLATE_RESERVED.intersection(template_kwargs or {}))
+        if reserved:
+            raise InvalidRequestError(f"chat_template_kwargs may not set {', '.join(reserved)}",
+                                      param="chat_template_kwargs")
+        # As in vLLM, the request's chat_template_kwargs override add_generation_prompt.
+        kwargs = {"add_generation_prompt": add_generation_prompt, **(template_kwargs or {})}
         try:
-            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                           **(template_kwargs or {}))
+            return tok.apply_chat_template(messages, tokenize=False, **kwargs)
         except Exception as e:  # noqa: BLE001 - template errors (role order, missing keys) are the client's
             raise InvalidRequestError(f"cannot render the chat template for these messages: {e}", param="messages") from None
 
@@ -177,31 +192,39 @@ class Serving:
         if not prompts:
             raise InvalidRequestError("prompt is empty", param="prompt")
         longest = max(c.max_model_len for c in dep.cores.values())
+        vocab = min(c.vocab_size for c in dep.cores.values())  # the probe may run on any tier
         for p in prompts:
-            # Checked before routing so an oversized prompt never reaches a probe.
+            # Checked before routing so an oversized prompt, or a token id the probe's tokenizer
+            # cannot decode, never reaches a probe.
             if not p.ids:
                 raise InvalidRequestError("prompt is empty", param="prompt")
             if len(p.ids) >= longest:
                 raise InvalidRequestError(
                     f"prompt has {len(p.ids)} tokens but the longest context length served here is {longest} "
                     f"tokens (the prompt must leave room for at least one generated token)", param="prompt")
+            bad = next((t for t in p.ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidRequestError(
+                    f"token id {bad} in the prompt is outside the vocabulary [0, {vocab})", param="prompt")
         jobs: list[Job] = []
-        for i, p in enumerate(prompts):
-            decision = await dep.route(p.ids, params, requested, hints)
-            core = dep.cores[decision.model]
-            core.validate(p.ids, params)
-            if params.n > core.config.max_waiting:  # never admissible: a 429 would mean "retry forever"
-                raise InvalidRequestError(
-                    f"n ({params.n}) is larger than {decision.model}'s waiting queue "
-                    f"({core.config.max_waiting} sequences)", param="n")
-            if decision.strategy != "plain" and not self._engine_takes_strategy:
-                raise InvalidRequestError(
-                    f"strategy {decision.strategy!r} is not available in this build (only 'plain')",
-                    param="sizewise.strategy")
-            rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-            jobs.append(Job(i, rid, p, copy.copy(params), decision, drop_output=drop_output))
-        run = Run(self, jobs, deadline)
-        await run.start()
+        # The engine names the routing hint `strategy`; the client sent it as `sizewise.strategy`.
+        with param_names(lambda name: "sizewise.strategy" if name == "strategy" else name):
+            for i, p in enumerate(prompts):
+                decision = await dep.route(p.ids, params, requested, hints)
+                core = dep.cores[decision.model]
+                core.validate(p.ids, params)
+                if params.n > core.config.max_waiting:  # never admissible: a 429 would mean "retry forever"
+                    raise InvalidRequestError(
+                        f"n ({params.n}) is larger than {decision.model}'s waiting queue "
+                        f"({core.config.max_waiting} sequences)", param="n")
+                if decision.strategy != "plain" and not self._engine_takes_strategy:
+                    raise InvalidRequestError(
+                        f"strategy {decision.strategy!r} is not available in this build (only 'plain')",
+                        param="sizewise.strategy")
+                rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+                jobs.append(Job(i, rid, p, copy.copy(params), decision, drop_output=drop_output))
+            run = Run(self, jobs, deadline)
+            await run.start()
         for job in jobs:
             d = job.decision
             self.metrics.route_decisions.labels(tier=d.tier, reason=d.reason).inc()

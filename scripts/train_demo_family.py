@@ -6,6 +6,9 @@
     python scripts/train_demo_family.py --eval-only     # held-out NLL, agreement, samples, model card
     python scripts/train_demo_family.py --bench         # measure training tokens/s per tier and exit
     python scripts/train_demo_family.py --recipe gpu-copy --device cuda --out DIR   # see RECIPES
+    python scripts/train_demo_family.py ... --time-budget-s 330   # shorten each tier to fit a lease
+    python scripts/train_demo_family.py ... --prepare-only        # corpus, tokenizer, streams; then
+    python scripts/train_demo_family.py ... --tiers large --no-eval   # one tier per process, in parallel
 
 What it does, all deterministic (fixed seeds, fixed data order):
 
@@ -160,6 +163,7 @@ def apply_recipe(name: str, steps_scale: float = 1.0) -> dict:
     return dict(recipe, name=name, steps_scale=steps_scale)
 CKPT_EVERY_S = 120.0
 COPY_EVAL_EVERY = 1000  # steps between held-out copy probes (recipes other than cpu)
+BUDGET_WARMUP_STEPS, BUDGET_PROBE_STEPS = 10, 50  # --time-budget-s: untimed, then timed steps
 LOG_EVERY_S = 15.0
 SAVE_DTYPE = "bfloat16"
 EVAL_MAX_TOKENS = 60_000  # per held-out set and tier
@@ -560,7 +564,9 @@ def make_optimizer(model, lr: float):
     for name, p in model.named_parameters():
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [dict(params=decay, weight_decay=OPTIM["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=lr, betas=OPTIM["betas"], eps=OPTIM["eps"])
+    # fused: one kernel for the whole update on CUDA (an eager AdamW launches several per tensor).
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=OPTIM["betas"], eps=OPTIM["eps"], fused=fused)
 
 
 def stages(tier: str, stream: np.ndarray, stream2: np.ndarray) -> list[dict]:
@@ -594,7 +600,13 @@ def train_tier(tier: str, stream: np.ndarray, stream2: np.ndarray, tokenizer, ar
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
         step, elapsed, losses = state["step"], state["elapsed"], state["losses"]
+        if state.get("plan_steps"):  # a time budget shortened this run before the checkpoint
+            for st, n in zip(plan, state["plan_steps"]):
+                st["steps"] = n
+            total = sum(st["steps"] for st in plan)
         log(f"[{tier}] resumed from step {step}/{total} ({elapsed / 60:.1f} min done)")
+    budget_checked = step > 0 or not args.time_budget_s
+    elapsed_warm = 0.0
     log(f"[{tier}] {n_params(model) / 1e6:.2f}M params, {total} steps, {spec['tokens']:,} tokens: " + ", ".join(
         f"{st['name']}: {st['steps']} x {st['batch_size']} x {st['seq_len']} peak lr {st['lr']:.2g}" for st in plan))
     model.train()
@@ -648,11 +660,24 @@ def train_tier(tier: str, stream: np.ndarray, stream2: np.ndarray, tokenizer, ar
                 log(f"[{tier}] {st['name']} step {step}/{total} ({100 * step / total:.0f}%) loss {ema:.3f} "
                     f"lr {lr:.2e} {tps:,.0f} tok/s elapsed {elapsed / 60:.1f}m eta {eta / 60:.1f}m")
                 t_last_log, t_seg, seg_tokens = now, now, 0
+            if not budget_checked and stage_index == 0 and step == BUDGET_WARMUP_STEPS:
+                elapsed_warm = elapsed
+            if not budget_checked and stage_index == 0 and step == BUDGET_WARMUP_STEPS + BUDGET_PROBE_STEPS:
+                budget_checked = True
+                per_step = (elapsed - elapsed_warm) / BUDGET_PROBE_STEPS
+                scale = fit_time_budget(plan, step, elapsed, per_step, args.time_budget_s)
+                if scale < 1.0:
+                    total = sum(st["steps"] for st in plan)
+                    last = first + st["steps"]
+                    spec.update(steps=plan[0]["steps"], phase2_steps=plan[1]["steps"],
+                                tokens=sum(s2["steps"] * s2["batch_size"] * s2["seq_len"] for s2 in plan))
+                    log(f"[{tier}] time budget {args.time_budget_s:.0f} s: every stage cut to {scale:.1%} "
+                        f"of its steps ({total} steps, {spec['tokens']:,} tokens)")
             if now - t_last_ckpt >= CKPT_EVERY_S and step < total:
-                save_ckpt(ckpt, model, opt, step, elapsed, losses)
+                save_ckpt(ckpt, model, opt, step, elapsed, losses, plan)
                 t_last_ckpt = now
         first = last
-    save_ckpt(ckpt, model, opt, step, elapsed, losses)
+    save_ckpt(ckpt, model, opt, step, elapsed, losses, plan)
     main_steps = plan[0]["steps"]
     stats = dict(params=n_params(model), steps=step, tokens_seen=spec["tokens"],
                  train_seconds=round(elapsed, 1), final_train_loss=losses[-1][1] if losses else None,
@@ -664,10 +689,30 @@ def train_tier(tier: str, stream: np.ndarray, stream2: np.ndarray, tokenizer, ar
         f"train loss {stats['final_train_loss']} -> {out_dir}")
 
 
-def save_ckpt(path: Path, model, opt, step, elapsed, losses) -> None:
+def fit_time_budget(plan: list[dict], step: int, elapsed: float, per_step: float, budget_s: float) -> float:
+    """Scale every stage's steps (in place) so that the tier's training fits budget_s.
+
+    Called once, `step` steps into the first stage, `elapsed` seconds in, with that stage's
+    measured seconds per step (timed after warm-up: a GPU's first steps pay for context and
+    kernel loading). Assumes every stage costs what the first does per token. Returns the
+    scale (1.0: it fits). Only step counts shrink; data order, shapes and the LR schedule's
+    shape stay."""
+    tok0 = plan[0]["batch_size"] * plan[0]["seq_len"]
+    per_token = per_step / tok0
+    planned = sum(st["steps"] * st["batch_size"] * st["seq_len"] for st in plan)
+    if elapsed + per_token * (planned - step * tok0) <= budget_s:
+        return 1.0
+    scale = max(0.0, (budget_s - elapsed) / per_token + step * tok0) / planned
+    for st in plan:
+        st["steps"] = max(1, int(st["steps"] * scale))
+    plan[0]["steps"] = max(plan[0]["steps"], step + 1)
+    return scale
+
+
+def save_ckpt(path: Path, model, opt, step, elapsed, losses, plan=None) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(dict(model=model.state_dict(), optim=opt.state_dict(), step=step, elapsed=elapsed,
-                    losses=losses), tmp)
+                    losses=losses, plan_steps=[st["steps"] for st in plan] if plan else None), tmp)
     os.replace(tmp, path)
 
 
@@ -1063,6 +1108,13 @@ def main(argv=None) -> int:
                     help="cpu: the committed family's budgets; gpu-copy: copy documents + induction-head budgets")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (gpu-copy is meant for a GPU)")
     ap.add_argument("--steps-scale", type=float, default=1.0, help="scale every step budget (smoke tests)")
+    ap.add_argument("--time-budget-s", type=float, default=None,
+                    help="per tier: after timing its first steps, shorten every stage so the tier's "
+                         "training fits this many seconds (a device lease)")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="build the corpus, tokenizer and token streams (cached under --runs) and exit")
+    ap.add_argument("--no-eval", action="store_true",
+                    help="train and export only; evaluate later with --eval-only (parallel tier runs)")
     args = ap.parse_args(argv)
     if args.runs == str(REPO / "runs" / "demo") and args.recipe != "cpu":
         args.runs = str(REPO / "runs" / f"demo-{args.recipe}")  # checkpoints of another recipe never mix
@@ -1104,8 +1156,13 @@ def main(argv=None) -> int:
     if args.bench:
         bench(stream, tokenizer, args.device)
         return 0
+    if args.prepare_only:
+        log(f"prepared {runs}: tokenizer and token streams")
+        return 0
     for tier in args.tiers.split(","):
         train_tier(tier.strip(), stream, stream2, tokenizer, args, record)
+    if args.no_eval:
+        return 0
     results = evaluate(out)
     if not args.no_card:
         write_card(out, results)

@@ -97,3 +97,22 @@ def test_synthetic_repeat_rows_are_periodic_seeded_and_spare_the_rest(train):
         period = next(p for p in range(8, 129) if all(row[j] == row[j % p] for j in range(256)))
         assert 8 <= period <= 128 and min(row) >= len(train.SPECIAL_TOKENS) and max(row) < train.VOCAB_SIZE
     assert torch.equal(train.with_synthetic_repeats(x, step=7, frac=0.0, vocab=train.VOCAB_SIZE), x)
+
+
+def test_time_budget_shortens_every_stage_to_fit_and_leaves_a_fitting_plan_alone(train):
+    def plan():
+        return [dict(steps=1000, batch_size=8, seq_len=256), dict(steps=100, batch_size=1, seq_len=1024)]
+
+    # 60 steps done in 6 s at 0.1 s/step: the whole plan needs ~6 + 94 + 5 = 105 s.
+    p = plan()
+    assert train.fit_time_budget(p, 60, 6.0, 0.1, budget_s=200) == 1.0 and p == plan()
+    p = plan()
+    scale = train.fit_time_budget(p, 60, 6.0, 0.1, budget_s=50)
+    assert 0.4 < scale < 0.5
+    per_token = 0.1 / (8 * 256)
+    projected = 6.0 + per_token * (sum(s["steps"] * s["batch_size"] * s["seq_len"] for s in p) - 60 * 8 * 256)
+    assert projected <= 50 and p[1]["steps"] < 100 and p[0]["steps"] > 60
+    # Over budget already: stop right after the steps taken, keep at least one step per stage.
+    p = plan()
+    train.fit_time_budget(p, 60, 60.0, 0.1, budget_s=50)
+    assert p[0]["steps"] == 61 and p[1]["steps"] >= 1

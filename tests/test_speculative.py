@@ -22,6 +22,7 @@ from sizewise import LLM, InvalidRequestError, SamplingParams
 from sizewise.engine.async_engine import AsyncEngine
 from sizewise.engine.config import EngineConfig
 from sizewise.engine.core import EngineCore
+from sizewise.engine.sampler import Sampler
 from sizewise.engine.speculative import prompt_lookup, rejection_sample
 
 FAMILIES = list(FAMILY_CONFIGS)
@@ -332,8 +333,8 @@ def test_rejection_sampler_preserves_the_target_distribution():
     num_proposed = [k] * (B - 2000) + [1] * 1000 + [0] * 1000  # short proposals are padded
     probs = p.expand(B, k + 1, V).contiguous()
     num_acc, nxt = rejection_sample(
-        draft_tok, num_proposed, probs.argmax(-1), probs, draft_probs, torch.arange(half), [False] * B, [None] * B,
-        torch.Generator().manual_seed(1),
+        draft_tok, num_proposed, probs.argmax(-1), probs, draft_probs, torch.arange(half), [False] * B,
+        [[None] * (k + 1)] * B, Sampler(torch.device("cpu"), seed=1),
     )
     m = torch.tensor(num_proposed)
     assert (num_acc <= m).all() and 0 < num_acc.float().mean() < k
@@ -347,7 +348,7 @@ def test_rejection_sampler_preserves_the_target_distribution():
     # greedy rows in the same call: longest prefix equal to the argmax, then the argmax
     ga, gn = rejection_sample(
         torch.tensor([[0, 5, 0], [0, 0, 3]]), [3, 3], torch.tensor([[0, 5, 0, 1], [0, 4, 3, 2]]),
-        probs[:2], None, None, [True, True], [None, None], g,
+        probs[:2], None, None, [True, True], [[None] * (k + 1)] * 2, Sampler(torch.device("cpu")),
     )
     assert ga.tolist() == [3, 1] and gn.tolist() == [1, 4]
 
@@ -371,9 +372,11 @@ def test_sampled_speculative_decoding_matches_plain_distribution(llama_dir, othe
             for r in range(3)
         ]
     st = llm.engine.stats()
-    for prop in ("pld", "draft"):  # proposals were made, and rejected as well as accepted
-        assert 0 < st.spec_accepted_tokens[prop] < st.spec_draft_tokens[prop]
-    for strategy in ("pld", "draft"):
+    # Seeded prompt lookup draws the races plain decoding draws: the very same samples.
+    assert [tokens([o]) for o in runs["pld"]] == [tokens([o]) for o in runs["plain"]]
+    # A sampled draft is verified by the general rule: proposals rejected as well as accepted.
+    assert 0 < st.spec_accepted_tokens["draft"] < st.spec_draft_tokens["draft"]
+    for strategy in ("draft",):
         for pos in (1, 2, 3):  # position 0 comes from the prefill; 1.. from verification
             a, b = _position_counts(runs["plain"], pos), _position_counts(runs[strategy], pos)
             keys = sorted(set(a) | set(b), key=lambda t: -(a.get(t, 0) + b.get(t, 0)))
@@ -385,6 +388,32 @@ def test_sampled_speculative_decoding_matches_plain_distribution(llama_dir, othe
             assert len(table[0]) >= 2
             pval = scipy.stats.chi2_contingency(np.array(table)).pvalue
             assert pval > 1e-3, (strategy, pos, table)
+
+
+def test_seeded_prompt_lookup_sampling_emits_plain_decodings_tokens(copy_dir):
+    """Point-mass proposals are accepted iff plain decoding's own keyed race picks them, so a
+    seeded request samples exactly plain's tokens, alone or batched, with acceptance and
+    rejection both happening (temperature 10 flattens the copying model's distribution)."""
+    doc = _perm(150)
+    llm = spec_llm(copy_dir, max_model_len=512, kv_cache_bytes=32 << 20, max_num_seqs=64)
+    sp = SamplingParams(temperature=10.0, seed=3, n=16, max_tokens=40, ignore_eos=True)
+    prompts = [doc + doc[:3]]
+    plain = [o.token_ids for o in llm.generate(prompts, sp)[0].outputs]
+    before = llm.engine.stats()
+    pld = [o.token_ids for o in llm.generate(prompts, sp, strategy="pld")[0].outputs]
+    st = llm.engine.stats()
+    assert pld == plain
+    accepted = st.spec_accepted_tokens["pld"] - before.spec_accepted_tokens["pld"]
+    assert 0 < accepted < st.spec_draft_tokens["pld"] - before.spec_draft_tokens["pld"]
+    noise = SamplingParams(temperature=1.0, n=4, max_tokens=30, ignore_eos=True)
+    batched = llm.generate(prompts + [doc[:50] + doc[:2]], [sp, noise], strategy=["pld", "pld"])
+    assert [o.token_ids for o in batched[0].outputs] == plain
+    # A cache of 30 blocks for 16 sequences: preempted and recomputed, they redraw the same races.
+    small = spec_llm(copy_dir, max_model_len=512, kv_cache_bytes=30 * 16 * 8192, max_num_seqs=64)
+    assert small.engine.block_manager.num_blocks == 30
+    for strategy in ("plain", "pld"):
+        assert [o.token_ids for o in small.generate(prompts, sp, strategy=strategy)[0].outputs] == plain
+    assert small.engine.stats().num_preemptions > 0
 
 
 def test_seeded_speculative_sampling_is_reproducible(llama_dir, other_seed_llama):

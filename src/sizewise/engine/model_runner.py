@@ -10,7 +10,7 @@ import torch
 from ..models import AttentionMetadata, Decoder
 from ..models.config import ModelConfig
 from ..platform import Platform
-from .sampler import Sampler, SamplerOutput, SamplingRow
+from .sampler import Sampler, SamplerOutput, SamplingRow, race_key, rng_stream
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
 
@@ -189,14 +189,17 @@ class ModelRunner:
     def _sampling_row(self, seq: Sequence, extra: list[int] | tuple[int, ...] = ()) -> SamplingRow:
         """`extra`: tokens assumed appended after seq's tokens (speculative verification rows)."""
         p = seq.params
-        if p.seed is not None and seq.generator is None:
-            seq.generator = torch.Generator(device=self.device).manual_seed(p.seed + seq.index)
+        key = None
+        if p.seed is not None:
+            if seq.rng_stream is None:
+                seq.rng_stream = rng_stream(p.seed, seq.index)
+            key = race_key(seq.rng_stream, seq.num_tokens + len(extra))
         block = None
         if seq.num_output_tokens + len(extra) < p.min_tokens:
             block = list(set(self.eos_token_ids) | set(p.stop_token_ids)) or None
         return SamplingRow(
             params=p,
-            generator=seq.generator,
+            race_key=key,
             output_token_ids=seq.output_token_ids + list(extra) if p.needs_penalties else [],
             prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens] if p.repetition_penalty != 1.0 else [],
             block_eos=block,

@@ -1,8 +1,11 @@
 """Token sampling over a batch with per-row parameters.
 
-Each row's randomness comes from its own generator when the request has a `seed`, so a seeded
-result does not depend on what else shares the batch. Sampling uses the exponential-race trick
-(argmax of p / E with E ~ Exp(1)), which draws exactly from p with one random vector per row.
+Sampling uses the exponential-race trick (argmax of p / E with E ~ Exp(1)), which draws exactly
+from p with one random vector (the race) per row. A seeded request's race for the token at
+position t is drawn from a generator seeded with `race_key(stream, t)`: it depends on the seed,
+the sequence's index and the position only, so a seeded result does not depend on what else
+shares the batch, on preemption (recompute draws the same race) or on speculation (verification
+draws the race plain decoding would have drawn at each position: see speculative.py).
 Probabilities are returned with the tokens: speculative verification needs them.
 """
 
@@ -22,10 +25,30 @@ class SamplerOutput:
     logprobs: list[dict[int, float] | None]  # per row: sampled token first, then top-N
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: nearby inputs give unrelated outputs."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+    return x ^ (x >> 31)
+
+
+def rng_stream(seed: int, index: int, salt: int = 0) -> int:
+    """The stream of sequence `index` of a request seeded with `seed` (salt: another consumer)."""
+    return _mix64((seed & _MASK64) ^ _mix64(index + 1) ^ _mix64(salt + 0x9E3779B97F4A7C15))
+
+
+def race_key(stream: int, position: int) -> int:
+    """Seed of the race for the token at `position` (its index in prompt + output)."""
+    return _mix64(stream ^ _mix64(position + 0x632BE59BD9B4E019)) >> 1  # manual_seed takes < 2^63
+
+
 @dataclass(slots=True)
 class SamplingRow:
     params: SamplingParams
-    generator: torch.Generator | None
+    race_key: int | None  # seeded rows: race_key(stream, position of the token sampled); else None
     output_token_ids: list[int]
     prompt_token_ids: list[int]
     block_eos: list[int] | None  # ids masked while min_tokens is not yet reached
@@ -71,7 +94,20 @@ def top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.generator = torch.Generator(device=device).manual_seed(seed)  # unseeded rows
+        self._keyed = torch.Generator(device=device)  # reseeded per seeded row and position
+
+    def race(self, out: torch.Tensor, key: int | None) -> torch.Tensor:
+        """Fill `out` with Exp(1) draws: the keyed race of a seeded row, else the shared stream's."""
+        if key is None:
+            return out.exponential_(generator=self.generator)
+        return out.exponential_(generator=self._keyed.manual_seed(key))
+
+    def uniform(self, n: int, key: int | None) -> torch.Tensor:
+        """n U(0, 1) draws (speculative acceptance tests) for a row whose first race is keyed `key`."""
+        if key is None:
+            return torch.rand(n, generator=self.generator, device=self.device)
+        return torch.rand(n, generator=self._keyed.manual_seed(_mix64(key ^ 0xA5A5A5A5A5A5A5A5) >> 1), device=self.device)
 
     def distribution(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-row target distribution, shared by plain sampling and speculative verification.
@@ -114,7 +150,7 @@ class Sampler:
         else:
             race = torch.empty_like(probs)
             for i, r in enumerate(rows):
-                race[i].exponential_(generator=r.generator or self.generator)
+                self.race(race[i], r.race_key)
             tokens = (probs / race).argmax(-1)
             if any(greedy):
                 g = torch.tensor(greedy, device=logits.device)

@@ -37,7 +37,7 @@ class Sequence:
     __slots__ = (
         "seq_id", "request", "index", "token_ids", "num_prompt_tokens", "num_cached_tokens",
         "block_table", "block_hashes", "status", "finish_reason", "stop_reason", "output_logprobs",
-        "cumulative_logprob", "generator", "output_text", "emitted_text_len", "prefix_offset",
+        "cumulative_logprob", "rng_stream", "output_text", "emitted_text_len", "prefix_offset",
         "read_offset", "emitted_tokens", "emitted_logprobs", "spec", "arrival_order", "stop_search_from",
     )
 
@@ -55,7 +55,7 @@ class Sequence:
         self.stop_reason: str | int | None = None
         self.output_logprobs: list[dict[int, float]] = []
         self.cumulative_logprob = 0.0
-        self.generator: Any = None  # torch.Generator for seeded sampling, made by the runner
+        self.rng_stream: int | None = None  # seeded sampling: the stream its races are keyed on (sampler.race_key)
         self.output_text = ""
         self.emitted_text_len = 0
         self.prefix_offset = 0

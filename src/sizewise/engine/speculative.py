@@ -17,7 +17,11 @@ Exactness (the output distribution is the target's, token by token):
   * sampling: proposal x_j drawn from q_j is accepted with probability min(1, p_j(x)/q_j(x));
     on the first rejection the token is drawn from normalize(max(0, p_j - q_j)); after m accepts
     the bonus token is drawn from p_m. For prompt lookup (and a greedy draft) q_j is a point
-    mass, which reduces to: accept with probability p_j(x), else draw from p_j without x;
+    mass, which reduces to: accept with probability p_j(x), else draw from p_j without x. We
+    do that by drawing, at each position, the very race plain decoding would draw there (keyed
+    by seed and position for seeded requests, `sampler.race_key`) and accepting x_j iff the
+    token it samples is x_j: a seeded request then emits plain decoding's tokens exactly,
+    whatever it shares a batch with, and whether or not it speculated in a step;
   * accepted tokens go through the engine's normal per-token finish check (EOS, stop ids, stop
     strings, max_tokens, context length), so nothing past a stop is ever emitted.
 
@@ -42,10 +46,12 @@ import numpy as np
 import torch
 
 from ..sampling_params import InvalidRequestError
+from .sampler import rng_stream
 from .sequence import Request, Sequence
 
 if TYPE_CHECKING:
     from .core import EngineCore
+    from .sampler import Sampler
     from .scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -100,58 +106,61 @@ def rejection_sample(
     draft_probs: torch.Tensor | None,  # [R, k, V] q of the rows that sampled their proposal
     draft_rows: torch.Tensor | None,  # [R] long, which rows those are; every other q is a point mass
     greedy: list[bool],  # [B]
-    generators: list[torch.Generator | None],  # [B] per-row RNG (seeded requests) or None
-    default_generator: torch.Generator,
+    race_keys: list[list[int | None]],  # [B][k+1] keyed race per position (seeded rows) or None
+    sampler: "Sampler",  # draws the races (and the shared stream's uniforms)
 ) -> tuple[torch.Tensor, torch.Tensor]:  # num_accepted [B] long, next_token [B] long
     """Accept a prefix of each row's proposal and pick the token after it, exactly as the target
-    distribution would (see the module docstring). Random draws per row: m uniforms, then (if the
-    row samples) one exponential race over V; a row with m = 0 draws exactly what the plain
-    sampler draws."""
+    distribution would (see the module docstring).
+
+    Every sampled row draws the race plain decoding would draw at each of its m+1 positions, and
+    y_j = argmax(p_j / race_j) is the token plain decoding would sample there. A point-mass
+    proposal x_j (prompt lookup, greedy draft) is accepted iff y_j == x_j: probability p_j(x_j),
+    the rejection rule's min(1, p/q) for q = 1, and on the first mismatch y_j is a draw from p_j
+    without x_j, the normalised residual. So a seeded row emits exactly plain decoding's tokens.
+    A sampled draft proposal (q_j not a point mass) keeps the general rule: accept with a uniform
+    u < p/q, on rejection race the residual max(0, p - q)."""
     B, k = draft_tokens.shape
     dev = draft_tokens.device
     m = torch.tensor(num_proposed, device=dev)
     valid = torch.arange(k, device=dev)[None, :] < m[:, None]  # [B, k]
-    accept = draft_tokens == target_argmax[:, :k]  # greedy rule
-    race = None
-    if target_probs is not None:
-        V = target_probs.shape[-1]
-        u = torch.ones(B, k, device=dev)  # padding: never accepted (u * q >= p for q = 1)
-        race = torch.ones(B, V, device=dev)
-        for i in range(B):
-            if greedy[i]:
-                continue
-            g = generators[i] or default_generator
-            if num_proposed[i]:
-                u[i, : num_proposed[i]] = torch.rand(num_proposed[i], generator=g, device=dev)
-            race[i].exponential_(generator=g)
-        p_x = target_probs[:, :k].gather(-1, draft_tokens[..., None]).squeeze(-1)  # [B, k]
-        q_x = torch.ones(B, k, device=dev)  # point mass at the proposal
-        if draft_probs is not None:
-            q_x[draft_rows] = draft_probs.gather(-1, draft_tokens[draft_rows][..., None]).squeeze(-1)
-        # u < p/q without dividing by a q that may underflow to 0
-        sampled_accept = u * q_x < p_x
-        accept = torch.where(torch.tensor(greedy, device=dev)[:, None], accept, sampled_accept)
+    is_greedy = torch.tensor(greedy, device=dev)
+    if target_probs is None:
+        accept = (draft_tokens == target_argmax[:, :k]) & valid
+        num_accepted = accept.long().cumprod(1).sum(1)
+        return num_accepted, target_argmax.gather(1, num_accepted[:, None]).squeeze(1)
+    V = target_probs.shape[-1]
+    sampled_q = set(draft_rows.tolist()) if draft_rows is not None else set()
+    races = torch.ones(B, k + 1, V, device=dev)
+    u = torch.ones(B, k, device=dev)  # only rows with a sampled q read it
+    for i in range(B):
+        if greedy[i]:
+            continue
+        for j in range(num_proposed[i] + 1):
+            sampler.race(races[i, j], race_keys[i][j])
+        if i in sampled_q and num_proposed[i]:
+            u[i, : num_proposed[i]] = sampler.uniform(num_proposed[i], race_keys[i][0])
+    y = (target_probs / races).argmax(-1)  # [B, k+1] what plain decoding samples at each position
+    accept = torch.where(is_greedy[:, None], draft_tokens == target_argmax[:, :k], draft_tokens == y[:, :k])
+    if draft_probs is not None:
+        p_x = target_probs[draft_rows, :k].gather(-1, draft_tokens[draft_rows][..., None]).squeeze(-1)  # [R, k]
+        q_x = draft_probs.gather(-1, draft_tokens[draft_rows][..., None]).squeeze(-1)
+        accept[draft_rows] = u[draft_rows] * q_x < p_x  # u < p/q without dividing by a q that may underflow
     accept &= valid
     num_accepted = accept.long().cumprod(1).sum(1)  # [B] length of the accepted prefix
-    next_greedy = target_argmax.gather(1, num_accepted[:, None]).squeeze(1)
-    if target_probs is None:
-        return num_accepted, next_greedy
-    V = target_probs.shape[-1]
-    p_a = target_probs.gather(1, num_accepted[:, None, None].expand(B, 1, V)).squeeze(1)  # [B, V]
-    rejected = num_accepted < m  # else: every proposal accepted, draw the bonus token from p
-    pad_tok = torch.cat([draft_tokens, torch.zeros(B, 1, dtype=draft_tokens.dtype, device=dev)], 1)
-    x_a = pad_tok.gather(1, num_accepted[:, None]).squeeze(1)  # [B] the rejected proposal
-    q_a = torch.nn.functional.one_hot(x_a, V).to(p_a.dtype)  # [B, V]
+    next_token = torch.where(is_greedy[:, None], target_argmax, y).gather(1, num_accepted[:, None]).squeeze(1)
     if draft_probs is not None:
+        # Rows with a sampled q: after a rejection, race the residual at the rejected position.
         R = draft_rows.shape[0]
+        a = num_accepted[draft_rows]
+        gather_v = a[:, None, None].expand(R, 1, V)
+        p_a = target_probs[draft_rows].gather(1, gather_v).squeeze(1)  # [R, V]
         pad_q = torch.cat([draft_probs, torch.zeros(R, 1, V, dtype=draft_probs.dtype, device=dev)], 1)
-        q_a[draft_rows] = pad_q.gather(1, num_accepted[draft_rows][:, None, None].expand(R, 1, V)).squeeze(1)
-    resid = (p_a - q_a).clamp_min(0.0)
-    # A rejection implies p(x) < q(x), so the residual has mass; guard rounding anyway.
-    use_resid = rejected[:, None] & (resid.sum(-1, keepdim=True) > 0)
-    dist = torch.where(use_resid, resid, p_a)
-    next_sampled = (dist / race).argmax(-1)  # exponential race: exact draw from dist (unnormalised)
-    next_token = torch.where(torch.tensor(greedy, device=dev), next_greedy, next_sampled)
+        resid = (p_a - pad_q.gather(1, gather_v).squeeze(1)).clamp_min(0.0)
+        # A rejection implies p(x) < q(x), so the residual has mass; guard rounding anyway.
+        use_resid = (a < m[draft_rows])[:, None] & (resid.sum(-1, keepdim=True) > 0)
+        race_a = races[draft_rows].gather(1, gather_v).squeeze(1)
+        drawn = (torch.where(use_resid, resid, p_a) / race_a).argmax(-1)
+        next_token[draft_rows] = torch.where(is_greedy[draft_rows], next_token[draft_rows], drawn)
     return num_accepted, next_token
 
 
@@ -427,8 +436,7 @@ class SpeculativeDecoder:
         d = Sequence(next(draft._seq_ids), req, seq.index, seq.token_ids[: seq.num_prompt_tokens])
         d.token_ids.extend(seq.token_ids[seq.num_prompt_tokens:])
         if params.seed is not None:
-            s = (params.seed * 1_000_003 + seq.index + _DRAFT_SEED_SALT) % (1 << 63)
-            d.generator = torch.Generator(device=draft.runner.device).manual_seed(s)
+            d.rng_stream = rng_stream(params.seed, seq.index, salt=_DRAFT_SEED_SALT)
         return d
 
     # ----- verification -------------------------------------------------------------------------
@@ -475,8 +483,8 @@ class SpeculativeDecoder:
             draft_probs,
             draft_rows,
             greedy,
-            [srows[b * Q].generator for b in range(B)],
-            runner.sampler.generator,
+            [[srows[b * Q + j].race_key for j in range(Q)] for b in range(B)],
+            runner.sampler,
         )
         host = torch.stack([num_acc, nxt], 1).tolist()  # the step's one host round trip
         results = []

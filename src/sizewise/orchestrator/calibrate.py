@@ -37,9 +37,8 @@ def fit_thresholds(
     n = len(scores)
     if any(len(v) != n for v in nll.values()):
         raise ValueError("every tier needs one NLL per request")
+    _check(tolerance, cost, tiers)
     top = tiers[-1]
-    base = sum(nll[top]) / n
-    limit = base * (1 + tolerance)
     rel = {t: cost[t] / cost[top] for t in tiers}
     order = sorted(range(n), key=lambda i: scores[i])
     cands = [-math.inf] + [scores[i] for i in order]  # threshold = a score: that request and below
@@ -48,6 +47,10 @@ def fit_thresholds(
     for i in order:
         for t in tiers:
             pre[t].append(pre[t][-1] + nll[t][i])
+    # The baseline from the same sums as every candidate: summed in another order it can differ in
+    # the last bit, and at tolerance 0 even the all-top routing would then miss its own limit.
+    base = pre[top][n] / n
+    limit = base * (1 + tolerance)
     lo, mid = tiers[0], tiers[1] if len(tiers) == 3 else tiers[0]
     best = None
     for a in range(n + 1):  # the a easiest requests go to the cheapest tier
@@ -67,6 +70,15 @@ def fit_thresholds(
     if len(tiers) == 3:
         shares[mid] = (b - a) / n
     return Calibration(t_small, t_med, q, base, c, shares)
+
+
+def _check(tolerance: float, cost: dict[str, float], tiers: list[str]) -> None:
+    if not (tolerance >= 0 and math.isfinite(tolerance)):
+        raise ValueError(f"tolerance must be a finite number >= 0 (relative NLL over the largest tier), got {tolerance}")
+    for t in tiers:
+        c = cost.get(t)
+        if c is None or not (c > 0 and math.isfinite(c)):
+            raise ValueError(f"cost[{t!r}] must be a positive number (the tier's bytes per decode step), got {c}")
 
 
 @dataclass(slots=True, frozen=True)
@@ -121,6 +133,7 @@ def oracle_routing(nll: dict[str, list[float]], cost: dict[str, float], toleranc
     n = len(nll[tiers[0]])
     if n == 0 or any(len(v) != n for v in nll.values()):
         raise ValueError("every tier needs one NLL per request, and at least one request")
+    _check(tolerance, cost, tiers)
     top = tiers[-1]
     base = sum(nll[top]) / n
     limit = base * (1 + tolerance)

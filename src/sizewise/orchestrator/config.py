@@ -15,9 +15,10 @@ slotted `PolicySettings` the runtime uses. An empty or missing section keeps the
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .policy import INTENTS, PolicySettings
 
@@ -29,6 +30,18 @@ class DifficultyThresholds(BaseModel):
     model_config = ConfigDict(extra="forbid")
     small: float = 2.5
     medium: float = 3.5
+
+    @field_validator("small", "medium")
+    @classmethod
+    def _not_nan(cls, v: float) -> float:
+        # +-inf are meaningful ("nothing is easy enough": the calibration's -inf); NaN compares
+        # false with every score and would send every request to the large tier.
+        if math.isnan(v):
+            raise ValueError("must be a number (or +-inf), not NaN")
+        return v
+
+
+_Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class PolicyConfig(BaseModel):
@@ -42,8 +55,9 @@ class PolicyConfig(BaseModel):
     copy_ngram: int = Field(default=3, ge=1, le=8)  # longest n-gram the copyability lookup matches
     # --- tier choice
     max_difficulty: DifficultyThresholds = Field(default_factory=DifficultyThresholds)
-    intent_bias: dict[Literal["code", "math", "knowledge", "chat"], float] = Field(default_factory=dict)
-    copy_weight: float = Field(default=1.0, ge=0)
+    # finite: score = difficulty + bias - copy_weight * copyability, and inf * 0 or a NaN bias is NaN
+    intent_bias: dict[Literal["code", "math", "knowledge", "chat"], _Finite] = Field(default_factory=dict)
+    copy_weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     # --- load
     kv_high: float = Field(default=0.9, gt=0, le=1)
     queue_high_ms: float | None = Field(default=None, gt=0)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..engine.async_engine import AsyncEngine
 from ..engine.config import EngineConfig
@@ -34,7 +34,7 @@ TIERS = ("small", "medium", "large")
 
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str
+    name: str = Field(min_length=1)
     tier: Literal["small", "medium", "large"]
     path: str
     dtype: str | None = None
@@ -77,6 +77,32 @@ class DeploymentConfig(BaseModel):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)  # the orchestrator's router and policy
     default_tier: Literal["small", "medium", "large"] | None = None
 
+    @model_validator(mode="after")
+    def _one_model_per_name_and_tier(self) -> "DeploymentConfig":
+        """A request's `model` resolves to exactly one resident model: names and tiers are unique,
+        and no name shadows `auto` or another model's tier alias. What the policy names is resident."""
+        seen: dict[str, str] = {}
+        by_tier: dict[str, str] = {}
+        for m in self.models:
+            if m.name in seen:
+                raise ValueError(f"models: the name {m.name!r} is used more than once (names must be unique)")
+            seen[m.name] = m.tier
+            if m.tier in by_tier:
+                raise ValueError(f"models: tier {m.tier!r} is given to both {by_tier[m.tier]!r} and {m.name!r} "
+                                 f"(one model per tier)")
+            by_tier[m.tier] = m.name
+            if m.name == "auto" or (m.name in TIERS and m.name != m.tier):
+                raise ValueError(f"models: the name {m.name!r} of the {m.tier} model is reserved "
+                                 f"('auto' and the other tiers' aliases): pick another name")
+        if self.default_tier is not None and self.default_tier not in by_tier:
+            raise ValueError(f"default_tier {self.default_tier!r} is not a resident tier; "
+                             f"resident: {', '.join(by_tier)}")
+        probe = self.policy.probe_model
+        if probe is not None and probe not in seen and probe not in by_tier:
+            raise ValueError(f"policy.probe_model {probe!r} is not a resident model or tier; "
+                             f"resident: {', '.join([*by_tier, *seen])}")
+        return self
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> "DeploymentConfig":
         path = Path(path)
@@ -94,7 +120,11 @@ class DeploymentConfig(BaseModel):
         tiers = {1: ["large"], 2: ["small", "large"], 3: ["small", "medium", "large"]}.get(len(dirs))
         if tiers is None:
             raise ValueError(f"give 1 to 3 --model directories, got {len(dirs)}")
-        models = [ModelEntry(name=Path(d).name or d, tier=t, path=str(Path(d).resolve())) for d, t in zip(dirs, tiers)]
+        names = [Path(d).name or d for d in dirs]
+        # Directories with one basename (a/model, b/model) would collide: tell them apart by tier.
+        names = [f"{n}-{t}" if names.count(n) > 1 or (n in TIERS and n != t) or n == "auto" else n
+                 for n, t in zip(names, tiers)]
+        models = [ModelEntry(name=n, tier=t, path=str(Path(d).resolve())) for n, d, t in zip(names, dirs, tiers)]
         return cls(models=models, **kw)
 
 
@@ -163,7 +193,8 @@ class Deployment:
         self.plan = plan
         self.model_to_tier = {m.name: m.tier for m in config.models}
         self.tier_to_model = {m.tier: m.name for m in config.models}
-        default = config.default_tier or ("large" if "large" in self.tier_to_model else config.models[-1].tier)
+        # Quality first: the largest resident tier, whatever order the config lists the models in.
+        default = config.default_tier or max(self.tier_to_model, key=TIERS.index)
         if router is None and config.policy.router == "adaptive":
             router = AdaptiveRouter(config.policy.to_settings())
         self.router: Router = router or StaticRouter(default)
@@ -174,6 +205,13 @@ class Deployment:
         )
         self.engine = AsyncEngine(cores)
         self.telemetry.attach(self.engine)
+        bind = getattr(self.router, "bind", None)
+        if bind is not None:  # checks what the router names against the resident models, now
+            try:
+                bind(self)
+            except BaseException:
+                self.engine.shutdown()
+                raise
 
     @classmethod
     def load(cls, config: DeploymentConfig, router: Router | None = None, echo_plan: bool = True) -> "Deployment":

@@ -14,9 +14,10 @@ and explained, and tests can script the telemetry it reads. In order:
    else the fastest one ("latency_budget:best_effort").
 4. KV pressure: if the projected KV use of the chosen engine (blocks in use + the queue's and
    this request's blocks) crosses kv_high, move to the nearest tier below that has room
-   ("kv_pressure:down"), else above ("kv_pressure:up").
+   ("kv_pressure:down"), else above ("kv_pressure:up"), else stay ("kv_pressure:saturated").
 5. queue: if queue_high_ms is set and the chosen engine's estimate crosses it, move up to a
-   tier that fits (better quality and faster: "queue:up"), else down ("queue:down").
+   tier that fits (better quality and faster: "queue:up"), else down ("queue:down"), else
+   stay ("queue:saturated").
    consolidate: if the chosen engine is idle while a better tier is busy with free batch slots
    and would finish the request no later, join that batch ("consolidate:up"): one more
    sequence costs a busy engine little, waking an idle one adds its step to every turn of the
@@ -195,6 +196,8 @@ class Policy:
             elif up:
                 tier = up[0]
                 steps.append("kv_pressure:up")
+            else:  # no tier has room: stay, and say why the KV rule did not move it
+                steps.append("kv_pressure:saturated")
         if s.queue_high_ms is not None and est[tier] > s.queue_high_ms:
             i = order.index(tier)
             up = [t for t in order[i + 1:] if ok(t) and est[t] <= s.queue_high_ms]
@@ -205,6 +208,8 @@ class Policy:
             elif down:
                 tier = down[0]
                 steps.append("queue:down")
+            else:
+                steps.append("queue:saturated")
         if s.consolidate:
             up = self._consolidation_targets(tier, est, kv, engines)
             if up:

@@ -198,8 +198,9 @@ class Probe:
     async def _difficulty(self, engine, core, core_name: str, ids: list[int], res: ProbeResult) -> None:
         # A prefix keeps the probe cheap on long prompts and within the probe model's context.
         n = min(len(ids), self.settings.probe_max_tokens, core.max_model_len - 1)
-        if n < 2:
-            return  # one token predicts nothing
+        if n < 2:  # one token predicts nothing: say so (the policy then counts the request as moderate)
+            res.skipped = res.skipped or "difficulty: a 1-token prompt predicts no token"
+            return
         pids = ids[:n]
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         try:

@@ -22,26 +22,32 @@ class AdaptiveRouter:
         self.settings = settings or PolicySettings()
         self.probe = Probe(self.settings)
         self.decisions: Counter[tuple[str, str]] = Counter()
-        self._bound: tuple[int, Policy, str, dict[str, set[str]]] | None = None
+        self._bound: tuple[object, Policy, str, dict[str, set[str]]] | None = None
 
-    def _bind(self, deployment) -> tuple[Policy, str, dict[str, set[str]]]:
+    def bind(self, deployment) -> tuple[Policy, str, dict[str, set[str]]]:
         """Per-deployment facts, computed once: the policy, the probe model, the strategies
-        each engine accepts."""
-        if self._bound is None or self._bound[0] != id(deployment):
+        each engine accepts. `Deployment` binds its router when it is built, so a probe model it
+        does not have fails there (ValueError naming it), not on every `auto` request."""
+        if self._bound is None or self._bound[0] is not deployment:  # identity: an id() can be reused
             policy = Policy(self.settings, deployment.tier_to_model)
             if self.settings.probe_model is not None:
-                probe_model = deployment.resolve(self.settings.probe_model)
+                try:
+                    probe_model = deployment.resolve(self.settings.probe_model)
+                except LookupError:
+                    raise ValueError(
+                        f"policy.probe_model {self.settings.probe_model!r} is not a resident model or tier; "
+                        f"resident: {', '.join([*deployment.tier_to_model, *deployment.cores])}") from None
             else:  # the cheapest resident tier: its prefill is the cheapest difficulty estimate
                 probe_model = deployment.tier_to_model[next(t for t in TIER_ORDER if t in deployment.tier_to_model)]
             strategies = {name: _accepted_strategies(core) for name, core in deployment.cores.items()}
             deployment.engine.priority_core = probe_model  # probes wait one step, not a turn
-            self._bound = (id(deployment), policy, probe_model, strategies)
+            self._bound = (deployment, policy, probe_model, strategies)
         return self._bound[1:]
 
     async def route(
         self, deployment, prompt_token_ids: list[int], params: SamplingParams, requested: str, hints: RoutingHints,
     ) -> Decision:
-        policy, probe_model, strategies = self._bind(deployment)
+        policy, probe_model, strategies = self.bind(deployment)
         pinned = None if requested == "auto" else deployment.resolve(requested)
         single = len(deployment.cores) == 1
         if single:

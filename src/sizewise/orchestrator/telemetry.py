@@ -68,8 +68,10 @@ class _EngineState:
     prompt_tokens: _Ema
     output_tokens: _Ema
     num_steps: int = 0
+    core_steps: int = 0  # the engine's own step count at the last step seen (empty steps do not advance it)
     last_step_time: float = 0.0
-    requests: OrderedDict = field(default_factory=OrderedDict)  # request id -> output tokens so far
+    # request id -> [output tokens so far, sample indices seen]
+    requests: OrderedDict = field(default_factory=OrderedDict)
     spec_last: dict = field(default_factory=dict)  # strategy -> (draft, accepted) at the last step
     spec_rate: dict = field(default_factory=dict)  # strategy -> _Ema of accepted / draft
     pending: list = field(default_factory=list)  # (monotonic time, sequences) routed, not yet stepped
@@ -185,9 +187,14 @@ class Telemetry:
         stats = core.stats()
         ntok = max(stats.last_step_num_tokens, 1)
         with self._lock:
+            st.pending.clear()  # the worker drained its inbox before this step
+            if stats.num_steps == st.core_steps and not outputs:
+                # Nothing was scheduled (the core's last request was aborted after the worker's turn
+                # began): no forward ran, and the stats still describe the previous step.
+                return
+            st.core_steps = stats.num_steps
             st.num_steps += 1
             st.last_step_time = time.monotonic()
-            st.pending.clear()  # the worker drained its inbox before this step
             st.step_s.update(seconds)
             st.bytes.update(stats.last_step_bytes)
             self._device_s.update(seconds)
@@ -204,13 +211,17 @@ class Telemetry:
                     continue
                 if rid not in st.requests:
                     st.prompt_tokens.update(len(out.prompt_token_ids))
-                    st.requests[rid] = 0
+                    st.requests[rid] = [0, set()]
                     if len(st.requests) > _TRACKED_REQUESTS:
                         st.requests.popitem(last=False)
-                st.requests[rid] += sum(len(o.token_ids) for o in out.outputs)
+                seen = st.requests[rid]
+                seen[0] += sum(len(o.token_ids) for o in out.outputs)
+                seen[1].update(o.index for o in out.outputs)
                 if out.finished:
-                    nseq = max(len({o.index for o in out.outputs}), 1)
-                    st.output_tokens.update(st.requests.pop(rid) / nseq)
+                    # Per sample: a delta carries only the samples that produced tokens in its step,
+                    # so the samples are those seen over the request's life, not in its last delta.
+                    tokens, indices = st.requests.pop(rid)
+                    st.output_tokens.update(tokens / max(len(indices), 1))
             self._update_spec(st, stats)
 
     @staticmethod

@@ -1,0 +1,295 @@
+"""Adversarial checks of the orchestrator's edges: deployment configs that would silently lose or
+misroute a model, policy settings that would turn every score into NaN, telemetry fed empty steps
+and multi-sample requests, the threshold fit at zero tolerance, and the policy's explanation when
+every tier is saturated. Everything runs the real components (config, engine, telemetry, policy,
+calibration); references are computed independently in the tests."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import pytest
+from pydantic import ValidationError
+
+from sizewise import SamplingParams
+from sizewise.engine.config import EngineConfig
+from sizewise.engine.core import EngineCore
+from sizewise.orchestrator.calibrate import fit_thresholds
+from sizewise.orchestrator.config import PolicyConfig
+from sizewise.orchestrator.deployment import Deployment, DeploymentConfig
+from sizewise.orchestrator.policy import Policy, PolicySettings
+from sizewise.orchestrator.probe import ProbeResult
+from sizewise.orchestrator.router import AdaptiveRouter
+from sizewise.orchestrator.telemetry import EngineTelemetry, Telemetry, TelemetrySnapshot
+from sizewise.orchestrator.types import RoutingHints
+
+
+def models(*entries: tuple[str, str]) -> list[dict]:
+    return [dict(name=n, tier=t, path="/nonexistent") for n, t in entries]
+
+
+def invalid(raw: dict) -> str:
+    with pytest.raises(ValidationError) as ei:
+        DeploymentConfig.model_validate(raw)
+    return str(ei.value)
+
+
+# ----- deployment config -------------------------------------------------------------------------
+def test_duplicate_model_names_are_refused_not_collapsed():
+    # Before: both loaded into one `cores` dict under "a" (the small model silently lost, both
+    # tiers mapped to the large one, which got the small one's planned KV budget).
+    msg = invalid(dict(models=models(("a", "small"), ("a", "large"))))
+    assert "models" in msg and "'a'" in msg and "more than once" in msg
+
+
+def test_two_models_in_one_tier_are_refused():
+    # Before: tier_to_model kept the last one; the other was loaded but never routed to, and a
+    # request pinned to it by name crashed the policy (KeyError).
+    msg = invalid(dict(models=models(("a", "small"), ("b", "small"))))
+    assert "tier 'small'" in msg and "'a'" in msg and "'b'" in msg
+
+
+@pytest.mark.parametrize("name", ["auto", "large", ""])
+def test_model_names_that_shadow_auto_or_another_tier_are_refused(name):
+    # Before: a small model named "large" answered requests pinned to `large` (names resolve first).
+    msg = invalid(dict(models=models((name, "small"), ("x", "large"))))
+    assert "name" in msg
+
+
+def test_a_model_may_be_named_after_its_own_tier():
+    cfg = DeploymentConfig.model_validate(dict(models=models(("small", "small"), ("large", "large"))))
+    assert [m.name for m in cfg.models] == ["small", "large"]
+
+
+def test_probe_model_and_default_tier_must_be_resident():
+    # Before: a bogus probe_model made every `auto` request fail with "model 'nope' does not
+    # exist" (a 404 for a client that asked for `auto`); a non-resident default_tier a KeyError.
+    two = models(("s", "small"), ("l", "large"))
+    msg = invalid(dict(models=two, policy=dict(router="adaptive", probe_model="nope")))
+    assert "probe_model" in msg and "'nope'" in msg
+    assert "probe_model" in invalid(dict(models=two, policy=dict(router="adaptive", probe_model="medium")))
+    assert "default_tier" in invalid(dict(models=two, default_tier="medium"))
+    ok = DeploymentConfig.model_validate(dict(models=two, default_tier="small",
+                                              policy=dict(router="adaptive", probe_model="large")))
+    assert ok.policy.probe_model == "large"
+    assert DeploymentConfig.model_validate(dict(models=two, policy=dict(probe_model="l"))).policy.probe_model == "l"
+
+
+def test_model_dirs_with_the_same_basename_get_distinct_names(tmp_path):
+    a, b = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    cfg = DeploymentConfig.from_model_dirs([str(a), str(b)])
+    assert len({m.name for m in cfg.models}) == 2
+    assert [m.path for m in cfg.models] == [str(a.resolve()), str(b.resolve())]
+
+
+@pytest.mark.parametrize("policy", [
+    dict(copy_weight=float("inf")),
+    dict(copy_weight=float("nan")),
+    dict(intent_bias={"math": float("nan")}),
+    dict(intent_bias={"chat": float("inf")}),
+    dict(max_difficulty={"small": float("nan"), "medium": 3.0}),
+    dict(max_difficulty={"small": 1.0, "medium": float("nan")}),
+])
+def test_policy_values_that_make_the_score_nan_are_refused(policy):
+    # Before: accepted; inf * 0 copyability or a NaN bias made every score NaN, and NaN compares
+    # false with every threshold, so every request silently went to the large tier as "probe:hard".
+    with pytest.raises(ValidationError) as ei:
+        PolicyConfig.model_validate(dict(router="adaptive", **policy))
+    assert next(iter(policy)) in str(ei.value)
+
+
+def test_infinite_thresholds_stay_allowed():
+    # The calibration's "nothing is easy enough" is -inf; YAML spells it -.inf.
+    s = PolicyConfig.model_validate(dict(max_difficulty={"small": -math.inf, "medium": math.inf})).to_settings()
+    assert (s.max_difficulty_small, s.max_difficulty_medium) == (-math.inf, math.inf)
+
+
+# ----- telemetry ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def core(llama_dir):
+    return EngineCore(llama_dir, EngineConfig(device="cpu", max_model_len=128, max_num_seqs=4,
+                                              max_num_batched_tokens=64, block_size=16, enforce_eager=True,
+                                              num_speculative_tokens=0), name="m")
+
+
+def drive(core: EngineCore, tel: Telemetry) -> list:
+    """Step `core` until it is idle, calling the telemetry hook exactly as AsyncEngine's worker does."""
+    outs = []
+    while core.has_unfinished_requests():
+        t0 = time.perf_counter()
+        step = core.step()
+        tel.on_step("m", core, step, time.perf_counter() - t0)
+        outs.extend(step)
+    return outs
+
+
+def test_empty_steps_do_not_count_as_steps(core):
+    # The worker steps every core that had work when its turn began; a core whose last request was
+    # aborted meanwhile returns [] from step() in microseconds. Before: telemetry counted that as
+    # a step with the previous step's token and byte counts, pulling the step-time EMA towards 0
+    # and inflating achieved bandwidth (stale bytes / ~0 s).
+    tel = Telemetry({"m": core}, {"m": "small"}, peak_bandwidth=1e12, ema_alpha=0.5)
+    core.add_request("e-1", list(range(5, 25)), SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    drive(core, tel)
+    before = tel.snapshot().engines["m"]
+    assert before.num_steps > 0 and before.step_seconds > 0
+    for _ in range(5):  # what the worker does when the core it is about to step has emptied
+        t0 = time.perf_counter()
+        out = core.step()
+        assert out == []
+        tel.on_step("m", core, out, time.perf_counter() - t0)
+    after = tel.snapshot().engines["m"]
+    assert after.num_steps == before.num_steps
+    assert after.step_seconds == before.step_seconds
+    assert after.achieved_bandwidth == before.achieved_bandwidth
+    assert (after.step_fixed_seconds, after.step_seconds_per_token) == (
+        before.step_fixed_seconds, before.step_seconds_per_token)
+
+
+def test_average_output_length_is_per_sequence_when_samples_finish_apart(core):
+    # A request's last delta carries only the sequences that produced a token in that step.
+    # Before: sequences per request were counted on that last delta only, so a request whose n
+    # samples stop at different steps counted its whole output as one sequence's.
+    tel = Telemetry({"m": core}, {"m": "small"}, peak_bandwidth=1e12, ema_alpha=1.0)
+    vocab = core.vocab_size
+    params = SamplingParams(n=3, max_tokens=24, temperature=1.5, seed=7,
+                            stop_token_ids=list(range(3, vocab, 9)))  # ~1 in 9 tokens stops a sample
+    core.add_request("n-1", list(range(10, 30)), params)
+    outs = drive(core, tel)
+    lengths: dict[int, int] = {}
+    for o in outs:
+        for c in o.outputs:
+            lengths[c.index] = lengths.get(c.index, 0) + len(c.token_ids)
+    last = outs[-1]
+    assert last.finished and len(lengths) == 3
+    assert len(last.outputs) < 3, "precondition: the samples must finish at different steps"
+    assert tel.snapshot().engines["m"].avg_output_tokens == pytest.approx(sum(lengths.values()) / 3)
+
+
+# ----- policy: saturation is explained --------------------------------------------------------------
+TIERS = {"small": "m-s", "medium": "m-m", "large": "m-l"}
+
+
+def _engine(name: str, tier: str, **kw) -> EngineTelemetry:
+    base = dict(
+        name=name, tier=tier, weight_bytes=10**6, kv_bytes_per_token=1024, block_size=16, max_num_seqs=8,
+        max_num_batched_tokens=512, max_model_len=1024, num_running=0, num_waiting=0, kv_blocks_used=0,
+        kv_blocks_total=1000, num_steps=10, step_seconds=1e-3, step_fixed_seconds=1e-3,
+        step_seconds_per_token=1e-5, bytes_per_step=1e6, achieved_bandwidth=1e9, bandwidth_utilization=0.1,
+        avg_prompt_tokens=64.0, avg_output_tokens=32.0, spec_acceptance={}, calibrated=True,
+    )
+    return EngineTelemetry(**{**base, **kw})
+
+
+def _probe(difficulty: float) -> ProbeResult:
+    return ProbeResult(intent="chat", intent_confidence=1.0, intent_scores={"chat": 1.0}, intent_source="features",
+                       copyability=0.0, repeat_fraction=0.0, prompt_tokens=64, difficulty=difficulty, ms=1.0)
+
+
+def test_when_every_tier_is_saturated_the_reason_says_so():
+    pol = Policy(PolicySettings(max_difficulty_small=2.0, max_difficulty_medium=3.0), TIERS)
+    kv_full = TelemetrySnapshot(engines={m: _engine(m, t, kv_blocks_used=990) for t, m in TIERS.items()},
+                                peak_bandwidth=1e10, achieved_bandwidth=0.0, bandwidth_utilization=0.0)
+    c = pol.decide(_probe(1.0), kv_full, prompt_tokens=64, max_new_tokens=32)
+    assert all(v >= 0.9 for v in c.kv_pressure.values())
+    # Before: ("small", "probe:easy") with no trace that KV pressure was over the limit everywhere.
+    assert (c.tier, c.reason) == ("small", "kv_pressure:saturated")
+    deep = TelemetrySnapshot(engines={m: _engine(m, t, num_running=8, num_waiting=40) for t, m in TIERS.items()},
+                             peak_bandwidth=1e10, achieved_bandwidth=0.0, bandwidth_utilization=0.0)
+    pol = Policy(PolicySettings(max_difficulty_small=2.0, max_difficulty_medium=3.0, queue_high_ms=1.0), TIERS)
+    c = pol.decide(_probe(4.0), deep, prompt_tokens=64, max_new_tokens=32)
+    assert all(v > 1.0 for v in c.estimates_ms.values()) and all(v < 0.9 for v in c.kv_pressure.values())
+    assert (c.tier, c.reason) == ("large", "queue:saturated")
+
+
+# ----- calibration --------------------------------------------------------------------------------
+def test_fit_at_zero_tolerance_never_crashes_and_stays_within_it():
+    # Before: the all-on-the-top-tier routing was compared against a mean summed in another order;
+    # one ulp over the limit rejected every candidate and the fit crashed unpacking None.
+    rng = random.Random(1)
+    cost = {"small": 1.0, "medium": 2.0, "large": 4.0}
+    for _ in range(200):
+        scores = [rng.random() for _ in range(7)]
+        nll = {t: [rng.uniform(0.1, 3.3) for _ in range(7)] for t in cost}
+        cal = fit_thresholds(scores, nll, cost, tolerance=0.0)
+        routed = [("small" if s <= cal.max_difficulty_small else "medium" if s <= cal.max_difficulty_medium
+                   else "large") for s in scores]
+        assert sum(nll[t][i] for i, t in enumerate(routed)) / 7 <= sum(nll["large"]) / 7 + 1e-12
+
+
+def test_fit_rejects_bad_arguments_with_a_clear_error():
+    nll = {"small": [1.0, 2.0], "large": [0.5, 1.0]}
+    with pytest.raises(ValueError, match="tolerance"):
+        fit_thresholds([0.1, 0.2], nll, {"small": 1.0, "large": 2.0}, tolerance=-0.1)
+    with pytest.raises(ValueError, match="cost.*small"):
+        fit_thresholds([0.1, 0.2], nll, {"large": 2.0})
+    with pytest.raises(ValueError, match="cost.*large"):
+        fit_thresholds([0.1, 0.2], nll, {"small": 1.0, "large": 0.0})
+
+
+# ----- a router is bound to one deployment ----------------------------------------------------------
+async def test_a_bad_probe_model_fails_at_load_not_per_request(checkpoints):
+    # A router built in code (not from YAML) with a probe model the deployment does not have.
+    cfg = DeploymentConfig.model_validate(dict(
+        device="cpu", memory_fraction=0.01,
+        models=[dict(name="s", tier="small", path=str(checkpoints["llama"])),
+                dict(name="l", tier="large", path=str(checkpoints["qwen2"]))],
+        engine=dict(max_model_len=128, max_num_seqs=2, max_num_batched_tokens=64, enforce_eager=True),
+        policy=dict(peak_bandwidth_gbps=10.0),
+    ))
+    with pytest.raises(ValueError, match="probe_model 'medium'"):
+        Deployment.load(cfg, router=AdaptiveRouter(PolicySettings(probe_model="medium")), echo_plan=False)
+    dep = Deployment.load(cfg, router=AdaptiveRouter(PolicySettings(probe_model="l", consolidate=False)),
+                          echo_plan=False)
+    try:
+        d = await dep.route([5, 6, 7, 8], SamplingParams(max_tokens=2), "auto", RoutingHints())
+        assert d.probe["probe_model"] == "l"
+    finally:
+        dep.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_tiers(checkpoints):
+    """medium and small, listed in that order; static router (no default_tier)."""
+    cfg = DeploymentConfig.model_validate(dict(
+        device="cpu", memory_fraction=0.01,
+        models=[dict(name="m", tier="medium", path=str(checkpoints["llama"])),
+                dict(name="s", tier="small", path=str(checkpoints["llama_tied_linear"]))],
+        engine=dict(max_model_len=128, max_num_seqs=2, max_num_batched_tokens=64, enforce_eager=True),
+        policy=dict(peak_bandwidth_gbps=10.0),
+    ))
+    dep = Deployment.load(cfg, echo_plan=False)
+    yield dep
+    dep.shutdown()
+
+
+async def test_static_default_is_the_largest_resident_tier_whatever_the_listing_order(two_tiers):
+    # Before: without a large tier the default was the last model listed (here: small).
+    d = await two_tiers.route([5, 6, 7], SamplingParams(max_tokens=2), "auto", RoutingHints())
+    assert (d.model, d.tier, d.reason) == ("m", "medium", "static")
+
+
+async def test_a_one_token_prompt_says_why_it_has_no_difficulty(two_tiers):
+    r = AdaptiveRouter(PolicySettings(consolidate=False))
+    d = await r.route(two_tiers, [7], SamplingParams(max_tokens=2), "auto", RoutingHints())
+    assert d.probe["difficulty"] is None and "1-token" in d.probe["skipped"]
+    assert (d.tier, d.reason) == ("medium", "probe:moderate")  # no difficulty counts as moderate
+    d = await r.route(two_tiers, [7, 8, 9], SamplingParams(max_tokens=2), "auto", RoutingHints())
+    assert d.probe["difficulty"] is not None and "skipped" not in d.probe
+
+
+def test_two_metrics_instances_in_one_process_share_nothing():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from sizewise.metrics import Metrics
+
+    a, b = Metrics(), Metrics()  # two servers in one process: no duplicate-registration error
+    a.route_decisions.labels(tier="small", reason="probe:easy").inc(3)
+
+    def value(m: Metrics) -> float:
+        fams = {f.name: f for f in text_string_to_metric_families(m.render().decode())}
+        return sum(s.value for s in fams["sizewise_route_decisions"].samples if s.name.endswith("_total"))
+
+    assert (value(a), value(b)) == (3.0, 0.0)

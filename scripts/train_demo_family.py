@@ -1060,7 +1060,8 @@ Deterministic (fixed seeds and data order; float32 CPU kernels may still differ 
 bits across machines). Intermediate state lives in `runs/demo/` (gitignored): the tokenizer,
 the token stream, and per-tier checkpoints every {CKPT_EVERY_S:.0f} s, so an interrupted run
 resumes where it stopped when started again. Delete `runs/demo/<tier>/` to retrain a tier;
-`--tiers`, `--eval-only` and `--bench` (training tokens/s per tier) are the other options.
+`--tiers`, `--eval-only` and `--bench` (training tokens/s per tier) are the everyday options;
+`--help` lists the rest (the `gpu-copy` recipe's `--device`, `--time-budget-s`, `--prepare-only`).
 Log: `runs/demo/train.log` when started with `nohup ... > runs/demo/train.log`.
 """
     atomic_write_text(card, text)

@@ -182,3 +182,10 @@ def test_one_token_prompt_has_prompt_logprobs_of_none(demo_small):
 def test_stop_token_ids_must_be_integers(demo_small, ids):
     with pytest.raises(InvalidRequestError, match="stop_token_ids"):
         demo_small.generate([[5, 6]], SamplingParams(max_tokens=2, stop_token_ids=ids))
+
+
+def test_max_model_len_past_the_checkpoints_positions_is_refused(llama_dir):
+    """As vLLM: a context longer than max_position_embeddings (512 here) is a config error."""
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        EngineCore(llama_dir, EngineConfig(**{**ENGINE, "max_model_len": 513}))
+    assert EngineCore(llama_dir, EngineConfig(**{**ENGINE, "max_model_len": 512})).max_model_len == 512

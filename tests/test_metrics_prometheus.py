@@ -253,7 +253,7 @@ def traffic(server, prometheus, deployment):
         for d in decisions:
             seen["decisions"][(d["tier"], d["reason"])] += 1
             seen["jobs"][d["tier"]] += 1
-            seen["probed"] += "ms" in (d.get("probe") or {})
+            seen["probed"] += bool((d.get("probe") or {}).get("probe_model"))  # a model probe, not a pinned scan
         tier = decisions[0]["tier"]
         assert all(d["tier"] == tier for d in decisions), "one tier per response keeps usage attributable"
         seen["usage"][("prompt", tier)] += usage.prompt_tokens

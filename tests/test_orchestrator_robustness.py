@@ -293,3 +293,11 @@ def test_two_metrics_instances_in_one_process_share_nothing():
         return sum(s.value for s in fams["sizewise_route_decisions"].samples if s.name.endswith("_total"))
 
     assert (value(a), value(b)) == (3.0, 0.0)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_fit_refuses_nll_that_is_not_a_number(bad):
+    """A NaN compares false with the tolerance limit: it would pass as 'good enough'."""
+    nll = {"small": [3.0, bad, 3.0], "medium": [2.5, 2.5, 2.5], "large": [2.0, 2.0, 2.0]}
+    with pytest.raises(ValueError, match="finite"):
+        fit_thresholds([1.0, 2.0, 3.0], nll, {"small": 1.0, "medium": 2.0, "large": 4.0}, tolerance=0.05)

@@ -25,8 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help=f"deployment YAML (default: {DEFAULT_CONFIG}, looked up in the current "
                                     "directory, then the repository root)")
     s.add_argument("--model", action="append", metavar="DIR",
-                   help="a Hugging Face model directory instead of a config; repeat for 2 or 3 tiers "
-                        "(in order: small, [medium,] large)")
+                   help="a Hugging Face model directory instead of a config (one: served as large); repeat "
+                        "for 2 or 3 tiers (in order: small, [medium,] large); no policy: auto means large")
     s.add_argument("--host", help="bind address (default: the config's server.host, 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (default: the config's server.port, 8000)")
     s.add_argument("--device", help="auto | cpu | cuda[:N] | npu[:N] (overrides the config)")

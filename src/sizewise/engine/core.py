@@ -85,6 +85,12 @@ class EngineCore:
         self.dtype = (
             self.platform.default_dtype(cfg.torch_dtype) if config.dtype == "auto" else parse_dtype(config.dtype)
         )
+        if config.max_model_len is not None and config.max_model_len > cfg.max_position_embeddings:
+            # As vLLM: positions past what the model was built for give garbage, not an error.
+            raise ValueError(
+                f"max_model_len {config.max_model_len} is larger than {self.name}'s max_position_embeddings "
+                f"({cfg.max_position_embeddings})"
+            )
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         if cfg.sliding_window:
             # No sliding-window attention kernel: cap the context so the window never applies.

@@ -37,7 +37,7 @@ def fit_thresholds(
     n = len(scores)
     if any(len(v) != n for v in nll.values()):
         raise ValueError("every tier needs one NLL per request")
-    _check(tolerance, cost, tiers)
+    _check(tolerance, cost, tiers, nll)
     top = tiers[-1]
     rel = {t: cost[t] / cost[top] for t in tiers}
     order = sorted(range(n), key=lambda i: scores[i])
@@ -72,7 +72,11 @@ def fit_thresholds(
     return Calibration(t_small, t_med, q, base, c, shares)
 
 
-def _check(tolerance: float, cost: dict[str, float], tiers: list[str]) -> None:
+def _check(tolerance: float, cost: dict[str, float], tiers: list[str], nll: dict[str, list[float]]) -> None:
+    for t in tiers:  # a NaN compares false with every limit: it would pass any tolerance
+        bad = next((x for x in nll[t] if not math.isfinite(x)), None)
+        if bad is not None:
+            raise ValueError(f"nll[{t!r}] holds {bad}: every NLL must be a finite number")
     if not (tolerance >= 0 and math.isfinite(tolerance)):
         raise ValueError(f"tolerance must be a finite number >= 0 (relative NLL over the largest tier), got {tolerance}")
     for t in tiers:
@@ -133,7 +137,7 @@ def oracle_routing(nll: dict[str, list[float]], cost: dict[str, float], toleranc
     n = len(nll[tiers[0]])
     if n == 0 or any(len(v) != n for v in nll.values()):
         raise ValueError("every tier needs one NLL per request, and at least one request")
-    _check(tolerance, cost, tiers)
+    _check(tolerance, cost, tiers, nll)
     top = tiers[-1]
     base = sum(nll[top]) / n
     limit = base * (1 + tolerance)

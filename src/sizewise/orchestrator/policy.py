@@ -25,7 +25,7 @@ and explained, and tests can script the telemetry it reads. In order:
 6. strategy for `auto`: prompt lookup when the prompt is copyable enough, the engine's batch is
    small enough for speculation to pay, and the measured acceptance (if any) is high enough;
    a draft model likewise for medium/large when allowed; otherwise plain. Strategies are only
-   chosen among those the engine accepts (plain until the speculative paths land).
+   chosen among those the engine accepts.
 
 Queue-estimated latency of engine e for a request of P prompt and M new tokens: the worker
 steps busy engines round-robin, so each of e's steps also waits for one step of every other

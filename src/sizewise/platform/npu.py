@@ -5,7 +5,8 @@ npu_fused_infer_attention_score, npu_rms_norm, _npu_reshape_and_cache, NPUGraph)
 never been run on an Ascend device. Every fused op has a guarded fallback to the torch
 reference op, and the reference path is what the CPU tests check. See docs/platforms.md.
 
-This is the only module that imports torch_npu, and only `get_platform("npu...")`
+Besides `platform.npu_available()` (which imports torch_npu only to ask whether it sees a
+device), this is the only module that imports torch_npu, and only `get_platform("npu...")`
 imports this module.
 
 Paged attention uses `torch_npu.npu_fused_infer_attention_score` (FIA) with a block table

@@ -282,7 +282,10 @@ def _load(state: AppState) -> None:
     try:
         deployment = state.loader()
     except BaseException as e:  # noqa: BLE001 - reported by /health, /ready and the callback
-        log.exception("loading the deployment failed")
+        if isinstance(e, (ValueError, OSError)):  # bad config, memory plan, checkpoint: the message says it all
+            log.error("loading the deployment failed: %s", e)
+        else:
+            log.exception("loading the deployment failed")
         state.serving.load_error = e
         if state.on_load_error is not None:
             state.on_load_error(e)

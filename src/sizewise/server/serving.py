@@ -228,7 +228,7 @@ class Serving:
         for job in jobs:
             d = job.decision
             self.metrics.route_decisions.labels(tier=d.tier, reason=d.reason).inc()
-            if d.probe:
+            if d.probe and d.probe.get("probe_model"):
                 ms = next((d.probe[k] for k in _PROBE_TIME_KEYS if isinstance(d.probe.get(k), (int, float))), None)
                 if ms is not None:
                     self.metrics.probe.observe(ms / 1000.0)

@@ -229,16 +229,19 @@ def test_fit_rejects_bad_arguments_with_a_clear_error():
         fit_thresholds([0.1, 0.2], nll, {"small": 1.0, "large": 0.0})
 
 
-# ----- a router is bound to one deployment ----------------------------------------------------------
-async def test_a_bad_probe_model_fails_at_load_not_per_request(checkpoints):
-    # A router built in code (not from YAML) with a probe model the deployment does not have.
-    cfg = DeploymentConfig.model_validate(dict(
-        device="cpu", memory_fraction=0.01,
-        models=[dict(name="s", tier="small", path=str(checkpoints["llama"])),
-                dict(name="l", tier="large", path=str(checkpoints["qwen2"]))],
+def _tiny_deployment(*models: dict) -> DeploymentConfig:
+    return DeploymentConfig.model_validate(dict(
+        device="cpu", memory_fraction=0.01, models=list(models),
         engine=dict(max_model_len=128, max_num_seqs=2, max_num_batched_tokens=64, enforce_eager=True),
         policy=dict(peak_bandwidth_gbps=10.0),
     ))
+
+
+# ----- a router is bound to one deployment ----------------------------------------------------------
+async def test_a_bad_probe_model_fails_at_load_not_per_request(checkpoints):
+    # A router built in code (not from YAML) with a probe model the deployment does not have.
+    cfg = _tiny_deployment(dict(name="s", tier="small", path=str(checkpoints["llama"])),
+                           dict(name="l", tier="large", path=str(checkpoints["qwen2"])))
     with pytest.raises(ValueError, match="probe_model 'medium'"):
         Deployment.load(cfg, router=AdaptiveRouter(PolicySettings(probe_model="medium")), echo_plan=False)
     dep = Deployment.load(cfg, router=AdaptiveRouter(PolicySettings(probe_model="l", consolidate=False)),
@@ -253,13 +256,8 @@ async def test_a_bad_probe_model_fails_at_load_not_per_request(checkpoints):
 @pytest.fixture(scope="module")
 def two_tiers(checkpoints):
     """medium and small, listed in that order; static router (no default_tier)."""
-    cfg = DeploymentConfig.model_validate(dict(
-        device="cpu", memory_fraction=0.01,
-        models=[dict(name="m", tier="medium", path=str(checkpoints["llama"])),
-                dict(name="s", tier="small", path=str(checkpoints["llama_tied_linear"]))],
-        engine=dict(max_model_len=128, max_num_seqs=2, max_num_batched_tokens=64, enforce_eager=True),
-        policy=dict(peak_bandwidth_gbps=10.0),
-    ))
+    cfg = _tiny_deployment(dict(name="m", tier="medium", path=str(checkpoints["llama"])),
+                           dict(name="s", tier="small", path=str(checkpoints["llama_tied_linear"])))
     dep = Deployment.load(cfg, echo_plan=False)
     yield dep
     dep.shutdown()

@@ -63,17 +63,6 @@ def server(deployment):
 
 
 @pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
 def tok(checkpoints):
     return transformers.AutoTokenizer.from_pretrained(str(checkpoints["llama"]))
 

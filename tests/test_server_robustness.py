@@ -37,17 +37,6 @@ def server():
         torch.set_num_threads(prev)
 
 
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
 def _still_serves(client) -> None:
     r = client.completions.create(model="auto", prompt=PROMPT, max_tokens=2)
     assert r.choices[0].finish_reason in ("length", "stop")

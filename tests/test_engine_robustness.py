@@ -189,3 +189,22 @@ def test_max_model_len_past_the_checkpoints_positions_is_refused(llama_dir):
     with pytest.raises(ValueError, match="max_position_embeddings"):
         EngineCore(llama_dir, EngineConfig(**{**ENGINE, "max_model_len": 513}))
     assert EngineCore(llama_dir, EngineConfig(**{**ENGINE, "max_model_len": 512})).max_model_len == 512
+
+
+async def test_a_request_id_in_flight_on_one_core_is_refused_on_another(llama_dir):
+    """Outputs are routed by request id: the same id on two cores would cross their streams."""
+    a = EngineCore(llama_dir, EngineConfig(kv_cache_bytes=1 << 20, **ENGINE), name="a")
+    b = EngineCore(llama_dir, EngineConfig(kv_cache_bytes=1 << 20, **ENGINE), name="b")
+    engine = AsyncEngine({"a": a, "b": b})
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    try:
+        first = await engine.add_request("same", [5] * 10, sp, core="a")
+        with pytest.raises(InvalidRequestError, match="already in use"):
+            await engine.add_request("same", [6] * 10, sp, core="b")
+        got = [t async for out in first for t in out.outputs[0].token_ids]
+        alone = LLM(llama_dir, kv_cache_bytes=1 << 20, **ENGINE).generate([[5] * 10], sp)[0].outputs[0].token_ids
+        assert got == alone and not b.requests
+        again = await engine.add_request("same", [6] * 10, sp, core="b")  # free again once finished
+        assert len([t async for out in again for t in out.outputs[0].token_ids]) == 40
+    finally:
+        engine.shutdown()

@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from ..sampling_params import SamplingParams
+from ..sampling_params import InvalidRequestError, SamplingParams
 from .core import EngineCore, EngineStats
 from .outputs import RequestOutput
 
@@ -169,6 +169,9 @@ class AsyncEngine:
                 return
             if isinstance(cmd, _Add):
                 try:
+                    if cmd.request_id in self._routes:  # in flight on another core: streams would cross
+                        raise InvalidRequestError(f"request id {cmd.request_id!r} is already in use",
+                                                  param="request_id")
                     self.cores[cmd.core].add_request(
                         cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.prompt, strategy=cmd.strategy
                     )

@@ -182,15 +182,13 @@ class Platform:
             if n_cached:
                 mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_cached)
                 o = torch.nn.functional.scaled_dot_product_attention(
-                    qb.transpose(0, 1), kb.transpose(0, 1), vb.transpose(0, 1),
-                    attn_mask=mask, scale=scale, enable_gqa=Hkv != H,
+                    *_bhtd(qb, kb, vb), attn_mask=mask, scale=scale, enable_gqa=Hkv != H,
                 )
             else:
                 o = torch.nn.functional.scaled_dot_product_attention(
-                    qb.transpose(0, 1), kb.transpose(0, 1), vb.transpose(0, 1),
-                    is_causal=True, scale=scale, enable_gqa=Hkv != H,
+                    *_bhtd(qb, kb, vb), is_causal=True, scale=scale, enable_gqa=Hkv != H,
                 )
-            outs.append(o.transpose(0, 1))
+            outs.append(o[0].transpose(0, 1))
         return torch.cat(outs, 0)
 
     # ----- fused elementwise ops (overridable) --------------------------------
@@ -198,3 +196,9 @@ class Platform:
         # Normalise in float32 (as the HF reference does), scale in the model dtype.
         y = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps)
         return weight * y.to(x.dtype)
+
+
+def _bhtd(*xs: torch.Tensor) -> list[torch.Tensor]:
+    # [T, H, D] -> [1, H, T, D]: SDPA's fused (flash / memory-efficient) backends take 4-D
+    # inputs only; 3-D ones fall back to the unfused math kernel and its [H, T, T] scores.
+    return [x.transpose(0, 1).unsqueeze(0) for x in xs]

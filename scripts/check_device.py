@@ -162,7 +162,7 @@ def check_against_reference(name, results, ref_lps, tol_lp, tol_tie) -> dict:
             if gap > tol_tie:
                 bad_choice.append((i, t, round(gap, 4)))
     ok = max_err <= tol_lp and not bad_choice
-    log(f"  {name:<22} steps {steps:4d}  max |logprob err| {max_err:.2e} (tol {tol_lp:.0e})  "
+    log(f"  {name:<22} steps {steps:4d}  max |logprob err| {max_err:.2e} (tol {tol_lp:.2g})  "
         f"non-argmax choices {len(bad_choice)}  {'PASS' if ok else 'FAIL'}")
     if bad_choice:
         log(f"    first bad choices (prompt, step, ref gap): {bad_choice[:5]}")
@@ -219,7 +219,7 @@ def bench_engine(model_dir, args, batch, enforce_eager, platform) -> tuple[float
 
     run(n1)  # warm-up
     best = step_seconds(run, n1, n2, args.repeats)
-    stats = dict(weight_bytes=llm.engine.weight_bytes,
+    stats = dict(weight_bytes=llm.engine.weight_bytes, step_weight_bytes=llm.engine.step_weight_bytes,
                  kv_bytes_per_token=llm.engine.model_config.kv_bytes_per_token(llm.engine.dtype))
     del llm
     release()
@@ -362,7 +362,7 @@ def main(argv=None) -> int:
                 for label, eager_flag in rows:
                     step, stats = bench_engine(ckpt, args, batch, eager_flag, platform)
                     ctx = args.prompt_len + args.bench_short + args.decode_tokens / 2
-                    roof = (stats["weight_bytes"] + batch * ctx * stats["kv_bytes_per_token"]) / bw
+                    roof = (stats["step_weight_bytes"] + batch * ctx * stats["kv_bytes_per_token"]) / bw
                     log(f"  {batch:5d} {label:<12} {step * 1e3:9.2f} {1 / step:10.1f} {roof * 1e3:12.3f} {roof / step:12.2f}")
                     report["bench"].append(dict(batch=batch, mode=label, step_s=step, roofline_s=roof,
                                                 fraction_of_roofline=roof / step, **stats))

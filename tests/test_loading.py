@@ -138,3 +138,19 @@ def test_priority_core_with_queued_requests_steps_next(checkpoints):
     assert injected, order
     # Round-robin alone would step `c` next (b was idle when the turn began); priority steps `b`.
     assert order[injected[0]] == "b", order[injected[0] - 2: injected[0] + 3]
+
+
+def test_step_weight_bytes_leave_out_an_untied_input_embedding(checkpoints):
+    """A decode step gathers B rows of an untied input embedding and streams every other weight
+    (a tied embedding is read whole as the LM head): the roofline and telemetry count that."""
+    seen = set()
+    for name, path in checkpoints.items():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        total = sum(p.numel() * 4 for p in hf.parameters())  # tied: counted once
+        emb = hf.get_input_embeddings().weight.numel() * 4
+        core = EngineCore(path, EngineConfig(device="cpu", dtype="float32", kv_cache_bytes=1 << 20))
+        tied = hf.config.tie_word_embeddings
+        seen.add(tied)
+        assert core.weight_bytes == total
+        assert core.step_weight_bytes == (total if tied else total - emb), name
+    assert seen == {True, False}

@@ -181,7 +181,7 @@ async def test_telemetry_agrees_with_the_engines(dep):
         e, st = snap.engines[name], core.stats()
         assert e.num_steps == st.num_steps - steps0[name]  # the listener saw every step
         assert (e.kv_blocks_total, e.kv_blocks_used, e.num_running) == (dep.plan.model(name).num_blocks, 0, 0)
-        assert e.bytes_per_step >= core.weight_bytes  # weights stream once per step, plus KV
+        assert e.bytes_per_step >= core.step_weight_bytes  # weights stream once per step, plus KV
         assert e.achieved_bandwidth == pytest.approx(e.bytes_per_step / e.step_seconds)
         assert e.bandwidth_utilization == pytest.approx(e.achieved_bandwidth / snap.peak_bandwidth)
         assert e.avg_output_tokens == pytest.approx(5.0)

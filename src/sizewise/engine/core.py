@@ -138,6 +138,7 @@ class EngineCore:
         self._prompt_tokens = 0
         self._gen_tokens = 0
         self.weight_bytes = self.runner.weight_bytes()
+        self.step_weight_bytes = self.runner.step_weight_bytes()  # what a decode step streams
         log.info(
             "%s: %s on %s, %.1fM params, KV cache %d blocks x %d tokens (%.1f MiB), max_model_len %d",
             self.name, cfg.family, self.platform.device, cfg.num_params / 1e6, num_blocks, self.block_size,
@@ -282,7 +283,7 @@ class EngineCore:
             num_tokens += self.spec.last_num_tokens
         kv_bytes = kv_tokens * self.model_config.kv_bytes_per_token(self.dtype)
         self._step_count += 1
-        self._last_step = (seconds, num_tokens, self.weight_bytes + kv_bytes)
+        self._last_step = (seconds, num_tokens, self.step_weight_bytes + kv_bytes)
 
     def _postprocess(
         self, sched: SchedulerOutput, result: StepResult | None, spec_results: list[VerifyResult] = (),

@@ -74,6 +74,15 @@ class ModelRunner:
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
+    def step_weight_bytes(self) -> int:
+        """Weight bytes a decode step reads: all but an untied input embedding, of which it only
+        gathers the batch's rows (a tied one is read whole as the LM head)."""
+        total = self.weight_bytes()
+        if self.model.lm_head is not None:
+            w = self.model.embed_tokens.weight
+            total -= w.numel() * w.element_size()
+        return total
+
     # ----- input preparation ---------------------------------------------------------
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table

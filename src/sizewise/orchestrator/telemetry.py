@@ -308,7 +308,7 @@ class Telemetry:
             slope = max((yl - ys) / (xl - xs), 0.0)
             return max(ys - slope * xs, 0.0), slope
         if xs is None and xl is None:
-            fixed = core.weight_bytes / self.peak_bandwidth if self.peak_bandwidth else 0.0
+            fixed = core.step_weight_bytes / self.peak_bandwidth if self.peak_bandwidth else 0.0
             return fixed, fixed / _SMALL_STEP_TOKENS
         x, y = (xs, ys) if xs is not None else (xl, yl)
         # Half the observed cost fixed, half per token: a neutral guess until both kinds are seen.

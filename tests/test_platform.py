@@ -415,6 +415,26 @@ def test_npu_prepare_paged_shared_across_layers(npu_platform):
                                ref, atol=1e-5, rtol=1e-5)
 
 
+def test_npu_host_lengths_not_reused_for_a_new_tensor(npu_platform, monkeypatch):
+    """The per-forward memo of host context lengths must not match the next step's fresh
+    tensor even when it lands at the same address with version 0 and (after the old one is
+    freed) the same id(): simulated here with a storage-sharing tensor and a constant id()."""
+    plat, _ = npu_platform
+    import sizewise.platform.npu as npu_mod
+
+    monkeypatch.setattr(npu_mod, "id", lambda obj: 1, raising=False)  # id() reuse, as after a free
+    first = torch.tensor([5, 9], dtype=torch.int32)
+    assert plat._host_lens(first) == [5, 9]
+    assert plat._host_lens(first) == [5, 9]  # same tensor, same version: read once
+    arr = first.numpy()
+    nxt = torch.from_numpy(arr)  # a new tensor at the same address, version 0
+    arr[:] = [6, 10]  # the next step's lengths (a numpy write bumps no version counter)
+    assert nxt.data_ptr() == first.data_ptr() and nxt._version == first._version
+    assert plat._host_lens(nxt) == [6, 10]
+    first.add_(1)  # in-place update of a memoised tensor (a static buffer): re-read too
+    assert plat._host_lens(first) == [7, 11]
+
+
 def test_cuda_platform_reference_fallback_plumbing(monkeypatch):
     """CudaPlatform with torch.cuda faked: CPU tensors cannot take the Triton kernel, so the
     reference op must run even when prepare_paged returned None (Triton importable)."""

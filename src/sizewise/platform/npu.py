@@ -101,7 +101,10 @@ class NpuPlatform(Platform):
         self._pool = None
         self._static_depth = 0  # > 0 while an NpuGraph warms up or captures
         self._causal_mask: torch.Tensor | None = None  # the 2048x2048 FIA mask, on device
-        self._lens_key: tuple | None = None  # memo of the last context_lens read to host
+        # Memo of the last context_lens read to host: the tensor itself (held, so that a later
+        # step's fresh tensor can never pass for it) and its version counter at the read.
+        self._lens_src: torch.Tensor | None = None
+        self._lens_version = -1
         self._lens_host: list[int] = []
         self._scale_kw: str | None = None  # FIA's scale keyword differs across torch_npu versions
         self._fia_ok = hasattr(torch_npu, "npu_fused_infer_attention_score")
@@ -186,11 +189,13 @@ class NpuPlatform(Platform):
         torch_npu._npu_reshape_and_cache(k.contiguous(), v.contiguous(), k_cache, v_cache, slots)
 
     def _host_lens(self, context_lens: torch.Tensor) -> list[int]:
-        # Every layer of one forward passes the same context_lens tensor: read it once.
-        key = (id(context_lens), context_lens.data_ptr(), context_lens._version)
-        if key != self._lens_key:
+        # Every layer of one forward passes the same context_lens tensor: read it once. Match
+        # by identity against a held reference, not by (id, data_ptr, version): once the last
+        # step's tensor is freed, the next step's fresh one may get its id and (caching
+        # allocator) its address, at version 0 again, and would reuse stale lengths.
+        if context_lens is not self._lens_src or context_lens._version != self._lens_version:
             self._lens_host = [int(x) for x in context_lens.tolist()]
-            self._lens_key = key
+            self._lens_src, self._lens_version = context_lens, context_lens._version
         return self._lens_host
 
     def _fia(self, q, k, v, *, scale: float, **kwargs) -> torch.Tensor:

@@ -97,6 +97,10 @@ class AsyncEngine:
         self._routes: dict[str, _Route] = {}
         self._stop = False
         self._dead: BaseException | None = None
+        # Held while a request is queued and while the worker, on its way out, marks itself closed:
+        # a request is either refused here or failed by the worker, never left waiting.
+        self._closing = threading.Lock()
+        self._closed = False
         self.priority_core: str | None = None  # stepped early when it has queued requests (the probe engine)
         self.step_listeners: list = []  # callables(core_name, core, outputs, seconds): telemetry hooks
         self._thread = threading.Thread(target=self._run, name="sizewise-engine", daemon=True)
@@ -110,8 +114,7 @@ class AsyncEngine:
         """Queue a request; raises InvalidRequestError / QueueFullError before anything streams.
 
         `strategy`: plain | pld | draft | auto (see EngineCore.add_request)."""
-        if self._dead is not None:
-            raise EngineDeadError(f"engine worker died: {self._dead!r}")
+        self._check_running()
         name = core or next(iter(self.cores))
         if name not in self.cores:
             raise KeyError(name)
@@ -119,7 +122,10 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         stream = RequestStream(self, request_id, name)
         admitted = loop.create_future()
-        self._inbox.put(_Add(name, request_id, list(prompt_token_ids), params, prompt, stream, admitted, loop, strategy))
+        with self._closing:
+            self._check_running()
+            self._inbox.put(_Add(name, request_id, list(prompt_token_ids), params, prompt, stream, admitted, loop,
+                                 strategy))
         self._wake.set()
         try:
             await admitted  # re-raises the core's admission error
@@ -137,6 +143,12 @@ class AsyncEngine:
         stream = await self.add_request(request_id, prompt_token_ids, params, core, prompt, strategy)
         async for out in stream:
             yield out
+
+    def _check_running(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"engine worker died: {self._dead!r}")
+        if self._closed or self._stop:
+            raise EngineDeadError("the engine was shut down")
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
@@ -210,9 +222,29 @@ class AsyncEngine:
         except BaseException as e:  # noqa: BLE001
             self._dead = e
             log.exception("engine worker died")
-            for rid, route in list(self._routes.items()):
-                self._deliver(route, EngineDeadError(str(e)))
             raise
+        finally:
+            self._fail_pending(EngineDeadError(f"engine worker died: {self._dead!r}" if self._dead is not None
+                                               else "the engine was shut down"))
+
+    def _fail_pending(self, exc: EngineDeadError) -> None:
+        """The worker is leaving (shut down or dead): no stream it owns may wait for ever. Requests
+        still queued are refused, those in flight end with `exc`."""
+        with self._closing:
+            self._closed = True
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(cmd, _Add):
+                try:
+                    cmd.loop.call_soon_threadsafe(_set_exc, cmd.admitted, exc)
+                except RuntimeError:  # that event loop is closed: nobody waits
+                    pass
+        for route in self._routes.values():
+            self._deliver(route, exc)
+        self._routes.clear()
 
     def _step_core(self, name: str) -> None:
         core = self.cores[name]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -61,7 +62,27 @@ def _find_config(given: str | None) -> Path:
 
 
 def _serve(args) -> int:
+    # uvicorn shuts down gracefully on SIGINT / SIGTERM, then raises the signal again with the
+    # handler it found: Python's SIGINT handler makes that a KeyboardInterrupt, but SIGTERM's
+    # default action would kill the process (exit status 143 after a clean shutdown). Both end the
+    # server with status 0, also when they come before it runs (while torch is imported).
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _run_server(args)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _run_server(args) -> int:
     # Checked before the heavy imports (torch) so a wrong path fails in a blink.
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise CliError(f"--port {args.port}: a port is 0-65535 (0 picks a free one)")
     config_path = None if args.model else _find_config(args.config)
     for d in args.model or []:
         if not (Path(d) / "config.json").is_file():
@@ -69,11 +90,9 @@ def _serve(args) -> int:
 
     import asyncio
 
-    import uvicorn
-
     from .orchestrator.deployment import Deployment, DeploymentConfig
-    from .server import create_app, describe
-    from .server.runner import base_url, bind_socket, uvicorn_config
+    from .server import create_app
+    from .server.runner import Server, base_url, bind_socket, shutdown_hook, uvicorn_config
 
     if args.model:
         try:
@@ -102,14 +121,12 @@ def _serve(args) -> int:
     url = base_url(sock)
 
     exit_code = 0
-    server: uvicorn.Server | None = None
+    server: Server | None = None
 
     def load() -> Deployment:
         log.info("loading %d model(s) on device %s: %s", len(cfg.models), cfg.device,
                  ", ".join(f"{m.name} ({m.tier}) from {m.path}" for m in cfg.models))
-        deployment = Deployment.load(cfg)
-        for line in describe(deployment):
-            log.info("  %s", line)
+        deployment = Deployment.load(cfg)  # the app logs one line per model once it is loaded
         log.info("ready: serving %s at %s (OpenAI API at %s/v1)", ", ".join(deployment.cores), url, url)
         return deployment
 
@@ -122,10 +139,10 @@ def _serve(args) -> int:
 
     app = create_app(config=server_cfg, loader=load, on_load_error=on_load_error)
     log.info("sizewise listening on %s (health at /health; /ready answers 200 once the models are loaded)", url)
-    server = uvicorn.Server(uvicorn_config(app, log_level=args.log_level))
+    server = Server(uvicorn_config(app, log_level=args.log_level), on_shutdown=shutdown_hook(app))
     try:
         asyncio.run(server.serve(sockets=[sock]))
-    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+    except KeyboardInterrupt:  # the signal raised again after the graceful shutdown, or a second Ctrl-C
         pass
     finally:
         sock.close()

@@ -9,6 +9,7 @@ share nothing but what they are given.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
@@ -133,10 +134,12 @@ class _Edge:
     `request.state.request_id`, the `x-request-id` header and server-side error logs; and an
     oversized body refused from its Content-Length before anything reads it (413, OpenAI format)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, on_error: Callable[[int], None]) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, on_error: Callable[[int], None],
+                 stopping: Callable[[], bool] = lambda: False) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.on_error = on_error
+        self.stopping = stopping
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -168,7 +171,15 @@ class _Edge:
                     raise _too_large(limit)
             return message
 
-        await self.app(scope, receive_bounded, send_with_id)
+        try:
+            await self.app(scope, receive_bounded, send_with_id)
+        except asyncio.CancelledError:
+            if not self.stopping():
+                raise
+            # uvicorn cancels what still runs when its graceful-shutdown window ends (a response
+            # whose client stopped reading: everything else was ended by Serving.begin_shutdown)
+            # or at a second Ctrl-C. One line for it, not a traceback per request.
+            log.warning("request %s: response cut short by the server's shutdown", rid)
 
 
 def _too_large(limit: int) -> ApiError:
@@ -215,7 +226,8 @@ def create_app(
         strict_content_type=False,
     )
     app.state.sizewise = state
-    app.add_middleware(_Edge, max_body_bytes=MAX_BODY_BYTES, on_error=serving.record_error)
+    app.add_middleware(_Edge, max_body_bytes=MAX_BODY_BYTES, on_error=serving.record_error,
+                       stopping=lambda: serving.stopping)
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, exc: RequestValidationError):

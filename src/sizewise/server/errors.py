@@ -45,6 +45,11 @@ def request_timeout(seconds: float) -> ApiError:
                          "and was aborted", type="timeout_error", code="request_timeout")
 
 
+def shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down; the request was aborted", type="service_unavailable_error",
+                    code="server_shutdown")
+
+
 def to_api_error(exc: BaseException, request_id: str | None = None) -> ApiError:
     """Map any exception to the error the client sees; unknown ones are logged, never shown."""
     if isinstance(exc, ApiError):

@@ -12,6 +12,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import uvicorn
 
@@ -46,6 +47,40 @@ def uvicorn_config(app, log_level: str = "info", access_log: bool = True) -> uvi
     )
 
 
+# How much of uvicorn's graceful-shutdown window is left for the last responses to be written after
+# the requests still running were failed (see Serving.begin_shutdown).
+SHUTDOWN_FLUSH_S = 1.0
+
+
+class Server(uvicorn.Server):
+    """uvicorn's Server, telling the app when it starts to shut down (`on_shutdown(grace_s)`), so
+    requests still in flight end cleanly within the graceful window rather than being cancelled
+    at its end (a stream cut mid-chunk, a traceback per request)."""
+
+    def __init__(self, config: uvicorn.Config, on_shutdown: Callable[[float], None] | None = None) -> None:
+        super().__init__(config)
+        self.on_shutdown = on_shutdown
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.on_shutdown is not None:
+            grace = max(0.0, (self.config.timeout_graceful_shutdown or 0) - SHUTDOWN_FLUSH_S)
+            try:
+                self.on_shutdown(grace)
+            except Exception:  # noqa: BLE001 - the shutdown itself must go on
+                log.exception("shutdown hook failed")
+        await super().shutdown(sockets)
+        if self.force_exit and getattr(self, "lifespan", None) is not None:
+            # A second Ctrl-C: uvicorn skips the app's shutdown, and asyncio.run then cancels the
+            # lifespan task (a traceback in the log, the engine never stopped). Ours is quick: run it.
+            await self.lifespan.shutdown()
+
+
+def shutdown_hook(app) -> Callable[[float], None] | None:
+    """The sizewise app's graceful-shutdown hook (None for another ASGI app)."""
+    state = getattr(getattr(app, "state", None), "sizewise", None)
+    return state.serving.begin_shutdown if state is not None else None
+
+
 class ServerThread:
     """A real uvicorn server for `app` on a background thread.
 
@@ -57,7 +92,7 @@ class ServerThread:
         self.app = app
         self.host = host
         self.port = port
-        self.server = uvicorn.Server(uvicorn_config(app, log_level=log_level, access_log=False))
+        self.server = Server(uvicorn_config(app, log_level=log_level, access_log=False), shutdown_hook(app))
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
         self._error: BaseException | None = None

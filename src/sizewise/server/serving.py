@@ -18,6 +18,7 @@ import logging
 import re
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from ..metrics import Metrics
 from ..orchestrator.deployment import Deployment
 from ..orchestrator.types import Decision, RoutingHints
 from ..sampling_params import InvalidRequestError, SamplingParams
-from .errors import ApiError, not_ready, request_timeout
+from .errors import ApiError, not_ready, request_timeout, shutting_down
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ class Serving:
         self._instance = uuid.uuid4().hex[:8]  # request ids stay unique across apps sharing an engine
         self._engine_takes_strategy = False
         self._engine_totals: dict[tuple[str, ...], int] = {}  # engine counters at the last scrape
+        self._runs: weakref.WeakSet[Run] = weakref.WeakSet()  # in flight, for a graceful shutdown
+        self.stopping = False
 
     # ----- state ---------------------------------------------------------------------------
     def set_deployment(self, deployment: Deployment) -> None:
@@ -117,15 +120,30 @@ class Serving:
 
     @property
     def ready(self) -> bool:
-        return self.deployment is not None and self.deployment.engine.alive
+        return not self.stopping and self.deployment is not None and self.deployment.engine.alive
 
     def require(self) -> Deployment:
+        if self.stopping:
+            raise shutting_down()
         if self.deployment is None:
             if self.load_error is not None:
                 raise ApiError(503, f"model loading failed: {self.load_error}", type="service_unavailable_error",
                                code="load_failed")
             raise not_ready()
         return self.deployment
+
+    def begin_shutdown(self, grace_s: float) -> None:
+        """The server stops (SIGTERM, Ctrl-C): refuse new requests; those in flight get `grace_s`
+        seconds to finish, then end with a 503 their client can read (an SSE error event and
+        [DONE], or a JSON error), inside uvicorn's graceful window instead of a connection cut
+        mid-response. Runs on the event loop."""
+        self.stopping = True
+        runs = list(self._runs)
+        if runs:
+            log.info("shutting down: %d request(s) in flight get %g s to finish", len(runs), grace_s)
+        at = asyncio.get_running_loop().time() + grace_s
+        for run in runs:
+            run.fail_at(at, shutting_down)
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{self._instance}{next(self._ids):x}"
@@ -223,7 +241,10 @@ class Serving:
                         param="sizewise.strategy")
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
                 jobs.append(Job(i, rid, p, copy.copy(params), decision, drop_output=drop_output))
+            if self.stopping:  # the server began to stop while this request was routed
+                raise shutting_down()
             run = Run(self, jobs, deadline)
+            self._runs.add(run)
             await run.start()
         for job in jobs:
             d = job.decision
@@ -299,6 +320,8 @@ class Run:
         self._pumps: list[asyncio.Task] = []
         self._open = 0
         self._closed = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._fail_time = float("inf")
 
     @property
     def decision(self) -> Decision:
@@ -336,6 +359,29 @@ class Run:
             job.output = RequestOutput(job.request_id, job.prompt.text, job.prompt.ids, [])
             self._open += 1
             self._pumps.append(asyncio.ensure_future(self._pump(job)))
+        # The deadline is a timer, not a check made while the consumer reads: a client that stops
+        # reading blocks the writes, and with them the consumer, but not the abort at the deadline.
+        self.fail_at(self.deadline, lambda: request_timeout(self.serving.options.request_timeout_s))
+
+    def fail_at(self, when: float, error: Callable[[], ApiError]) -> None:
+        """At loop time `when` (unless an earlier failure is already set), abort what is unfinished
+        (its KV blocks are freed at the next engine step) and end the run with `error`: the
+        consumer gets the deltas that arrived before it, then the error."""
+        if self._closed or when >= self._fail_time:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._fail_time = when
+        self._timer = asyncio.get_running_loop().call_at(when, self._fail, error)
+
+    def _fail(self, error: Callable[[], ApiError]) -> None:
+        self._timer = None
+        if self._closed or not self._open:
+            return
+        for job in self.jobs:
+            if job.stream is not None:
+                job.stream.abort()  # no-op for a stream that already ended
+        self._queue.put_nowait(_Item(self.jobs[0], error(), time.perf_counter()))
 
     async def _pump(self, job: Job) -> None:
         q = self._queue
@@ -349,17 +395,10 @@ class Run:
             q.put_nowait(_Item(job, e, time.perf_counter()))
 
     async def events(self) -> AsyncIterator[tuple[Job, RequestOutput]]:
-        """Deltas of every job as they arrive; raises on timeout or an engine fault."""
-        loop = asyncio.get_running_loop()
+        """Deltas of every job as they arrive; raises on timeout, shutdown or an engine fault."""
         try:
             while self._open:
-                remaining = self.deadline - loop.time()
-                try:
-                    if remaining <= 0:
-                        raise asyncio.TimeoutError
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
-                except asyncio.TimeoutError:
-                    raise request_timeout(self.serving.options.request_timeout_s) from None
+                item = await self._queue.get()
                 if isinstance(item.delta, BaseException):
                     raise item.delta
                 job = item.job
@@ -452,6 +491,10 @@ class Run:
         if self._closed:
             return
         self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.serving._runs.discard(self)
         for job in self.jobs:
             if job.stream is not None and not job.finished:
                 job.stream.abort()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 import transformers
 
@@ -154,3 +155,16 @@ def test_step_weight_bytes_leave_out_an_untied_input_embedding(checkpoints):
         assert core.weight_bytes == total
         assert core.step_weight_bytes == (total if tied else total - emb), name
     assert seen == {True, False}
+
+
+def test_a_truncated_safetensors_file_is_a_checkpoint_error_naming_it(tmp_path, llama_dir):
+    import shutil
+
+    from sizewise.models import CheckpointError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(llama_dir, bad)
+    f = bad / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        EngineCore(bad, EngineConfig(device="cpu", dtype="float32", kv_cache_bytes=1 << 20))

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..platform import Platform
 from .config import CheckpointError, ModelConfig
@@ -61,25 +61,28 @@ def load_model(
         loaded.add(name)
 
     for i, f in enumerate(files):
-        with safe_open(str(f), framework="pt", device="cpu") as st:
-            for hf_name in st.keys():
-                if "rotary_emb" in hf_name:
-                    continue
-                name = hf_name.removeprefix("model.")
-                tensor = st.get_tensor(hf_name)
-                parts = name.split(".")
-                # layers.N.self_attn.q_proj.weight -> fused qkv_proj; mlp.gate_proj -> gate_up_proj
-                if len(parts) >= 4 and parts[-2] in _QKV + _GATE_UP:
-                    group = _QKV if parts[-2] in _QKV else _GATE_UP
-                    fused = "qkv_proj" if group is _QKV else "gate_up_proj"
-                    target = ".".join(parts[:-2] + [fused, parts[-1]])
-                    slot = pending.setdefault(target, {})
-                    slot[parts[-2]] = tensor
-                    if all(g in slot for g in group):
-                        put(target, torch.cat([slot[g] for g in group], 0))
-                        del pending[target]
-                else:
-                    put(name, tensor)
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                for hf_name in st.keys():
+                    if "rotary_emb" in hf_name:
+                        continue
+                    name = hf_name.removeprefix("model.")
+                    tensor = st.get_tensor(hf_name)
+                    parts = name.split(".")
+                    # layers.N.self_attn.q_proj.weight -> fused qkv_proj; mlp.gate_proj -> gate_up_proj
+                    if len(parts) >= 4 and parts[-2] in _QKV + _GATE_UP:
+                        group = _QKV if parts[-2] in _QKV else _GATE_UP
+                        fused = "qkv_proj" if group is _QKV else "gate_up_proj"
+                        target = ".".join(parts[:-2] + [fused, parts[-1]])
+                        slot = pending.setdefault(target, {})
+                        slot[parts[-2]] = tensor
+                        if all(g in slot for g in group):
+                            put(target, torch.cat([slot[g] for g in group], 0))
+                            del pending[target]
+                    else:
+                        put(name, tensor)
+        except SafetensorError as e:  # truncated or corrupt: say which file, not a Rust traceback
+            raise CheckpointError(f"cannot read {str(f)!r}: {e}") from None
         log.info("loaded shard %d/%d of %s", i + 1, len(files), model_dir.name)
 
     missing = sorted(set(params) - loaded)

@@ -122,3 +122,13 @@ def client(server):
     import openai
 
     return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # On a small shared box torch's intra-op pool spins against the other processes: a decode
+    # step of these tiny models is ~20x faster with one thread. Restored after the module.
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)

@@ -40,16 +40,6 @@ def _load(cfg: DeploymentConfig) -> Deployment:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # On a small shared box torch's intra-op pool spins against the other processes: a decode
-    # step of these tiny models is ~20x faster with one thread. Restored after the module.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
-@pytest.fixture(scope="module")
 def deployment(checkpoints, one_thread):
     dep = _load(_config(checkpoints))
     yield dep

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from sizewise.cli import main
 from sizewise.orchestrator.deployment import (
@@ -173,14 +172,6 @@ def test_shutdown_signal_ends_inflight_requests_cleanly_and_exits_0(sig):
 
 # ----- in-process servers ------------------------------------------------------------------------
 MAX_LEN = 512  # the tiny checkpoints' max_position_embeddings
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="module")

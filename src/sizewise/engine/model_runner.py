@@ -202,7 +202,7 @@ class ModelRunner:
         if p.seed is not None:
             if seq.rng_stream is None:
                 seq.rng_stream = rng_stream(p.seed, seq.index)
-            key = race_key(seq.rng_stream, seq.num_tokens + len(extra))
+            key = race_key(seq.rng_stream, seq.num_output_tokens + len(extra))
         block = None
         if seq.num_output_tokens + len(extra) < p.min_tokens:
             block = list(set(self.eos_token_ids) | set(p.stop_token_ids)) or None

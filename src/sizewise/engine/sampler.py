@@ -1,11 +1,12 @@
 """Token sampling over a batch with per-row parameters.
 
 Sampling uses the exponential-race trick (argmax of p / E with E ~ Exp(1)), which draws exactly
-from p with one random vector (the race) per row. A seeded request's race for the token at
-position t is drawn from a generator seeded with `race_key(stream, t)`: it depends on the seed,
-the sequence's index and the position only, so a seeded result does not depend on what else
-shares the batch, on preemption (recompute draws the same race) or on speculation (verification
-draws the race plain decoding would have drawn at each position: see speculative.py).
+from p with one random vector (the race) per row. A seeded request's race for its t-th output
+token is drawn from a generator seeded with `race_key(stream, t)`: it depends on the seed, the
+sequence's index and t only (as a per-request generator's t-th draw would), so a seeded result
+does not depend on what else shares the batch, on preemption (recompute draws the same race) or
+on speculation (verification draws the race plain decoding would have drawn for each token: see
+speculative.py).
 Probabilities are returned with the tokens: speculative verification needs them.
 """
 
@@ -40,15 +41,15 @@ def rng_stream(seed: int, index: int, salt: int = 0) -> int:
     return _mix64((seed & _MASK64) ^ _mix64(index + 1) ^ _mix64(salt + 0x9E3779B97F4A7C15))
 
 
-def race_key(stream: int, position: int) -> int:
-    """Seed of the race for the token at `position` (its index in prompt + output)."""
-    return _mix64(stream ^ _mix64(position + 0x632BE59BD9B4E019)) >> 1  # manual_seed takes < 2^63
+def race_key(stream: int, index: int) -> int:
+    """Seed of the race for output token number `index` (0: the first generated token)."""
+    return _mix64(stream ^ _mix64(index + 0x632BE59BD9B4E019)) >> 1  # manual_seed takes < 2^63
 
 
 @dataclass(slots=True)
 class SamplingRow:
     params: SamplingParams
-    race_key: int | None  # seeded rows: race_key(stream, position of the token sampled); else None
+    race_key: int | None  # seeded rows: race_key(stream, index of the output token sampled); else None
     output_token_ids: list[int]
     prompt_token_ids: list[int]
     block_eos: list[int] | None  # ids masked while min_tokens is not yet reached

@@ -19,7 +19,7 @@ Exactness (the output distribution is the target's, token by token):
     the bonus token is drawn from p_m. For prompt lookup (and a greedy draft) q_j is a point
     mass, which reduces to: accept with probability p_j(x), else draw from p_j without x. We
     do that by drawing, at each position, the very race plain decoding would draw there (keyed
-    by seed and position for seeded requests, `sampler.race_key`) and accepting x_j iff the
+    by seed and output index for seeded requests, `sampler.race_key`) and accepting x_j iff the
     token it samples is x_j: a seeded request then emits plain decoding's tokens exactly,
     whatever it shares a batch with, and whether or not it speculated in a step;
   * accepted tokens go through the engine's normal per-token finish check (EOS, stop ids, stop

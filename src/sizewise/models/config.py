@@ -50,6 +50,8 @@ class ModelConfig:
     qkv_bias: bool
     qk_norm: bool
     torch_dtype: torch.dtype
+    o_bias: bool = False  # attention output projection bias (Llama / Qwen3 `attention_bias`)
+    mlp_bias: bool = False  # gate / up / down biases (Llama `mlp_bias`)
     rope_scaling: dict = field(default_factory=dict)
     sliding_window: int | None = None
     bos_token_id: int | None = None
@@ -63,6 +65,10 @@ class ModelConfig:
         per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
         if self.qkv_bias:
             per_layer += q + 2 * kv
+        if self.o_bias:
+            per_layer += h
+        if self.mlp_bias:
+            per_layer += 2 * i + h
         if self.qk_norm:
             per_layer += 2 * self.head_dim
         emb = v * h * (1 if self.tie_word_embeddings else 2)
@@ -115,6 +121,10 @@ class ModelConfig:
             scaling = {**scaling, "rope_type": rope_type}
         use_sw = raw.get("use_sliding_window", family == "mistral")
         dtype_name = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+        # As transformers: Qwen2 always has q/k/v bias and never an o_proj bias; Llama and Qwen3
+        # put `attention_bias` on q/k/v *and* o_proj; Mistral has no bias at all; only Llama
+        # reads `mlp_bias`.
+        attn_bias = family in ("llama", "qwen3") and bool(raw.get("attention_bias", False))
         return cls(
             family=family,
             vocab_size=raw["vocab_size"],
@@ -128,9 +138,11 @@ class ModelConfig:
             rope_theta=float(rope_theta),
             max_position_embeddings=raw.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=family == "qwen2" or bool(raw.get("attention_bias", False)),
+            qkv_bias=family == "qwen2" or attn_bias,
             qk_norm=family == "qwen3",
             torch_dtype=parse_dtype(dtype_name),
+            o_bias=attn_bias,
+            mlp_bias=family == "llama" and bool(raw.get("mlp_bias", False)),
             rope_scaling=scaling,
             sliding_window=raw.get("sliding_window") if use_sw else None,
             bos_token_id=raw.get("bos_token_id"),

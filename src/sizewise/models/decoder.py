@@ -1,8 +1,9 @@
 """One native decoder for the Llama / Mistral / Qwen2 / Qwen3 families, reading a paged KV cache.
 
-Family differences are flags on `ModelConfig`: q/k/v bias (Qwen2), per-head q/k RMSNorm and an
-explicit head_dim (Qwen3), rope scaling (Llama 3), tied embeddings. q/k/v and gate/up projections
-are fused at load time so a decode step launches fewer matmuls.
+Family differences are flags on `ModelConfig`: q/k/v bias (Qwen2; Llama / Qwen3 with
+`attention_bias`, which also biases o_proj), MLP biases (Llama `mlp_bias`), per-head q/k
+RMSNorm and an explicit head_dim (Qwen3), rope scaling (Llama 3), tied embeddings. q/k/v and
+gate/up projections are fused at load time so a decode step launches fewer matmuls.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, platform) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, platform) if cfg.qk_norm else None
         self.platform = platform
@@ -132,8 +133,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.intermediate = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)

@@ -49,9 +49,12 @@ def load_model(
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     pending: dict[str, dict[str, torch.Tensor]] = {}  # fused target -> parts seen so far
+    unused: list[str] = []  # checkpoint tensors the decoder has no place for
+    tied_head: torch.Tensor | None = None  # an `lm_head.weight` saved alongside tied embeddings
 
     def put(name: str, tensor: torch.Tensor) -> None:
         if name not in params:
+            unused.append(name)
             return
         p = params[name]
         if p.shape != tensor.shape:
@@ -79,15 +82,45 @@ def load_model(
                         if all(g in slot for g in group):
                             put(target, torch.cat([slot[g] for g in group], 0))
                             del pending[target]
+                    elif name == "lm_head.weight" and model.lm_head is None:
+                        tied_head = tensor
                     else:
                         put(name, tensor)
         except SafetensorError as e:  # truncated or corrupt: say which file, not a Rust traceback
             raise CheckpointError(f"cannot read {str(f)!r}: {e}") from None
         log.info("loaded shard %d/%d of %s", i + 1, len(files), model_dir.name)
 
+    if tied_head is not None:
+        _resolve_tied_head(model, tied_head, dtype, loaded, put)
+    unused += sorted(pending)  # a fused group with parts missing (e.g. q_proj.bias alone)
+    if unused:
+        # transformers drops them too (with a warning), so this is not an error; but a weight that
+        # is silently ignored is usually a feature of the checkpoint the decoder does not model.
+        log.warning("%s: ignoring %d checkpoint tensors the decoder has no place for: %s",
+                    model_dir.name, len(unused), ", ".join(unused[:5]))
     missing = sorted(set(params) - loaded)
     if missing:
         raise CheckpointError(f"{str(model_dir)!r} is missing weights: {', '.join(missing[:5])}")
     model.eval().requires_grad_(False)
     log.info("loaded %s (%.1fM params, %s) in %.2fs", model_dir.name, cfg.num_params / 1e6, dtype, time.perf_counter() - t0)
     return model
+
+
+def _resolve_tied_head(model: Decoder, head: torch.Tensor, dtype: torch.dtype, loaded: set[str], put) -> None:
+    """A tied-embedding checkpoint that also saved `lm_head.weight`, as transformers >= 5 reads it:
+    the head alone stands in for the embeddings; a head equal to them is the tie itself; a head
+    that differs is a separate output matrix (transformers then does not tie either)."""
+    if "embed_tokens.weight" not in loaded:
+        put("embed_tokens.weight", head)
+        return
+    embed = model.embed_tokens.weight
+    if head.shape != embed.shape:
+        raise CheckpointError(f"lm_head.weight: checkpoint shape {tuple(head.shape)} != expected {tuple(embed.shape)}")
+    if torch.equal(embed, head.to(dtype)):
+        return
+    log.warning("tie_word_embeddings is set but the checkpoint's lm_head.weight differs from the "
+                "embeddings: using it as a separate output matrix, as transformers does")
+    model.lm_head = torch.nn.Linear(embed.shape[1], embed.shape[0], bias=False, device=embed.device, dtype=dtype)
+    model.lm_head.requires_grad_(False)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(head.to(dtype))

@@ -35,13 +35,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' (repeatable; also env SIZEWISE_API_KEYS)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
-    g = sub.add_parser("generate", help="print one completion (offline, no server)")
-    g.add_argument("prompt")
+    g = sub.add_parser("generate", help="print completions of one prompt (offline, no server)")
+    g.add_argument("prompt", help="the prompt text ('-' reads it from stdin); with --chat, the user message")
     g.add_argument("--model", required=True, metavar="DIR", help="a Hugging Face model directory")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 or -1 = disabled (default)")
+    g.add_argument("--n", type=int, default=1, help="completions to sample (printed one after another)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="a stop string (repeatable)")
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message through the model's chat template")
+    g.add_argument("--system", metavar="TEXT", help="with --chat: a system message before the prompt")
+    g.add_argument("--stream", action="store_true", help="print the text as it is generated (needs --n 1)")
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="auto")
     g.add_argument("--max-model-len", type=int, default=None)
@@ -150,18 +157,42 @@ def _run_server(args) -> int:
 
 
 def _generate(args) -> int:
+    if args.system is not None and not args.chat:
+        raise CliError("--system needs --chat")
+    if args.stream and args.n != 1:
+        raise CliError("--stream needs --n 1")
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+
     from . import LLM, InvalidRequestError, SamplingParams
     from .models import CheckpointError
 
+    def write(delta) -> None:
+        sys.stdout.write(delta.outputs[0].text if delta.outputs else "")
+        sys.stdout.flush()
+
     try:
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                seed=args.seed)
+        params = SamplingParams(n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, stop=args.stop, seed=args.seed)
         llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-                  max_num_seqs=1)
-        out = llm.generate([args.prompt], params)[0]
+                  max_num_seqs=max(1, args.n))
+        if args.chat:
+            messages = [{"role": "system", "content": args.system}] if args.system is not None else []
+            messages.append({"role": "user", "content": prompt})
+            text, ids = llm._chat_prompt(messages, 0)
+        else:
+            text, ids = prompt, llm.encode(prompt)
+        out = llm._run([(text, ids)], params, use_tqdm=False, strategy="plain",
+                       on_delta=write if args.stream else None)[0]
     except (InvalidRequestError, CheckpointError, ValueError) as e:
-        raise CliError(str(e)) from None
-    print(out.outputs[0].text)
+        raise CliError(" ".join(str(e).split())) from None  # one line (transformers' messages span several)
+    if args.stream:
+        print()
+    elif args.n == 1:
+        print(out.outputs[0].text)
+    else:
+        for o in out.outputs:
+            print(f"--- completion {o.index} ({o.finish_reason}) ---")
+            print(o.text)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 
@@ -37,6 +38,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     MAX_LOGPROBS = 20
+    _INT_FIELDS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs")
+    _OPTIONAL = ("seed", "max_tokens", "logprobs", "prompt_logprobs")
+    _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -46,6 +50,10 @@ class SamplingParams:
         else:
             self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids or [])
+        for name in self._INT_FIELDS:  # numpy integers -> int; floats and bools are refused by validate()
+            v = getattr(self, name)
+            if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+                setattr(self, name, int(v))
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
@@ -62,7 +70,15 @@ class SamplingParams:
         def bad(param: str, msg: str) -> InvalidRequestError:
             return InvalidRequestError(f"{param} {msg}", param=param)
 
-        if not isinstance(self.n, int) or self.n < 1:
+        for name in self._INT_FIELDS:
+            v = getattr(self, name)
+            if not (v is None and name in self._OPTIONAL) and (not isinstance(v, int) or isinstance(v, bool)):
+                raise bad(name, f"must be an integer{' or None' if name in self._OPTIONAL else ''}, got {v!r}")
+        for name in self._FLOAT_FIELDS:
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Real) or isinstance(v, bool):
+                raise bad(name, f"must be a number, got {v!r}")
+        if self.n < 1:
             raise bad("n", f"must be at least 1, got {self.n}")
         if self.n > 128:
             raise bad("n", f"must be at most 128, got {self.n}")
@@ -94,8 +110,6 @@ class SamplingParams:
             raise bad("stop", "entries must be non-empty strings")
         if len(self.stop) > 16:
             raise bad("stop", f"at most 16 stop strings, got {len(self.stop)}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", f"must be an integer, got {self.seed!r}")
         if any(not isinstance(t, int) or isinstance(t, bool) for t in self.stop_token_ids):
             raise bad("stop_token_ids", f"entries must be integer token ids, got {self.stop_token_ids!r}")
         if vocab_size is not None:

@@ -18,8 +18,7 @@ class CompletionOutput:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
 
-    @property
-    def finished(self) -> bool:
+    def finished(self) -> bool:  # a method, as vLLM's CompletionOutput.finished()
         return self.finish_reason is not None
 
 

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def timed(llm: LLM, prompts, sp) -> tuple[float, list[list[int]]]:
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, sp)
+    outs = llm.generate(prompts, sp, use_tqdm=False)
     return time.perf_counter() - t0, [o.outputs[0].token_ids for o in outs]
 
 

@@ -52,7 +52,7 @@ def time_sizewise(llm: LLM, prompts: list[list[int]], new_tokens: int, device: s
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
-        outs = llm.generate(prompts, sp)
+        outs = llm.generate(prompts, sp, use_tqdm=False)
         _sync(device)
         best = min(best, time.perf_counter() - t0)
         assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)

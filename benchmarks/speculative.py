@@ -100,7 +100,7 @@ def _spec_totals(core: EngineCore) -> tuple[int, int, int]:
 def run_single(llm: LLM, prompt: list[int], sp: SamplingParams, strategy: str):
     before = _spec_totals(llm.engine)
     t0 = time.perf_counter()
-    out = llm.generate([prompt], sp, strategy=strategy)[0]
+    out = llm.generate([prompt], sp, strategy=strategy, use_tqdm=False)[0]
     wall = time.perf_counter() - t0
     after = _spec_totals(llm.engine)
     m = out.metrics
@@ -172,7 +172,7 @@ def bench_mixed(model: Path, cfg: dict, prompts: dict[str, list[list[int]]], max
     free, edit = prompts["free"], prompts["edit-code"]
     engines = {mode: LLM(model, **{**cfg, "spec_batching": mode}) for mode in ("split", "padded", "auto")}
     for llm in engines.values():
-        llm.generate(free[:1], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+        llm.generate(free[:1], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
     rows = []
     for batch, n_spec in [(b, n) for b in batches for n in sorted({1, b // 2})]:
         plist = [free[i % len(free)] for i in range(batch - n_spec)] + [edit[i % len(edit)] for i in range(n_spec)]
@@ -183,7 +183,7 @@ def bench_mixed(model: Path, cfg: dict, prompts: dict[str, list[list[int]]], max
         for r in range(repeats):
             for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
                 t0 = time.perf_counter()
-                outs = engines[mode].generate(plist, sp, strategy=strategies)
+                outs = engines[mode].generate(plist, sp, strategy=strategies, use_tqdm=False)
                 best[mode] = min(best[mode], time.perf_counter() - t0)
                 ntok[mode] = sum(len(o.outputs[0].token_ids) for o in outs)
         for mode in engines:
@@ -229,7 +229,7 @@ def main() -> None:
     tok = llm.tokenizer
     texts = workloads(args.prompts, args.chars)
     prompts = {wl: [tok.encode(t) for t in ts] for wl, ts in texts.items()}
-    llm.generate([prompts["free"][0]], SamplingParams(temperature=0, max_tokens=8))  # warm-up
+    llm.generate([prompts["free"][0]], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm-up
 
     print(f"model {args.model} (draft {draft_name}), k={args.k}, lookup n={args.lookup_min}..{args.lookup_max}, "
           f"{torch.get_num_threads()} threads, {args.max_tokens} tokens/prompt, best of {args.repeats}")

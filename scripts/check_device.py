@@ -129,7 +129,7 @@ def engine_generate(model_dir: Path, args, prompts, max_tokens: int, enforce_eag
         enable_prefix_caching=False,
     )
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=logprobs)
-    outs = llm.generate(prompts, params)
+    outs = llm.generate(prompts, params, use_tqdm=False)
     return llm, [(list(o.outputs[0].token_ids), o.outputs[0].logprobs) for o in outs]
 
 
@@ -214,7 +214,7 @@ def bench_engine(model_dir, args, batch, enforce_eager, platform) -> tuple[float
     prompts = make_prompts(batch, [args.prompt_len], llm.engine.vocab_size, seed=11)
 
     def run(n):
-        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), use_tqdm=False)
         platform.synchronize()
 
     run(n1)  # warm-up

@@ -187,7 +187,7 @@ def test_mistral_sliding_window_caps_the_context_and_matches_transformers_under_
                   sliding_window=32)
     llm = LLM(path, device="cpu", dtype="float32", kv_cache_bytes=2 << 20, block_size=8)
     assert llm.engine.max_model_len == 32  # no window kernel: the window never applies
-    with pytest.raises(InvalidRequestError, match="32 tokens"):
+    with pytest.raises(InvalidRequestError, match="32 tokens .capped at the model's sliding window"):
         llm.generate([PROMPT + PROMPT[:2]], _greedy(1))
     with pytest.raises(InvalidRequestError, match="max_tokens"):
         llm.generate([PROMPT[:20]], _greedy(13))

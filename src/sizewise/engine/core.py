@@ -92,9 +92,13 @@ class EngineCore:
                 f"({cfg.max_position_embeddings})"
             )
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
-        if cfg.sliding_window:
+        self._cap_reason = ""  # why max_model_len is below what was asked for; errors quote it
+        if cfg.sliding_window and self.max_model_len > cfg.sliding_window:
             # No sliding-window attention kernel: cap the context so the window never applies.
-            self.max_model_len = min(self.max_model_len, cfg.sliding_window)
+            log.warning("%s: capping the context length %d to the sliding window (%d tokens)",
+                        self.name, self.max_model_len, cfg.sliding_window)
+            self.max_model_len = cfg.sliding_window
+            self._cap_reason = f" (capped at the model's sliding window of {cfg.sliding_window} tokens)"
         self.block_size = config.block_size or self.platform.preferred_block_size
         self.eos_token_ids = tuple(cfg.eos_token_ids) or (
             (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
@@ -113,6 +117,8 @@ class EngineCore:
                 self.block_size, self.max_model_len,
             )
             self.max_model_len = num_blocks * self.block_size
+            self._cap_reason = (f" (capped by the KV cache: {num_blocks} blocks of {self.block_size} tokens; "
+                                f"raise kv_cache_bytes)")
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), self.max_model_len),
@@ -172,10 +178,7 @@ class EngineCore:
                 )
             self.spec.validate_strategy(strategy)
         n = len(prompt_token_ids)
-        capped = (
-            f" (capped by the KV cache: {self.block_manager.num_blocks} blocks of {self.block_size} tokens; "
-            f"raise kv_cache_bytes)" if self.kv_capped else ""
-        )
+        capped = self._cap_reason
         if n == 0:
             raise InvalidRequestError("prompt is empty", param="prompt")
         if n >= self.max_model_len:

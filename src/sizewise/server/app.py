@@ -69,9 +69,10 @@ def describe(deployment: Deployment) -> list[str]:
 
 # ----- errors ------------------------------------------------------------------------------------
 _FIELDS = P.all_field_names()
+_GENERATE_PARAMS = frozenset(P.GenerateParams.model_fields)  # /generate: these go in "params"
 
 
-def _validation_error(exc: RequestValidationError) -> ApiError:
+def _validation_error(exc: RequestValidationError, path: str = "") -> ApiError:
     """FastAPI's 422 -> OpenAI's 400 naming the parameter."""
     errors = exc.errors()
     if not errors:
@@ -84,7 +85,10 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
         return ApiError(400, f"request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}")
     if e.get("type") == "extra_forbidden":  # the unknown name is no field: keep the whole path
         name = ".".join(str(x) for x in e.get("loc", ())[1:])
-        return ApiError(400, f"unrecognized request argument supplied: {name}", param=name)
+        hint = ""
+        if path == "/generate" and name in _GENERATE_PARAMS:  # OpenAI habit: sampling fields at the top
+            hint = f' (/generate takes sampling parameters inside "params": {{"params": {{"{name}": ...}}}})'
+        return ApiError(400, f"unrecognized request argument supplied: {name}{hint}", param=name)
     if param is None and isinstance(e.get("input"), bytes):  # a body sent with another Content-Type
         return ApiError(400, "the request body was not read as JSON: send it with the header "
                              "'Content-Type: application/json' (or with none)")
@@ -101,7 +105,7 @@ def error_response(request: Request, exc: BaseException) -> JSONResponse:
     if isinstance(exc, StarletteHTTPException) and isinstance(exc.__cause__, ApiError):
         exc = exc.__cause__  # FastAPI wraps errors raised while reading the body (e.g. 413)
     if isinstance(exc, RequestValidationError):
-        err = _validation_error(exc)
+        err = _validation_error(exc, request.url.path)
     elif isinstance(exc, StarletteHTTPException):
         err = ApiError(exc.status_code, str(exc.detail), type="invalid_request_error" if exc.status_code < 500
                        else "internal_error", headers=dict(exc.headers or {}))
@@ -268,7 +272,7 @@ def create_app(
             return JSONResponse({"status": "engine_dead"}, status_code=503)
         return JSONResponse({"status": "ok" if serving.deployment is not None else "loading"})
 
-    async def ready(request: Request) -> JSONResponse:
+    async def ready() -> JSONResponse:
         """Readiness: every model loaded and the engine running."""
         if not serving.ready:
             serving.require()  # raises the 503 that says why (loading, failed)

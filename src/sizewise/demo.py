@@ -170,7 +170,7 @@ def function_docstrings(source: str, min_chars: int = 40, max_chars: int = 700) 
     return out
 
 
-@dataclass
+@dataclass(slots=True)
 class Split:
     train_code: list[str]
     held_out_code: list[str]

@@ -14,6 +14,16 @@ class InvalidRequestError(ValueError):
         self.param = param
 
 
+def _as_list(value: object, param: str, expected: str) -> list:
+    """None -> []; any iterable -> a list; anything else -> InvalidRequestError naming `param`."""
+    if value is None:
+        return []
+    try:
+        return list(value)
+    except TypeError:
+        raise InvalidRequestError(f"{param} must be {expected}, got {value!r}", param=param) from None
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """Mirrors vLLM's `SamplingParams` (names and defaults), which mirror OpenAI's API."""
@@ -45,11 +55,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        elif self.stop is None:
-            self.stop = []
         else:
-            self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids or [])
+            self.stop = _as_list(self.stop, "stop", "a string or a list of strings")
+        self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids", "a list of integer token ids")
         for name in self._INT_FIELDS:  # numpy integers -> int; floats and bools are refused by validate()
             v = getattr(self, name)
             if isinstance(v, numbers.Integral) and not isinstance(v, bool):

@@ -86,7 +86,8 @@ class EngineCore:
             self.platform.default_dtype(cfg.torch_dtype) if config.dtype == "auto" else parse_dtype(config.dtype)
         )
         if config.max_model_len is not None and config.max_model_len > cfg.max_position_embeddings:
-            # As vLLM: positions past what the model was built for give garbage, not an error.
+            # Refused, as vLLM does: positions past what the model was built for would silently
+            # give garbage.
             raise ValueError(
                 f"max_model_len {config.max_model_len} is larger than {self.name}'s max_position_embeddings "
                 f"({cfg.max_position_embeddings})"
@@ -106,7 +107,7 @@ class EngineCore:
         self.vocab_size = cfg.vocab_size
 
         model = load_model(self.model_dir, cfg, self.platform, self.dtype, self.max_model_len)
-        num_blocks = self._plan_kv_blocks(model)
+        num_blocks = self._plan_kv_blocks()
         # A sequence longer than the whole cache could never be (re)admitted: it would wait (or
         # preempt itself) forever. Cap the context at what the cache holds; validate() names it.
         self.kv_capped = num_blocks * self.block_size < self.max_model_len
@@ -152,7 +153,7 @@ class EngineCore:
         )
 
     # ----- sizing ------------------------------------------------------------------------
-    def _plan_kv_blocks(self, model) -> int:
+    def _plan_kv_blocks(self) -> int:
         per_block = self.model_config.kv_bytes_per_token(self.dtype) * self.block_size
         if self.config.kv_cache_bytes is not None:
             budget = self.config.kv_cache_bytes

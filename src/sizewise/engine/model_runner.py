@@ -158,15 +158,20 @@ class ModelRunner:
         input_ids = torch.tensor(ids, device=self.device)
         hidden = self.model(input_ids, torch.tensor(positions, device=self.device), meta)
         logits = self.model.compute_logits(hidden[sample_idx]) if sample_idx else None
-        plp = {s.seq_id: self._prompt_logprobs(s, hidden, first, n, input_ids) for s, first, n in plp_rows}
+        plp = {s.seq_id: self._prompt_logprobs(s, hidden, first, n) for s, first, n in plp_rows}
         return sampled, logits, plp
 
-    def _prompt_logprobs(self, seq: Sequence, hidden, first: int, n: int, input_ids) -> list:
-        """Entries for prompt positions start+1 .. start+n (position 0 has none)."""
+    def _prompt_logprobs(
+        self, seq: Sequence, hidden: torch.Tensor, first: int, n: int,
+    ) -> tuple[int, list[dict[int, float]]]:
+        """(start+1, entries for prompt positions start+1 .. start+n); position 0 has none.
+
+        hidden: [T, hidden] the step's packed states; this chunk's rows start at `first`.
+        """
         top = seq.request.params.prompt_logprobs
         start = seq.num_cached_tokens
         end = min(start + n, seq.num_prompt_tokens - 1)  # logits at p predict token p+1
-        entries: list[dict[int, float] | None] = []
+        entries: list[dict[int, float]] = []
         if end > start:
             lp = torch.log_softmax(self.model.compute_logits(hidden[first:first + end - start]), -1)
             targets = torch.tensor(seq.token_ids[start + 1:end + 1], device=lp.device)

@@ -57,7 +57,7 @@ class SamplingRow:
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     # logits: [N, V]
-    N, V = logits.shape
+    V = logits.shape[-1]
     dev = logits.device
     for i, r in enumerate(rows):
         p = r.params
@@ -118,7 +118,7 @@ class Sampler:
         sampling distribution [N, V] after temperature / top-k / top-p / min-p (None when
         every row is greedy).
         """
-        N, V = logits.shape
+        V = logits.shape[-1]
         if any(r.params.needs_penalties for r in rows):
             logits = apply_penalties(logits.clone(), rows)
         for i, r in enumerate(rows):
@@ -138,7 +138,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         # logits: [N, V] float32, one row per sequence that samples this step
-        N, V = logits.shape
+        N = logits.shape[0]
         raw_logprobs = None
         want_lp = [r.params.logprobs is not None for r in rows]
         if any(want_lp):

@@ -104,7 +104,8 @@ class Scheduler:
             seq = self.waiting[0]
             if seq in out.preempted:
                 break
-            # Keep one free block per running decoder so admission does not cause preemption.
+            # While anything decodes, keep one block spare so this admission does not force a
+            # preemption on the next step.
             if not bm.can_allocate(seq, reserve=len(out.decodes) and 1):
                 break
             self.waiting.popleft()

@@ -1,4 +1,4 @@
-"""Request state: no torch here beyond an optional per-sequence RNG handle."""
+"""Request state. No torch here: a seeded sequence's randomness is an integer stream key."""
 
 from __future__ import annotations
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# config.json keys with no default: every supported family's config writes them.
+_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -93,9 +95,12 @@ class ModelConfig:
         cfg = cls.from_dict(raw)
         gen_file = path / "generation_config.json"
         if gen_file.is_file():
-            gen = json.loads(gen_file.read_text())
+            try:
+                gen = json.loads(gen_file.read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{gen_file}: invalid JSON ({e})") from None
             if gen.get("eos_token_id") is not None:
-                cfg = _replace(cfg, eos_token_ids=_as_tuple(gen["eos_token_id"]))
+                cfg = replace(cfg, eos_token_ids=_as_tuple(gen["eos_token_id"]))
         return cfg
 
     @classmethod
@@ -105,6 +110,9 @@ class ModelConfig:
             raise CheckpointError(
                 f"unsupported model_type {family!r}; supported families: {', '.join(SUPPORTED_FAMILIES)}"
             )
+        missing = [k for k in _REQUIRED_KEYS if raw.get(k) is None]
+        if missing:  # a clear CheckpointError, not a KeyError from deep inside the constructor below
+            raise CheckpointError(f"config.json lacks {', '.join(missing)} (needed for a {family} model)")
         num_heads = raw["num_attention_heads"]
         hidden = raw["hidden_size"]
         head_dim = raw.get("head_dim") or hidden // num_heads
@@ -175,9 +183,3 @@ def _as_tuple(x) -> tuple[int, ...]:
     if isinstance(x, int):
         return (x,)
     return tuple(int(i) for i in x)
-
-
-def _replace(cfg: ModelConfig, **kw) -> ModelConfig:
-    from dataclasses import replace
-
-    return replace(cfg, **kw)

@@ -169,7 +169,7 @@ def _attach_drafts(config: DeploymentConfig, cores: dict[str, EngineCore]) -> No
     draft = cores[ordered[0].name]
     for m in ordered[1:]:
         core = cores[m.name]
-        if getattr(core, "spec", None) is None:
+        if core.spec is None:
             continue
         try:
             core.attach_draft(draft)

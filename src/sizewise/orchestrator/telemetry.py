@@ -28,7 +28,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from ..engine.core import EngineCore
+from ..engine.core import EngineCore, EngineStats
 from ..platform import Platform
 
 PROBE_PREFIX = "sizewise-probe-"  # request ids of the orchestrator's own probes (not traffic)
@@ -225,17 +225,11 @@ class Telemetry:
             self._update_spec(st, stats)
 
     @staticmethod
-    def _update_spec(st: _EngineState, stats) -> None:
-        # The speculative engine reports cumulative proposed / accepted token counters, either
-        # as ints or per strategy; read defensively so telemetry works before and after it lands.
-        draft = getattr(stats, "spec_draft_tokens", None)
-        acc = getattr(stats, "spec_accepted_tokens", None)
-        if draft is None or acc is None:
-            return
-        if not isinstance(draft, dict):
-            draft, acc = {"spec": draft}, {"spec": acc}
-        for strat, d in draft.items():
-            a = acc.get(strat, 0)
+    def _update_spec(st: _EngineState, stats: EngineStats) -> None:
+        # The engine's counters are cumulative per proposer: this step's acceptance rate is the
+        # growth since the last step seen.
+        for strat, d in stats.spec_draft_tokens.items():
+            a = stats.spec_accepted_tokens.get(strat, 0)
             d0, a0 = st.spec_last.get(strat, (0, 0))
             st.spec_last[strat] = (d, a)
             if d > d0:

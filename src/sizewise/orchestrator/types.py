@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-STRATEGIES = ("auto", "plain", "pld", "draft")
-
 
 @dataclass(slots=True)
 class RoutingHints:

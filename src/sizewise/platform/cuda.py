@@ -59,6 +59,7 @@ class CudaPlatform(Platform):
         self._pool = None
         self._triton = None  # the triton_paged_attention module once imported
         self._triton_missing = False
+        self._nvml_handle = None  # set by the first device_counters() call that finds NVML
 
     # ----- device facts -------------------------------------------------
     def synchronize(self) -> None:
@@ -102,7 +103,7 @@ class CudaPlatform(Platform):
         try:
             import pynvml
 
-            if getattr(self, "_nvml_handle", None) is None:
+            if self._nvml_handle is None:
                 pynvml.nvmlInit()
                 p = torch.cuda.get_device_properties(self.index)
                 # NVML numbers devices physically; find ours by PCI address (CUDA_VISIBLE_DEVICES remaps).

@@ -53,7 +53,7 @@ async def generate(body: P.GenerateRequest, request: Request):
     headers = {"x-sizewise-tier": run.tiers}
     with_lp = params.logprobs is not None
     if body.stream:
-        return EventStream(guarded(_generate_stream(serving, run, rid, with_lp), serving, run, rid), headers, run.close)
+        return EventStream(guarded(_generate_stream(run, rid, with_lp), serving, run, rid), headers, run.close)
     await collect_unless_disconnected(run, request.receive)
     outs = [_output_json(o, with_lp) for _, o in finished_outputs(run)]
     job = run.jobs[0]
@@ -67,7 +67,7 @@ async def generate(body: P.GenerateRequest, request: Request):
     }, headers=headers)
 
 
-async def _generate_stream(serving: Serving, run: Run, rid: str, with_lp: bool) -> AsyncIterator[str]:
+async def _generate_stream(run: Run, rid: str, with_lp: bool) -> AsyncIterator[str]:
     async for job, delta in run.events():
         for o in delta.outputs:
             event = {"id": rid, **_output_json(o, with_lp), "sizewise": job.decision.to_json()}

@@ -195,7 +195,7 @@ async def create_chat_completion(body: P.ChatCompletionRequest, request: Request
     tt = TokenText(serving.tokenizer(run.decision.model))
     top_n = body.top_logprobs or 0
     if body.stream:
-        return EventStream(guarded(_chat_stream(serving, run, body, params, rid, created, tt, top_n), serving, run, rid),
+        return EventStream(guarded(_chat_stream(run, body, params, rid, created, tt, top_n), serving, run, rid),
                            headers, run.close)
     await collect_unless_disconnected(run, request.receive)
     choices = []
@@ -209,8 +209,8 @@ async def create_chat_completion(body: P.ChatCompletionRequest, request: Request
     }, headers=headers)
 
 
-async def _chat_stream(serving: Serving, run: Run, body: P.ChatCompletionRequest, params: SamplingParams,
-                       rid: str, created: int, tt: TokenText, top_n: int) -> AsyncIterator[str]:
+async def _chat_stream(run: Run, body: P.ChatCompletionRequest, params: SamplingParams, rid: str, created: int,
+                       tt: TokenText, top_n: int) -> AsyncIterator[str]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     base = _chunk_base(rid, "chat.completion.chunk", created, run)
     job0 = run.jobs[0]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import inspect
 import itertools
 import logging
 import re
@@ -108,14 +107,12 @@ class Serving:
         self.load_error: BaseException | None = None
         self._ids = itertools.count()
         self._instance = uuid.uuid4().hex[:8]  # request ids stay unique across apps sharing an engine
-        self._engine_takes_strategy = False
         self._engine_totals: dict[tuple[str, ...], int] = {}  # engine counters at the last scrape
         self._runs: weakref.WeakSet[Run] = weakref.WeakSet()  # in flight, for a graceful shutdown
         self.stopping = False
 
     # ----- state ---------------------------------------------------------------------------
     def set_deployment(self, deployment: Deployment) -> None:
-        self._engine_takes_strategy = "strategy" in inspect.signature(deployment.engine.add_request).parameters
         self.deployment = deployment
 
     @property
@@ -235,10 +232,6 @@ class Serving:
                     raise InvalidRequestError(
                         f"n ({params.n}) is larger than {decision.model}'s waiting queue "
                         f"({core.config.max_waiting} sequences)", param="n")
-                if decision.strategy != "plain" and not self._engine_takes_strategy:
-                    raise InvalidRequestError(
-                        f"strategy {decision.strategy!r} is not available in this build (only 'plain')",
-                        param="sizewise.strategy")
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
                 jobs.append(Job(i, rid, p, copy.copy(params), decision, drop_output=drop_output))
             if self.stopping:  # the server began to stop while this request was routed
@@ -346,12 +339,11 @@ class Run:
 
     async def start(self) -> None:
         engine = self.serving.deployment.engine
-        take_strategy = self.serving._engine_takes_strategy
         for job in self.jobs:
-            kw = {"strategy": job.decision.strategy} if take_strategy else {}
             try:
                 job.stream = await engine.add_request(
-                    job.request_id, job.prompt.ids, job.params, core=job.decision.model, prompt=job.prompt.text, **kw)
+                    job.request_id, job.prompt.ids, job.params, core=job.decision.model, prompt=job.prompt.text,
+                    strategy=job.decision.strategy)
             except BaseException:
                 self.close(record=False)  # a 429 on the third prompt takes back the first two
                 raise

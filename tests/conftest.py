@@ -44,8 +44,16 @@ FAMILY_CONFIGS = {
 }
 
 
+_TOKENIZERS: dict[int, object] = {}  # vocab size -> the one tokenizer every tiny checkpoint shares
+
+
 def _byte_tokenizer(path: Path, vocab_size: int) -> None:
-    """A tiny byte-level BPE tokenizer (trained on a few lines) saved with the checkpoint."""
+    """A tiny byte-level BPE tokenizer (trained on a few lines) saved with the checkpoint. Trained
+    once per vocabulary size: BPE training breaks ties in no fixed order, and the checkpoints of
+    one deployment must share one tokenizer (the deployment refuses mixed ones)."""
+    if vocab_size in _TOKENIZERS:
+        _TOKENIZERS[vocab_size].save_pretrained(path)
+        return
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -64,6 +72,7 @@ def _byte_tokenizer(path: Path, vocab_size: int) -> None:
         "{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}<|eos|>{% endfor %}"
         "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}"
     )
+    _TOKENIZERS[vocab_size] = fast
     fast.save_pretrained(path)
 
 

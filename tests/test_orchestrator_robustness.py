@@ -299,3 +299,29 @@ def test_fit_refuses_nll_that_is_not_a_number(bad):
     nll = {"small": [3.0, bad, 3.0], "medium": [2.5, 2.5, 2.5], "large": [2.0, 2.0, 2.0]}
     with pytest.raises(ValueError, match="finite"):
         fit_thresholds([1.0, 2.0, 3.0], nll, {"small": 1.0, "medium": 2.0, "large": 4.0}, tolerance=0.05)
+
+
+def test_models_with_different_tokenizers_are_refused(checkpoints, tmp_path):
+    """A prompt is tokenized once, before routing: tiers that read ids differently would answer
+    garbage without an error."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    other = tmp_path / "other"
+    shutil.copytree(checkpoints["llama"], other)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=312, special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["zzz yyy xxx www " * 30, "SELECT * FROM t WHERE a = 1;\n" * 30], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
+                            pad_token="<|pad|>").save_pretrained(other)
+    cfg = _tiny_deployment(dict(name="s", tier="small", path=str(checkpoints["llama"])),
+                           dict(name="l", tier="large", path=str(other)))
+    with pytest.raises(ValueError, match="different tokenizers"):
+        Deployment.load(cfg, echo_plan=False)
+    same = _tiny_deployment(dict(name="s", tier="small", path=str(checkpoints["llama"])),
+                            dict(name="l", tier="large", path=str(checkpoints["qwen2"])))
+    Deployment.load(same, echo_plan=False).shutdown()  # same tokenizer files, another family: fine

@@ -177,6 +177,19 @@ def _attach_drafts(config: DeploymentConfig, cores: dict[str, EngineCore]) -> No
             log.warning("no draft model for %s: %s", m.name, e)
 
 
+def _check_one_tokenizer(cores: dict[str, EngineCore]) -> None:
+    """A prompt is tokenized once, before routing, and its ids go to whichever tier serves it:
+    every resident model must read ids the same way, or answers are silently garbage."""
+    names = list(cores)
+    ref = cores[names[0]].tokenizer.get_vocab().items()
+    for name in names[1:]:
+        vocab = cores[name].tokenizer.get_vocab().items()
+        if not (vocab <= ref or ref <= vocab):  # one may add a special token at a new id, no more
+            raise ValueError(
+                f"models {names[0]!r} and {name!r} have different tokenizers: the sizes of one deployment "
+                f"must share one (a family: e.g. Qwen2.5-0.5B/7B-Instruct)")
+
+
 class Deployment:
     """All tiers co-resident in one process on one device. Their EngineCores are driven by one
     AsyncEngine worker thread that steps every busy core round-robin (one batched step each per
@@ -188,6 +201,7 @@ class Deployment:
         self, config: DeploymentConfig, cores: dict[str, EngineCore], router: Router | None = None,
         plan: MemoryPlan | None = None,
     ) -> None:
+        _check_one_tokenizer(cores)
         self.config = config
         self.cores = cores
         self.plan = plan

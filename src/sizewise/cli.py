@@ -124,7 +124,8 @@ def _run_server(args) -> int:
     try:
         sock = bind_socket(server_cfg.host, server_cfg.port)
     except OSError as e:
-        raise CliError(f"cannot listen on {server_cfg.host}:{server_cfg.port}: {e.strerror or e}") from None
+        raise CliError(f"cannot listen on {server_cfg.host}:{server_cfg.port}: {e.strerror or e} "
+                       f"(pick another with --port, or --port 0 for a free one)") from None
     url = base_url(sock)
 
     exit_code = 0

@@ -32,7 +32,7 @@ class Metrics:
         self.ttft = Histogram("sizewise_time_to_first_token_seconds", "Time to first token.", mt, buckets=_TTFT_BUCKETS, registry=r)
         self.itl = Histogram("sizewise_inter_token_latency_seconds", "Time between output tokens.", mt, buckets=_ITL_BUCKETS, registry=r)
         self.e2e = Histogram("sizewise_e2e_request_latency_seconds", "End-to-end request latency.", mt, buckets=_E2E_BUCKETS, registry=r)
-        self.queue_time = Histogram("sizewise_request_queue_time_seconds", "Time waiting before first scheduled.", mt, buckets=_QUEUE_BUCKETS, registry=r)
+        self.queue_time = Histogram("sizewise_request_queue_time_seconds", "Time from arrival to first scheduled.", mt, buckets=_QUEUE_BUCKETS, registry=r)
         self.probe = Histogram("sizewise_probe_seconds", "Request probe time.", [], buckets=_PROBE_BUCKETS, registry=r)
         self.requests = Counter("sizewise_requests", "Finished requests by reason.", mt + ["finished_reason"], registry=r)
         self.errors = Counter("sizewise_request_errors", "Rejected or failed requests by HTTP status.", ["status"], registry=r)

@@ -85,7 +85,8 @@ class ModelConfig:
         path = Path(model_dir)
         cfg_file = path / "config.json"
         if not path.is_dir():
-            raise CheckpointError(f"model path {str(path)!r} is not a directory")
+            raise CheckpointError(f"model path {str(path)!r} is not a directory (a local Hugging Face model directory; "
+                                  f"hub ids are not downloaded: `hf download ID --local-dir DIR` first)")
         if not cfg_file.is_file():
             raise CheckpointError(f"{str(path)!r} is not a Hugging Face checkpoint: no config.json")
         try:

@@ -76,6 +76,18 @@ def _byte_tokenizer(path: Path, vocab_size: int) -> None:
     fast.save_pretrained(path)
 
 
+@torch.no_grad()
+def peaked_init(model, bias_std: float = 0.02) -> None:
+    """Random init is near-uniform; scale weights up so logits are peaked and greedy is stable."""
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            p.normal_(0.0, 0.08)
+        elif "norm" in name:
+            p.uniform_(0.8, 1.2)
+        else:
+            p.normal_(0.0, bias_std)
+
+
 def build_checkpoint(path: Path, family: str, seed: int = 0, dtype=torch.float32):
     import transformers
 
@@ -85,15 +97,7 @@ def build_checkpoint(path: Path, family: str, seed: int = 0, dtype=torch.float32
     cfg = cfg_cls(**kw, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype)
-    # Random init is near-uniform; scale weights up so logits are peaked and greedy is stable.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.08)
-            elif "norm" in name:
-                p.uniform_(0.8, 1.2)
-            else:
-                p.normal_(0.0, 0.02)
+    peaked_init(model)
     model.eval()
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)

@@ -17,7 +17,7 @@ from sizewise import LLM, SamplingParams
 from sizewise.models import CheckpointError, ModelConfig
 from sizewise.sampling_params import InvalidRequestError
 
-from conftest import FAMILY_CONFIGS
+from conftest import FAMILY_CONFIGS, peaked_init
 
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=320, max_position_embeddings=512)
 PROMPT = [3 + (i * 37) % 300 for i in range(30)]
@@ -29,14 +29,7 @@ def _build(path: Path, tokenizer_dir: Path, seed: int = 0, **kw) -> Path:
     cfg = transformers.AutoConfig.for_model(kw.pop("model_type"), **kw, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.08)
-            elif "norm" in name:
-                p.uniform_(0.8, 1.2)
-            else:  # biases: large enough that dropping one changes the greedy path
-                p.normal_(0.0, 0.3)
+    peaked_init(model, bias_std=0.3)  # biases large enough that dropping one changes the greedy path
     model.save_pretrained(path)
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(tokenizer_dir / f, path / f)
@@ -91,6 +84,16 @@ def tok_dir(checkpoints) -> Path:
 
 
 # ----- weights the reference has and the decoder must not drop ---------------------------------
+def _assert_matches_transformers(path: Path, **engine) -> None:
+    """Greedy 8 tokens of PROMPT: the engine's log-softmax within 1e-4 of transformers', same tokens."""
+    hf = _hf(path)
+    llm = LLM(path, device="cpu", dtype="float32", kv_cache_bytes=2 << 20, **engine)
+    recs = _recording(llm)
+    out = llm.generate([PROMPT], _greedy(8))[0].outputs[0].token_ids
+    assert _max_logprob_error(hf, recs) < 1e-4
+    assert out == _hf_greedy(hf, PROMPT, 8)
+
+
 @pytest.mark.parametrize("kw", [
     dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2, attention_bias=True),  # q,k,v AND o bias
     dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2, mlp_bias=True),
@@ -98,12 +101,7 @@ def tok_dir(checkpoints) -> Path:
 ], ids=["llama-attention_bias", "llama-mlp_bias", "qwen3-attention_bias"])
 def test_bias_variants_match_transformers(tmp_path, tok_dir, kw):
     path = _build(tmp_path / "m", tok_dir, **kw)
-    hf = _hf(path)
-    llm = LLM(path, device="cpu", dtype="float32", kv_cache_bytes=2 << 20, block_size=8)
-    recs = _recording(llm)
-    out = llm.generate([PROMPT], _greedy(8))[0].outputs[0].token_ids
-    assert _max_logprob_error(hf, recs) < 1e-4
-    assert out == _hf_greedy(hf, PROMPT, 8)
+    _assert_matches_transformers(path, block_size=8)
 
 
 def test_tied_checkpoint_with_a_distinct_lm_head_uses_it_as_transformers_does(tmp_path, checkpoints):
@@ -114,12 +112,7 @@ def test_tied_checkpoint_with_a_distinct_lm_head_uses_it_as_transformers_does(tm
     g = torch.Generator().manual_seed(1)
     sd["lm_head.weight"] = 0.08 * torch.randn(sd["model.embed_tokens.weight"].shape, generator=g)
     save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
-    hf = _hf(path)
-    llm = LLM(path, device="cpu", dtype="float32", kv_cache_bytes=2 << 20)
-    recs = _recording(llm)
-    out = llm.generate([PROMPT], _greedy(8))[0].outputs[0].token_ids
-    assert _max_logprob_error(hf, recs) < 1e-4
-    assert out == _hf_greedy(hf, PROMPT, 8)
+    _assert_matches_transformers(path)
 
 
 def test_tied_checkpoint_with_an_equal_lm_head_and_one_without_model_prefix(tmp_path, checkpoints):

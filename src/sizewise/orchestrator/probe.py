@@ -174,7 +174,10 @@ class Probe:
             copy, repeat = await asyncio.to_thread(copyability, ids, s.copy_ngram)
         else:
             copy, repeat = copyability(ids, max_n=s.copy_ngram)
-        text = core.tokenizer.decode(ids[: _FEATURE_MAX_CHARS // 2], skip_special_tokens=True)
+        # Ids the probe model's tokenizer cannot decode are left out of the features: whether the
+        # prompt is valid is the serving engine's call (EngineCore.validate), after routing.
+        known = [t for t in ids[: _FEATURE_MAX_CHARS // 2] if 0 <= t < core.vocab_size]
+        text = core.tokenizer.decode(known, skip_special_tokens=True)
         scores = intent_features(text)
         res = ProbeResult(
             intent=max(scores, key=scores.get), intent_confidence=max(scores.values()), intent_scores=scores,

@@ -207,20 +207,14 @@ class Serving:
         if not prompts:
             raise InvalidRequestError("prompt is empty", param="prompt")
         longest = max(c.max_model_len for c in dep.cores.values())
-        vocab = min(c.vocab_size for c in dep.cores.values())  # the probe may run on any tier
         for p in prompts:
-            # Checked before routing so an oversized prompt, or a token id the probe's tokenizer
-            # cannot decode, never reaches a probe.
+            # Checked before routing so an oversized prompt never reaches a probe.
             if not p.ids:
                 raise InvalidRequestError("prompt is empty", param="prompt")
             if len(p.ids) >= longest:
                 raise InvalidRequestError(
                     f"prompt has {len(p.ids)} tokens but the longest context length served here is {longest} "
                     f"tokens (the prompt must leave room for at least one generated token)", param="prompt")
-            bad = next((t for t in p.ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise InvalidRequestError(
-                    f"token id {bad} in the prompt is outside the vocabulary [0, {vocab})", param="prompt")
         jobs: list[Job] = []
         # The engine names the routing hint `strategy`; the client sent it as `sizewise.strategy`.
         with param_names(lambda name: "sizewise.strategy" if name == "strategy" else name):

@@ -15,6 +15,7 @@ from typing import Sequence as Seq
 
 from .engine.config import EngineConfig
 from .engine.core import EngineCore, QueueFullError, load_tokenizer
+from .chat import render_chat
 from .engine.outputs import RequestOutput
 from .sampling_params import InvalidRequestError, SamplingParams
 
@@ -139,15 +140,11 @@ class LLM:
         if not template:
             raise InvalidRequestError(f"{self.engine.name!r} has no chat template; pass chat_template= or use "
                                       f"generate()", param="messages")
-        conv = self._chat_messages(conv, i)
-        kwargs = {"add_generation_prompt": add_generation_prompt, **(chat_template_kwargs or {})}
+        kwargs = dict(chat_template_kwargs or {})
         if continue_final_message:
             kwargs["continue_final_message"] = True
-        try:
-            text = self.tokenizer.apply_chat_template(conv, chat_template=template, tokenize=False, **kwargs)
-        except Exception as e:  # noqa: BLE001 - template errors (role order, missing keys) are the caller's
-            raise InvalidRequestError(f"conversation {i}: cannot render the chat template: {e}",
-                                      param="messages") from None
+        text = render_chat(self.tokenizer, self._chat_messages(conv, i), add_generation_prompt, kwargs,
+                           chat_template=template, where=f"conversation {i}: ")
         return text, self.tokenizer.encode(text, add_special_tokens=False)
 
     @staticmethod

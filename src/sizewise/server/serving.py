@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from ..engine.async_engine import RequestStream
 from ..engine.outputs import CompletionOutput, RequestOutput
+from ..chat import render_chat
 from ..metrics import Metrics
 from ..orchestrator.deployment import Deployment
 from ..orchestrator.types import Decision, RoutingHints
@@ -37,8 +38,6 @@ _PROBE_TIME_KEYS = ("time_ms", "ms", "probe_ms")  # where a router's probe dict 
 # megabyte prompt takes ~100 ms to tokenize, and on the event loop that would stall every
 # stream in flight. Shorter ones stay on the loop, where a thread hop would cost more than it saves.
 OFFLOAD_CHARS = 16_384
-# Arguments of the chat template call that the server sets itself, not the client.
-_TEMPLATE_RESERVED = frozenset({"conversation", "messages", "tokenize"})
 
 
 @dataclass(slots=True)
@@ -179,16 +178,7 @@ class Serving:
         tok = self.tokenizer(model)
         if not getattr(tok, "chat_template", None):
             raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
-        reserved = sorted(_TEMPLATE_RESERVED.intersection(template_kwargs or {}))
-        if reserved:
-            raise InvalidRequestError(f"chat_template_kwargs may not set {', '.join(reserved)}",
-                                      param="chat_template_kwargs")
-        # As in vLLM, the request's chat_template_kwargs override add_generation_prompt.
-        kwargs = {"add_generation_prompt": add_generation_prompt, **(template_kwargs or {})}
-        try:
-            return tok.apply_chat_template(messages, tokenize=False, **kwargs)
-        except Exception as e:  # noqa: BLE001 - template errors (role order, missing keys) are the client's
-            raise InvalidRequestError(f"cannot render the chat template for these messages: {e}", param="messages") from None
+        return render_chat(tok, messages, add_generation_prompt, template_kwargs)
 
     def max_model_len(self, model: str | None) -> int:
         dep = self.require()

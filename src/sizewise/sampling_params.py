@@ -14,6 +14,11 @@ class InvalidRequestError(ValueError):
         self.param = param
 
 
+def is_int(v: object) -> bool:
+    """An int and not a bool (bool subclasses int: True must not pass for the token id 1)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _as_list(value: object, param: str, expected: str) -> list:
     """None -> []; any iterable -> a list; anything else -> InvalidRequestError naming `param`."""
     if value is None:
@@ -80,7 +85,7 @@ class SamplingParams:
 
         for name in self._INT_FIELDS:
             v = getattr(self, name)
-            if not (v is None and name in self._OPTIONAL) and (not isinstance(v, int) or isinstance(v, bool)):
+            if not (v is None and name in self._OPTIONAL) and not is_int(v):
                 raise bad(name, f"must be an integer{' or None' if name in self._OPTIONAL else ''}, got {v!r}")
         for name in self._FLOAT_FIELDS:
             v = getattr(self, name)
@@ -118,7 +123,7 @@ class SamplingParams:
             raise bad("stop", "entries must be non-empty strings")
         if len(self.stop) > 16:
             raise bad("stop", f"at most 16 stop strings, got {len(self.stop)}")
-        if any(not isinstance(t, int) or isinstance(t, bool) for t in self.stop_token_ids):
+        if not all(map(is_int, self.stop_token_ids)):
             raise bad("stop_token_ids", f"entries must be integer token ids, got {self.stop_token_ids!r}")
         if vocab_size is not None:
             for t in self.stop_token_ids:

@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 from ..sampling_params import InvalidRequestError, SamplingParams
@@ -173,12 +173,16 @@ class AsyncEngine:
         except RuntimeError:  # the caller's event loop is closed: nobody reads this stream; free it
             self._inbox.put(_Abort(route.stream.request_id))
 
-    def _drain_inbox(self) -> None:
+    def _queued(self) -> Iterator[_Add | _Abort]:
+        """The commands queued so far, oldest first, taken off the inbox."""
         while True:
             try:
-                cmd = self._inbox.get_nowait()
+                yield self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _drain_inbox(self) -> None:
+        for cmd in self._queued():
             if isinstance(cmd, _Add):
                 try:
                     if cmd.request_id in self._routes:  # in flight on another core: streams would cross
@@ -232,11 +236,7 @@ class AsyncEngine:
         still queued are refused, those in flight end with `exc`."""
         with self._closing:
             self._closed = True
-        while True:
-            try:
-                cmd = self._inbox.get_nowait()
-            except queue.Empty:
-                break
+        for cmd in self._queued():
             if isinstance(cmd, _Add):
                 try:
                     cmd.loop.call_soon_threadsafe(_set_exc, cmd.admitted, exc)

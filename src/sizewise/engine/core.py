@@ -15,7 +15,7 @@ from pathlib import Path
 from ..models import CheckpointError, ModelConfig, load_model, parse_dtype
 from ..models.loader import checkpoint_files
 from ..platform import Platform, get_platform
-from ..sampling_params import InvalidRequestError, SamplingParams
+from ..sampling_params import InvalidRequestError, SamplingParams, is_int
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import Detokenizer
@@ -110,8 +110,7 @@ class EngineCore:
         num_blocks = self._plan_kv_blocks()
         # A sequence longer than the whole cache could never be (re)admitted: it would wait (or
         # preempt itself) forever. Cap the context at what the cache holds; validate() names it.
-        self.kv_capped = num_blocks * self.block_size < self.max_model_len
-        if self.kv_capped:
+        if num_blocks * self.block_size < self.max_model_len:
             log.warning(
                 "%s: the KV cache holds %d tokens (%d blocks x %d), less than max_model_len %d: "
                 "capping the context length to it", self.name, num_blocks * self.block_size, num_blocks,
@@ -189,7 +188,7 @@ class EngineCore:
                 param="prompt",
             )
         for t in prompt_token_ids:  # (a None or a str must not slip through to the step)
-            if not isinstance(t, int) or isinstance(t, bool):
+            if not is_int(t):
                 raise InvalidRequestError(f"token id {t!r} in the prompt is not an integer", param="prompt")
             if not 0 <= t < self.vocab_size:
                 raise InvalidRequestError(

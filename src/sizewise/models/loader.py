@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -64,30 +65,22 @@ def load_model(
         loaded.add(name)
 
     for i, f in enumerate(files):
-        try:
-            with safe_open(str(f), framework="pt", device="cpu") as st:
-                for hf_name in st.keys():
-                    if "rotary_emb" in hf_name:
-                        continue
-                    name = hf_name.removeprefix("model.")
-                    tensor = st.get_tensor(hf_name)
-                    parts = name.split(".")
-                    # layers.N.self_attn.q_proj.weight -> fused qkv_proj; mlp.gate_proj -> gate_up_proj
-                    if len(parts) >= 4 and parts[-2] in _QKV + _GATE_UP:
-                        group = _QKV if parts[-2] in _QKV else _GATE_UP
-                        fused = "qkv_proj" if group is _QKV else "gate_up_proj"
-                        target = ".".join(parts[:-2] + [fused, parts[-1]])
-                        slot = pending.setdefault(target, {})
-                        slot[parts[-2]] = tensor
-                        if all(g in slot for g in group):
-                            put(target, torch.cat([slot[g] for g in group], 0))
-                            del pending[target]
-                    elif name == "lm_head.weight" and model.lm_head is None:
-                        tied_head = tensor
-                    else:
-                        put(name, tensor)
-        except SafetensorError as e:  # truncated or corrupt: say which file, not a Rust traceback
-            raise CheckpointError(f"cannot read {str(f)!r}: {e}") from None
+        for name, tensor in _tensors(f):
+            parts = name.split(".")
+            # layers.N.self_attn.q_proj.weight -> fused qkv_proj; mlp.gate_proj -> gate_up_proj
+            if len(parts) >= 4 and parts[-2] in _QKV + _GATE_UP:
+                group = _QKV if parts[-2] in _QKV else _GATE_UP
+                fused = "qkv_proj" if group is _QKV else "gate_up_proj"
+                target = ".".join(parts[:-2] + [fused, parts[-1]])
+                slot = pending.setdefault(target, {})
+                slot[parts[-2]] = tensor
+                if all(g in slot for g in group):
+                    put(target, torch.cat([slot[g] for g in group], 0))
+                    del pending[target]
+            elif name == "lm_head.weight" and model.lm_head is None:
+                tied_head = tensor
+            else:
+                put(name, tensor)
         log.info("loaded shard %d/%d of %s", i + 1, len(files), model_dir.name)
 
     if tied_head is not None:
@@ -104,6 +97,18 @@ def load_model(
     model.eval().requires_grad_(False)
     log.info("loaded %s (%.1fM params, %s) in %.2fs", model_dir.name, cfg.num_params / 1e6, dtype, time.perf_counter() - t0)
     return model
+
+
+def _tensors(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name without the `model.` prefix, tensor) for each tensor of one safetensors file, rotary
+    tables skipped; a truncated or corrupt file is a CheckpointError naming it (not a Rust error)."""
+    try:
+        with safe_open(str(f), framework="pt", device="cpu") as st:
+            for hf_name in st.keys():
+                if "rotary_emb" not in hf_name:
+                    yield hf_name.removeprefix("model."), st.get_tensor(hf_name)
+    except SafetensorError as e:
+        raise CheckpointError(f"cannot read {str(f)!r}: {e}") from None
 
 
 def _resolve_tied_head(model: Decoder, head: torch.Tensor, dtype: torch.dtype, loaded: set[str], put) -> None:

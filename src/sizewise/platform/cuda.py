@@ -76,11 +76,11 @@ class CudaPlatform(Platform):
         the base op's 128 MiB -> 128 MiB copy takes ~90 us on an H100, so the launch and
         sync latency a host timer adds (an estimated 10-20 us) would understate the
         bandwidth and overstate every "fraction of roofline" by about that share. 1 GiB moved
-        per copy (H100 L2: 50 MiB) unless less than 4 GiB is free (a serving process may call
-        this with its models and KV caches resident).
+        per copy by default (H100 L2: 50 MiB), at most a quarter of what is free (a serving
+        process may call this with its models and KV caches resident).
         """
         if self._peak_bandwidth is None:
-            n = min(max(nbytes, 1 << 30), self.memory_info().free_bytes // 4) // 2
+            n = min(nbytes, self.memory_info().free_bytes // 4) // 2
             with torch.cuda.device(self.index):
                 src = torch.empty(n, dtype=torch.uint8, device=self.device)
                 dst = torch.empty_like(src)

@@ -219,9 +219,10 @@ class AsyncEngine:
                     self._drain_inbox()
                     self._step_core(name)
                     prio = self.priority_core
-                    if prio is not None and prio != name and self.cores[prio].scheduler.waiting:
-                        self._drain_inbox()
-                        self._step_core(prio)
+                    if prio is not None and prio != name:
+                        self._drain_inbox()  # first: a probe that arrived during that step counts
+                        if self.cores[prio].scheduler.waiting:
+                            self._step_core(prio)
                 turn += 1
         except BaseException as e:  # noqa: BLE001
             self._dead = e

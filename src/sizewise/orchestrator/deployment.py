@@ -64,6 +64,10 @@ class ServerSection(BaseModel):
     api_keys: list[str] = Field(default_factory=list)
     metrics_require_auth: bool = False
     request_timeout_s: float = Field(default=600.0, gt=0)
+    # A chat template inside a request's chat_template_kwargs is code the server would run: refused
+    # unless the operator trusts every client (as vLLM after CVE-2025-61620).
+    trust_request_chat_template: bool = False
+    chat_template_timeout_s: float = Field(default=5.0, gt=0)  # a template rendering longer is a 400
 
 
 class DeploymentConfig(BaseModel):

@@ -205,7 +205,9 @@ def create_app(
         config = deployment.config.server if deployment is not None else ServerSection()
     keys = [k for k in config.api_keys if k]
     keys += [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
-    serving = Serving(metrics or Metrics(), ServingOptions(request_timeout_s=config.request_timeout_s))
+    serving = Serving(metrics or Metrics(), ServingOptions(
+        request_timeout_s=config.request_timeout_s, trust_request_chat_template=config.trust_request_chat_template,
+        chat_template_timeout_s=config.chat_template_timeout_s))
     state = AppState(serving, tuple(keys), config.metrics_require_auth, loader, on_load_error,
                      owns_deployment=loader is not None)
     if deployment is not None:

@@ -1,0 +1,79 @@
+"""Hardening (issue 16): no request can freeze, starve or exhaust the server. Run against the demo
+family behind configs/demo.yaml on a real uvicorn server, with httpx, raw sockets and the official
+`openai` SDK. Every check is of behaviour (status, error field, socket option, which request
+answered first), never of a duration."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from sizewise.orchestrator.deployment import Deployment, DeploymentConfig, ServerSection
+from sizewise.server import ServerThread, create_app
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+PROMPT = "def add(a, b):"
+MSGS = [{"role": "user", "content": "hi"}]
+# Runs ~10^10 template steps: minutes on the event loop if nothing bounds it.
+ENDLESS_TEMPLATE = ("{% set l = range(100000)|list %}{% for a in l %}{% for b in l %}{% for c in l %}"
+                    "{% endfor %}{% endfor %}{% endfor %}")
+
+
+@pytest.fixture(scope="module")
+def deployment():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg = DeploymentConfig.from_yaml(CONFIG)
+    cfg = cfg.model_copy(update={"memory_fraction": 0.05,
+                                 "engine": cfg.engine.model_copy(update={"max_num_seqs": 8, "max_model_len": 256})})
+    dep = Deployment.load(cfg, echo_plan=False)
+    try:
+        yield dep
+    finally:
+        dep.shutdown()
+        torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="module")
+def server(deployment):
+    with ServerThread(create_app(deployment)) as url:
+        yield url
+
+
+def _error(r: httpx.Response, param: str | None, status: int = 400) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param, err
+    return err
+
+
+# ----- 1: a request-supplied chat template ---------------------------------------------------------
+def test_request_chat_template_is_refused_naming_the_field(http):
+    body = {"model": "small", "messages": MSGS, "max_tokens": 1,
+            "chat_template_kwargs": {"chat_template": "{{ 'x' }}"}}
+    err = _error(http.post("/v1/chat/completions", json=body), "chat_template_kwargs.chat_template")
+    assert "--trust-request-chat-template" in err["message"]
+    ok = http.post("/v1/chat/completions", json={**body, "chat_template_kwargs": {"add_generation_prompt": True}})
+    assert ok.status_code == 200, ok.text
+
+
+def test_trusted_request_template_renders_off_the_loop_and_is_bounded(deployment):
+    cfg = ServerSection(trust_request_chat_template=True, chat_template_timeout_s=5.0)
+    body = {"model": "small", "messages": MSGS, "max_tokens": 1}
+    with ServerThread(create_app(deployment, cfg)) as url, httpx.Client(base_url=url, timeout=120) as http:
+        r = http.post("/v1/chat/completions", json={**body, "chat_template_kwargs": {"chat_template": "Q{{ 1 }}A"}})
+        assert r.status_code == 200, r.text  # trusted: the request's own template is used
+        assert r.json()["usage"]["prompt_tokens"] == len(deployment.tokenizer("small").encode(
+            "Q1A", add_special_tokens=False))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            hostile = pool.submit(http.post, "/v1/chat/completions",
+                                  json={**body, "chat_template_kwargs": {"chat_template": ENDLESS_TEMPLATE}})
+            with httpx.Client(base_url=url, timeout=120) as other:
+                assert other.get("/health").status_code == 200
+                assert not hostile.done()  # /health answered while the template was still running
+            err = _error(hostile.result(), "messages")
+        assert "did not render within" in err["message"] and "5 s" in err["message"]

@@ -77,3 +77,20 @@ def test_trusted_request_template_renders_off_the_loop_and_is_bounded(deployment
                 assert not hostile.done()  # /health answered while the template was still running
             err = _error(hostile.result(), "messages")
         assert "did not render within" in err["message"] and "5 s" in err["message"]
+
+
+# ----- 2: Nagle's algorithm on accepted connections -----------------------------------------------
+def test_accepted_connections_set_tcp_nodelay(deployment):
+    """Two requests on one kept-alive connection: with Nagle on, the second small response waits for
+    the client's delayed ACK (~40 ms). What prevents it is TCP_NODELAY on the server's side of the
+    connection, read here from the socket uvicorn accepted."""
+    import socket
+
+    st = ServerThread(create_app(deployment))
+    with st as url, httpx.Client(base_url=url, timeout=60) as http:
+        for _ in range(2):
+            assert http.get("/health").status_code == 200
+        conns = list(st.server.server_state.connections)
+        assert len(conns) == 1  # both requests came over one connection
+        sock = conns[0].transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1

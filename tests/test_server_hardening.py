@@ -94,3 +94,57 @@ def test_accepted_connections_set_tcp_nodelay(deployment):
         assert len(conns) == 1  # both requests came over one connection
         sock = conns[0].transport.get_extra_info("socket")
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+# ----- 3: every list-valued parameter is bounded ---------------------------------------------------
+@pytest.mark.parametrize("path,extra,param,limit", [
+    ("/v1/completions", {"stop_token_ids": list(range(1025))}, "stop_token_ids", "1024"),
+    ("/v1/completions", {"stop": [f"s{i}" for i in range(17)]}, "stop", "16"),
+    ("/v1/completions", {"stop": ["x" * 1025]}, "stop", "1024"),
+    ("/v1/completions", {"logit_bias": {str(i): 1.0 for i in range(301)}}, "logit_bias", "300"),
+    ("/v1/completions", {"prompt": ["a"] * 129}, "prompt", "128"),
+    ("/v1/chat/completions", {"messages": MSGS * 1025}, "messages", "1024"),
+    ("/v1/chat/completions", {"stop_token_ids": list(range(1025))}, "stop_token_ids", "1024"),
+    ("/generate", {"params": {"stop_token_ids": list(range(1025))}}, "params.stop_token_ids", "1024"),
+    ("/generate", {"params": {"stop": ["a"] * 17}}, "params.stop", "16"),
+    ("/tokenize", {"messages": MSGS * 1025, "prompt": None}, "messages", "1024"),
+], ids=["stop-ids", "stop", "stop-length", "logit-bias", "prompts", "messages", "chat-stop-ids", "generate-stop-ids",
+        "generate-stop", "tokenize-messages"])
+def test_list_parameters_over_their_limit_are_400_naming_it(http, path, extra, param, limit):
+    body = {"model": "small", "max_tokens": 2, "prompt": PROMPT, "messages": MSGS}
+    body = {k: v for k, v in body.items() if k != ("prompt" if "chat" in path else "messages")}
+    if path == "/generate":
+        body = {"model": "small", "prompt": PROMPT}
+    if path == "/tokenize":
+        body = {"model": "small"}
+    body.update(extra)
+    body = {k: v for k, v in body.items() if v is not None}
+    err = _error(http.post(path, json=body), param)
+    assert limit in err["message"], err
+
+
+def test_largest_stop_list_is_served_and_its_ids_stop_generation(http, deployment):
+    """1024 stop ids (the limit) are accepted and honoured: the greedy continuation stops at the
+    first generated token that is in the list, with that token as stop_reason."""
+    params = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    free = http.post("/generate", json={"model": "small", "prompt": PROMPT, "params": params}).json()
+    first, second, target = free["token_ids"][:3]
+    others = [t for t in range(deployment.cores["demo-small"].vocab_size) if t not in (first, second, target)]
+    stop = [*others[:1023], target]
+    r = http.post("/v1/completions", json={"model": "small", "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
+                                           "ignore_eos": True, "stop_token_ids": stop})
+    assert r.status_code == 200, r.text
+    c = r.json()["choices"][0]
+    assert c["finish_reason"] == "stop" and c["stop_reason"] == target
+
+
+def test_sampling_params_bound_their_lists():
+    from sizewise import InvalidRequestError, SamplingParams
+
+    SamplingParams(stop_token_ids=list(range(SamplingParams.MAX_STOP_TOKEN_IDS)))
+    with pytest.raises(InvalidRequestError, match="at most 1024") as e:
+        SamplingParams(stop_token_ids=list(range(SamplingParams.MAX_STOP_TOKEN_IDS + 1)))
+    assert e.value.param == "stop_token_ids"
+    with pytest.raises(InvalidRequestError, match="1024 characters") as e:
+        SamplingParams(stop=["x" * (SamplingParams.MAX_STOP_CHARS + 1)])
+    assert e.value.param == "stop"

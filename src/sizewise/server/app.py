@@ -77,7 +77,10 @@ def _validation_error(exc: RequestValidationError, path: str = "") -> ApiError:
     errors = exc.errors()
     if not errors:
         return ApiError(400, "invalid request")
-    e = errors[0]
+    # A union (`str | list[str]`) reports one error per member: of the first field's errors, the
+    # one that is not "wrong type" says what is wrong with the value (a list over its length).
+    first = [x for x in errors if x.get("loc", ())[:2] == errors[0].get("loc", ())[:2]]
+    e = next((x for x in first if not str(x.get("type", "")).endswith("_type")), errors[0])
     # Keep field names and list indices; drop the location kind and pydantic's union-member tags.
     loc = [str(x) for x in e.get("loc", ())[1:] if isinstance(x, int) or x in _FIELDS]
     param = ".".join(loc) or None

@@ -148,3 +148,30 @@ def test_sampling_params_bound_their_lists():
     with pytest.raises(InvalidRequestError, match="1024 characters") as e:
         SamplingParams(stop=["x" * (SamplingParams.MAX_STOP_CHARS + 1)])
     assert e.value.param == "stop"
+
+
+# ----- 7: wrong types are refused, not coerced -----------------------------------------------------
+@pytest.mark.parametrize("path,field,value", [
+    ("/v1/completions", "max_tokens", True), ("/v1/completions", "n", "2"), ("/v1/completions", "stream", "yes"),
+    ("/v1/completions", "temperature", "0"), ("/v1/completions", "max_tokens", 4.0),
+    ("/v1/completions", "echo", 1), ("/v1/completions", "seed", "1"),
+    ("/v1/chat/completions", "max_tokens", True), ("/v1/chat/completions", "logprobs", "true"),
+    ("/v1/chat/completions", "stream_options", {"include_usage": "yes"}),
+    ("/generate", "params", {"max_tokens": 2.0}), ("/generate", "stream", 1),
+    ("/tokenize", "add_special_tokens", "no"), ("/detokenize", "tokens", ["1", "2"]),
+])
+def test_wrong_types_are_400_naming_the_parameter(http, path, field, value):
+    body = {"/v1/completions": {"prompt": PROMPT, "max_tokens": 2}, "/v1/chat/completions": {"messages": MSGS},
+            "/generate": {"prompt": PROMPT}, "/tokenize": {"prompt": PROMPT}, "/detokenize": {"tokens": [1]}}[path]
+    r = http.post(path, json={"model": "small", **body, field: value})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"].startswith(field), r.json()
+
+
+def test_openai_sdk_nulls_and_numbers_still_pass(client, http):
+    r = http.post("/v1/completions", json={"model": "small", "prompt": PROMPT, "max_tokens": None, "n": None,
+                                           "temperature": 0, "top_p": 1, "stream": None, "seed": None})
+    assert r.status_code == 200, r.text  # an integer is a valid float; null is the default
+    out = client.completions.create(model="small", prompt=PROMPT, max_tokens=2, temperature=0.0, top_p=None,
+                                    stream_options=None, logprobs=None)
+    assert out.choices[0].finish_reason in ("length", "stop")

@@ -28,7 +28,9 @@ StopIds = Annotated[list[int], Field(max_length=SamplingParams.MAX_STOP_TOKEN_ID
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # Strict: `"max_tokens": true` is not 1 token, `"n": "2"` not two choices, `"stream": "yes"` not
+    # a stream (an int still passes for a float, as JSON has one number type).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 # ----- shared pieces ------------------------------------------------------------------------
@@ -41,7 +43,7 @@ class SizewiseOptions(_Request):
 
 class StreamOptions(BaseModel):
     # Lenient: newer SDKs add keys (e.g. include_obfuscation) that change nothing here.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
 
 
@@ -124,7 +126,7 @@ class CompletionRequest(_SamplingFields):
 # ----- /v1/chat/completions -------------------------------------------------------------------
 class ChatMessage(BaseModel):
     # Extra keys (name, tool_call_id, ...) pass through to the chat template.
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Any = None
 

@@ -175,3 +175,29 @@ def test_openai_sdk_nulls_and_numbers_still_pass(client, http):
     out = client.completions.create(model="small", prompt=PROMPT, max_tokens=2, temperature=0.0, top_p=None,
                                     stream_options=None, logprobs=None)
     assert out.choices[0].finish_reason in ("length", "stop")
+
+
+# ----- 9: exposure ---------------------------------------------------------------------------------
+def test_models_list_names_not_filesystem_paths(http, deployment):
+    cards = http.get("/v1/models").json()["data"]
+    dirs = [str(c.model_dir) for c in deployment.cores.values()]
+    for card in cards:
+        assert not any(d in str(v) for v in card.values() for d in dirs), card
+    assert {c["root"] for c in cards if c["sizewise"]["kind"] == "model"} == set(deployment.cores)
+
+
+def test_echoed_input_is_truncated(http):
+    huge = "m" * (1 << 20)
+    r = http.post("/v1/completions", json={"model": huge, "prompt": PROMPT})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    assert len(r.text) < 2000 and "mmm..." in r.json()["error"]["message"]
+    r = http.post("/v1/completions", json={"prompt": PROMPT, huge: 1})
+    assert r.status_code == 400 and len(r.text) < 2000, r.text[:200]
+
+
+def test_metrics_auth_flag_requires_a_key(capsys, monkeypatch):
+    from sizewise.cli import main
+
+    monkeypatch.delenv("SIZEWISE_API_KEYS", raising=False)
+    assert main(["serve", "--metrics-auth", "--port", "0"]) == 2
+    assert "--metrics-auth needs an API key" in capsys.readouterr().err

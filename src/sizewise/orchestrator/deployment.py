@@ -21,6 +21,7 @@ from ..engine.config import EngineConfig
 from ..engine.core import EngineCore
 from ..platform import get_platform
 from ..sampling_params import SamplingParams
+from ..text import clip
 from .config import PolicyConfig
 from .planner import MemoryPlan, plan_memory
 from .router import AdaptiveRouter
@@ -141,7 +142,7 @@ class Router(Protocol):
 
 class UnknownModelError(LookupError):
     def __init__(self, name: str, known: list[str]) -> None:
-        super().__init__(f"model {name!r} does not exist; available: {', '.join(known)}")
+        super().__init__(f"model {clip(repr(name))} does not exist; available: {', '.join(known)}")
         self.name = name
 
 

@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..metrics import Metrics
 from ..orchestrator.deployment import Deployment, ServerSection
+from ..text import clip
 from . import native_api, openai_api
 from . import protocol as P
 from .errors import ApiError, to_api_error
@@ -87,7 +88,7 @@ def _validation_error(exc: RequestValidationError, path: str = "") -> ApiError:
     if e.get("type") == "json_invalid":
         return ApiError(400, f"request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}")
     if e.get("type") == "extra_forbidden":  # the unknown name is no field: keep the whole path
-        name = ".".join(str(x) for x in e.get("loc", ())[1:])
+        name = clip(".".join(str(x) for x in e.get("loc", ())[1:]))
         hint = ""
         if path == "/generate" and name in _GENERATE_PARAMS:  # OpenAI habit: sampling fields at the top
             hint = f' (/generate takes sampling parameters inside "params": {{"params": {{"{name}": ...}}}})'
@@ -99,8 +100,7 @@ def _validation_error(exc: RequestValidationError, path: str = "") -> ApiError:
         return ApiError(400, "the request body must be a JSON object")
     if e.get("type") == "missing":
         return ApiError(400, f"{param} is required", param=param)
-    got = repr(e.get("input"))
-    got = got if len(got) <= 80 else got[:77] + "..."
+    got = clip(repr(e.get("input")))
     return ApiError(400, f"{param}: {e.get('msg')} (got {got})" if param else str(e.get("msg")), param=param)
 
 

@@ -201,3 +201,26 @@ def test_metrics_auth_flag_requires_a_key(capsys, monkeypatch):
     monkeypatch.delenv("SIZEWISE_API_KEYS", raising=False)
     assert main(["serve", "--metrics-auth", "--port", "0"]) == 2
     assert "--metrics-auth needs an API key" in capsys.readouterr().err
+
+
+# ----- 10: a web page cannot drive a local server -------------------------------------------------
+def test_body_without_json_content_type_is_400(http):
+    raw = b'{"model": "small", "prompt": "x", "max_tokens": 2}'
+    for headers in ({}, {"content-type": "text/plain"}):
+        r = http.post("/v1/completions", content=raw, headers=headers)
+        assert r.status_code == 400 and "application/json" in r.json()["error"]["message"], r.text
+    assert http.post("/v1/completions", content=raw, headers={"content-type": "application/json"}).status_code == 200
+
+
+@pytest.mark.parametrize("host,ok", [("127.0.0.1", True), ("localhost:8000", True), ("[::1]:80", True),
+                                     ("attacker.example:8000", False), ("10.0.0.1", False)])
+def test_loopback_server_checks_the_host_header(http, host, ok):
+    r = http.get("/health", headers={"host": host})
+    assert (r.status_code == 200) == ok, r.text
+    if not ok:
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host"
+
+
+def test_server_bound_to_all_interfaces_takes_any_host(deployment):
+    with ServerThread(create_app(deployment, ServerSection(host="0.0.0.0"))) as url:
+        assert httpx.get(url + "/health", headers={"host": "sizewise.internal"}).status_code == 200

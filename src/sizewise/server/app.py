@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import os
 import threading
@@ -95,7 +96,7 @@ def _validation_error(exc: RequestValidationError, path: str = "") -> ApiError:
         return ApiError(400, f"unrecognized request argument supplied: {name}{hint}", param=name)
     if param is None and isinstance(e.get("input"), bytes):  # a body sent with another Content-Type
         return ApiError(400, "the request body was not read as JSON: send it with the header "
-                             "'Content-Type: application/json' (or with none)")
+                             "'Content-Type: application/json'")
     if param is None and e.get("type") in ("missing", "model_attributes_type", "dict_type"):
         return ApiError(400, "the request body must be a JSON object")
     if e.get("type") == "missing":
@@ -142,11 +143,12 @@ class _Edge:
     oversized body refused from its Content-Length before anything reads it (413, OpenAI format)."""
 
     def __init__(self, app: ASGIApp, max_body_bytes: int, on_error: Callable[[int], None],
-                 stopping: Callable[[], bool] = lambda: False) -> None:
+                 stopping: Callable[[], bool] = lambda: False, loopback_only: bool = False) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.on_error = on_error
         self.stopping = stopping
+        self.loopback_only = loopback_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -160,8 +162,17 @@ class _Edge:
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
 
+        headers = dict(scope.get("headers", []))
+        if self.loopback_only and not _is_loopback_host(headers.get(b"host", b"").decode("latin-1")):
+            # DNS rebinding: a web page whose name resolves to 127.0.0.1 reaches a local server
+            # with its own name as Host. A loopback server answers only to loopback names.
+            self.on_error(400)
+            err = ApiError(400, "the Host header must name this machine (localhost, 127.0.0.1 or [::1]) on a "
+                                "server bound to a loopback address", code="invalid_host")
+            await JSONResponse(err.body(), status_code=400)(scope, receive, send_with_id)
+            return
         limit = self.max_body_bytes
-        length = dict(scope.get("headers", [])).get(b"content-length", b"0")
+        length = headers.get(b"content-length", b"0")
         if length.isdigit() and int(length) > limit:
             self.on_error(413)
             await JSONResponse(_too_large(limit).body(), status_code=413)(scope, receive, send_with_id)
@@ -187,6 +198,18 @@ class _Edge:
             # whose client stopped reading: everything else was ended by Serving.begin_shutdown)
             # or at a second Ctrl-C. One line for it, not a traceback per request.
             log.warning("request %s: response cut short by the server's shutdown", rid)
+
+
+def _is_loopback_host(host: str) -> bool:
+    """A Host header value ("localhost:8000", "[::1]:8000", "127.0.0.1") names a loopback address."""
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+    name = name.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _too_large(limit: int) -> ApiError:
@@ -231,12 +254,13 @@ def create_app(
     app = FastAPI(
         title="sizewise", version=__version__, lifespan=lifespan,
         description="Adaptive multi-size LLM serving: OpenAI-compatible API, native /generate, metrics.",
-        # JSON without a Content-Type header is still JSON to us (`curl -d` sends a form's type: 400).
-        strict_content_type=False,
+        # A body must say it is JSON: a web page can POST text/plain (or no type) cross-origin
+        # without a preflight, but not application/json.
+        strict_content_type=True,
     )
     app.state.sizewise = state
     app.add_middleware(_Edge, max_body_bytes=MAX_BODY_BYTES, on_error=serving.record_error,
-                       stopping=lambda: serving.stopping)
+                       stopping=lambda: serving.stopping, loopback_only=_is_loopback_host(config.host))
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, exc: RequestValidationError):

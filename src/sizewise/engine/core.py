@@ -348,15 +348,16 @@ class EngineCore:
 
     def _check_finish(self, seq: Sequence, token: int) -> None:
         p = seq.params
+        stop_ids = seq.request.stop_ids
         stop_str = self.detokenizer.update(seq, 1)
         reason, stop_reason = None, None
         if stop_str is not None:
             reason, stop_reason = "stop", stop_str
         elif seq.num_output_tokens >= p.min_tokens and (
-            (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids
+            (not p.ignore_eos and token in self.eos_token_ids) or token in stop_ids
         ):
             reason = "stop"
-            stop_reason = token if token in p.stop_token_ids else None
+            stop_reason = token if token in stop_ids else None
         elif p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
             reason = "length"
         elif seq.num_tokens >= self.max_model_len:

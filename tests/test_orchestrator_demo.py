@@ -32,17 +32,21 @@ async def test_demo_config_routes_adaptively(dep):
     assert set(dep.tier_to_model) == {"small", "medium", "large"}
 
 
-async def test_copy_like_and_hard_prose_prompts_get_different_tiers(dep):
+async def test_copy_like_prompts_are_predicted_to_lose_less_than_hard_prose(dep):
     tok = dep.tokenizer()
     copy = tok.encode("import os\nimport sys\n\n\ndef main():\n    print(os.getcwd())\n" * 4, add_special_tokens=False)
     topics = demo.prose_topics()
     key = next(k for k in demo.split().held_out_prose if len(topics[k]) > 1500)
     prose = tok.encode(topics[key][:800], add_special_tokens=False)
     params = SamplingParams(max_tokens=16)
-    dc = await dep.route(copy, params, "auto", RoutingHints())
-    dp = await dep.route(prose, params, "auto", RoutingHints())
+    probing = AdaptiveRouter(dep.config.policy.to_settings())
+    probing.settings.always_probe = True  # measure difficulty though the idle deployment would skip it
+    dc = await probing.route(dep, copy, params, "auto", RoutingHints())
+    dp = await probing.route(dep, prose, params, "auto", RoutingHints())
     assert dc.probe["difficulty"] < dp.probe["difficulty"]
     assert dc.probe["copyability"] > dp.probe["copyability"]
-    order = ("small", "medium", "large")
-    assert order.index(dc.tier) < order.index(dp.tier), (dc.to_json(), dp.to_json())
-    assert dp.tier == "large" and dp.reason == "probe:hard"
+    # the calibrated predictor expects the copy-like prompt to lose less on every smaller tier
+    for t in ("small", "medium"):
+        assert dc.explain["tiers"][t]["loss"] < dp.explain["tiers"][t]["loss"], (dc.to_json(), dp.to_json())
+    # idle: bandwidth is free, both are served by the top tier
+    assert (dc.tier, dp.tier, dp.reason) == ("large", "large", "objective:quality")

@@ -7,7 +7,7 @@ slotted `PolicySettings` the runtime uses. An empty or missing section keeps the
       router: adaptive            # static | adaptive
       slo_ms: 900                 # end-to-end latency objective (a request's max_latency_ms overrides)
       price_gain: 1.0             # how fast lam (the price of device bandwidth) rises with pressure
-      price_deadband: 0.5         # pressure under which lam is 0 (every request on the best tier)
+      price_deadband: 0.7         # pressure under which lam is 0 (every request on the best tier)
       discipline: fair            # fair (equal device-time shares) | round_robin (one step each)
       quality:                    # fitted by `sizewise calibrate`: NLL gap of each tier to the top
         calibrated_on: demo held-out split, 256 windows
@@ -71,7 +71,7 @@ class PolicyConfig(BaseModel):
     quality: QualityConfig | None = None  # None: a prior that keeps quality first until calibrated
     slo_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     price_gain: float = Field(default=1.0, ge=0, allow_inf_nan=False)
-    price_deadband: float = Field(default=0.5, ge=0, lt=1)
+    price_deadband: float = Field(default=0.7, ge=0, lt=1)
     kv_high: float = Field(default=0.9, gt=0, le=1)
     discipline: Literal[DISCIPLINES] = "fair"  # type: ignore[valid-type]
     # --- decode strategy (for `auto`)

@@ -20,8 +20,8 @@ and when no tier meets the SLO, the fastest one. A pinned `model` is never moved
 
 lam, the price of device bandwidth (nats per GB), is a proportional controller with a dead band
 over the device's pressure (`price`): pressure = the largest of achieved bandwidth / peak, queue
-delay against the SLO (the share of the top tier's slack, SLO minus its latency alone, that waiting
-would take) and the top tier's projected KV use / kv_high. Below `price_deadband` lam is 0, so an idle deployment serves every request on the best
+delay against the SLO (on the best tier that could meet the SLO alone: the share of its slack, SLO
+minus its latency alone, that waiting would take) and the top tier's projected KV use / kv_high. Below `price_deadband` lam is 0, so an idle deployment serves every request on the best
 tier; above it lam rises linearly. Why proportional and stateless rather than an integrator: its
 inputs are already EMA-smoothed by the telemetry and respond to routing within one output length,
 so a static map of them cannot wind up during a burst or oscillate around a set point, and every
@@ -117,7 +117,7 @@ class PolicySettings:
     quality: QualityPredictor | None = None  # None: the prior (quality first)
     slo_ms: float | None = None  # end-to-end latency objective; a request's max_latency_ms overrides
     price_gain: float = 1.0
-    price_deadband: float = 0.5
+    price_deadband: float = 0.7
     kv_high: float = 0.9
     discipline: str = "fair"  # how the worker shares the device (the latency model predicts it)
     pld_min_copyability: float = 0.3
@@ -166,16 +166,21 @@ class Policy:
     @staticmethod
     def _own(e: EngineTelemetry, prompt_tokens: int, new_tokens: int, n: int) -> tuple[int, float]:
         """(steps, seconds) engine e needs for the request once stepping: its prefill (queued
-        prompts first), the sequences ahead beyond a full batch, then its own decode steps."""
+        prompts first), the sequences ahead beyond a full batch, then its own decode steps in a
+        batch that also grows by what keeps arriving meanwhile (the engine's arrival rate)."""
         in_queue = e.num_running + e.num_waiting + n
-        batch = min(in_queue, e.max_num_seqs)
         out_len = e.avg_output_tokens if e.avg_output_tokens > 0 else new_tokens
         wait_steps = math.ceil(max(in_queue - e.max_num_seqs, 0) / e.max_num_seqs) * out_len
         prefill_tokens = e.num_waiting * e.avg_prompt_tokens + prompt_tokens * n
         prefill_steps = max(math.ceil(prefill_tokens / e.max_num_batched_tokens), 1)
         prefill_step = e.step_cost(min(prefill_tokens, e.max_num_batched_tokens))
         decode_steps = wait_steps + max(new_tokens - 1, 0)  # the prefill step samples the first token
-        return prefill_steps + decode_steps, prefill_steps * prefill_step + decode_steps * e.step_cost(batch)
+        batch = min(in_queue, e.max_num_seqs)
+        seconds = prefill_steps * prefill_step + decode_steps * e.step_cost(batch)
+        if e.arrival_rate > 0:  # one fixed-point pass: arrivals over half the request's life join its batch
+            batch = min(in_queue + e.arrival_rate * seconds / 2, e.max_num_seqs)
+            seconds = prefill_steps * prefill_step + decode_steps * e.step_cost(batch)
+        return prefill_steps + decode_steps, seconds
 
     @staticmethod
     def _backlog(f: EngineTelemetry) -> tuple[float, float]:
@@ -197,7 +202,7 @@ class Policy:
         busy engine runs in between, up to that engine's backlog. Round robin: one step of each
         other engine per own step. Fair (equal device-time shares): each other engine gets as
         much device time as this one, so a cheap tier's requests are not paced by a dear tier's
-        steps."""
+        steps. Scaled by the engine's measured / predicted latency on recent requests (telemetry)."""
         e = snap.engines[model]
         steps, own = cls._own(e, prompt_tokens, new_tokens, n)
         others = 0.0
@@ -206,18 +211,27 @@ class Policy:
                 continue
             f_steps, f_s = cls._backlog(f)
             per_step = f_s / max(f_steps, 1)
-            others += min(steps * per_step if discipline == "round_robin" else own, f_s)
-        return (own + others) * 1e3
+            mine = steps * per_step if discipline == "round_robin" else own
+            # an engine that keeps receiving requests stays busy the whole time: no backlog cap
+            others += mine if f.arrival_rate > 0 else min(mine, f_s)
+        return (own + others) * e.latency_bias * 1e3
 
     @staticmethod
-    def cost_bytes(e: EngineTelemetry, prompt_tokens: int, new_tokens: int, n: int = 1) -> float:
-        """Bytes the device streams for the request on e: per step its share of the weights (the
-        batch it joins shares one stream) plus its KV reads (the context grows to P + M)."""
+    def cost_bytes(e: EngineTelemetry, prompt_tokens: int, new_tokens: int, n: int = 1, peak_bandwidth: float = 0.0
+                   ) -> float:
+        """Bytes of device bandwidth the request takes on e. Per decode step: its share of the
+        weight stream (the batch it joins shares one: waking an idle engine pays it whole) plus
+        its KV reads. Where the measured cost model says a step costs more than its bytes at the
+        device's peak (a CPU, where the per-token part dominates), the request's share of the step
+        time at peak bandwidth is charged instead: the bytes the device could have moved meanwhile."""
         batch = min(e.num_running + e.num_waiting + n, e.max_num_seqs)
         steps = max(new_tokens, 1)
-        weights = e.weight_bytes * n / batch
-        kv = e.kv_bytes_per_token * n * (prompt_tokens + new_tokens / 2)
-        return steps * (weights + kv)
+        streamed = steps * (e.weight_bytes * n / batch + e.kv_bytes_per_token * n * (prompt_tokens + new_tokens / 2))
+        if not peak_bandwidth:
+            return streamed
+        seconds = steps * (e.step_fixed_seconds * n / batch + e.step_seconds_per_token * n) + (
+            e.step_seconds_per_token * prompt_tokens * n)
+        return max(streamed, seconds * peak_bandwidth)
 
     @staticmethod
     def kv_pressure(e: EngineTelemetry, prompt_tokens: int, new_tokens: int, n: int = 1) -> float:
@@ -238,13 +252,19 @@ class Policy:
         """(lam in nats/GB, pressure): see the module docstring."""
         top = self.tiers[-1]
         pressure = max(snap.bandwidth_utilization, kv[top] / self.s.kv_high)
-        # Queue delay against the SLO: the share of the top tier's slack (SLO - its latency alone)
-        # that waiting would use; without an SLO (or none it could meet), the share of its
-        # predicted latency spent waiting.
-        e = snap.engines[self.tier_to_model[top]]
-        alone = self._own(replace(e, num_running=0, num_waiting=0), prompt_tokens, new_tokens, n)[1] * 1e3
-        wait = max(latency_ms[top] - alone, 0.0)
-        slack = slo_ms - alone if slo_ms is not None and slo_ms > alone else latency_ms[top]
+        # Queue delay against the SLO, on the best tier that could meet it alone: the share of its
+        # slack (SLO - its latency alone) that waiting would use. Without an SLO, the share of the
+        # top tier's predicted latency spent waiting.
+        alone = {}
+        for t in self.tiers:
+            e = snap.engines[self.tier_to_model[t]]
+            alone[t] = self._own(replace(e, num_running=0, num_waiting=0, arrival_rate=0.0), prompt_tokens, new_tokens, n)[1] * (
+                e.latency_bias * 1e3)
+        ref = top
+        if slo_ms is not None:
+            ref = next((t for t in reversed(self.tiers) if alone[t] < slo_ms), self.tiers[0])
+        wait = max(latency_ms[ref] - alone[ref], 0.0)
+        slack = slo_ms - alone[ref] if slo_ms is not None and slo_ms > alone[ref] else latency_ms[ref]
         pressure = max(pressure, wait / max(slack, 1e-9))
         excess = max(pressure - self.s.price_deadband, 0.0) / max(1.0 - self.s.price_deadband, 1e-9)
         if excess == 0.0 or len(self.tiers) < 2:
@@ -257,17 +277,18 @@ class Policy:
     def decide(
         self, probe, snap: TelemetrySnapshot, *, pinned: str | None = None, strategy: str = "auto",
         max_latency_ms: float | None = None, prompt_tokens: int, max_new_tokens: int, n: int = 1,
-        strategies: dict[str, set[str]] | None = None,
+        strategies: dict[str, set[str]] | None = None, known_loss: dict[str, float] | None = None,
     ) -> Choice:
+        """`known_loss` replaces the predicted loss per tier (an oracle that knows each tier's quality)."""
         model_to_tier = {m: t for t, m in self.tier_to_model.items()}
         tiers = [t for t in self.tiers if self.tier_to_model[t] in snap.engines]
         eng = {t: snap.engines[self.tier_to_model[t]] for t in tiers}
         lat = {t: self.estimate_ms(snap, self.tier_to_model[t], prompt_tokens, max_new_tokens, n, self.s.discipline)
                for t in tiers}
         kv = {t: self.kv_pressure(eng[t], prompt_tokens, max_new_tokens, n) for t in tiers}
-        cost = {t: self.cost_bytes(eng[t], prompt_tokens, max_new_tokens, n) for t in tiers}
+        cost = {t: self.cost_bytes(eng[t], prompt_tokens, max_new_tokens, n, snap.peak_bandwidth) for t in tiers}
         sig = signals_of(probe) if probe is not None else {}
-        loss = {t: self.quality.loss(t, sig) for t in tiers}
+        loss = {t: known_loss[t] if known_loss is not None else self.quality.loss(t, sig) for t in tiers}
         slo = max_latency_ms if max_latency_ms is not None else self.s.slo_ms
         budget = None if slo is None else slo - (probe.ms if probe is not None else 0.0)
         lam, pressure = self.price(snap, lat, kv, cost, budget, prompt_tokens, max_new_tokens, n)

@@ -71,10 +71,12 @@ class AdaptiveRouter:
         choice: Choice = policy.decide(
             probe, snap, pinned=pinned, strategy=hints.strategy, max_latency_ms=hints.max_latency_ms,
             prompt_tokens=n_prompt, max_new_tokens=max_new, n=params.n, strategies=strategies,
+            known_loss=self.known_loss(prompt_token_ids),
         )
         if single and requested == "auto":
             choice.reason = "single_model"
-        deployment.telemetry.note_routed(choice.model, params.n)
+        deployment.telemetry.note_routed(choice.model, params.n, prompt_token_ids,
+                                         choice.latency_ms.get(choice.tier) if pinned is None else None)
         self.decisions[(choice.tier, choice.reason)] += 1
         if pinned is None:
             self.lam = choice.lam
@@ -83,6 +85,10 @@ class AdaptiveRouter:
             explain["strategy_reason"] = choice.strategy_reason
         return Decision(model=choice.model, tier=choice.tier, strategy=choice.strategy, reason=choice.reason,
                         probe=probe.to_json(), explain=explain)
+
+    def known_loss(self, prompt_token_ids: list[int]) -> dict[str, float] | None:
+        """Each tier's true loss on this prompt, where a subclass knows it (a benchmark's oracle)."""
+        return None
 
     def _skip_model_probe(self, policy: Policy, snap, probe_model: str, n_prompt: int, max_new: int, n: int,
                           max_latency_ms: float | None) -> str | None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from ..engine.core import EngineCore, EngineStats
@@ -40,6 +40,7 @@ _DEVICE_REFRESH_S = 1.0  # vendor counters (npu-smi is a subprocess) at most onc
 # (Until then, and until the engine's next step, an admitted request counts twice: a brief
 # overestimate of the queue, on the safe side.)
 _PENDING_TTL_S = 0.5
+_RATE_WINDOW_S = 2.0  # arrival rate: sequences routed to an engine over this window
 
 
 class _Ema:
@@ -75,6 +76,10 @@ class _EngineState:
     spec_last: dict = field(default_factory=dict)  # strategy -> (draft, accepted) at the last step
     spec_rate: dict = field(default_factory=dict)  # strategy -> _Ema of accepted / draft
     pending: list = field(default_factory=list)  # (monotonic time, sequences) routed, not yet stepped
+    # prompt ids -> (wall time routed, predicted seconds): matched when the request finishes
+    predicted: OrderedDict = field(default_factory=OrderedDict)
+    latency_bias: _Ema | None = None  # measured / predicted latency of finished requests
+    routed: deque = field(default_factory=deque)  # (monotonic time, sequences) of the last _RATE_WINDOW_S
 
 
 @dataclass(slots=True, frozen=True)
@@ -104,6 +109,8 @@ class EngineTelemetry:
     avg_output_tokens: float
     spec_acceptance: dict[str, float]  # strategy -> accepted / proposed (measured only)
     calibrated: bool  # False: no step seen yet, the cost model is the roofline guess
+    latency_bias: float = 1.0  # measured / predicted latency of recent requests (EMA; 1 until scored)
+    arrival_rate: float = 0.0  # sequences/s routed here lately (they join the batch a request runs in)
 
     @property
     def kv_usage(self) -> float:
@@ -218,6 +225,7 @@ class Telemetry:
                 seen[0] += sum(len(o.token_ids) for o in out.outputs)
                 seen[1].update(o.index for o in out.outputs)
                 if out.finished:
+                    self._score_prediction(st, out)
                     # Per sample: a delta carries only the samples that produced tokens in its step,
                     # so the samples are those seen over the request's life, not in its last delta.
                     tokens, indices = st.requests.pop(rid)
@@ -235,14 +243,45 @@ class Telemetry:
             if d > d0:
                 st.spec_rate.setdefault(strat, _Ema(st.step_s.alpha)).update((a - a0) / (d - d0))
 
+    @staticmethod
+    def _score_prediction(st: _EngineState, out) -> None:
+        """The policy's latency model, checked against what happened: measured (routed -> finished)
+        over predicted, an EMA the policy multiplies its estimates by (clamped), so what the model
+        leaves out (the batch growing while the request runs, the server's own time) is learned."""
+        hit = st.predicted.pop(tuple(out.prompt_token_ids), None)
+        fin = (out.metrics or {}).get("finished_time")
+        if hit is None or fin is None or hit[1] <= 0:
+            return
+        ratio = min(max((fin - hit[0]) / hit[1], 0.25), 4.0)
+        if st.latency_bias is None:
+            st.latency_bias = _Ema(st.step_s.alpha)
+        st.latency_bias.update(ratio)
+
+    def forget_latency(self) -> None:
+        """Drop what was learned about latency (bias, pending predictions, arrival rates): a
+        benchmark starts every run from the same state."""
+        with self._lock:
+            for st in self._state.values():
+                st.latency_bias = None
+                st.predicted.clear()
+                st.routed.clear()
+
     # ----- event loop side ---------------------------------------------------------------
-    def note_routed(self, name: str, n: int = 1) -> None:
+    def note_routed(self, name: str, n: int = 1, prompt_token_ids: list[int] | None = None,
+                    predicted_ms: float | None = None) -> None:
         """A request was just sent to `name`; count it as waiting until the worker's next step
-        there, so a burst of arrivals between two steps does not all see an empty queue."""
+        there, so a burst of arrivals between two steps does not all see an empty queue. With a
+        prediction, its finish is later scored against it (`latency_bias`)."""
         st = self._state.get(name)
         if st is not None:
             with self._lock:
-                st.pending.append((time.monotonic(), n))
+                now = time.monotonic()
+                st.pending.append((now, n))
+                st.routed.append((now, n))
+                if prompt_token_ids is not None and predicted_ms:
+                    st.predicted[tuple(prompt_token_ids)] = (time.time(), predicted_ms / 1e3)
+                    if len(st.predicted) > _TRACKED_REQUESTS:
+                        st.predicted.popitem(last=False)
 
     def snapshot(self, device: bool = False) -> TelemetrySnapshot:
         engines = {}
@@ -285,7 +324,16 @@ class Telemetry:
             avg_prompt_tokens=st.prompt_tokens.get(0.0), avg_output_tokens=st.output_tokens.get(0.0),
             spec_acceptance={k: e.get() for k, e in st.spec_rate.items()},
             calibrated=st.num_steps > 0,
+            latency_bias=st.latency_bias.get(1.0) if st.latency_bias is not None else 1.0,
+            arrival_rate=self._rate(st),
         )
+
+    @staticmethod
+    def _rate(st: _EngineState) -> float:
+        cutoff = time.monotonic() - _RATE_WINDOW_S
+        while st.routed and st.routed[0][0] < cutoff:
+            st.routed.popleft()
+        return sum(n for _, n in st.routed) / _RATE_WINDOW_S
 
     @staticmethod
     def _pending(st: _EngineState) -> int:

@@ -19,9 +19,9 @@ Then it picks, among tiers whose latency meets the SLO (the request's `max_laten
 and when no tier meets the SLO, the fastest one. A pinned `model` is never moved.
 
 lam, the price of device bandwidth (nats per GB), is a proportional controller with a dead band
-over the device's pressure (`price`): pressure = the largest of achieved bandwidth / peak, queue
-delay against the SLO (on the best tier that could meet the SLO alone: the share of its slack, SLO
-minus its latency alone, that waiting would take) and the top tier's projected KV use / kv_high. Below `price_deadband` lam is 0, so an idle deployment serves every request on the best
+over the device's pressure (`price`): pressure = the largest of achieved bandwidth / peak, the
+device's backlog against the SLO (seconds of work queued on all engines / SLO) and the top tier's
+projected KV use / kv_high. Below `price_deadband` lam is 0, so an idle deployment serves every request on the best
 tier; above it lam rises linearly. Why proportional and stateless rather than an integrator: its
 inputs are already EMA-smoothed by the telemetry and respond to routing within one output length,
 so a static map of them cannot wind up during a burst or oscillate around a set point, and every
@@ -160,7 +160,11 @@ class Policy:
         if settings.discipline not in DISCIPLINES:
             raise ValueError(f"discipline must be one of {', '.join(DISCIPLINES)}, got {settings.discipline!r}")
         self.tier_to_model = dict(tier_to_model)
-        self.quality = settings.quality or QualityPredictor.prior(self.tiers)
+        # Only the tiers below the top one have a loss; one the fit lacks keeps the prior.
+        prior = QualityPredictor.prior(self.tiers).tiers
+        given = settings.quality.tiers if settings.quality is not None else {}
+        self.quality = QualityPredictor({t: given.get(t, prior.get(t, TierFit(_PRIOR_GAP["small"], {}, _PRIOR_GAP["small"])))
+                                         for t in self.tiers[:-1]})
 
     # ----- predictions ---------------------------------------------------------------------
     @staticmethod
@@ -212,8 +216,11 @@ class Policy:
             f_steps, f_s = cls._backlog(f)
             per_step = f_s / max(f_steps, 1)
             mine = steps * per_step if discipline == "round_robin" else own
-            # an engine that keeps receiving requests stays busy the whole time: no backlog cap
-            others += mine if f.arrival_rate > 0 else min(mine, f_s)
+            # what keeps arriving there meanwhile adds to its backlog: its rate x its time per request
+            batch_f = max(min(f.num_running + f.num_waiting, f.max_num_seqs), 1)
+            out_f = f.avg_output_tokens if f.avg_output_tokens > 0 else 16.0
+            arriving = f.arrival_rate * own * out_f * f.step_cost(batch_f) / batch_f
+            others += min(mine, f_s + arriving)
         return (own + others) * e.latency_bias * 1e3
 
     @staticmethod
@@ -252,20 +259,19 @@ class Policy:
         """(lam in nats/GB, pressure): see the module docstring."""
         top = self.tiers[-1]
         pressure = max(snap.bandwidth_utilization, kv[top] / self.s.kv_high)
-        # Queue delay against the SLO, on the best tier that could meet it alone: the share of its
-        # slack (SLO - its latency alone) that waiting would use. Without an SLO, the share of the
-        # top tier's predicted latency spent waiting.
-        alone = {}
-        for t in self.tiers:
-            e = snap.engines[self.tier_to_model[t]]
-            alone[t] = self._own(replace(e, num_running=0, num_waiting=0, arrival_rate=0.0), prompt_tokens, new_tokens, n)[1] * (
-                e.latency_bias * 1e3)
-        ref = top
+        # The device's backlog against the SLO: seconds of work queued on every engine (each
+        # engine's batches to the end of an average output, scaled by its measured/predicted
+        # ratio) over the SLO. Read device-wide, not on one tier: moving traffic between tiers
+        # barely changes it, so the price cannot oscillate as requests move away from the top tier.
+        # Without an SLO: over three times the top tier's latency alone.
+        backlog = sum(self._backlog(e)[1] * e.latency_bias for e in snap.engines.values() if e.busy)
         if slo_ms is not None:
-            ref = next((t for t in reversed(self.tiers) if alone[t] < slo_ms), self.tiers[0])
-        wait = max(latency_ms[ref] - alone[ref], 0.0)
-        slack = slo_ms - alone[ref] if slo_ms is not None and slo_ms > alone[ref] else latency_ms[ref]
-        pressure = max(pressure, wait / max(slack, 1e-9))
+            horizon = slo_ms / 1e3
+        else:
+            e = snap.engines[self.tier_to_model[top]]
+            horizon = 3 * self._own(replace(e, num_running=0, num_waiting=0, arrival_rate=0.0), prompt_tokens,
+                                    new_tokens, n)[1] * e.latency_bias
+        pressure = max(pressure, backlog / max(horizon, 1e-9))
         excess = max(pressure - self.s.price_deadband, 0.0) / max(1.0 - self.s.price_deadband, 1e-9)
         if excess == 0.0 or len(self.tiers) < 2:
             return 0.0, pressure

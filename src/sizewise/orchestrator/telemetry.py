@@ -252,10 +252,11 @@ class Telemetry:
         fin = (out.metrics or {}).get("finished_time")
         if hit is None or fin is None or hit[1] <= 0:
             return
-        ratio = min(max((fin - hit[0]) / hit[1], 0.25), 4.0)
+        # In logs, clamped: one request delayed by the host must not swing every estimate.
+        ratio = min(max((fin - hit[0]) / hit[1], 0.5), 3.0)
         if st.latency_bias is None:
             st.latency_bias = _Ema(st.step_s.alpha)
-        st.latency_bias.update(ratio)
+        st.latency_bias.update(math.log(ratio))
 
     def forget_latency(self) -> None:
         """Drop what was learned about latency (bias, pending predictions, arrival rates): a
@@ -324,7 +325,7 @@ class Telemetry:
             avg_prompt_tokens=st.prompt_tokens.get(0.0), avg_output_tokens=st.output_tokens.get(0.0),
             spec_acceptance={k: e.get() for k, e in st.spec_rate.items()},
             calibrated=st.num_steps > 0,
-            latency_bias=st.latency_bias.get(1.0) if st.latency_bias is not None else 1.0,
+            latency_bias=math.exp(st.latency_bias.get(0.0)) if st.latency_bias is not None else 1.0,
             arrival_rate=self._rate(st),
         )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -33,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="auto | cpu | cuda[:N] | npu[:N] (overrides the config)")
     s.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require 'Authorization: Bearer KEY' (repeatable; also env SIZEWISE_API_KEYS)")
+    s.add_argument("--metrics-auth", action="store_true",
+                   help="/metrics requires an API key too (server.metrics_require_auth in the config)")
+    s.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let requests supply their own chat template (chat_template_kwargs.chat_template): "
+                        "code every client may run on the server; only for trusted clients")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     g = sub.add_parser("generate", help="print completions of one prompt (offline, no server)")
@@ -142,6 +148,7 @@ def _run_server(args) -> int:
 
     from .orchestrator.deployment import Deployment, DeploymentConfig
     from .server import create_app
+    from .server.app import API_KEYS_ENV
     from .server.runner import Server, base_url, bind_socket, shutdown_hook, uvicorn_config
 
     if args.model:
@@ -163,6 +170,12 @@ def _run_server(args) -> int:
     server_cfg = cfg.server.model_copy(update={
         k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None})
     server_cfg.api_keys = [*server_cfg.api_keys, *args.api_key]
+    if args.trust_request_chat_template:
+        server_cfg.trust_request_chat_template = True
+    if args.metrics_auth:
+        if not server_cfg.api_keys and not os.environ.get(API_KEYS_ENV):
+            raise CliError("--metrics-auth needs an API key (--api-key or SIZEWISE_API_KEYS)")
+        server_cfg.metrics_require_auth = True
     # Bind before anything loads: a busy port fails at once, and port 0's real port is in the URL.
     try:
         sock = bind_socket(server_cfg.host, server_cfg.port)

@@ -270,7 +270,7 @@ class AsyncEngine:
 
     def _step_priority(self, just_stepped: str | None, share: "FairShare") -> None:
         """Step the priority core now if requests wait on it (its probes are in the very next step)."""
-        self._drain_inbox()
+        self._drain_inbox()  # first: a probe that arrived during the last step counts
         prio = self.priority_core
         if prio is not None and prio != just_stepped and self.cores[prio].scheduler.waiting:
             share.charge(prio, self._step_core(prio))

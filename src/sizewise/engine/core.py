@@ -272,14 +272,16 @@ class EngineCore:
         verify = self.spec.prepare(sched) if self.spec is not None else None
         result = self.runner.execute(sched) if not sched.is_empty else None
         spec_results = self.spec.verify(verify) if verify is not None else []
+        # Read before _postprocess appends the sampled tokens and frees finished sequences.
+        kv_tokens = sum(s.num_tokens for s in sched.decodes) + sum(
+            s.num_cached_tokens + n for s, n in zip(sched.prefills, sched.prefill_chunks)
+        )
         out = self._postprocess(sched, result, spec_results)
-        self._record_step(sched, time.perf_counter() - t0)
+        self._record_step(sched, kv_tokens, time.perf_counter() - t0)
         return out
 
-    def _record_step(self, sched: SchedulerOutput, seconds: float) -> None:
-        kv_tokens = sum(s.num_tokens for s in sched.decodes) + sum(
-            s.num_cached_tokens for s in sched.prefills
-        )
+    def _record_step(self, sched: SchedulerOutput, kv_tokens: int, seconds: float) -> None:
+        """kv_tokens: the context positions the step's plain forward attended to."""
         num_tokens = sched.num_tokens
         if self.spec is not None:
             kv_tokens += self.spec.last_kv_tokens
@@ -346,15 +348,16 @@ class EngineCore:
 
     def _check_finish(self, seq: Sequence, token: int) -> None:
         p = seq.params
+        stop_ids = seq.request.stop_ids
         stop_str = self.detokenizer.update(seq, 1)
         reason, stop_reason = None, None
         if stop_str is not None:
             reason, stop_reason = "stop", stop_str
         elif seq.num_output_tokens >= p.min_tokens and (
-            (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids
+            (not p.ignore_eos and token in self.eos_token_ids) or token in stop_ids
         ):
             reason = "stop"
-            stop_reason = token if token in p.stop_token_ids else None
+            stop_reason = token if token in stop_ids else None
         elif p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
             reason = "length"
         elif seq.num_tokens >= self.max_model_len:

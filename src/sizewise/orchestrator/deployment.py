@@ -21,6 +21,7 @@ from ..engine.config import EngineConfig
 from ..engine.core import EngineCore
 from ..platform import get_platform
 from ..sampling_params import SamplingParams
+from ..text import clip
 from .config import PolicyConfig
 from .planner import MemoryPlan, plan_memory
 from .router import AdaptiveRouter
@@ -64,6 +65,10 @@ class ServerSection(BaseModel):
     api_keys: list[str] = Field(default_factory=list)
     metrics_require_auth: bool = False
     request_timeout_s: float = Field(default=600.0, gt=0)
+    # A chat template inside a request's chat_template_kwargs is code the server would run: refused
+    # unless the operator trusts every client (as vLLM after CVE-2025-61620).
+    trust_request_chat_template: bool = False
+    chat_template_timeout_s: float = Field(default=5.0, gt=0)  # a template rendering longer is a 400
 
 
 class DeploymentConfig(BaseModel):
@@ -157,7 +162,7 @@ class Router(Protocol):
 
 class UnknownModelError(LookupError):
     def __init__(self, name: str, known: list[str]) -> None:
-        super().__init__(f"model {name!r} does not exist; available: {', '.join(known)}")
+        super().__init__(f"model {clip(repr(name))} does not exist; available: {', '.join(known)}")
         self.name = name
 
 

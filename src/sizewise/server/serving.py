@@ -39,7 +39,8 @@ _PROBE_TIME_KEYS = ("time_ms", "ms", "probe_ms")  # where a router's probe dict 
 def _probe_ms(probe: dict | None) -> float:
     return next((probe[k] for k in _PROBE_TIME_KEYS if isinstance(probe.get(k), (int, float))), 0.0) if probe else 0.0
 
-# Texts longer than this are tokenized (and chat templates rendered) in a worker thread: a
+
+# Texts longer than this are tokenized in a worker thread: a
 # megabyte prompt takes ~100 ms to tokenize, and on the event loop that would stall every
 # stream in flight. Shorter ones stay on the loop, where a thread hop would cost more than it saves.
 OFFLOAD_CHARS = 16_384
@@ -99,6 +100,8 @@ class _Item:
 @dataclass(slots=True)
 class ServingOptions:
     request_timeout_s: float = 600.0
+    trust_request_chat_template: bool = False
+    chat_template_timeout_s: float = 5.0
 
 
 class Serving:
@@ -172,18 +175,16 @@ class Serving:
 
     async def render_chat_async(self, model: str | None, messages: list[dict], add_generation_prompt: bool = True,
                                 template_kwargs: dict | None = None) -> str:
-        """`render_chat`, off the event loop when the messages are long."""
-        size = sum(len(str(m.get("content") or "")) for m in messages)
-        if size <= OFFLOAD_CHARS:
-            return self.render_chat(model, messages, add_generation_prompt, template_kwargs)
-        return await asyncio.to_thread(self.render_chat, model, messages, add_generation_prompt, template_kwargs)
-
-    def render_chat(self, model: str | None, messages: list[dict], add_generation_prompt: bool = True,
-                    template_kwargs: dict | None = None) -> str:
+        """`render_chat` in a worker thread, bounded by `chat_template_timeout_s`: a template is a
+        program whose running time the text does not tell, and on the event loop it would stall
+        every stream and /health."""
         tok = self.tokenizer(model)
         if not getattr(tok, "chat_template", None):
             raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
-        return render_chat(tok, messages, add_generation_prompt, template_kwargs)
+        o = self.options
+        return await asyncio.to_thread(render_chat, tok, messages, add_generation_prompt, template_kwargs,
+                                       trust_template_kwarg=o.trust_request_chat_template,
+                                       timeout_s=o.chat_template_timeout_s)
 
     def max_model_len(self, model: str | None) -> int:
         dep = self.require()

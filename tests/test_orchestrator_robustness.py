@@ -125,6 +125,31 @@ def test_empty_steps_do_not_count_as_steps(core):
         before.step_fixed_seconds, before.step_seconds_per_token)
 
 
+def test_cost_model_separates_decode_rows_from_prefill_tokens(core):
+    # Step seconds follow a known law, fixed + per row x decode rows + per prompt token x prefill
+    # tokens (on a CPU a decode row costs far more than a prompt token). Before: one line through
+    # a decode-like and a prefill-like centroid mixed the two slopes, so a decode step at batch 1
+    # was predicted at almost twice its cost and one at batch 32 at half of it.
+    fixed, per_row, per_prompt = 2e-3, 5e-4, 1e-5
+    tel = Telemetry({"m": core}, {"m": "small"}, peak_bandwidth=1e12, ema_alpha=0.5)
+    prompt = 12
+    for rnd, k in enumerate((1, 4, 2, 3, 1, 4)):
+        for i in range(k):
+            core.add_request(f"c-{rnd}-{i}", [5 + i + j for j in range(prompt)],
+                             SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+        first = True
+        while core.has_unfinished_requests():  # the k prompts prefill in one step, then k rows decode
+            out = core.step()
+            tel.on_step("m", core, out, fixed + (per_prompt * prompt * k if first else per_row * k))
+            first = False
+    e = tel.snapshot().engines["m"]
+    assert e.step_fixed_seconds == pytest.approx(fixed, rel=1e-6)
+    assert e.step_seconds_per_token == pytest.approx(per_row, rel=1e-6)
+    assert e.prefill_seconds_per_token == pytest.approx(per_prompt, rel=1e-6)
+    assert e.step_cost(32) == pytest.approx(fixed + 32 * per_row) and e.prefill_cost(96) == pytest.approx(
+        fixed + 96 * per_prompt)
+
+
 def test_average_output_length_is_per_sequence_when_samples_finish_apart(core):
     # A request's last delta carries only the sequences that produced a token in that step.
     # Before: sequences per request were counted on that last delta only, so a request whose n

@@ -177,7 +177,7 @@ class Policy:
         wait_steps = math.ceil(max(in_queue - e.max_num_seqs, 0) / e.max_num_seqs) * out_len
         prefill_tokens = e.num_waiting * e.avg_prompt_tokens + prompt_tokens * n
         prefill_steps = max(math.ceil(prefill_tokens / e.max_num_batched_tokens), 1)
-        prefill_step = e.step_cost(min(prefill_tokens, e.max_num_batched_tokens))
+        prefill_step = e.prefill_cost(min(prefill_tokens, e.max_num_batched_tokens))
         decode_steps = wait_steps + max(new_tokens - 1, 0)  # the prefill step samples the first token
         batch = min(in_queue, e.max_num_seqs)
         seconds = prefill_steps * prefill_step + decode_steps * e.step_cost(batch)
@@ -196,7 +196,7 @@ class Policy:
         steps = math.ceil(seqs / f.max_num_seqs) * out_len
         prefill = f.num_waiting * f.avg_prompt_tokens
         pf_steps = math.ceil(prefill / f.max_num_batched_tokens) if prefill else 0
-        return steps + pf_steps, steps * f.step_cost(batch) + pf_steps * f.step_cost(
+        return steps + pf_steps, steps * f.step_cost(batch) + pf_steps * f.prefill_cost(
             min(prefill, f.max_num_batched_tokens))
 
     @classmethod
@@ -237,7 +237,7 @@ class Policy:
         if not peak_bandwidth:
             return streamed
         seconds = steps * (e.step_fixed_seconds * n / batch + e.step_seconds_per_token * n) + (
-            e.step_seconds_per_token * prompt_tokens * n)
+            (e.prefill_cost(prompt_tokens * n) - e.step_fixed_seconds))
         return max(streamed, seconds * peak_bandwidth)
 
     @staticmethod
@@ -263,14 +263,16 @@ class Policy:
         # engine's batches to the end of an average output, scaled by its measured/predicted
         # ratio) over the SLO. Read device-wide, not on one tier: moving traffic between tiers
         # barely changes it, so the price cannot oscillate as requests move away from the top tier.
-        # Without an SLO: over three times the top tier's latency alone.
+        # Without an SLO: over three times an average request's latency alone on the top tier (the
+        # backlog counts average outputs too, so one queued request is not pressure by itself).
         backlog = sum(self._backlog(e)[1] * e.latency_bias for e in snap.engines.values() if e.busy)
         if slo_ms is not None:
             horizon = slo_ms / 1e3
         else:
             e = snap.engines[self.tier_to_model[top]]
+            out_len = round(e.avg_output_tokens) if e.avg_output_tokens > 0 else new_tokens
             horizon = 3 * self._own(replace(e, num_running=0, num_waiting=0, arrival_rate=0.0), prompt_tokens,
-                                    new_tokens, n)[1] * e.latency_bias
+                                    max(out_len, 1), n)[1] * e.latency_bias
         pressure = max(pressure, backlog / max(horizon, 1e-9))
         excess = max(pressure - self.s.price_deadband, 0.0) / max(1.0 - self.s.price_deadband, 1e-9)
         if excess == 0.0 or len(self.tiers) < 2:

@@ -107,7 +107,8 @@ class AdaptiveRouter:
         n_probe = min(n_prompt, s.probe_max_tokens)
         in_progress = max((f.step_cost(min(f.num_running + f.num_waiting, f.max_num_seqs))
                            for f in snap.engines.values() if f.busy), default=0.0)
-        late_ms = (in_progress + e.step_cost(n_probe + min(e.num_running, e.max_num_seqs))) * 1e3
+        late_ms = (in_progress + e.prefill_cost(n_probe) + e.step_seconds_per_token * min(e.num_running, e.max_num_seqs)
+                   ) * 1e3
         if late_ms > s.probe_max_ms:
             return f"its step would take ~{late_ms:.0f} ms, over probe_max_ms ({s.probe_max_ms:g})"
         return None

@@ -44,6 +44,7 @@ class EngineStats:
     last_step_seconds: float
     last_step_num_tokens: int
     last_step_bytes: int  # weights + KV read by the last step
+    last_step_prefill_tokens: int  # of last_step_num_tokens, prompt tokens prefilled (the rest: decode rows)
     prompt_tokens_total: int
     generation_tokens_total: int
     # speculative decoding, per proposer ("pld", "draft"); see engine/speculative.py
@@ -140,7 +141,7 @@ class EngineCore:
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._step_count = 0
-        self._last_step = (0.0, 0, 0)
+        self._last_step = (0.0, 0, 0, 0)
         self._prompt_tokens = 0
         self._gen_tokens = 0
         self.weight_bytes = self.runner.weight_bytes()
@@ -288,7 +289,7 @@ class EngineCore:
             num_tokens += self.spec.last_num_tokens
         kv_bytes = kv_tokens * self.model_config.kv_bytes_per_token(self.dtype)
         self._step_count += 1
-        self._last_step = (seconds, num_tokens, self.step_weight_bytes + kv_bytes)
+        self._last_step = (seconds, num_tokens, self.step_weight_bytes + kv_bytes, sum(sched.prefill_chunks))
 
     def _postprocess(
         self, sched: SchedulerOutput, result: StepResult | None, spec_results: list[VerifyResult] = (),
@@ -420,7 +421,7 @@ class EngineCore:
 
     # ----- stats ---------------------------------------------------------------------------
     def stats(self) -> EngineStats:
-        secs, ntok, nbytes = self._last_step
+        secs, ntok, nbytes, prefill = self._last_step
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -432,6 +433,7 @@ class EngineCore:
             last_step_seconds=secs,
             last_step_num_tokens=ntok,
             last_step_bytes=nbytes,
+            last_step_prefill_tokens=prefill,
             prompt_tokens_total=self._prompt_tokens,
             generation_tokens_total=self._gen_tokens,
             **self._spec_stats(),

@@ -108,6 +108,26 @@ class DeploymentConfig(BaseModel):
                              f"resident: {', '.join([*by_tier, *seen])}")
         return self
 
+    def policy_warnings(self) -> list[str]:
+        """Policy settings that name tiers this deployment does not use (kept, but they do nothing)."""
+        q = self.policy.quality
+        if q is None:
+            return []
+        tiers = [t for t in TIERS if t in {m.tier for m in self.models}]
+        out = []
+        for t in q.tiers:
+            if t not in tiers:
+                out.append(f"policy.quality.tiers.{t}: this deployment has no {t} tier (resident: "
+                           f"{', '.join(tiers)}); the fit is ignored")
+            elif t == tiers[-1]:
+                out.append(f"policy.quality.tiers.{t}: {t} is this deployment's top tier, whose loss is 0 by "
+                           f"definition; the fit is ignored")
+        missing = [t for t in tiers[:-1] if t not in q.tiers]
+        if missing:
+            out.append(f"policy.quality has no fit for {', '.join(missing)}: a fixed prior gap stands in; run "
+                       f"`sizewise calibrate` for this deployment")
+        return out
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> "DeploymentConfig":
         path = Path(path)
@@ -207,6 +227,8 @@ class Deployment:
         plan: MemoryPlan | None = None,
     ) -> None:
         _check_one_tokenizer(cores)
+        for w in config.policy_warnings():
+            log.warning("%s", w)
         self.config = config
         self.cores = cores
         self.plan = plan

@@ -263,9 +263,11 @@ def test_triton_kernel_half_precision(triton_results):
 
 # ----- NPU platform against a stand-in torch_npu ------------------------------------------
 # No Ascend device here. The stand-in implements npu_fused_infer_attention_score as its
-# documentation describes it (BSND query, paged KV [num_blocks, block_size, Hkv*D], bool
-# mask True = masked, sparse_mode 0 / 3, per-row host lengths) and rejects calls outside
-# the documented constraints. This checks how NpuPlatform builds its calls (mask direction,
+# documentation describes it (BSND query [B, S, N, D] with per-row query lengths, or TND
+# [T, N, D] with cumulative query ends; paged KV [num_blocks, block_size, Hkv*D], bool mask
+# True = masked, sparse_mode 0 / 3, per-row host KV lengths), npu_scatter_pa_kv_cache in its
+# "Norm" mode as op-plugin's reference test writes it, and rejects calls outside the documented
+# constraints. This checks how NpuPlatform builds its calls (mask direction,
 # lengths, -1 block clamp, layouts, static vs eager path, prepare_paged), not the real op.
 class _FakeTorchNpu:
     def __init__(self):
@@ -275,10 +277,19 @@ class _FakeTorchNpu:
                                         input_layout, block_table, block_size, scale,
                                         actual_seq_lengths=None, actual_seq_lengths_kv=None,
                                         atten_mask=None, sparse_mode=0):
+        if input_layout == "TND":  # cumulative query ends; every row here has the same length S
+            T, N, D = query.shape
+            ends = actual_seq_lengths
+            assert isinstance(ends, list) and ends[-1] == T and sparse_mode == 3, "TND takes the causal mask"
+            S = ends[0]
+            assert ends == list(range(S, T + 1, S))
+            query = query.view(len(ends), S, N, D)
+        else:
+            assert input_layout == "BSND"
         B, S, N, D = query.shape
         nb, bs, HD = key.shape
         Hkv = num_key_value_heads
-        assert input_layout == "BSND" and N == num_heads and HD == Hkv * D and bs == block_size
+        assert N == num_heads and HD == Hkv * D and bs == block_size
         assert block_size % 128 == 0 and block_table.dtype == torch.int32 and query.is_contiguous()
         assert query.dtype in (torch.float16, torch.bfloat16)
         assert isinstance(actual_seq_lengths_kv, list) and len(actual_seq_lengths_kv) == B
@@ -289,7 +300,7 @@ class _FakeTorchNpu:
             assert atten_mask.dtype == torch.bool and atten_mask.shape[-1] >= block_table.shape[1] * bs
         if sparse_mode == 3:
             assert tuple(atten_mask.shape) == (2048, 2048) and bool(atten_mask[0, 1]) and not bool(atten_mask[1, 0])
-        self.calls.append(dict(B=B, S=S, sparse_mode=sparse_mode, masked=atten_mask is not None))
+        self.calls.append(dict(B=B, S=S, sparse_mode=sparse_mode, masked=atten_mask is not None, layout=input_layout))
         out = torch.empty(B, S, N, D, dtype=torch.float32)
         for b in range(B):
             L = actual_seq_lengths_kv[b]
@@ -303,7 +314,22 @@ class _FakeTorchNpu:
                 allowed = torch.arange(L)[None, :] <= (L - S + torch.arange(S))[:, None]
                 s = s.masked_fill(~allowed[None], float("-inf"))
             out[b] = torch.einsum("hql,lhd->qhd", s.softmax(-1), v)
+        if input_layout == "TND":
+            out = out.view(B * S, N, D)
         return out.to(query.dtype), torch.zeros(1)
+
+    def npu_scatter_pa_kv_cache(self, key, value, key_cache, value_cache, slot_mapping):
+        # "Norm": key [T, Hkv, D] -> key_cache [num_blocks, block_size, Hkv, D] at slot // block_size,
+        # slot % block_size; op-plugin's reference skips slots < 0 (we never rely on it).
+        nb, bs = key_cache.shape[:2]
+        assert key.dim() == 3 and key_cache.dim() == 4 and key.shape[1:] == key_cache.shape[2:]
+        assert key.is_contiguous() and value.is_contiguous() and key.dtype == key_cache.dtype
+        assert slot_mapping.dtype in (torch.int32, torch.int64) and int(slot_mapping.max()) < nb * bs
+        self.calls.append(dict(op="scatter_pa_kv_cache"))
+        for i, slot in enumerate(slot_mapping.tolist()):
+            if slot >= 0:
+                key_cache[slot // bs, slot % bs] = key[i]
+                value_cache[slot // bs, slot % bs] = value[i]
 
     def _npu_reshape_and_cache(self, key, value, key_cache, value_cache, slots):
         nb, bs = key_cache.shape[:2]
@@ -360,8 +386,8 @@ def test_npu_paged_attention_calls_follow_fia_docs(npu_platform, Q):
         static = plat.paged_attention(q, kc, vc, tables, ctx, 0.25)
         wide = torch.cat([tables, torch.full((3, 2), -1, dtype=torch.int32)], 1)  # B * M = 12 > 9
         fallback = plat.paged_attention(q, kc, vc, wide, ctx, 0.25)
-    assert [c["masked"] for c in fake.calls] == [Q > 1, True]  # the wide call did not reach FIA
-    assert [c["sparse_mode"] for c in fake.calls] == [3 if Q > 1 else 0, 0]
+    # Eager: TND with the causal mask (vllm-ascend's decode call); static: BSND with the built mask.
+    assert [(c["layout"], c["sparse_mode"]) for c in fake.calls] == [("TND", 3), ("BSND", 0)]  # wide: no FIA
     torch.testing.assert_close(eager.float(), ref, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(static.float(), ref, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(fallback.float(), ref, atol=2e-2, rtol=2e-2)
@@ -380,13 +406,18 @@ def test_npu_fallbacks_and_kv_write(npu_platform):
     torch.testing.assert_close(plat.paged_attention(q, kc, vc, tables, ctx, 0.25),
                                CpuPlatform().paged_attention(q, kc, vc, tables, ctx, 0.25))
     assert fake.calls == []
-    kc16 = torch.zeros(4, 128, 2, 16, dtype=torch.bfloat16)
-    vc16 = torch.zeros_like(kc16)
     k = torch.randn(3, 2, 16).bfloat16()
-    plat.write_kv(k, k, kc16, vc16, torch.tensor([5, -1, 130]))
-    flat = kc16.view(-1, 2, 16)
-    assert torch.equal(flat[5], k[0]) and torch.equal(flat[130], k[2])
-    assert torch.equal(flat[-1], k[1])  # padding went to the sink's last slot
+    for op in ("scatter_pa_kv_cache", "reshape_and_cache"):  # today's op, then torch_npu without it
+        kc16 = torch.zeros(4, 128, 2, 16, dtype=torch.bfloat16)
+        vc16 = torch.zeros_like(kc16)
+        before = len(fake.calls)
+        plat.write_kv(k, 2 * k, kc16, vc16, torch.tensor([5, -1, 130]))
+        assert [c.get("op") for c in fake.calls[before:]] == (["scatter_pa_kv_cache"] if op == "scatter_pa_kv_cache" else [])
+        flat, vflat = kc16.view(-1, 2, 16), vc16.view(-1, 2, 16)
+        assert torch.equal(flat[5], k[0]) and torch.equal(flat[130], k[2]) and torch.equal(vflat[130], 2 * k[2])
+        assert torch.equal(flat[-1], k[1])  # padding went to the sink's last slot
+        assert int((flat != 0).any(-1).any(-1).sum()) == 3, "no other slot written"
+        plat._scatter_kv_ok = False  # as NpuPlatform finds a torch_npu that lacks the op
     x = torch.randn(3, 16).bfloat16()
     w = torch.rand(16).bfloat16()
     torch.testing.assert_close(plat.rms_norm(x, w, 1e-6).float(), CpuPlatform().rms_norm(x, w, 1e-6).float(),
@@ -407,7 +438,7 @@ def test_npu_prepare_paged_shared_across_layers(npu_platform):
         static = plat.prepare_paged(tables, ctx, 3, 128, torch.bfloat16)
         torch.testing.assert_close(plat.paged_attention(q, kc, vc, tables, ctx, 0.25, static).float(),
                                    ref, atol=2e-2, rtol=2e-2)
-    assert [c["sparse_mode"] for c in fake.calls] == [3, 3, 0]
+    assert [(c["layout"], c["sparse_mode"]) for c in fake.calls] == [("TND", 3), ("TND", 3), ("BSND", 0)]
     # Not FIA-eligible (float32): the reference op's own prepared metadata.
     base = plat.prepare_paged(tables, ctx, 3, 128, torch.float32)
     assert isinstance(base, tuple)

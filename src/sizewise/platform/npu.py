@@ -1,7 +1,8 @@
 """Ascend NPU platform: torch.npu facts, NPUGraph capture, torch_npu fused ops.
 
 UNVERIFIED: written against the public torch_npu documentation (op-plugin docs for
-npu_fused_infer_attention_score, npu_rms_norm, _npu_reshape_and_cache, NPUGraph); it has
+npu_fused_infer_attention_score, npu_scatter_pa_kv_cache, npu_rms_norm, NPUGraph) and how
+vllm-ascend calls those ops in 2026 (torch 2.10 + torch-npu 2.10.0.post4, CANN 9.1.0); it has
 never been run on an Ascend device. Every fused op has a guarded fallback to the torch
 reference op, and the reference path is what the CPU tests check. See docs/platforms.md.
 
@@ -9,17 +10,21 @@ Besides `platform.npu_available()` (which imports torch_npu only to ask whether 
 device), this is the only module that imports torch_npu, and only `get_platform("npu...")`
 imports this module.
 
+KV writes use `torch_npu.npu_scatter_pa_kv_cache` ("Norm" cache mode: key [T, Hkv, D] into
+[num_blocks, block_size, Hkv, D] at slot_mapping), which replaced `_npu_reshape_and_cache` in
+vllm-ascend in July 2026; torch_npu builds without it fall back to `_npu_reshape_and_cache`.
+
 Paged attention uses `torch_npu.npu_fused_infer_attention_score` (FIA) with a block table
-over the cache viewed as [num_blocks, block_size, Hkv*D] (the layout FIA documents for
-BSH/BSND queries). FIA takes the per-sequence lengths as *host* integer lists, and an
+over the cache viewed as [num_blocks, block_size, Hkv*D]. FIA takes the per-sequence lengths as *host* integer lists, and an
 NPUGraph freezes whatever host values it saw at capture. So there are two paths:
 
-  * eager (not capturing): exact lengths. context_lens is read to the host once per
-    forward (in prepare_paged, else memoised across layers) -- one sync per step,
-    acceptable in eager mode.
-    Q = 1 needs no mask; Q > 1 uses sparse_mode=3 (right-down causal) with the 2048x2048
-    triangular mask FIA documents, which gives query i of Q the keys <= ctx - Q + i.
-  * static (inside graph warm-up/capture): the host lengths are the *capacity*,
+  * eager (not capturing): the TND layout, as vllm-ascend decodes: the queries flattened to
+    [B*Q, H, D], actual_seq_lengths the cumulative query ends (Q, 2Q, ..., B*Q),
+    actual_seq_lengths_kv the exact context lengths, sparse_mode=3 (right-down causal) with
+    the 2048x2048 triangular mask FIA documents, which gives query i of Q the keys
+    <= ctx - Q + i (for Q = 1: every key). context_lens is read to the host once per forward
+    (in prepare_paged, else memoised across layers) -- one sync per step, acceptable eagerly.
+  * static (inside graph warm-up/capture), BSND layout: the host lengths are the *capacity*,
     M * block_size for every row, and the real context length and causality come from a
     device-built boolean mask [B, 1, Q, M*block_size] (True = masked, sparse_mode=0). All
     host-side op parameters depend on shapes only, so one capture serves every step with
@@ -108,6 +113,7 @@ class NpuPlatform(Platform):
         self._lens_host: list[int] = []
         self._scale_kw: str | None = None  # FIA's scale keyword differs across torch_npu versions
         self._fia_ok = hasattr(torch_npu, "npu_fused_infer_attention_score")
+        self._scatter_kv_ok = hasattr(torch_npu, "npu_scatter_pa_kv_cache")
         self._reshape_cache_ok = hasattr(torch_npu, "_npu_reshape_and_cache")
         self._rms_ok = hasattr(torch_npu, "npu_rms_norm")
 
@@ -177,16 +183,20 @@ class NpuPlatform(Platform):
         v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
         slot_mapping: torch.Tensor,  # [T] int64, -1 = padding
     ) -> None:
-        if not (self._reshape_cache_ok and k_cache.dtype in (torch.float16, torch.bfloat16)
-                and k.dtype == k_cache.dtype):
+        if not ((self._scatter_kv_ok or self._reshape_cache_ok)
+                and k_cache.dtype in (torch.float16, torch.bfloat16) and k.dtype == k_cache.dtype):
             return super().write_kv(k, v, k_cache, v_cache, slot_mapping)
         num_blocks, block_size = k_cache.shape[:2]
-        # The ATB op does not document skipping negative slots: send padding to the sink's
+        # Neither op's documentation promises to skip negative slots: send padding to the sink's
         # last slot, as the reference op does.
         slots = torch.where(slot_mapping >= 0, slot_mapping, num_blocks * block_size - 1).to(torch.int32)
-        # Positional arguments: the slot keyword was renamed (slot_mapping -> slot_indices)
-        # between CANN releases.
-        torch_npu._npu_reshape_and_cache(k.contiguous(), v.contiguous(), k_cache, v_cache, slots)
+        if self._scatter_kv_ok:
+            # The 4-D [num_blocks, block_size, Hkv, D] caches select the op's "Norm" mode.
+            torch_npu.npu_scatter_pa_kv_cache(k.contiguous(), v.contiguous(), k_cache, v_cache, slots)
+        else:
+            # Positional arguments: the slot keyword was renamed (slot_mapping -> slot_indices)
+            # between CANN releases.
+            torch_npu._npu_reshape_and_cache(k.contiguous(), v.contiguous(), k_cache, v_cache, slots)
 
     def _host_lens(self, context_lens: torch.Tensor) -> list[int]:
         # Every layer of one forward passes the same context_lens tensor: read it once. Match
@@ -275,22 +285,17 @@ class NpuPlatform(Platform):
             prepared = self._prepare_fia(block_tables, context_lens, Q, block_size)
         k = k_cache.view(num_blocks, block_size, Hkv * D)  # [num_blocks, block_size, Hkv*D]
         v = v_cache.view(num_blocks, block_size, Hkv * D)
-        common = dict(
-            num_heads=H, num_key_value_heads=Hkv, input_layout="BSND",
-            block_table=prepared.tables, block_size=block_size,
-        )
-        qc = q.contiguous()  # FIA rejects non-contiguous inputs
+        common = dict(num_heads=H, num_key_value_heads=Hkv, block_table=prepared.tables, block_size=block_size)
         if prepared.static:
             out = self._fia(
-                qc, k, v, scale=scale, atten_mask=prepared.mask, sparse_mode=0,
+                q.contiguous(), k, v, scale=scale, input_layout="BSND", atten_mask=prepared.mask, sparse_mode=0,
                 actual_seq_lengths=[Q] * B, actual_seq_lengths_kv=[M * block_size] * B, **common,
             )
-        elif Q == 1:
-            out = self._fia(qc, k, v, scale=scale, actual_seq_lengths_kv=prepared.lens, **common)
         else:
+            qt = q.reshape(B * Q, H, D).contiguous()  # [T, H, D]; FIA rejects non-contiguous inputs
             out = self._fia(
-                qc, k, v, scale=scale, atten_mask=self._fia_causal_mask(q.device), sparse_mode=3,
-                actual_seq_lengths=[Q] * B, actual_seq_lengths_kv=prepared.lens, **common,
+                qt, k, v, scale=scale, input_layout="TND", atten_mask=self._fia_causal_mask(q.device), sparse_mode=3,
+                actual_seq_lengths=list(range(Q, B * Q + 1, Q)), actual_seq_lengths_kv=prepared.lens, **common,
             )
         return out.view(B, Q, H, D)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..models import CheckpointError, ModelConfig, load_model, parse_dtype
-from ..models.loader import checkpoint_files
+from ..models.loader import checkpoint_files, tokenizer_files
 from ..platform import Platform, get_platform
 from ..sampling_params import InvalidRequestError, SamplingParams, is_int
 from .block_manager import BlockManager
@@ -60,6 +60,7 @@ class EngineStats:
 def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 
+    tokenizer_files(Path(model_dir))
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many types here
@@ -90,7 +91,7 @@ class EngineCore:
             # give garbage.
             raise ValueError(
                 f"max_model_len {config.max_model_len} is larger than {self.name}'s max_position_embeddings "
-                f"({cfg.max_position_embeddings})"
+                f"({cfg.max_position_embeddings}): lower max_model_len, or leave it unset to use the model's own"
             )
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         self._cap_reason = ""  # why max_model_len is below what was asked for; errors quote it

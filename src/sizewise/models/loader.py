@@ -35,6 +35,25 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     raise CheckpointError(f"{str(model_dir)!r} has no safetensors weights (model.safetensors or an index)")
 
 
+# What a tokenizer is built from; transformers builds an *empty* tokenizer (every prompt encodes
+# to nothing) for some model types when none of these is present, instead of failing.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def tokenizer_files(model_dir: Path) -> list[Path]:
+    """The tokenizer vocabulary files in `model_dir`; CheckpointError naming what is missing."""
+    found = [model_dir / f for f in _TOKENIZER_FILES if (model_dir / f).is_file()]
+    found += sorted(model_dir.glob("*.tiktoken"))
+    if not found:
+        raise CheckpointError(
+            f"{str(model_dir)!r} has no tokenizer files: none of tokenizer.json, tokenizer.model or "
+            f"vocab.json + merges.txt (copy them, with tokenizer_config.json, from the checkpoint the "
+            f"weights came from)")
+    if found == [model_dir / "vocab.json"] and not (model_dir / "merges.txt").is_file():
+        raise CheckpointError(f"{str(model_dir)!r} has vocab.json but no merges.txt (a BPE tokenizer needs both)")
+    return found
+
+
 def load_model(
     model_dir: str | Path, cfg: ModelConfig, platform: Platform, dtype: torch.dtype, max_position: int
 ) -> Decoder:

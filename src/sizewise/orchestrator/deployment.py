@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..engine.async_engine import AsyncEngine
 from ..engine.config import EngineConfig
 from ..engine.core import EngineCore
-from ..platform import get_platform
+from ..models import CheckpointError, ModelConfig
+from ..models.loader import checkpoint_files, tokenizer_files
+from ..platform import Platform, get_platform
 from ..sampling_params import SamplingParams
 from .config import PolicyConfig
 from .planner import MemoryPlan, plan_memory
@@ -71,6 +73,8 @@ class DeploymentConfig(BaseModel):
     device: str = "auto"
     dtype: str = "auto"
     memory_fraction: float = Field(default=0.5, gt=0, le=1)
+    # All models' KV caches together, bytes (split by kv_share); replaces what memory_fraction leaves.
+    kv_cache_bytes: int | None = Field(default=None, ge=1)
     models: list[ModelEntry] = Field(min_length=1)
     engine: EngineSection = Field(default_factory=EngineSection)
     server: ServerSection = Field(default_factory=ServerSection)
@@ -115,15 +119,21 @@ class DeploymentConfig(BaseModel):
         return cfg
 
     @classmethod
-    def from_model_dirs(cls, dirs: list[str], **kw) -> "DeploymentConfig":
-        """`--model DIR ...`: tiers assigned by order (1 model: large; 2: small, large; 3: all)."""
+    def from_model_dirs(cls, dirs: list[str], names: list[str] | None = None, **kw) -> "DeploymentConfig":
+        """`--model DIR ...`: tiers assigned by order (1 model: large; 2: small, large; 3: all);
+        `names` (--served-model-name), one per directory, replace the directories' names."""
         tiers = {1: ["large"], 2: ["small", "large"], 3: ["small", "medium", "large"]}.get(len(dirs))
         if tiers is None:
             raise ValueError(f"give 1 to 3 --model directories, got {len(dirs)}")
-        names = [Path(d).name or d for d in dirs]
-        # Directories with one basename (a/model, b/model) would collide: tell them apart by tier.
-        names = [f"{n}-{t}" if names.count(n) > 1 or (n in TIERS and n != t) or n == "auto" else n
-                 for n, t in zip(names, tiers)]
+        if names:
+            if len(names) != len(dirs):
+                raise ValueError(f"give one --served-model-name per --model: {len(names)} names for {len(dirs)} "
+                                 f"models")
+        else:
+            names = [Path(d).name or d for d in dirs]
+            # Directories with one basename (a/model, b/model) would collide: tell them apart by tier.
+            names = [f"{n}-{t}" if names.count(n) > 1 or (n in TIERS and n != t) or n == "auto" else n
+                     for n, t in zip(names, tiers)]
         models = [ModelEntry(name=n, tier=t, path=str(Path(d).resolve())) for n, d, t in zip(names, dirs, tiers)]
         return cls(models=models, **kw)
 
@@ -227,16 +237,42 @@ class Deployment:
                 self.engine.shutdown()
                 raise
 
+    @staticmethod
+    def check(config: DeploymentConfig, platform: Platform | None = None) -> MemoryPlan:
+        """Everything that can be refused before a weight is read, in a blink: each model's
+        config.json, weight and tokenizer files, the context length against what the model was
+        built for, and the memory plan (MemoryPlanError names the model and the bytes short)."""
+        model_configs = {}
+        for m in config.models:
+            where = f"model {m.name} ({m.tier})"
+            path = Path(m.path)
+            try:
+                cfg = ModelConfig.from_pretrained(path)
+                checkpoint_files(path)
+                tokenizer_files(path)
+            except CheckpointError as e:
+                raise CheckpointError(f"{where}: {e}") from None
+            n = config.engine.max_model_len
+            if n is not None and n > cfg.max_position_embeddings:
+                raise ValueError(
+                    f"{where}: engine.max_model_len {n} (sizewise serve --max-model-len) is larger than its "
+                    f"max_position_embeddings ({cfg.max_position_embeddings}): lower it, or leave it unset so "
+                    f"that each model uses its own")
+            model_configs[m.name] = cfg
+        return plan_memory(config, platform or get_platform(config.device), model_configs)
+
     @classmethod
-    def load(cls, config: DeploymentConfig, router: Router | None = None, echo_plan: bool = True) -> "Deployment":
-        """Plan memory (refuses with MemoryPlanError naming the model and the bytes short), print
-        the plan, then load every model onto one shared platform with its planned KV budget."""
+    def load(cls, config: DeploymentConfig, router: Router | None = None, echo_plan: bool = True,
+             plan: MemoryPlan | None = None) -> "Deployment":
+        """`check` the deployment (unless its `plan` is given: it was checked), print the plan, then
+        load every model onto one shared platform with its planned KV budget."""
         platform = get_platform(config.device)
-        plan = plan_memory(config, platform)
-        if echo_plan:
-            print(plan.table(), file=sys.stderr, flush=True)
-        else:
-            log.info("%s", plan.table())
+        if plan is None:
+            plan = cls.check(config, platform)
+            if echo_plan:
+                print(plan.table(), file=sys.stderr, flush=True)
+            else:
+                log.info("%s", plan.table())
         cores = {}
         for m in config.models:
             ecfg = EngineConfig(

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Routing benchmark: sizewise's adaptive routing vs static sizes and random routing, end to end.
 
     python benchmarks/routing.py                          # demo family, through the HTTP server
@@ -448,7 +449,7 @@ def main() -> None:
             "probe_ms"]
     print()
     print(f"routing benchmark: {args.requests} requests ({args.code_frac:.0%} code), prompt {args.prompt_tokens} "
-          f"tokens, {args.max_tokens} generated (greedy, ignore_eos), reference {args.ref_tokens}; static-large "
+          f"tokens, {args.max_tokens} generated\n(greedy, ignore_eos), reference {args.ref_tokens}; static-large "
           f"capacity {cap:.2f} req/s; {'HTTP server' if server else 'Deployment direct'}; strategy {args.strategy}")
     print_table(rows, cols)
     print("\nquality per tier (mean NLL of the reference continuation, nats/token):")

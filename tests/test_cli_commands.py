@@ -38,7 +38,7 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
     return dict(action.choices)
 
 
-@pytest.mark.parametrize("command", ["serve", "models", "generate", "chat"])
+@pytest.mark.parametrize("command", ["serve", "models", "generate", "chat", "calibrate"])
 def test_every_option_says_its_default(command):
     for a in _subcommands()[command]._actions:
         if a.option_strings and a.dest != "help" and not a.required:

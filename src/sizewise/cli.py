@@ -1,10 +1,12 @@
 """The `sizewise` command: `serve` (the HTTP server), `models` (what a deployment would serve),
-`generate` (completions of one prompt) and `chat` (a conversation in the terminal)."""
+`generate` (completions of one prompt), `chat` (a conversation in the terminal) and `calibrate`
+(the routing policy's quality predictor)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import signal
 import sys
@@ -109,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require 'Authorization: Bearer KEY' (repeatable; also env SIZEWISE_API_KEYS; "
                         "default: none, no key is checked)")
+    s.add_argument("--metrics-auth", action="store_true",
+                   help="/metrics requires an API key too (server.metrics_require_auth in the config; "
+                        "default: off, /metrics is open)")
+    s.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let requests supply their own chat template (chat_template_kwargs.chat_template): "
+                        "code every client may run on the server; only for trusted clients (default: off)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="(default: %(default)s)")
 
@@ -136,7 +144,52 @@ def _parser() -> argparse.ArgumentParser:
                         f"large model, {DEMO_CHAT_MODEL})")
     _add_model_options(c, temperature=0.8, max_tokens=256)
     c.add_argument("--system", metavar="TEXT", help="a system message that opens the conversation (default: none)")
+
+    k = sub.add_parser("calibrate", help="fit the routing policy's quality predictor (policy.quality) on "
+                                         "held-out text or your own prompts, and print it as YAML")
+    k.add_argument("--config", help=f"deployment YAML (default: {DEFAULT_CONFIG}, looked up in the current "
+                                    "directory, then the repository root)")
+    k.add_argument("--calibration-data", metavar="FILE",
+                   help='JSONL, one {"prompt": ..., "completion": ...} per line (completion optional: the top '
+                        "tier's greedy continuation stands in); default: the demo family's held-out split")
+    k.add_argument("--requests", type=int, default=256, help="held-out windows to calibrate on (default: 256)")
+    k.add_argument("--prompt-tokens", type=int, default=96, help="prompt window / cap in tokens (default: 96)")
+    k.add_argument("--ref-tokens", type=int, default=32, help="reference continuation tokens (default: 32)")
+    k.add_argument("--out", metavar="FILE", help="also write the policy.quality YAML to FILE (default: only printed)")
+    k.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="(default: %(default)s)")
     return p
+
+
+def _calibrate(args) -> int:
+    from .orchestrator.deployment import Deployment, DeploymentConfig
+    from .orchestrator.measure import calibrate_deployment, quality_yaml
+
+    cfg = DeploymentConfig.from_yaml(_find_config(args.config))
+    if len(cfg.models) < 2:
+        raise CliError("calibration needs at least two tiers (it predicts each tier's gap to the top one)")
+    cfg.policy.router = "adaptive"
+    dep = Deployment.load(cfg, echo_plan=False)
+    try:
+        src = args.calibration_data or "the demo family's held-out split"
+        print(f"calibrating on {src} ...", file=sys.stderr, flush=True)
+        try:
+            fit, on, _ = calibrate_deployment(dep, args.calibration_data, args.requests, args.prompt_tokens,
+                                              args.ref_tokens)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+    finally:
+        dep.shutdown()
+    r = fit.report
+    print(f"calibrated on {on}", file=sys.stderr)
+    print(f"held-out squared error of the gap: mean only {r['mean_only']:.4f}; " + ", ".join(
+        f"{k} alone {v:.4f}" for k, v in r["single"].items()) + f"; kept {fit.signals or 'none'} -> "
+        f"{r['kept_error']:.4f}", file=sys.stderr)
+    text = "# under `policy:` in the deployment YAML\n" + quality_yaml(fit, on)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
 
 
 def _find_config(given: str | None) -> Path:
@@ -231,11 +284,18 @@ def _run_server(args) -> int:
 
     from .orchestrator.deployment import Deployment
     from .server import create_app
+    from .server.app import API_KEYS_ENV
     from .server.runner import Server, base_url, bind_socket, shutdown_hook, uvicorn_config
 
     server_cfg = cfg.server.model_copy(update={
         k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None})
     server_cfg.api_keys = [*server_cfg.api_keys, *args.api_key]
+    if args.trust_request_chat_template:
+        server_cfg.trust_request_chat_template = True
+    if args.metrics_auth:
+        if not server_cfg.api_keys and not os.environ.get(API_KEYS_ENV):
+            raise CliError("--metrics-auth needs an API key (--api-key or SIZEWISE_API_KEYS)")
+        server_cfg.metrics_require_auth = True
     # Bind before anything loads: a busy port fails at once, and port 0's real port is in the URL.
     try:
         sock = bind_socket(server_cfg.host, server_cfg.port)
@@ -416,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     level = getattr(args, "log_level", "warning").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        command = {"serve": _serve, "models": _models, "generate": _generate, "chat": _chat}[args.command]
+        command = {"serve": _serve, "models": _models, "generate": _generate, "chat": _chat,
+                   "calibrate": _calibrate}[args.command]
         return command(args)
     except CliError as e:
         print(f"sizewise: error: {e}", file=sys.stderr)

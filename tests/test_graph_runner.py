@@ -10,7 +10,7 @@ import contextlib
 import pytest
 import torch
 
-from sizewise.engine.graph_runner import DecodeGraphRunner, default_buckets, padding_context_len
+from sizewise.engine.graph_runner import DecodeGraphRunner, default_buckets
 from sizewise.platform import CpuPlatform, get_platform
 
 V, H, HKV, D, BS = 48, 4, 2, 8, 4  # vocab, heads, kv heads, head dim, block size
@@ -186,7 +186,7 @@ def test_padding_values(Q):
     # Row 3 is padding even though the previous call left real data there.
     assert (seen["ids"][3] == 0).all() and (seen["pos"][3] == 0).all()
     assert (seen["slots"][3] == -1).all() and (seen["tables"][3] == -1).all()
-    assert int(seen["ctx"][3]) == padding_context_len(Q) == Q
+    assert int(seen["ctx"][3]) == Q
 
 
 def test_input_validation():

@@ -68,11 +68,6 @@ def default_buckets(max_num_seqs: int) -> list[int]:
     return out
 
 
-def padding_context_len(q_len: int) -> int:
-    """context_len given to padded batch rows (see the module docstring)."""
-    return q_len
-
-
 class DecodeGraphRunner:
     def __init__(
         self,
@@ -169,7 +164,7 @@ class DecodeGraphRunner:
         self._pos[q_len][start:end].fill_(0)
         self._slots[q_len][start:end].fill_(-1)
         self._tables[start:end].fill_(-1)
-        self._ctx[start:end].fill_(padding_context_len(q_len))
+        self._ctx[start:end].fill_(q_len)  # context_len = Q: see the module docstring
 
     def _static_args(self, q_len: int, bucket: int) -> tuple[torch.Tensor, ...]:
         return (

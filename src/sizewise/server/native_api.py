@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from ..sampling_params import InvalidRequestError, SamplingParams
+from ..errors import InvalidRequestError
+from ..sampling_params import SamplingParams
 from . import protocol as P
 from .formatting import native_logprobs, sse
 from .openai_api import _ERRORS, chat_messages

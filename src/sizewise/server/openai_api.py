@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from ..sampling_params import InvalidRequestError, SamplingParams
+from ..errors import InvalidRequestError
+from ..sampling_params import SamplingParams
 from . import protocol as P
 from .formatting import CompletionLogprobs, TokenText, chat_logprobs, sse
 from .serving import Prompt, Run, Serving, collect_unless_disconnected, finished_outputs, param_names, routing_hints

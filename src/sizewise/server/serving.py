@@ -23,12 +23,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..engine.async_engine import RequestStream
-from ..engine.outputs import CompletionOutput, RequestOutput
+from ..outputs import CompletionOutput, RequestOutput
 from ..chat import render_chat
 from ..metrics import Metrics
 from ..orchestrator.deployment import Deployment
 from ..orchestrator.types import Decision, RoutingHints
-from ..sampling_params import InvalidRequestError, SamplingParams
+from ..errors import InvalidRequestError
+from ..sampling_params import SamplingParams
 from .errors import ApiError, not_ready, request_timeout, shutting_down
 
 log = logging.getLogger(__name__)

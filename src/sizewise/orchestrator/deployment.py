@@ -75,6 +75,8 @@ class ServerSection(BaseModel):
     api_keys: list[str] = Field(default_factory=list)
     metrics_require_auth: bool = False
     request_timeout_s: float = Field(default=600.0, gt=0)
+    # deltas one request may have waiting for a slow client before it is aborted (0: unbounded)
+    max_queued_deltas: int = Field(default=0, ge=0)
 
 
 class DeploymentConfig(BaseModel):
@@ -263,8 +265,14 @@ class Deployment:
         raise UnknownModelError(requested, ["auto", *self.tier_to_model, *self.cores])
 
     def tokenizer(self, model: str | None = None):
-        name = self.resolve(model) if model and model != "auto" else next(iter(self.cores))
-        return self.cores[name].tokenizer
+        return self.cores[self._named(model)].tokenizer
+
+    def vocab_size(self, model: str | None = None) -> int:
+        return self.cores[self._named(model)].vocab_size
+
+    def _named(self, model: str | None) -> str:
+        """`model` resolved; for none or `auto`, the first model (all share one tokenizer)."""
+        return self.resolve(model) if model and model != "auto" else next(iter(self.cores))
 
     def max_model_len(self, requested: str | None = None) -> int:
         """The context length a request for `requested` gets."""
@@ -281,13 +289,15 @@ class Deployment:
     # ----- the server's API ----------------------------------------------------------------------
     async def submit(
         self, request_id: str, prompts: list[Prompt], params: SamplingParams, requested: str = "auto",
-        hints: RoutingHints | None = None, sink: Sink | None = None,
+        hints: RoutingHints | None = None, sink: Sink | None = None, before_queue: Callable[[], None] | None = None,
     ) -> list[Submission]:
         """Route every prompt (their probes run concurrently), validate each once against the
         engine it was routed to, then queue them in order; nothing stays queued unless all are
         admitted (a QueueFullError on the third prompt takes back the first two). One prompt keeps
         `request_id`; several get `request_id-i`. Each queued request gets its own copy of
-        `params`. Raises InvalidRequestError, UnknownModelError, QueueFullError, EngineDeadError."""
+        `params`. `before_queue` runs once everything is routed and valid, before anything is
+        queued; what it raises is raised. Raises InvalidRequestError, UnknownModelError,
+        QueueFullError, EngineDeadError."""
         hints = hints or RoutingHints()
         if not prompts:
             raise InvalidRequestError("prompt is empty", param="prompt")
@@ -312,6 +322,8 @@ class Deployment:
                 raise InvalidRequestError(
                     f"n ({params.n}) is larger than {d.model}'s waiting queue ({core.config.max_waiting} sequences)",
                     param="n")
+        if before_queue is not None:
+            before_queue()
         subs: list[Submission] = []
         try:
             for i, (p, d) in enumerate(zip(prompts, decisions)):

@@ -13,7 +13,9 @@ from ..sampling_params import SamplingParams
 from . import protocol as P
 from .formatting import native_logprobs, sse
 from .openai_api import _ERRORS, chat_messages
-from .serving import Prompt, Run, Serving, collect_unless_disconnected, finished_outputs, param_names, routing_hints
+from ..orchestrator.types import Prompt
+from .run import Run, collect_unless_disconnected, finished_outputs
+from .serving import Serving, param_names, routing_hints
 from .streaming import EventStream, guarded
 
 
@@ -96,9 +98,7 @@ async def tokenize(body: P.TokenizeRequest, request: Request):
 async def detokenize(body: P.DetokenizeRequest, request: Request):
     serving = _serving(request)
     tok = serving.tokenizer(body.model)
-    dep = serving.require()
-    name = dep.resolve(body.model) if body.model and body.model != "auto" else next(iter(dep.cores))
-    vocab = dep.cores[name].vocab_size
+    vocab = serving.require().vocab_size(body.model)
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
     if bad is not None:
         raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")

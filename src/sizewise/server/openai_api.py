@@ -13,7 +13,9 @@ from ..errors import InvalidRequestError
 from ..sampling_params import SamplingParams
 from . import protocol as P
 from .formatting import CompletionLogprobs, TokenText, chat_logprobs, sse
-from .serving import Prompt, Run, Serving, collect_unless_disconnected, finished_outputs, param_names, routing_hints
+from ..orchestrator.types import Prompt
+from .run import Run, collect_unless_disconnected, finished_outputs
+from .serving import Serving, param_names, routing_hints
 from .streaming import EventStream, guarded
 
 _ERRORS = {
@@ -240,18 +242,19 @@ async def _chat_stream(run: Run, body: P.ChatCompletionRequest, params: Sampling
 def model_cards(serving: Serving) -> list[dict]:
     dep = serving.require()
     created = int(time.time())
+    infos = dep.describe()
     cards: dict[str, dict] = {}
-    for name, core in dep.cores.items():
-        cards[name] = {"id": name, "object": "model", "created": created, "owned_by": "sizewise",
-                       "root": str(core.model_dir), "max_model_len": core.max_model_len,
-                       "sizewise": {"kind": "model", "tier": dep.model_to_tier[name]}}
-    for tier, name in dep.tier_to_model.items():
-        cards.setdefault(tier, {"id": tier, "object": "model", "created": created, "owned_by": "sizewise",
-                                "root": name, "max_model_len": dep.cores[name].max_model_len,
-                                "sizewise": {"kind": "alias", "tier": tier, "model": name}})
+    for m in infos:
+        cards[m.name] = {"id": m.name, "object": "model", "created": created, "owned_by": "sizewise",
+                         "root": m.path, "max_model_len": m.max_model_len,
+                         "sizewise": {"kind": "model", "tier": m.tier}}
+    for m in infos:
+        cards.setdefault(m.tier, {"id": m.tier, "object": "model", "created": created, "owned_by": "sizewise",
+                                  "root": m.name, "max_model_len": m.max_model_len,
+                                  "sizewise": {"kind": "alias", "tier": m.tier, "model": m.name}})
     cards.setdefault("auto", {"id": "auto", "object": "model", "created": created, "owned_by": "sizewise",
-                              "root": "auto", "max_model_len": serving.max_model_len("auto"),
-                              "sizewise": {"kind": "router", "tiers": list(dep.tier_to_model)}})
+                              "root": "auto", "max_model_len": dep.max_model_len("auto"),
+                              "sizewise": {"kind": "router", "tiers": [m.tier for m in infos]}})
     return list(cards.values())
 
 

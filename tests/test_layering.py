@@ -18,7 +18,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "sizewise"
 LAYERS = ("server", "orchestrator", "engine", "models", "platform")  # top to bottom
-SHARED = ("errors", "outputs", "sampling_params", "chat", "metrics", "recorder")
+SHARED = ("errors", "outputs", "sampling_params", "chat", "text", "metrics", "recorder")
 # What the server may use of the layers below it.
 SERVER_MAY_IMPORT = ("orchestrator",)
 # The deployment's insides: server code reading these has gone around the orchestrator's API.

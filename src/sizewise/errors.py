@@ -4,6 +4,8 @@ the engine and the orchestrator raise them, the server maps each to one HTTP sta
 
 from __future__ import annotations
 
+from .text import clip
+
 
 class InvalidRequestError(ValueError):
     """A request parameter is out of range. `param` names it (OpenAI's error `param`)."""
@@ -25,5 +27,5 @@ class UnknownModelError(LookupError):
     """A request's `model` names no resident model, tier alias or `auto` (HTTP 404)."""
 
     def __init__(self, name: str, known: list[str]) -> None:
-        super().__init__(f"model {name!r} does not exist; available: {', '.join(known)}")
+        super().__init__(f"model {clip(repr(name))} does not exist; available: {', '.join(known)}")
         self.name = name

@@ -11,6 +11,11 @@ from __future__ import annotations
 from .metrics import Metrics
 
 _PROBE_TIME_KEYS = ("time_ms", "ms", "probe_ms")  # where a router's probe dict may report its time
+
+
+def probe_ms(probe: dict | None) -> float:
+    return next((probe[k] for k in _PROBE_TIME_KEYS if isinstance(probe.get(k), (int, float))), 0.0) if probe else 0.0
+
 FINISH_REASONS = ("stop", "length", "abort")
 # The statuses a model request ends with, pre-created so rate() sees the first of each.
 ERROR_STATUSES = ("400", "401", "404", "413", "429", "500", "503", "504")
@@ -45,11 +50,11 @@ class Recorder:
     def routed(self, decision) -> None:
         m = self.metrics
         m.route_decisions.labels(tier=decision.tier, reason=decision.reason).inc()
-        probe = decision.probe
-        if probe and probe.get("probe_model"):
-            ms = next((probe[k] for k in _PROBE_TIME_KEYS if isinstance(probe.get(k), (int, float))), None)
-            if ms is not None:
-                m.probe.observe(ms / 1000.0)
+        if decision.probe is not None and decision.reason != "pinned":  # what routing `auto` cost, model probe or not
+            m.probe.observe(probe_ms(decision.probe) / 1000.0)
+        lam = (decision.explain or {}).get("lambda_nats_per_gb")
+        if lam is not None:
+            m.route_lambda.set(lam)
 
     def tokens(self, decision, gap_s: float, count: int) -> None:
         """`count` tokens arrived `gap_s` after the previous ones: one inter-token observation per
@@ -70,15 +75,18 @@ class Recorder:
         m.prompt_tokens.labels(**labels).inc(prompt_tokens)
         m.generation_tokens.labels(**labels).inc(completion_tokens)
         t = times or {}
+        # The engine's clock starts when the routed request reaches it; the probe ran before that
+        # and is part of what the client waited for.
+        probe_s = probe_ms(decision.probe) / 1000.0
         arrival = t.get("arrival_time")
         if arrival is not None and t.get("first_scheduled_time") is not None:
             m.queue_time.labels(**labels).observe(max(0.0, t["first_scheduled_time"] - arrival))
         if arrival is not None and t.get("first_token_time") is not None:
-            m.ttft.labels(**labels).observe(max(0.0, t["first_token_time"] - arrival))
+            m.ttft.labels(**labels).observe(max(0.0, t["first_token_time"] - arrival) + probe_s)
         elif first_token_s is not None:
             m.ttft.labels(**labels).observe(first_token_s)
         if arrival is not None and t.get("finished_time") is not None:
-            m.e2e.labels(**labels).observe(max(0.0, t["finished_time"] - arrival))
+            m.e2e.labels(**labels).observe(max(0.0, t["finished_time"] - arrival) + probe_s)
         else:
             m.e2e.labels(**labels).observe(elapsed_s)
 

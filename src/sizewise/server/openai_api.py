@@ -246,7 +246,7 @@ def model_cards(serving: Serving) -> list[dict]:
     cards: dict[str, dict] = {}
     for m in infos:
         cards[m.name] = {"id": m.name, "object": "model", "created": created, "owned_by": "sizewise",
-                         "root": m.path, "max_model_len": m.max_model_len,
+                         "root": m.name, "max_model_len": m.max_model_len,
                          "sizewise": {"kind": "model", "tier": m.tier}}
     for m in infos:
         cards.setdefault(m.tier, {"id": m.tier, "object": "model", "created": created, "owned_by": "sizewise",

@@ -28,7 +28,7 @@ from .run import Job, Run
 
 log = logging.getLogger(__name__)
 
-# Texts longer than this are tokenized (and chat templates rendered) in a worker thread: a
+# Texts longer than this are tokenized in a worker thread: a
 # megabyte prompt takes ~100 ms to tokenize, and on the event loop that would stall every
 # stream in flight. Shorter ones stay on the loop, where a thread hop would cost more than it saves.
 OFFLOAD_CHARS = 16_384
@@ -37,6 +37,8 @@ OFFLOAD_CHARS = 16_384
 @dataclass(slots=True)
 class ServingOptions:
     request_timeout_s: float = 600.0
+    trust_request_chat_template: bool = False
+    chat_template_timeout_s: float = 5.0
     # Deltas one request may have waiting for its client (0: unbounded); a client that falls
     # further behind has its request aborted with a 503 (code slow_client).
     max_queued_deltas: int = 0
@@ -114,18 +116,16 @@ class Serving:
 
     async def render_chat_async(self, model: str | None, messages: list[dict], add_generation_prompt: bool = True,
                                 template_kwargs: dict | None = None) -> str:
-        """`render_chat`, off the event loop when the messages are long."""
-        size = sum(len(str(m.get("content") or "")) for m in messages)
-        if size <= OFFLOAD_CHARS:
-            return self.render_chat(model, messages, add_generation_prompt, template_kwargs)
-        return await asyncio.to_thread(self.render_chat, model, messages, add_generation_prompt, template_kwargs)
-
-    def render_chat(self, model: str | None, messages: list[dict], add_generation_prompt: bool = True,
-                    template_kwargs: dict | None = None) -> str:
+        """`render_chat` in a worker thread, bounded by `chat_template_timeout_s`: a template is a
+        program whose running time the text does not tell, and on the event loop it would stall
+        every stream and /health."""
         tok = self.tokenizer(model)
         if not getattr(tok, "chat_template", None):
             raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
-        return render_chat(tok, messages, add_generation_prompt, template_kwargs)
+        o = self.options
+        return await asyncio.to_thread(render_chat, tok, messages, add_generation_prompt, template_kwargs,
+                                       trust_template_kwarg=o.trust_request_chat_template,
+                                       timeout_s=o.chat_template_timeout_s)
 
     def max_model_len(self, model: str | None) -> int:
         return self.require().max_model_len(model)

@@ -26,8 +26,12 @@ class Decision:
     explain: dict | None = None  # the objective: lambda, per-tier predicted loss / latency / cost
 
 
-    def to_json(self) -> dict:
+    def to_json(self, brief: bool = False) -> dict:
+        """`brief`: where it went and why, without the probe and the objective (a stream's chunks
+        repeat it; the whole object goes out once)."""
         d = {"model": self.model, "tier": self.tier, "strategy": self.strategy, "reason": self.reason}
+        if brief:
+            return d
         if self.explain is not None:
             d["explain"] = self.explain
         if self.probe is not None:

@@ -330,6 +330,9 @@ def create_app(
     async def metrics_endpoint() -> Response:
         return Response(serving.scrape(), media_type=CONTENT_TYPE_LATEST)
 
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": __version__})
+
     ops = dict(route_class_override=_OpsRoute, tags=["operations"])
     app.router.add_api_route("/health", health, methods=["GET"], summary="Liveness", **ops)
     app.router.add_api_route("/ready", ready, methods=["GET"], summary="Readiness (503 until models are loaded)",
@@ -337,6 +340,8 @@ def create_app(
     app.router.add_api_route("/metrics", metrics_endpoint, methods=["GET"], summary="Prometheus metrics",
                              dependencies=[Depends(metrics_key)], response_class=Response,
                              responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}}, **ops)
+    app.router.add_api_route("/version", version, methods=["GET"], summary="The server's version (vLLM's shape)",
+                             **ops)
     return app
 
 

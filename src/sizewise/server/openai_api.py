@@ -124,6 +124,10 @@ async def _completion_stream(serving: Serving, run: Run, body: P.CompletionReque
     base = _chunk_base(rid, "text_completion", created, run)
     lps: dict[int, CompletionLogprobs] = {}
     started: set[int] = set()
+    # The routing decision goes out whole (probe, objective) in each prompt's first chunk and in
+    # the usage chunk; the chunks between say where it went and why.
+    sizewise = {job.index: job.decision.to_json() for job in run.jobs}
+    brief = {job.index: job.decision.to_json(brief=True) for job in run.jobs}
     async for job, delta in run.events():
         for o in delta.outputs:
             idx = job.index * params.n + o.index
@@ -142,7 +146,7 @@ async def _completion_stream(serving: Serving, run: Run, body: P.CompletionReque
                 continue  # text held back (stop-string window, incomplete UTF-8): nothing to say yet
             chunk = {**base, "choices": [{"index": idx, "text": out_text, "logprobs": lp,
                                           "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}],
-                     "sizewise": job.decision.to_json()}
+                     "sizewise": sizewise.pop(job.index, None) or brief[job.index]}
             if include_usage:
                 chunk["usage"] = None
             yield sse(chunk)
@@ -216,10 +220,14 @@ async def _chat_stream(run: Run, body: P.ChatCompletionRequest, params: Sampling
                        tt: TokenText, top_n: int) -> AsyncIterator[str]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     base = _chunk_base(rid, "chat.completion.chunk", created, run)
-    job0 = run.jobs[0]
+    # The routing decision goes out whole (probe, objective) in the first chunk and in the usage
+    # chunk; the chunks between say where it went and why.
+    decision = run.jobs[0].decision
+    whole: list[dict] = [decision.to_json()]
+    brief = decision.to_json(brief=True)
 
     def chunk(choice: dict) -> str:
-        c = {**base, "choices": [choice], "sizewise": job0.decision.to_json()}
+        c = {**base, "choices": [choice], "sizewise": whole.pop() if whole else brief}
         if include_usage:
             c["usage"] = None
         return sse(c)

@@ -232,6 +232,44 @@ def test_request_timeout_holds_for_a_stream_nobody_reads(deployment):
     _wait_idle(deployment)
 
 
+def test_a_client_that_falls_behind_the_queue_bound_is_aborted(deployment):
+    """server.max_queued_deltas bounds what one request may have waiting for its client: a client
+    that stops reading has its request aborted once that many deltas wait (KV blocks freed long
+    before the deadline), and when it reads at last it gets the deltas before, then a 503 event
+    (slow_client) and [DONE]. Others are served meanwhile."""
+    _wait_idle(deployment)
+    bound = 64
+    app = create_app(deployment, ServerSection(max_queued_deltas=bound))  # the deadline stays 600 s
+    body = {"model": "small", "prompt": [PROMPT] * 8, "n": 16, "max_tokens": MAX_LEN - 32, "ignore_eos": True,
+            "logprobs": 5, "temperature": 1.0, "stream": True}
+    full = 8 * 16 * (MAX_LEN - 32)
+    before = deployment.engine.stats()["tiny"].generation_tokens_total
+    with ServerThread(app) as url:
+        s = _raw_post(url, "/v1/completions", body)
+        try:
+            deadline = time.monotonic() + 30
+            while deployment.engine.stats()["tiny"].generation_tokens_total == before:  # it started
+                assert time.monotonic() < deadline, "the request never started"
+                time.sleep(0.02)
+            _wait_idle(deployment)  # aborted: without the bound it would run every token to the end
+            assert deployment.engine.stats()["tiny"].generation_tokens_total - before < full
+            with httpx.Client(base_url=url, timeout=30) as h:
+                r = h.post("/v1/completions", json={"model": "small", "prompt": PROMPT, "max_tokens": 4})
+                assert r.status_code == 200
+            s.settimeout(10)
+            data = b""
+            while not data.endswith(b"0\r\n\r\n"):
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    break
+                data += chunk
+            assert b'"code":"slow_client"' in data and b"data: [DONE]" in data, data[-500:]
+            assert data.count(b'"text_completion"') > bound  # what came before the bound was sent
+        finally:
+            s.close()
+    _wait_idle(deployment)
+
+
 def test_requests_after_the_engine_stopped_get_503_not_a_hang(checkpoints, one_thread):
     """An app serving a deployment whose engine was shut down (its owner stopped it first, or the
     worker thread ended): /health and /ready say so, and a request is refused at once with 503

@@ -428,6 +428,10 @@ def test_ready_is_503_until_the_models_are_loaded(checkpoints, one_thread):
             time.sleep(0.05)
         r = h.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3})
         assert r.status_code == 200 and r.json()["model"] == "tiny-small"
+        # The error metric counts the completion's 503, not /ready's: readiness polls are no model errors.
+        errors = {dict(s.labels)["status"]: s.value for f in text_string_to_metric_families(h.get("/metrics").text)
+                  if f.name == "sizewise_request_errors" for s in f.samples if s.name.endswith("_total")}
+        assert {k: v for k, v in errors.items() if v} == {"503": 1.0}
     # the app loaded the deployment, so the app shut it down with the server
     assert not app.state.sizewise.serving.deployment.engine.alive
 

@@ -9,18 +9,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from ..errors import InvalidRequestError
+from ..orchestrator.types import Prompt
 from ..sampling_params import SamplingParams
 from . import protocol as P
 from .formatting import native_logprobs, sse
 from .openai_api import _ERRORS, chat_messages
-from ..orchestrator.types import Prompt
 from .run import Run, collect_unless_disconnected, finished_outputs
-from .serving import Serving, param_names, routing_hints
+from .serving import param_names, routing_hints, serving_of
 from .streaming import EventStream, guarded
-
-
-def _serving(request: Request) -> Serving:
-    return request.app.state.sizewise.serving
 
 
 def _output_json(o, with_logprobs: bool) -> dict:
@@ -33,7 +29,7 @@ def _output_json(o, with_logprobs: bool) -> dict:
 
 
 async def generate(body: P.GenerateRequest, request: Request):
-    serving = _serving(request)
+    serving = serving_of(request)
     deadline = asyncio.get_running_loop().time() + serving.options.request_timeout_s
     if (body.prompt is None) == (body.input_ids is None):
         raise InvalidRequestError("give exactly one of prompt (text) and input_ids (token ids)", param="prompt")
@@ -83,7 +79,7 @@ async def _generate_stream(run: Run, rid: str, with_lp: bool) -> AsyncIterator[s
 
 
 async def tokenize(body: P.TokenizeRequest, request: Request):
-    serving = _serving(request)
+    serving = serving_of(request)
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequestError("give exactly one of prompt and messages", param="prompt")
     tok = serving.tokenizer(body.model)
@@ -98,7 +94,7 @@ async def tokenize(body: P.TokenizeRequest, request: Request):
 
 
 async def detokenize(body: P.DetokenizeRequest, request: Request):
-    serving = _serving(request)
+    serving = serving_of(request)
     tok = serving.tokenizer(body.model)
     vocab = serving.require().vocab_size(body.model)
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
@@ -140,7 +136,7 @@ def tokenizer_config(tok) -> dict:
 
 
 async def tokenizer_info(request: Request, model: str | None = None):
-    return tokenizer_config(_serving(request).tokenizer(model))
+    return tokenizer_config(serving_of(request).tokenizer(model))
 
 
 def build_router(route_class, auth) -> APIRouter:

@@ -10,12 +10,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from ..errors import InvalidRequestError
+from ..orchestrator.types import Prompt
 from ..sampling_params import SamplingParams
 from . import protocol as P
 from .formatting import CompletionLogprobs, TokenText, chat_logprobs, sse
-from ..orchestrator.types import Prompt
 from .run import Run, collect_unless_disconnected, finished_outputs
-from .serving import Serving, param_names, routing_hints
+from .serving import Serving, param_names, routing_hints, serving_of
 from .streaming import EventStream, guarded
 
 _ERRORS = {
@@ -30,10 +30,6 @@ _ERRORS = {
 _OPENAI_SAMPLING = ("temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                     "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens",
                     "include_stop_str_in_output")
-
-
-def _serving(request: Request) -> Serving:
-    return request.app.state.sizewise.serving
 
 
 def _deadline(serving: Serving) -> float:
@@ -86,7 +82,7 @@ def _echo_text(serving: Serving, run: Run, prompt: Prompt) -> str:
 
 
 async def create_completion(body: P.CompletionRequest, request: Request):
-    serving = _serving(request)
+    serving = serving_of(request)
     deadline = _deadline(serving)
     model = body.model or "auto"
     params, drop = _completion_params(body)
@@ -186,7 +182,7 @@ def _chat_params(body: P.ChatCompletionRequest) -> SamplingParams:
 
 
 async def create_chat_completion(body: P.ChatCompletionRequest, request: Request):
-    serving = _serving(request)
+    serving = serving_of(request)
     deadline = _deadline(serving)
     model = body.model or "auto"
     params = _chat_params(body)
@@ -280,10 +276,10 @@ def build_router(route_class, auth) -> APIRouter:
                    **_ERRORS})
 
     async def list_models(request: Request):
-        return {"object": "list", "data": model_cards(_serving(request))}
+        return {"object": "list", "data": model_cards(serving_of(request))}
 
     async def get_model(model_id: str, request: Request):
-        serving = _serving(request)
+        serving = serving_of(request)
         cards = {c["id"]: c for c in model_cards(serving)}
         if model_id not in cards:
             serving.require().resolve(model_id)  # raises UnknownModelError (404)

@@ -167,6 +167,11 @@ class Serving:
         return self.metrics.render()
 
 
+def serving_of(request) -> Serving:
+    """The Serving of the app a route's request came to."""
+    return request.app.state.sizewise.serving
+
+
 @contextmanager
 def param_names(rename: Callable[[str], str]):
     """Report an InvalidRequestError under the name the client used (e.g. `params.top_p`)."""

@@ -44,6 +44,23 @@ class AttentionMetadata:
         return self.num_decodes * self.decode_q
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose matmul the platform runs, on a weight the platform may have repacked at
+    load (`Decoder.pack_weights`): CPU reads a oneDNN layout."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, platform: Platform) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.platform = platform
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.platform.linear(x, self.weight, self.bias)
+
+    def pack(self) -> None:
+        packed = self.platform.pack_linear(self.weight.data)
+        if packed is not self.weight.data:
+            self.weight = nn.Parameter(packed, requires_grad=False)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, platform: Platform) -> None:
         super().__init__()
@@ -89,8 +106,8 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias, platform)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, cfg.o_bias, platform)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, platform) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, platform) if cfg.qk_norm else None
         self.platform = platform
@@ -130,11 +147,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, platform: Platform) -> None:
         super().__init__()
         self.intermediate = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias, platform)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, platform)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
@@ -147,7 +164,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, platform)
         self.self_attn = Attention(cfg, platform)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, platform)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, platform)
 
     def forward(self, x, rope, meta):
         x = x + self.self_attn(self.input_layernorm(x), rope, meta)
@@ -158,11 +175,19 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, platform: Platform, max_position: int) -> None:
         super().__init__()
         self.cfg = cfg
+        self.platform = platform
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, platform) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, platform)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, False, platform)
         self.rotary = Rotary(cfg, max_position)
+
+    def pack_weights(self) -> None:
+        """Once loaded: every linear weight into the platform's layout. A tied head stays as the
+        embedding (the lookup needs the plain layout; a packed copy would double the largest matrix)."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.pack()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden: [T, hidden]
@@ -179,8 +204,8 @@ class Decoder(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden] -> logits: [N, V] float32
-        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, w).float()
+        logits = F.linear(hidden, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(hidden)
+        return logits.float()
 
     def forward_paged(
         self,

@@ -191,6 +191,18 @@ class Platform:
             outs.append(o[0].transpose(0, 1))
         return torch.cat(outs, 0)
 
+    # ----- matmuls ---------------------------------------------------------------
+    def pack_linear(self, weight: torch.Tensor) -> torch.Tensor:
+        """The form of a linear layer's weight [out, in] that `linear` reads (here: itself).
+
+        Called once at load; a platform may return a kernel-specific layout that replaces the weight.
+        """
+        return weight
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # x: [..., in], weight: pack_linear's result for [out, in] -> [..., out]
+        return torch.nn.functional.linear(x, weight, bias)
+
     # ----- fused elementwise ops (overridable) --------------------------------
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # Normalise in float32 (as the HF reference does), scale in the model dtype.

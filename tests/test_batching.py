@@ -81,3 +81,26 @@ def test_abort_frees_every_block(llama_dir):
     assert not core.has_unfinished_requests()
     # The engine keeps serving after aborts.
     assert llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4))[0].outputs[0].token_ids
+
+
+def test_step_bytes_count_the_kv_each_step_read(llama_dir):
+    # A step streams the weights once plus the K/V of every context position it attends to:
+    # a prefill its whole prompt, a decode the prompt plus the outputs before the one it samples.
+    import json
+
+    from sizewise.engine.config import EngineConfig
+    from sizewise.engine.core import EngineCore
+
+    hf = json.loads((llama_dir / "config.json").read_text())
+    head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+    kv_per_token = 2 * hf["num_hidden_layers"] * hf["num_key_value_heads"] * head_dim * 4  # K and V, float32
+    core = EngineCore(llama_dir, EngineConfig(device="cpu", dtype="float32", kv_cache_bytes=1 << 20,
+                                              num_speculative_tokens=0))
+    core.add_request("short", [7] * 10, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    core.add_request("long", [9] * 17, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    read = []
+    while core.has_unfinished_requests():
+        core.step()
+        read.append((core.stats().last_step_bytes - core.step_weight_bytes) / kv_per_token)
+    # both prompts (the short one finishes on its first token), then "long"'s two decodes
+    assert read == [10 + 17, 17 + 1, 17 + 2]

@@ -107,40 +107,6 @@ def test_speculative_settings_come_from_the_deployment_yaml(tmp_path, checkpoint
         )
 
 
-def test_priority_core_with_queued_requests_steps_next(checkpoints):
-    """The probe engine's queued work runs after the current step, not after the whole turn."""
-    import time
-
-    cfg = EngineConfig(device="cpu", kv_cache_bytes=1 << 20)
-    cores = {name: EngineCore(checkpoints["llama"], cfg, name=name) for name in ("a", "c", "b")}
-    long = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
-    order: list[str] = []
-    injected: list[int] = []
-
-    def listener(name, core, outs, dt):
-        order.append(name)
-        # Worker thread, between steps: queue work on idle `b` right after a step of `a`.
-        if name == "a" and not injected and order.count("a") == 3:
-            cores["b"].add_request("probe", PROMPT, SamplingParams(temperature=0, max_tokens=2))
-            injected.append(len(order))
-
-    engine = AsyncEngine(cores)
-    engine.priority_core = "b"
-    engine.step_listeners.append(listener)
-    try:
-        for name in ("a", "c"):
-            cores[name].add_request(f"{name}-long", PROMPT, long)
-        engine._wake.set()
-        deadline = time.time() + 30
-        while (cores["a"].has_unfinished_requests() or cores["c"].has_unfinished_requests()) and time.time() < deadline:
-            time.sleep(0.01)
-    finally:
-        engine.shutdown()
-    assert injected, order
-    # Round-robin alone would step `c` next (b was idle when the turn began); priority steps `b`.
-    assert order[injected[0]] == "b", order[injected[0] - 2: injected[0] + 3]
-
-
 def test_step_weight_bytes_leave_out_an_untied_input_embedding(checkpoints):
     """A decode step gathers B rows of an untied input embedding and streams every other weight
     (a tied embedding is read whole as the LM head): the roofline and telemetry count that."""

@@ -253,7 +253,8 @@ def traffic(server, prometheus, deployment):
         for d in decisions:
             seen["decisions"][(d["tier"], d["reason"])] += 1
             seen["jobs"][d["tier"]] += 1
-            seen["probed"] += bool((d.get("probe") or {}).get("probe_model"))  # a model probe, not a pinned scan
+            # every `auto` request's probe (its model prefill or only its features), not a pinned scan
+            seen["probed"] += bool(d.get("probe")) and d.get("reason") != "pinned"
         tier = decisions[0]["tier"]
         assert all(d["tier"] == tier for d in decisions), "one tier per response keeps usage attributable"
         seen["usage"][("prompt", tier)] += usage.prompt_tokens

@@ -39,6 +39,9 @@ class Metrics:
         self.prompt_tokens = Counter("sizewise_prompt_tokens", "Prompt tokens processed.", mt, registry=r)
         self.generation_tokens = Counter("sizewise_generation_tokens", "Tokens generated.", mt, registry=r)
         self.route_decisions = Counter("sizewise_route_decisions", "Routing decisions.", ["tier", "reason"], registry=r)
+        # The load price of the last `auto` decision (policy.py: 0 while the device has headroom).
+        self.route_lambda = Gauge("sizewise_route_bandwidth_price", "Price of device bandwidth in the routing "
+                                  "objective (nats of predicted quality loss per GB streamed).", [], registry=r)
         self.spec_draft = Counter("sizewise_spec_decode_draft_tokens", "Speculative tokens proposed.", mt + ["strategy"], registry=r)
         self.spec_accepted = Counter("sizewise_spec_decode_accepted_tokens", "Speculative tokens accepted.", mt + ["strategy"], registry=r)
         self.preemptions = Counter("sizewise_num_preemptions", "Sequences preempted.", mt, registry=r)

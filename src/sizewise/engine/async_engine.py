@@ -1,7 +1,7 @@
 """Async front of one or more EngineCores, for the server.
 
-One worker thread owns every core it drives and steps them round-robin, one batched step per
-core per turn. Why one thread for all co-resident models: their steps would contend for the
+One worker thread owns every core it drives and steps them one at a time, one batched step each:
+round robin (one step per busy core per turn) or fair (equal device-time shares; `discipline`). Why one thread for all co-resident models: their steps would contend for the
 same memory bandwidth anyway, sequential steps keep each step's time attributable to one model
 (the telemetry reads achieved bandwidth from it), and it never oversubscribes the host cores.
 Requests and aborts reach the worker through a queue; outputs come back to the caller's event
@@ -87,6 +87,34 @@ class _Route:
     stream: RequestStream
 
 
+class FairShare:
+    """Start-time fair queueing over device time: the busy core that has used the least device time
+    steps next, so every busy core gets an equal share of the device and a cheap model's requests
+    advance as often as its own steps allow, not at the pace of the dearest model's steps. A core
+    that wakes starts at the least of those already busy: an idle spell banks no credit."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.used = dict.fromkeys(names, 0.0)  # device seconds per core
+        self._busy: set[str] = set()
+
+    def idle(self) -> None:
+        self._busy.clear()
+
+    def wake(self, busy: list[str]) -> None:
+        if self._busy:
+            floor = min(self.used[m] for m in self._busy)
+            for n in busy:
+                if n not in self._busy:
+                    self.used[n] = max(self.used[n], floor)
+        self._busy = set(busy)
+
+    def pick(self, busy: list[str]) -> str:
+        return min(busy, key=lambda n: self.used[n])
+
+    def charge(self, name: str, seconds: float) -> None:
+        self.used[name] += seconds
+
+
 class AsyncEngine:
     def __init__(self, cores: dict[str, EngineCore] | EngineCore) -> None:
         if isinstance(cores, EngineCore):
@@ -102,6 +130,9 @@ class AsyncEngine:
         self._closing = threading.Lock()
         self._closed = False
         self.priority_core: str | None = None  # stepped early when it has queued requests (the probe engine)
+        # How busy cores share the device: "round_robin" (one step each per turn) or "fair" (equal
+        # device-time shares). The orchestrator sets it from its policy, whose latency model predicts it.
+        self.discipline = "round_robin"
         self.step_listeners: list = []  # callables(core_name, core, outputs, seconds): telemetry hooks
         self._thread = threading.Thread(target=self._run, name="sizewise-engine", daemon=True)
         self._thread.start()
@@ -204,13 +235,22 @@ class AsyncEngine:
     def _run(self) -> None:
         names = list(self.cores)
         turn = 0
+        share = FairShare(names)
         try:
             while not self._stop:
                 self._drain_inbox()
                 busy = [n for n in names if self.cores[n].has_unfinished_requests()]
                 if not busy:
+                    share.idle()
                     self._wake.wait(0.05)
                     self._wake.clear()
+                    continue
+                if self.discipline == "fair":
+                    share.wake(busy)
+                    self._step_priority(None, share)
+                    name = share.pick(busy)
+                    self._drain_inbox()
+                    share.charge(name, self._step_core(name))
                     continue
                 # Round-robin: each busy core gets one step per turn. A `priority_core` with
                 # newly queued requests (the orchestrator's probe engine) also gets a step after
@@ -218,10 +258,7 @@ class AsyncEngine:
                 for name in busy[turn % len(busy):] + busy[: turn % len(busy)]:
                     self._drain_inbox()
                     self._step_core(name)
-                    prio = self.priority_core
-                    if prio is not None and prio != name and self.cores[prio].scheduler.waiting:
-                        self._drain_inbox()
-                        self._step_core(prio)
+                    self._step_priority(name, share)
                 turn += 1
         except BaseException as e:  # noqa: BLE001
             self._dead = e
@@ -230,6 +267,13 @@ class AsyncEngine:
         finally:
             self._fail_pending(EngineDeadError(f"engine worker died: {self._dead!r}" if self._dead is not None
                                                else "the engine was shut down"))
+
+    def _step_priority(self, just_stepped: str | None, share: "FairShare") -> None:
+        """Step the priority core now if requests wait on it (its probes are in the very next step)."""
+        self._drain_inbox()  # first: a probe that arrived during the last step counts
+        prio = self.priority_core
+        if prio is not None and prio != just_stepped and self.cores[prio].scheduler.waiting:
+            share.charge(prio, self._step_core(prio))
 
     def _fail_pending(self, exc: EngineDeadError) -> None:
         """The worker is leaving (shut down or dead): no stream it owns may wait for ever. Requests
@@ -246,7 +290,8 @@ class AsyncEngine:
             self._deliver(route, exc)
         self._routes.clear()
 
-    def _step_core(self, name: str) -> None:
+    def _step_core(self, name: str) -> float:
+        """One step of `name`; returns its wall seconds."""
         core = self.cores[name]
         t0 = time.perf_counter()
         try:
@@ -254,7 +299,7 @@ class AsyncEngine:
         except Exception as e:  # noqa: BLE001 - fail this core's requests, keep serving
             log.exception("step of %s failed; failing its in-flight requests", name)
             self._fail_core(name, e)
-            return
+            return time.perf_counter() - t0
         dt = time.perf_counter() - t0
         for out in outs:
             route = self._routes.get(out.request_id)
@@ -268,6 +313,7 @@ class AsyncEngine:
                 listener(name, core, outs, dt)
             except Exception:  # noqa: BLE001 - telemetry must never stop serving
                 log.exception("step listener failed")
+        return dt
 
     def _fail_core(self, name: str, exc: Exception) -> None:
         core = self.cores[name]

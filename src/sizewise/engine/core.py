@@ -44,6 +44,7 @@ class EngineStats:
     last_step_seconds: float
     last_step_num_tokens: int
     last_step_bytes: int  # weights + KV read by the last step
+    last_step_prefill_tokens: int  # of last_step_num_tokens, prompt tokens prefilled (the rest: decode rows)
     prompt_tokens_total: int
     generation_tokens_total: int
     # speculative decoding, per proposer ("pld", "draft"); see engine/speculative.py
@@ -140,7 +141,7 @@ class EngineCore:
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._step_count = 0
-        self._last_step = (0.0, 0, 0)
+        self._last_step = (0.0, 0, 0, 0)
         self._prompt_tokens = 0
         self._gen_tokens = 0
         self.weight_bytes = self.runner.weight_bytes()
@@ -272,21 +273,23 @@ class EngineCore:
         verify = self.spec.prepare(sched) if self.spec is not None else None
         result = self.runner.execute(sched) if not sched.is_empty else None
         spec_results = self.spec.verify(verify) if verify is not None else []
+        # Read before _postprocess appends the sampled tokens and frees finished sequences.
+        kv_tokens = sum(s.num_tokens for s in sched.decodes) + sum(
+            s.num_cached_tokens + n for s, n in zip(sched.prefills, sched.prefill_chunks)
+        )
         out = self._postprocess(sched, result, spec_results)
-        self._record_step(sched, time.perf_counter() - t0)
+        self._record_step(sched, kv_tokens, time.perf_counter() - t0)
         return out
 
-    def _record_step(self, sched: SchedulerOutput, seconds: float) -> None:
-        kv_tokens = sum(s.num_tokens for s in sched.decodes) + sum(
-            s.num_cached_tokens for s in sched.prefills
-        )
+    def _record_step(self, sched: SchedulerOutput, kv_tokens: int, seconds: float) -> None:
+        """kv_tokens: the context positions the step's plain forward attended to."""
         num_tokens = sched.num_tokens
         if self.spec is not None:
             kv_tokens += self.spec.last_kv_tokens
             num_tokens += self.spec.last_num_tokens
         kv_bytes = kv_tokens * self.model_config.kv_bytes_per_token(self.dtype)
         self._step_count += 1
-        self._last_step = (seconds, num_tokens, self.step_weight_bytes + kv_bytes)
+        self._last_step = (seconds, num_tokens, self.step_weight_bytes + kv_bytes, sum(sched.prefill_chunks))
 
     def _postprocess(
         self, sched: SchedulerOutput, result: StepResult | None, spec_results: list[VerifyResult] = (),
@@ -346,15 +349,16 @@ class EngineCore:
 
     def _check_finish(self, seq: Sequence, token: int) -> None:
         p = seq.params
+        stop_ids = seq.request.stop_ids
         stop_str = self.detokenizer.update(seq, 1)
         reason, stop_reason = None, None
         if stop_str is not None:
             reason, stop_reason = "stop", stop_str
         elif seq.num_output_tokens >= p.min_tokens and (
-            (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids
+            (not p.ignore_eos and token in self.eos_token_ids) or token in stop_ids
         ):
             reason = "stop"
-            stop_reason = token if token in p.stop_token_ids else None
+            stop_reason = token if token in stop_ids else None
         elif p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
             reason = "length"
         elif seq.num_tokens >= self.max_model_len:
@@ -417,7 +421,7 @@ class EngineCore:
 
     # ----- stats ---------------------------------------------------------------------------
     def stats(self) -> EngineStats:
-        secs, ntok, nbytes = self._last_step
+        secs, ntok, nbytes, prefill = self._last_step
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -429,6 +433,7 @@ class EngineCore:
             last_step_seconds=secs,
             last_step_num_tokens=ntok,
             last_step_bytes=nbytes,
+            last_step_prefill_tokens=prefill,
             prompt_tokens_total=self._prompt_tokens,
             generation_tokens_total=self._gen_tokens,
             **self._spec_stats(),

@@ -210,7 +210,10 @@ class ModelRunner:
             key = race_key(seq.rng_stream, seq.num_output_tokens + len(extra))
         block = None
         if seq.num_output_tokens + len(extra) < p.min_tokens:
-            block = list(set(self.eos_token_ids) | set(p.stop_token_ids)) or None
+            req = seq.request
+            if req.min_tokens_block is None:
+                req.min_tokens_block = sorted(set(self.eos_token_ids) | req.stop_ids)
+            block = req.min_tokens_block or None
         return SamplingRow(
             params=p,
             race_key=key,

@@ -77,18 +77,22 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
 
 
 def top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    # logits: [N, V]; top_k: [N] long (V = off); top_p, min_p: [N] float
-    sorted_logits, idx = logits.sort(dim=-1, descending=True)
+    # logits: [N, V]; top_k: [N] long (>= V: off); top_p: [N] float (1: off); min_p: [N] float (0: off)
+    # transformers' warper order: each filter sees the distribution the previous one renormalised.
     V = logits.shape[-1]
-    ranks = torch.arange(V, device=logits.device)[None, :]
-    remove = ranks >= top_k[:, None]
+    sorted_logits, idx = logits.sort(dim=-1, descending=True)
+    # Top-k by value: ties with the k-th logit stay (as in transformers and vLLM).
+    kth = sorted_logits.gather(1, (top_k.clamp(1, V) - 1)[:, None])
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    # Top-p drops a token when the mass at or below it is <= 1 - top_p: the token crossing
+    # top_p stays. Summed from the least likely up, as transformers sums.
     probs = sorted_logits.softmax(-1)
-    # Keep the smallest prefix whose mass reaches top_p (the token crossing it stays).
-    cum = probs.cumsum(-1) - probs
-    remove |= cum >= top_p[:, None]
-    remove |= probs < (min_p[:, None] * probs[:, :1])
+    below = probs.flip(-1).cumsum(-1).flip(-1)
+    remove = (below <= 1 - top_p[:, None]) & (top_p < 1)[:, None]
     remove[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    probs = sorted_logits.softmax(-1)
+    sorted_logits = sorted_logits.masked_fill(probs < min_p[:, None] * probs[:, :1], float("-inf"))
     return torch.empty_like(logits).scatter_(-1, idx, sorted_logits)
 
 

@@ -21,6 +21,7 @@ from ..engine.config import EngineConfig
 from ..engine.core import EngineCore
 from ..platform import get_platform
 from ..sampling_params import SamplingParams
+from ..text import clip
 from .config import PolicyConfig
 from .planner import MemoryPlan, plan_memory
 from .router import AdaptiveRouter
@@ -64,6 +65,10 @@ class ServerSection(BaseModel):
     api_keys: list[str] = Field(default_factory=list)
     metrics_require_auth: bool = False
     request_timeout_s: float = Field(default=600.0, gt=0)
+    # A chat template inside a request's chat_template_kwargs is code the server would run: refused
+    # unless the operator trusts every client (as vLLM after CVE-2025-61620).
+    trust_request_chat_template: bool = False
+    chat_template_timeout_s: float = Field(default=5.0, gt=0)  # a template rendering longer is a 400
 
 
 class DeploymentConfig(BaseModel):
@@ -103,6 +108,26 @@ class DeploymentConfig(BaseModel):
                              f"resident: {', '.join([*by_tier, *seen])}")
         return self
 
+    def policy_warnings(self) -> list[str]:
+        """Policy settings that name tiers this deployment does not use (kept, but they do nothing)."""
+        q = self.policy.quality
+        if q is None:
+            return []
+        tiers = [t for t in TIERS if t in {m.tier for m in self.models}]
+        out = []
+        for t in q.tiers:
+            if t not in tiers:
+                out.append(f"policy.quality.tiers.{t}: this deployment has no {t} tier (resident: "
+                           f"{', '.join(tiers)}); the fit is ignored")
+            elif t == tiers[-1]:
+                out.append(f"policy.quality.tiers.{t}: {t} is this deployment's top tier, whose loss is 0 by "
+                           f"definition; the fit is ignored")
+        missing = [t for t in tiers[:-1] if t not in q.tiers]
+        if missing:
+            out.append(f"policy.quality has no fit for {', '.join(missing)}: a fixed prior gap stands in; run "
+                       f"`sizewise calibrate` for this deployment")
+        return out
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> "DeploymentConfig":
         path = Path(path)
@@ -137,7 +162,7 @@ class Router(Protocol):
 
 class UnknownModelError(LookupError):
     def __init__(self, name: str, known: list[str]) -> None:
-        super().__init__(f"model {name!r} does not exist; available: {', '.join(known)}")
+        super().__init__(f"model {clip(repr(name))} does not exist; available: {', '.join(known)}")
         self.name = name
 
 
@@ -202,6 +227,8 @@ class Deployment:
         plan: MemoryPlan | None = None,
     ) -> None:
         _check_one_tokenizer(cores)
+        for w in config.policy_warnings():
+            log.warning("%s", w)
         self.config = config
         self.cores = cores
         self.plan = plan

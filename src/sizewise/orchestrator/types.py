@@ -23,9 +23,13 @@ class Decision:
     reason: str  # e.g. "pinned", "probe:easy", "kv_pressure:down"
     probe: dict | None = None  # probe scores and time, when a probe ran
     extra: dict = field(default_factory=dict)
+    explain: dict | None = None  # the objective: lambda, per-tier predicted loss / latency / cost
+
 
     def to_json(self) -> dict:
         d = {"model": self.model, "tier": self.tier, "strategy": self.strategy, "reason": self.reason}
+        if self.explain is not None:
+            d["explain"] = self.explain
         if self.probe is not None:
             d["probe"] = self.probe
         return d

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import os
 import threading
@@ -31,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..metrics import Metrics
 from ..orchestrator.deployment import Deployment, ServerSection
+from ..text import clip
 from . import native_api, openai_api
 from . import protocol as P
 from .errors import ApiError, to_api_error
@@ -77,27 +79,29 @@ def _validation_error(exc: RequestValidationError, path: str = "") -> ApiError:
     errors = exc.errors()
     if not errors:
         return ApiError(400, "invalid request")
-    e = errors[0]
+    # A union (`str | list[str]`) reports one error per member: of the first field's errors, the
+    # one that is not "wrong type" says what is wrong with the value (a list over its length).
+    first = [x for x in errors if x.get("loc", ())[:2] == errors[0].get("loc", ())[:2]]
+    e = next((x for x in first if not str(x.get("type", "")).endswith("_type")), errors[0])
     # Keep field names and list indices; drop the location kind and pydantic's union-member tags.
     loc = [str(x) for x in e.get("loc", ())[1:] if isinstance(x, int) or x in _FIELDS]
     param = ".".join(loc) or None
     if e.get("type") == "json_invalid":
         return ApiError(400, f"request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}")
     if e.get("type") == "extra_forbidden":  # the unknown name is no field: keep the whole path
-        name = ".".join(str(x) for x in e.get("loc", ())[1:])
+        name = clip(".".join(str(x) for x in e.get("loc", ())[1:]))
         hint = ""
         if path == "/generate" and name in _GENERATE_PARAMS:  # OpenAI habit: sampling fields at the top
             hint = f' (/generate takes sampling parameters inside "params": {{"params": {{"{name}": ...}}}})'
         return ApiError(400, f"unrecognized request argument supplied: {name}{hint}", param=name)
     if param is None and isinstance(e.get("input"), bytes):  # a body sent with another Content-Type
         return ApiError(400, "the request body was not read as JSON: send it with the header "
-                             "'Content-Type: application/json' (or with none)")
+                             "'Content-Type: application/json'")
     if param is None and e.get("type") in ("missing", "model_attributes_type", "dict_type"):
         return ApiError(400, "the request body must be a JSON object")
     if e.get("type") == "missing":
         return ApiError(400, f"{param} is required", param=param)
-    got = repr(e.get("input"))
-    got = got if len(got) <= 80 else got[:77] + "..."
+    got = clip(repr(e.get("input")))
     return ApiError(400, f"{param}: {e.get('msg')} (got {got})" if param else str(e.get("msg")), param=param)
 
 
@@ -139,11 +143,12 @@ class _Edge:
     oversized body refused from its Content-Length before anything reads it (413, OpenAI format)."""
 
     def __init__(self, app: ASGIApp, max_body_bytes: int, on_error: Callable[[int], None],
-                 stopping: Callable[[], bool] = lambda: False) -> None:
+                 stopping: Callable[[], bool] = lambda: False, loopback_only: bool = False) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.on_error = on_error
         self.stopping = stopping
+        self.loopback_only = loopback_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -157,8 +162,17 @@ class _Edge:
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
 
+        headers = dict(scope.get("headers", []))
+        if self.loopback_only and not _is_loopback_host(headers.get(b"host", b"").decode("latin-1")):
+            # DNS rebinding: a web page whose name resolves to 127.0.0.1 reaches a local server
+            # with its own name as Host. A loopback server answers only to loopback names.
+            self.on_error(400)
+            err = ApiError(400, "the Host header must name this machine (localhost, 127.0.0.1 or [::1]) on a "
+                                "server bound to a loopback address", code="invalid_host")
+            await JSONResponse(err.body(), status_code=400)(scope, receive, send_with_id)
+            return
         limit = self.max_body_bytes
-        length = dict(scope.get("headers", [])).get(b"content-length", b"0")
+        length = headers.get(b"content-length", b"0")
         if length.isdigit() and int(length) > limit:
             self.on_error(413)
             await JSONResponse(_too_large(limit).body(), status_code=413)(scope, receive, send_with_id)
@@ -186,6 +200,18 @@ class _Edge:
             log.warning("request %s: response cut short by the server's shutdown", rid)
 
 
+def _is_loopback_host(host: str) -> bool:
+    """A Host header value ("localhost:8000", "[::1]:8000", "127.0.0.1") names a loopback address."""
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+    name = name.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"request body is larger than the limit of {limit} bytes", code="body_too_large")
 
@@ -205,7 +231,9 @@ def create_app(
         config = deployment.config.server if deployment is not None else ServerSection()
     keys = [k for k in config.api_keys if k]
     keys += [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
-    serving = Serving(metrics or Metrics(), ServingOptions(request_timeout_s=config.request_timeout_s))
+    serving = Serving(metrics or Metrics(), ServingOptions(
+        request_timeout_s=config.request_timeout_s, trust_request_chat_template=config.trust_request_chat_template,
+        chat_template_timeout_s=config.chat_template_timeout_s))
     state = AppState(serving, tuple(keys), config.metrics_require_auth, loader, on_load_error,
                      owns_deployment=loader is not None)
     if deployment is not None:
@@ -226,12 +254,13 @@ def create_app(
     app = FastAPI(
         title="sizewise", version=__version__, lifespan=lifespan,
         description="Adaptive multi-size LLM serving: OpenAI-compatible API, native /generate, metrics.",
-        # JSON without a Content-Type header is still JSON to us (`curl -d` sends a form's type: 400).
-        strict_content_type=False,
+        # A body must say it is JSON: a web page can POST text/plain (or no type) cross-origin
+        # without a preflight, but not application/json.
+        strict_content_type=True,
     )
     app.state.sizewise = state
     app.add_middleware(_Edge, max_body_bytes=MAX_BODY_BYTES, on_error=serving.record_error,
-                       stopping=lambda: serving.stopping)
+                       stopping=lambda: serving.stopping, loopback_only=_is_loopback_host(config.host))
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, exc: RequestValidationError):

@@ -242,7 +242,7 @@ def model_cards(serving: Serving) -> list[dict]:
     cards: dict[str, dict] = {}
     for name, core in dep.cores.items():
         cards[name] = {"id": name, "object": "model", "created": created, "owned_by": "sizewise",
-                       "root": str(core.model_dir), "max_model_len": core.max_model_len,
+                       "root": name, "max_model_len": core.max_model_len,
                        "sizewise": {"kind": "model", "tier": dep.model_to_tier[name]}}
     for tier, name in dep.tier_to_model.items():
         cards.setdefault(tier, {"id": tier, "object": "model", "created": created, "owned_by": "sizewise",

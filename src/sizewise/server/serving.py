@@ -34,7 +34,13 @@ from .errors import ApiError, not_ready, request_timeout, shutting_down
 log = logging.getLogger(__name__)
 
 _PROBE_TIME_KEYS = ("time_ms", "ms", "probe_ms")  # where a router's probe dict may report its time
-# Texts longer than this are tokenized (and chat templates rendered) in a worker thread: a
+
+
+def _probe_ms(probe: dict | None) -> float:
+    return next((probe[k] for k in _PROBE_TIME_KEYS if isinstance(probe.get(k), (int, float))), 0.0) if probe else 0.0
+
+
+# Texts longer than this are tokenized in a worker thread: a
 # megabyte prompt takes ~100 ms to tokenize, and on the event loop that would stall every
 # stream in flight. Shorter ones stay on the loop, where a thread hop would cost more than it saves.
 OFFLOAD_CHARS = 16_384
@@ -94,6 +100,8 @@ class _Item:
 @dataclass(slots=True)
 class ServingOptions:
     request_timeout_s: float = 600.0
+    trust_request_chat_template: bool = False
+    chat_template_timeout_s: float = 5.0
 
 
 class Serving:
@@ -167,18 +175,16 @@ class Serving:
 
     async def render_chat_async(self, model: str | None, messages: list[dict], add_generation_prompt: bool = True,
                                 template_kwargs: dict | None = None) -> str:
-        """`render_chat`, off the event loop when the messages are long."""
-        size = sum(len(str(m.get("content") or "")) for m in messages)
-        if size <= OFFLOAD_CHARS:
-            return self.render_chat(model, messages, add_generation_prompt, template_kwargs)
-        return await asyncio.to_thread(self.render_chat, model, messages, add_generation_prompt, template_kwargs)
-
-    def render_chat(self, model: str | None, messages: list[dict], add_generation_prompt: bool = True,
-                    template_kwargs: dict | None = None) -> str:
+        """`render_chat` in a worker thread, bounded by `chat_template_timeout_s`: a template is a
+        program whose running time the text does not tell, and on the event loop it would stall
+        every stream and /health."""
         tok = self.tokenizer(model)
         if not getattr(tok, "chat_template", None):
             raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
-        return render_chat(tok, messages, add_generation_prompt, template_kwargs)
+        o = self.options
+        return await asyncio.to_thread(render_chat, tok, messages, add_generation_prompt, template_kwargs,
+                                       trust_template_kwarg=o.trust_request_chat_template,
+                                       timeout_s=o.chat_template_timeout_s)
 
     def max_model_len(self, model: str | None) -> int:
         dep = self.require()
@@ -226,10 +232,11 @@ class Serving:
         for job in jobs:
             d = job.decision
             self.metrics.route_decisions.labels(tier=d.tier, reason=d.reason).inc()
-            if d.probe and d.probe.get("probe_model"):
-                ms = next((d.probe[k] for k in _PROBE_TIME_KEYS if isinstance(d.probe.get(k), (int, float))), None)
-                if ms is not None:
-                    self.metrics.probe.observe(ms / 1000.0)
+            if d.probe is not None and d.reason != "pinned":  # what routing `auto` cost, model probe or not
+                self.metrics.probe.observe(_probe_ms(d.probe) / 1000.0)
+            lam = (d.explain or {}).get("lambda_nats_per_gb")
+            if lam is not None:
+                self.metrics.route_lambda.set(lam)
         return run
 
     def record_error(self, status: int) -> None:
@@ -450,15 +457,18 @@ class Run:
         m.prompt_tokens.labels(**labels).inc(len(job.prompt.ids))
         m.generation_tokens.labels(**labels).inc(job.completion_tokens())
         t = engine_times or {}
+        # The engine's clock starts when the routed request reaches it; the probe ran before that
+        # and is part of what the client waited for.
+        probe_s = _probe_ms(d.probe) / 1000.0
         arrival = t.get("arrival_time")
         if arrival is not None and t.get("first_scheduled_time") is not None:
             m.queue_time.labels(**labels).observe(max(0.0, t["first_scheduled_time"] - arrival))
         if arrival is not None and t.get("first_token_time") is not None:
-            m.ttft.labels(**labels).observe(max(0.0, t["first_token_time"] - arrival))
+            m.ttft.labels(**labels).observe(max(0.0, t["first_token_time"] - arrival) + probe_s)
         elif job.first_delta is not None:
             m.ttft.labels(**labels).observe(job.first_delta - job.started)
         if arrival is not None and t.get("finished_time") is not None:
-            m.e2e.labels(**labels).observe(max(0.0, t["finished_time"] - arrival))
+            m.e2e.labels(**labels).observe(max(0.0, t["finished_time"] - arrival) + probe_s)
         else:
             m.e2e.labels(**labels).observe(time.perf_counter() - job.started)
 

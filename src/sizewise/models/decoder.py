@@ -203,23 +203,27 @@ class Decoder(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [N, hidden] -> logits: [N, V] float32
+        # hidden: [..., hidden] -> logits: [..., V] float32
         logits = F.linear(hidden, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(hidden)
         return logits.float()
 
-    def forward_paged(
+    def forward_paged_hidden(
         self,
         input_ids: torch.Tensor,  # [B, Q]
         positions: torch.Tensor,  # [B, Q]
         slot_mapping: torch.Tensor,  # [B, Q]
         block_tables: torch.Tensor,  # [B, M] int32
         context_lens: torch.Tensor,  # [B] int32
-    ) -> torch.Tensor:  # logits [B, Q, V]
-        """The decode / verify step: static shapes, no host sync, so it can be graph-captured."""
+    ) -> torch.Tensor:  # final hidden states [B, Q, hidden]
+        """The decode / verify body: static shapes, no host sync, so it can be graph-captured."""
         B, Q = input_ids.shape
         meta = AttentionMetadata(
             slot_mapping=slot_mapping.reshape(-1), num_decodes=B, decode_q=Q,
             block_tables=block_tables, context_lens=context_lens,
         )
-        hidden = self.forward(input_ids.reshape(-1), positions.reshape(-1), meta)
-        return self.compute_logits(hidden).view(B, Q, -1)
+        return self.forward(input_ids.reshape(-1), positions.reshape(-1), meta).view(B, Q, -1)
+
+    def forward_paged(self, input_ids, positions, slot_mapping, block_tables, context_lens) -> torch.Tensor:
+        # the body's arguments -> logits [B, Q, V] float32
+        hidden = self.forward_paged_hidden(input_ids, positions, slot_mapping, block_tables, context_lens)
+        return self.compute_logits(hidden)

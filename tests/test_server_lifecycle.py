@@ -93,8 +93,9 @@ def _raw_post(url: str, path: str, body: dict) -> socket.socket:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect((host, int(port)))
     data = json.dumps(body).encode()
-    s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-              % (path.encode(), len(data)) + data)
+    # a loopback-bound server answers only Host headers that name loopback
+    s.sendall(b"POST %s HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+              % (path.encode(), host.encode(), port.encode(), len(data)) + data)
     return s
 
 

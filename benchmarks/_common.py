@@ -19,6 +19,11 @@ SHAPES = {
     "tiny-10m": dict(model_type="llama", hidden_size=256, intermediate_size=768, num_hidden_layers=8,
                      num_attention_heads=8, num_key_value_heads=4, vocab_size=8192,
                      max_position_embeddings=2048, tie_word_embeddings=True),
+    # ~10.4M parameters (tied): the CPU target shape of the engine-integrity issue (#14), where
+    # both engines are bound by per-op host overhead, not by bytes.
+    "llama-10m": dict(model_type="llama", hidden_size=320, intermediate_size=864, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=4, vocab_size=4096,
+                      max_position_embeddings=2048, tie_word_embeddings=True),
     "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
                          max_position_embeddings=131072, tie_word_embeddings=True, rms_norm_eps=1e-5,

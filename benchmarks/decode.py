@@ -1,7 +1,8 @@
 """Decode throughput: sizewise vs transformers.generate on the same weights, and vs the roofline.
 
 Usage:
-  python benchmarks/decode.py                       # tiny-10m random weights on CPU
+  python benchmarks/decode.py                       # llama-10m random weights on CPU, prompt 128
+  python benchmarks/decode.py --make-model /tmp/l10m  # only save that checkpoint (then --model /tmp/l10m)
   python benchmarks/decode.py --model models/demo/large
   python benchmarks/decode.py --shape llama-3.2-1b --device cuda --dtype bfloat16 --prompt-len 2048 --batch 1 8
 
@@ -62,20 +63,25 @@ def time_sizewise(llm: LLM, prompts: list[list[int]], new_tokens: int, device: s
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF checkpoint directory (default: random weights at --shape)")
-    ap.add_argument("--shape", default="tiny-10m", choices=sorted(SHAPES))
+    ap.add_argument("--shape", default="llama-10m", choices=sorted(SHAPES))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--skip-hf", action="store_true", help="only sizewise (no baseline: no ratio)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--make-model", metavar="DIR", help="save the random --shape checkpoint to DIR and exit")
     args = ap.parse_args()
     import transformers
 
     dtype = parse_dtype(args.dtype)
+    if args.make_model:
+        path = build_random_checkpoint(args.shape, Path(args.make_model), dtype, device=args.device)
+        print(f"[decode] wrote random {args.shape} checkpoint ({args.dtype}) to {path}")
+        return
     platform = get_platform(args.device)
     tmp = None
     if args.model:

@@ -1,520 +1,432 @@
-"""Routing benchmark: sizewise's adaptive routing vs static sizes and random routing, end to end.
+#!/usr/bin/env python
+"""Routing benchmark: a load sweep through the HTTP server, judged by SLO attainment, goodput and quality.
 
-    python benchmarks/routing.py                          # demo family, through the HTTP server
-    python benchmarks/routing.py --requests 24 --rates 0.5,1.0   # quicker
-    python benchmarks/routing.py --no-server              # drive the Deployment directly
+    .venv/bin/python benchmarks/routing.py                      # demo family, 96 requests, 6 loads
+    .venv/bin/python benchmarks/routing.py --requests 48 --loads 0.5,2   # quicker
 
-Workload: a mixed stream of held-out code and prose (the demo family's held-out split,
-`sizewise.demo`): each request is a window of P prompt tokens from a held-out document, and the
-next R tokens of the document are its reference continuation. Every policy sees the same
-requests in the same order with the same Poisson arrival times (open loop), generates greedily
-with ignore_eos, so every request does the same amount of work whatever tier serves it.
+Workload: held-out code and prose windows of the demo family (`sizewise.orchestrator.measure`,
+windows other than calibration's): P prompt tokens, the next R tokens of the document are the
+reference. Every request generates M tokens greedily with ignore_eos (the same work whatever tier
+serves it), streamed, so TTFT is measured at the client.
 
-Policies, one deployment (all three tiers co-resident; the router is swapped between runs and
-the prefix caches are emptied so no run reuses another's prefill):
-  static-small / static-medium / static-large: every request to one tier;
-  sizewise: the adaptive router (probe + telemetry + policy; strategy `auto`);
-  random: tiers drawn at random with sizewise's tier shares at the same rate (equal large share);
-  oracle: each request on the tier an all-knowing router would choose (it knows every tier's NLL
-    on the reference): the cheapest routing within the quality tolerance, cost = each static
-    tier's measured burst seconds per request. The headroom any probe could reach.
+One Poisson schedule (fixed seed) is shared by every policy, scaled to each load: multiples of
+static large's capacity (its burst throughput, measured first in the same run). SLO: `--slo-mult`
+times one request's unloaded latency on large (measured in the run; stated in the output); the
+adaptive policies get it as `policy.slo_ms`.
 
-Rates: a burst (all requests at t=0: capacity) then Poisson arrivals at the given multiples of
-static-large's measured capacity (requests/s).
+Policies: static-small / static-medium / static-large; random (tiers dealt at sizewise's shares
+at the same load); load-only (the same objective and SLO logic with no probe: each tier's loss is
+its mean gap); sizewise (the deployment's policy); oracle (the same objective, knowing every
+tier's true loss on every request).
 
-Per run: output tokens/s and requests/s (output tokens / makespan from first arrival to last
-completion), p50 / p95 end-to-end latency (from the scheduled arrival to the response, so it
-includes HTTP, the probe, queueing and decode), share per tier, and quality: the mean NLL
-(nats/token) of each request's reference continuation under the tier that served it (computed
-once per tier and request with prompt logprobs through the same engines).
-
-Targets (reported, not asserted): sizewise's quality within 3% of static large's, at least 1.5x
-its throughput at the same p95 latency, and better quality than random routing at equal large
-share. Results: a table on stdout and benchmarks/results/routing.json.
+Per cell: SLO attainment, goodput (requests within the SLO per second of the run), p50/p95/p99
+latency and TTFT, tier shares, mean quality loss vs static large (mean NLL of the reference under
+the serving tier, relative), probe time p50/p95, predicted vs measured latency per tier. Offline
+from the per-request quality: the loss of random and of an oracle at sizewise's own shares, and
+the fraction of the random-to-oracle gap sizewise closes. Table on stdout, details in
+benchmarks/results/routing.json, a quality-vs-goodput plot in benchmarks/results/routing.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, save_json  # noqa: E402
 
-from sizewise import SamplingParams  # noqa: E402
 from sizewise.orchestrator.deployment import Deployment, DeploymentConfig, StaticRouter  # noqa: E402
+from sizewise.orchestrator.measure import _nll, held_out_items  # noqa: E402
+from sizewise.orchestrator.policy import QualityPredictor, TierFit  # noqa: E402
 from sizewise.orchestrator.router import AdaptiveRouter  # noqa: E402
-from sizewise.orchestrator.types import Decision, RoutingHints  # noqa: E402
+from sizewise.orchestrator.types import Decision  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TIERS = ("small", "medium", "large")
-
-
-@dataclass(slots=True)
-class Item:
-    kind: str  # code | prose
-    source: str  # held-out file or topic
-    prompt: list[int]
-    ref: list[int]
+POLICIES = ("static-small", "static-medium", "static-large", "random", "load-only", "sizewise", "oracle")
 
 
 @dataclass(slots=True)
 class Record:
     index: int
     arrival: float  # scheduled, seconds from the run's start
-    done: float
+    ttft: float
+    latency: float
     tier: str
-    model: str
-    strategy: str
     reason: str
     output_tokens: int
     probe_ms: float | None
+    predicted_ms: float | None
+    explain: dict = field(default_factory=dict)
 
 
-# ----- workload ------------------------------------------------------------------------------
-def held_out_docs() -> list[tuple[str, str, str]]:
-    """(kind, source, text) of the demo family's held-out split; stdlib files if it is absent."""
-    try:
-        from sizewise import demo
-    except ImportError:
-        demo = None
-    docs = []
-    if demo is not None:
-        s = demo.split()
-        for rel in s.held_out_code:
-            text = demo.read_code(rel)
-            if text:
-                docs.append(("code", rel, text))
-        topics = demo.prose_topics()
-        docs += [("prose", k, topics[k]) for k in s.held_out_prose]
-    else:  # pragma: no cover - the module ships with the package
-        import sysconfig
-
-        root = Path(sysconfig.get_paths()["stdlib"])
-        docs = [("code", p.name, p.read_text(errors="replace")) for p in sorted(root.glob("*.py"))[:40]]
-    return docs
-
-
-def build_workload(tokenizer, n: int, prompt_tokens: int, ref_tokens: int, code_frac: float, seed: int) -> list[Item]:
-    rng = random.Random(seed)
-    need = prompt_tokens + ref_tokens
-    pools: dict[str, list[tuple[str, list[int]]]] = {"code": [], "prose": []}
-    for kind, src, text in held_out_docs():
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) >= need:
-            pools[kind].append((src, ids))
-    for kind, pool in pools.items():
-        if not pool:
-            raise SystemExit(f"no held-out {kind} document has {need} tokens; lower --prompt-tokens / --ref-tokens")
-    items = []
-    for i in range(n):
-        kind = "code" if rng.random() < code_frac else "prose"
-        src, ids = rng.choice(pools[kind])
-        start = rng.randrange(0, len(ids) - need + 1)
-        items.append(Item(kind, src, ids[start:start + prompt_tokens], ids[start + prompt_tokens:start + need]))
-    return items
-
-
-def arrivals(n: int, rate: float, seed: int) -> list[float]:
-    if math.isinf(rate):
-        return [0.0] * n
-    rng = random.Random(seed)
-    t, out = 0.0, []
-    for _ in range(n):
-        out.append(t)
-        t += rng.expovariate(rate)
-    return out
-
-
-# ----- quality: NLL of each reference continuation under each tier -------------------------------
-async def quality_matrix(dep: Deployment, items: list[Item]) -> dict[str, list[float]]:
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-
-    async def one(model: str, i: int, it: Item) -> float:
-        ids = it.prompt + it.ref
-        plp = None
-        async for out in await dep.engine.add_request(f"quality-{model}-{i}", ids, params, core=model):
-            if out.prompt_logprobs is not None:
-                plp = out.prompt_logprobs
-        p = len(it.prompt)
-        return -statistics.fmean(plp[p + j][ids[p + j]] for j in range(len(it.ref)))
-
-    out = {}
-    for model in dep.cores:
-        out[model] = list(await asyncio.gather(*(one(model, i, it) for i, it in enumerate(items))))
-    return out
-
-
-# ----- routers that only the benchmark needs ------------------------------------------------------
+# ----- routers only the benchmark needs ---------------------------------------------------------
 class RandomRouter:
-    """The equal-share baseline: exactly the sizewise run's number of requests per tier, dealt
-    to the requests in a seeded random order (a shuffled deck, not independent draws)."""
+    """Exactly the sizewise run's count per tier, dealt in a seeded random order."""
 
-    def __init__(self, shares: dict[str, float], n: int, seed: int) -> None:
-        deck = [t for t in TIERS for _ in range(round(shares.get(t, 0.0) * n))]
-        deck += [max(shares, key=shares.get)] * (n - len(deck))  # rounding
+    def __init__(self, counts: dict[str, int], seed: int) -> None:
+        deck = [t for t in TIERS for _ in range(counts.get(t, 0))]
         random.Random(seed).shuffle(deck)
-        self.deck = deck[:n]
+        self.deck = deck
         self.decisions: dict = {}
 
     async def route(self, deployment, prompt_token_ids, params, requested, hints) -> Decision:
         tier = self.deck.pop()
-        model = deployment.tier_to_model[tier]
-        strategy = "plain" if hints.strategy == "auto" else hints.strategy
-        return Decision(model=model, tier=tier, strategy=strategy, reason="random")
+        return Decision(model=deployment.tier_to_model[tier], tier=tier, strategy="plain", reason="random")
 
 
-class OracleRouter:
-    """The bound no probe can beat: each request goes to the tier an all-knowing router would
-    pick, knowing every tier's NLL on its reference continuation (`oracle_routing`: cheapest
-    routing within the quality tolerance, cost = each tier's measured burst time per request)."""
+class OracleRouter(AdaptiveRouter):
+    """The objective with every tier's true loss on the request (no probe needed)."""
 
-    def __init__(self, tiers_by_prompt: dict[tuple[int, ...], str]) -> None:
-        self.tiers_by_prompt = tiers_by_prompt
-        self.decisions: dict = {}
+    def __init__(self, settings, gaps: dict[tuple[int, ...], dict[str, float]]) -> None:
+        super().__init__(settings)
+        self.gaps = gaps
 
-    async def route(self, deployment, prompt_token_ids, params, requested, hints) -> Decision:
-        tier = self.tiers_by_prompt[tuple(prompt_token_ids)]
-        strategy = "plain" if hints.strategy == "auto" else hints.strategy
-        return Decision(model=deployment.tier_to_model[tier], tier=tier, strategy=strategy, reason="oracle")
+    def known_loss(self, prompt_token_ids):
+        return self.gaps[tuple(prompt_token_ids)]
 
 
-async def calibrate(dep: Deployment, router: AdaptiveRouter, items: list[Item], tolerance: float) -> dict:
-    """Fit the difficulty thresholds on these (calibration) items: probe scores from the real
-    probe, each tier's quality from its engine, cost = weight bytes per tier."""
-    from sizewise.orchestrator.calibrate import fit_policy
+# ----- one run ------------------------------------------------------------------------------------
+async def run_cell(base: str, items, times: list[float], max_tokens: int) -> list[Record]:
+    import httpx
 
-    probe_model = dep.tier_to_model[next(t for t in TIERS if t in dep.tier_to_model)]
-    core = dep.cores[probe_model]
-    probes = []
-    for it in items:
-        res = await router.probe.run(dep.engine, core, probe_model, it.prompt)
-        diff = res.difficulty if res.difficulty is not None else router.settings.max_difficulty_medium
-        probes.append((diff, res.intent, res.copyability))
-    quality = await quality_matrix(dep, items)
-    nll = {dep.model_to_tier[m]: q for m, q in quality.items()}
-    cost = {dep.model_to_tier[m]: float(c.weight_bytes) for m, c in dep.cores.items()}
-    fit = fit_policy(probes, nll, cost, tolerance)
-    cal = fit.calibration
-    return {"max_difficulty": {"small": cal.max_difficulty_small, "medium": cal.max_difficulty_medium},
-            "intent_bias": fit.intent_bias, "copy_weight": fit.copy_weight,
-            "nll": cal.nll, "nll_large": cal.nll_large, "cost": cal.cost, "shares": cal.shares,
-            "requests": len(items), "tolerance": tolerance}
+    body_params = dict(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    records: list[Record | None] = [None] * len(items)
+    limits = httpx.Limits(max_connections=len(items) + 4, max_keepalive_connections=len(items) + 4)
+    async with httpx.AsyncClient(base_url=base, timeout=600.0, limits=limits) as client:
+        t0 = time.perf_counter() + 0.05
+
+        async def one(i: int, it, at: float) -> None:
+            await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+            start = t0 + at
+            ttft, ntok, sw = None, 0, {}
+            body = {"input_ids": it.prompt, "params": body_params, "model": "auto", "stream": True,
+                    "sizewise": {"strategy": "plain"}}
+            async with client.stream("POST", "/generate", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    ev = json.loads(line[6:])
+                    if ev.get("token_ids"):
+                        if ttft is None:
+                            ttft = time.perf_counter() - start
+                        ntok += len(ev["token_ids"])
+                    sw = ev.get("sizewise") or sw
+            latency = time.perf_counter() - start
+            probe = sw.get("probe") or {}
+            ex = sw.get("explain") or {}
+            pred = ex.get("tiers", {}).get(sw["tier"], {}).get("latency_ms")
+            records[i] = Record(i, at, ttft if ttft is not None else latency, latency, sw["tier"], sw["reason"],
+                                ntok, probe.get("ms"), pred, ex)
+
+        await asyncio.gather(*(one(i, it, at) for i, (it, at) in enumerate(zip(items, times))))
+    return records  # type: ignore[return-value]
 
 
 def reset_prefix_caches(dep: Deployment) -> None:
     """Forget every cached prefix (engines idle): no run may reuse an earlier run's prefill."""
     for core in dep.cores.values():
-        bm = core.block_manager
         if core.has_unfinished_requests():
             raise RuntimeError(f"{core.name} is still busy; cannot reset its prefix cache")
+        bm = core.block_manager
         bm.hash_to_block.clear()
         for blk in bm.blocks:
             if blk.ref_count == 0:
                 blk.hash, blk.token_ids = -1, ()
 
 
-# ----- one run ---------------------------------------------------------------------------------------
-async def run_policy(target, items: list[Item], times: list[float], max_tokens: int, strategy: str) -> list[Record]:
-    """`target`: a base URL (through the server) or a Deployment (direct)."""
-    body_params = dict(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    records: list[Record | None] = [None] * len(items)
-    t0 = time.perf_counter() + 0.05
-
-    if isinstance(target, str):
-        import httpx
-
-        client = httpx.AsyncClient(base_url=target, timeout=600.0,
-                                   limits=httpx.Limits(max_connections=len(items) + 4, max_keepalive_connections=len(items) + 4))
-    else:
-        client = None
-
-    async def one(i: int, it: Item, at: float) -> None:
-        await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
-        if client is not None:
-            r = await client.post("/generate", json={
-                "input_ids": it.prompt, "params": body_params, "model": "auto", "sizewise": {"strategy": strategy},
-            })
-            r.raise_for_status()
-            body = r.json()
-            sw = body["sizewise"]
-            ntok = body["usage"]["completion_tokens"]
-        else:
-            dep: Deployment = target
-            params = SamplingParams(**body_params)
-            d = await dep.route(it.prompt, params, "auto", RoutingHints(strategy=strategy))
-            ntok = 0
-            async for out in await dep.engine.add_request(f"bench-{i}-{id(items)}", it.prompt, params,
-                                                          core=d.model, strategy=d.strategy):
-                ntok += sum(len(o.token_ids) for o in out.outputs)
-            sw = d.to_json()
-        done = time.perf_counter() - t0
-        probe = sw.get("probe") or {}
-        records[i] = Record(i, at, done, sw["tier"], sw["model"], sw["strategy"], sw["reason"], ntok, probe.get("ms"))
-
-    try:
-        await asyncio.gather(*(one(i, it, at) for i, (it, at) in enumerate(zip(items, times))))
-    finally:
-        if client is not None:
-            await client.aclose()
-    return records  # type: ignore[return-value]
+def pct(vals: list[float], p: float) -> float:
+    v = sorted(vals)
+    k = (len(v) - 1) * p / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
-def summarize(policy: str, rate_label: str, recs: list[Record], quality: dict[str, list[float]],
-              large_quality: float) -> dict:
-    lat = sorted(r.done - r.arrival for r in recs)
-    span = max(r.done for r in recs) - min(r.arrival for r in recs)
-    toks = sum(r.output_tokens for r in recs)
-    q = statistics.fmean(quality[r.model][r.index] for r in recs)
-    share = {t: sum(r.tier == t for r in recs) / len(recs) for t in TIERS}
+def summarize(policy: str, load: float, recs: list[Record], nll: dict[str, list[float]], slo_s: float) -> dict:
+    lat = [r.latency for r in recs]
+    ttft = [r.ttft for r in recs]
+    span = max(r.arrival + r.latency for r in recs) - min(r.arrival for r in recs)
+    ok = sum(r.latency <= slo_s for r in recs)
+    large = statistics.fmean(nll["large"])
+    q = statistics.fmean(nll[r.tier][r.index] for r in recs)
     probes = [r.probe_ms for r in recs if r.probe_ms is not None]
-    strategies = {s: sum(r.strategy == s for r in recs) for s in sorted({r.strategy for r in recs})}
+    pred = {}
+    for t in TIERS:
+        mine = [r for r in recs if r.tier == t and r.predicted_ms is not None]
+        if mine:
+            pred[t] = {"n": len(mine), "predicted_ms": statistics.fmean(r.predicted_ms for r in mine),
+                       "measured_ms": statistics.fmean(r.latency * 1e3 for r in mine)}
+    lams = [r.explain.get("lambda_nats_per_gb", 0.0) for r in recs if r.explain]
     return {
-        "policy": policy, "rate": rate_label, "requests": len(recs),
-        "tok_s": toks / span, "req_s": len(recs) / span,
-        "p50_s": _pct(lat, 50), "p95_s": _pct(lat, 95),
-        "small": share["small"], "medium": share["medium"], "large": share["large"],
-        "nll": q, "nll_vs_large": q / large_quality - 1.0,
-        "probe_ms": statistics.fmean(probes) if probes else None,
-        "strategies": strategies,
+        "policy": policy, "load": load, "requests": len(recs),
+        "slo_attain": ok / len(recs), "goodput": ok / span, "req_s": len(recs) / span,
+        "p50_s": pct(lat, 50), "p95_s": pct(lat, 95), "p99_s": pct(lat, 99),
+        "ttft_p50_s": pct(ttft, 50), "ttft_p95_s": pct(ttft, 95), "ttft_p99_s": pct(ttft, 99),
+        **{t: sum(r.tier == t for r in recs) / len(recs) for t in TIERS},
+        "loss": q / large - 1.0,
+        "probe_p50_ms": pct(probes, 50) if probes else None, "probe_p95_ms": pct(probes, 95) if probes else None,
+        "lambda_mean": statistics.fmean(lams) if lams else None,
         "reasons": {k: sum(r.reason == k for r in recs) for k in sorted({r.reason for r in recs})},
+        "latency_model": pred,
     }
 
 
-def _pct(sorted_vals: list[float], p: float) -> float:
-    k = (len(sorted_vals) - 1) * p / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (k - lo)
+# ----- offline: the loss at given shares ----------------------------------------------------------
+def oracle_at_shares(gaps: dict[str, list[float]], counts: dict[str, int]) -> float:
+    """Least total gap with exactly counts[t] requests on each tier (exact DP over small/medium use)."""
+    import numpy as np
 
-
-# ----- main ------------------------------------------------------------------------------------------
-def warmup(dep: Deployment, target, adaptive, items: list[Item], max_tokens: int, strategy: str) -> None:
-    """First requests pay one-time costs (allocator, HTTP stack, first kernels): one untimed
-    burst per router through the same path as the measured runs. It also gives the telemetry
-    its first measurements of each engine."""
-    for router in [StaticRouter(t) for t in TIERS if t in dep.tier_to_model] + [adaptive]:
-        dep.router = router
-        asyncio.run(run_policy(target, items[:8], [0.0] * min(8, len(items)), max_tokens, strategy))
-    adaptive.decisions.clear()
+    n = len(gaps["large"])
+    ns, nm = counts.get("small", 0), counts.get("medium", 0)
+    inf = float("inf")
+    table = np.full((ns + 1, nm + 1), inf)
+    table[0, 0] = 0.0
+    for i in range(n):
+        new = table + gaps["large"][i]
+        new[1:, :] = np.minimum(new[1:, :], table[:-1, :] + gaps["small"][i])
+        new[:, 1:] = np.minimum(new[:, 1:], table[:, :-1] + gaps["medium"][i])
+        table = new
+    return float(table[ns, nm]) / n
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
-    ap.add_argument("--requests", type=int, default=96)
+    ap.add_argument("--requests", type=int, default=96, help="requests per cell (default: 96)")
     ap.add_argument("--prompt-tokens", type=int, default=96)
-    ap.add_argument("--ref-tokens", type=int, default=32)
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=32, help="generated and reference tokens per request")
     ap.add_argument("--code-frac", type=float, default=0.5)
-    ap.add_argument("--rates", default="0.5,1.0,1.5", help="Poisson rates as multiples of static-large's capacity")
-    ap.add_argument("--policies", default="static-small,static-medium,static-large,sizewise,random,oracle")
-    ap.add_argument("--strategy", default="auto", choices=["auto", "plain"],
-                    help="the `sizewise.strategy` every request sends (static/random routers map auto to plain)")
-    ap.add_argument("--no-server", action="store_true", help="drive the Deployment directly, no HTTP")
-    ap.add_argument("--calibrate", type=int, default=0, metavar="N",
-                    help="first fit the difficulty thresholds on N other held-out windows (0: the config's)")
-    ap.add_argument("--tolerance", type=float, default=0.03, help="calibration: allowed NLL gap to large")
-    ap.add_argument("--calibrate-only", action="store_true", help="fit, print the policy values, stop")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (1: steadier on a shared 2-core CPU; 0: torch's default)")
+    ap.add_argument("--loads", default="0.25,0.5,1,1.5,2,3", help="multiples of static large's capacity")
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--slo-mult", type=float, default=3.0, help="SLO = this x one unloaded request on large")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared CPU)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "routing.json"))
     args = ap.parse_args()
     policies = args.policies.split(",")
+    for p in policies:
+        if p not in POLICIES:
+            raise SystemExit(f"unknown policy {p!r}; choose from {', '.join(POLICIES)}")
     if "random" in policies and "sizewise" not in policies:
-        raise SystemExit("random routing copies sizewise's tier shares: include sizewise in --policies")
-    if "oracle" in policies and not all(f"static-{t}" in policies for t in TIERS):
-        raise SystemExit("the oracle's costs are the static tiers' burst times: include all three static policies")
-    if "static-large" not in policies:
-        raise SystemExit("rates are multiples of static-large's capacity: include static-large in --policies")
+        raise SystemExit("random copies sizewise's tier shares: include sizewise")
+    loads = [float(x) for x in args.loads.split(",") if x]
+
+    import torch
 
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
+    from sizewise.server import ServerThread, create_app
+
     cfg = DeploymentConfig.from_yaml(args.config)
     cfg.policy.router = "adaptive"
-    t_load = time.perf_counter()
     dep = Deployment.load(cfg)
-    load_s = time.perf_counter() - t_load
-    adaptive = AdaptiveRouter(cfg.policy.to_settings())
-    server = None
-    target: object = dep
-    if not args.no_server:
-        from sizewise.server import ServerThread, create_app
-
-        server = ServerThread(create_app(dep))
-        target = server.start()
-        print(f"server at {target}", file=sys.stderr)
+    server = ServerThread(create_app(dep))
+    base = server.start()
     tok = dep.tokenizer()
-    items = build_workload(tok, args.requests, args.prompt_tokens, args.ref_tokens, args.code_frac, args.seed)
+    items = held_out_items(tok, args.requests, args.prompt_tokens, args.max_tokens, args.code_frac, args.seed)
     t_bench = time.perf_counter()
-    cap = float("nan")
+    rows: list[dict] = []
     try:
-        warmup(dep, target, adaptive, items, args.max_tokens, args.strategy)
-        calibration = None
-        if args.calibrate:
-            cal_items = build_workload(tok, args.calibrate, args.prompt_tokens, args.ref_tokens, args.code_frac,
-                                       args.seed + 1000)
-            calibration = asyncio.run(calibrate(dep, adaptive, cal_items, args.tolerance))
-            th = calibration["max_difficulty"]
-            # -inf (no request is easy enough) does not survive YAML/JSON: a score no prompt reaches
-            th = {k: max(v, -1e6) for k, v in th.items()}
-            calibration["max_difficulty"] = th
-            adaptive.settings.max_difficulty_small = th["small"]
-            adaptive.settings.max_difficulty_medium = th["medium"]
-            adaptive.settings.intent_bias = dict(calibration["intent_bias"])
-            adaptive.settings.copy_weight = calibration["copy_weight"]
-            print(f"calibrated on {args.calibrate} windows: policy: max_difficulty: "
-                  f"{{small: {th['small']:.3f}, medium: {th['medium']:.3f}}}, intent_bias: "
-                  f"{calibration['intent_bias']}, copy_weight: {calibration['copy_weight']} "
-                  f"(shares {calibration['shares']}, NLL {calibration['nll']:.3f} vs large "
-                  f"{calibration['nll_large']:.3f})", file=sys.stderr)
-            if args.calibrate_only:
-                return
-        quality = asyncio.run(quality_matrix(dep, items))
-        large = dep.tier_to_model["large"]
-        large_q = statistics.fmean(quality[large])
-        per_kind = {
-            m: {k: statistics.fmean(q[i] for i, it in enumerate(items) if it.kind == k) for k in ("code", "prose")}
-            for m, q in quality.items()
-        }
-        rows: list[dict] = []
-        telemetry: list[dict] = []
+        # quality: each tier's NLL of every reference continuation
+        async def quality() -> dict[str, list[float]]:
+            out = {}
+            for t in TIERS:
+                m = dep.tier_to_model[t]
+                out[t] = list(await asyncio.gather(*(
+                    _nll(dep.engine, m, it.prompt + it.ref, len(it.prompt), f"q-{m}-{i}") for i, it in enumerate(items))))
+            return out
 
-        oracle = None
+        nll = asyncio.run(quality())
+        gaps = {t: [a - b for a, b in zip(nll[t], nll["large"])] for t in TIERS}
+        settings = cfg.policy.to_settings()
 
-        def run(policy: str, rate: float, label: str, shares: dict | None = None) -> dict:
+        def router_for(policy: str, counts: dict | None = None):
             if policy.startswith("static-"):
-                dep.router = StaticRouter(policy.removeprefix("static-"))
-            elif policy == "sizewise":
-                dep.router = adaptive
-            elif policy == "oracle":
-                dep.router = OracleRouter({tuple(it.prompt): t for it, t in zip(items, oracle.tiers)})
-            else:
-                dep.router = RandomRouter(shares, len(items), args.seed + 7)
+                return StaticRouter(policy.removeprefix("static-"))
+            if policy == "random":
+                return RandomRouter(counts, args.seed + 7)
+            s = cfg.policy.to_settings()
+            s.slo_ms = slo_ms
+            if policy == "load-only":
+                s.quality = QualityPredictor({t: TierFit(statistics.fmean(gaps[t]), {}, max(statistics.fmean(gaps[t]), 0))
+                                              for t in ("small", "medium")})
+                s.difficulty = False
+                return AdaptiveRouter(s)
+            if policy == "oracle":
+                s.difficulty = False
+                return OracleRouter(s, {tuple(it.prompt): {t: gaps[t][i] for t in TIERS} for i, it in enumerate(items)})
+            return AdaptiveRouter(s)
+
+        def cell(policy: str, times: list[float], counts=None) -> list[Record]:
+            dep.router = router_for(policy, counts)
             reset_prefix_caches(dep)
-            times = arrivals(len(items), rate, args.seed + 1)
-            recs = asyncio.run(run_policy(target, items, times, args.max_tokens, args.strategy))
-            row = summarize(policy, label, recs, quality, large_q)
-            rows.append(row)
-            snap = dep.telemetry.snapshot(device=True)
-            telemetry.append({"policy": policy, "rate": label, **snap.to_json()})
-            print(f"  {policy:14s} rate={label:8s} {row['tok_s']:8.1f} tok/s  p95 {row['p95_s']:6.2f} s  "
-                  f"nll {row['nll']:.3f}  large {row['large']:.2f}", file=sys.stderr, flush=True)
-            return row
+            dep.telemetry.forget_latency()  # every run learns its latency bias from the same start
+            return asyncio.run(run_cell(base, items, times, args.max_tokens))
 
-        # Burst first: static-large's capacity sets the Poisson rates.
-        order = [p for p in policies if p not in ("random", "oracle")] + [p for p in ("random", "oracle") if p in policies]
-        order.remove("static-large")
-        order.insert(0, "static-large")
-        results_by_rate: dict[str, dict[str, dict]] = {}
-
-        def sweep(label: str, rate: float) -> None:
-            nonlocal oracle
+        # warm-up (allocator, HTTP stack, first kernels; gives the telemetry its first steps)
+        slo_ms = None
+        for p in ("static-small", "static-medium", "static-large"):
+            cell(p, [0.0] * min(8, len(items)))
+        # one request alone on large, three times: the SLO's unit
+        dep.router = StaticRouter("large")
+        alone = [asyncio.run(run_cell(base, items[i:i + 1], [0.0], args.max_tokens))[0].latency for i in range(3)]
+        slo_s = args.slo_mult * statistics.median(alone)
+        slo_ms = slo_s * 1e3
+        burst = cell("static-large", [0.0] * len(items))
+        cap = len(items) / max(r.arrival + r.latency for r in burst)
+        print(f"static-large capacity {cap:.2f} req/s; one request alone on large {statistics.median(alone):.3f} s; "
+              f"SLO {slo_s:.3f} s", file=sys.stderr, flush=True)
+        rng = random.Random(args.seed + 1)
+        unit, t = [], 0.0
+        for _ in items:  # one Poisson schedule at rate 1, scaled per load
+            unit.append(t)
+            t += rng.expovariate(1.0)
+        offline = []
+        order = [p for p in policies if p != "random"] + (["random"] if "random" in policies else [])
+        for load in loads:
+            times = [x / (load * cap) for x in unit]
             got = {}
             for p in order:
-                shares = None
+                counts = None
                 if p == "random":
-                    sw = got["sizewise"]
-                    shares = {t: sw[t] for t in TIERS}
-                if p == "oracle" and oracle is None:  # in the burst sweep, after the static runs
-                    from sizewise.orchestrator.calibrate import oracle_routing
-
-                    cost = {t: 1.0 / got[f"static-{t}"]["req_s"] for t in TIERS}
-                    nll = {t: quality[dep.tier_to_model[t]] for t in TIERS}
-                    oracle = oracle_routing(nll, cost, args.tolerance)
-                got[p] = run(p, rate, label, shares)
-            results_by_rate[label] = got
-
-        sweep("burst", math.inf)
-        cap = results_by_rate["burst"]["static-large"]["req_s"]
-        for mult in [float(x) for x in args.rates.split(",") if x]:
-            sweep(f"{mult:g}x", mult * cap)
+                    counts = {t: sum(r.tier == t for r in got["sizewise"][1]) for t in TIERS}
+                recs = cell(p, times, counts)
+                row = summarize(p, load, recs, nll, slo_s)
+                got[p] = (row, recs)
+                rows.append(row)
+                print(f"  {load:4g}x {p:13s} attain {row['slo_attain']:.2f} goodput {row['goodput']:6.1f}/s "
+                      f"p95 {row['p95_s']:.2f}s loss {row['loss']:+.2%} large {row['large']:.2f}",
+                      file=sys.stderr, flush=True)
+            if "sizewise" in got:
+                sw = got["sizewise"][1]
+                counts = {t: sum(r.tier == t for r in sw) for t in TIERS}
+                large = statistics.fmean(nll["large"])
+                rnd = sum(counts[t] * statistics.fmean(gaps[t]) for t in TIERS) / len(sw)
+                orc = oracle_at_shares(gaps, counts)
+                mine = statistics.fmean(gaps[r.tier][r.index] for r in sw)
+                closed = (rnd - mine) / (rnd - orc) if rnd - orc > 1e-9 else None
+                offline.append({"load": load, "shares": {t: counts[t] / len(sw) for t in TIERS},
+                                "off_top": 1 - counts["large"] / len(sw),
+                                "sizewise_loss": mine / large, "random_loss": rnd / large, "oracle_loss": orc / large,
+                                "gap_closed": closed})
     finally:
-        if server is not None:
-            server.stop()
+        server.stop()
         dep.shutdown()
     bench_s = time.perf_counter() - t_bench
 
-    cols = ["policy", "rate", "tok_s", "req_s", "p50_s", "p95_s", "small", "medium", "large", "nll", "nll_vs_large",
-            "probe_ms"]
-    print()
-    print(f"routing benchmark: {args.requests} requests ({args.code_frac:.0%} code), prompt {args.prompt_tokens} "
-          f"tokens, {args.max_tokens} generated (greedy, ignore_eos), reference {args.ref_tokens}; static-large "
-          f"capacity {cap:.2f} req/s; {'HTTP server' if server else 'Deployment direct'}; strategy {args.strategy}")
+    print(f"\nrouting: {args.requests} requests/cell ({args.code_frac:.0%} code), prompt {args.prompt_tokens}, "
+          f"{args.max_tokens} generated (greedy, ignore_eos, streamed over HTTP); static-large capacity "
+          f"{cap:.2f} req/s; SLO {slo_s:.3f} s ({args.slo_mult:g}x one request alone on large); {bench_s:.0f} s")
+    cols = ["load", "policy", "slo_attain", "goodput", "p50_s", "p95_s", "p99_s", "ttft_p50_s", "ttft_p95_s",
+            "small", "medium", "large", "loss", "probe_p50_ms", "probe_p95_ms"]
     print_table(rows, cols)
-    print("\nquality per tier (mean NLL of the reference continuation, nats/token):")
-    for m, d in per_kind.items():
-        print(f"  {m:14s} all {statistics.fmean(quality[m]):.3f}  code {d['code']:.3f}  prose {d['prose']:.3f}")
-    verdict = _verdict(results_by_rate)
+    print("\noffline at sizewise's shares (quality loss vs large):")
+    print_table(offline, ["load", "off_top", "sizewise_loss", "random_loss", "oracle_loss", "gap_closed"])
+    print("\nlatency model (sizewise): predicted vs measured mean ms per tier")
+    lm = [{"load": r["load"], "tier": t, **v} for r in rows if r["policy"] == "sizewise" for t, v in r["latency_model"].items()]
+    print_table(lm, ["load", "tier", "n", "predicted_ms", "measured_ms"])
+    verdict = targets(rows, offline)
     for line in verdict["lines"]:
         print(line)
-    save_json(Path(args.out), {
-        "benchmark": "routing", "args": vars(args), "load_s": load_s, "bench_s": bench_s,
-        "plan": dep.plan.table() if dep.plan else None, "static_large_capacity_req_s": cap,
-        "calibration": calibration, "policy": {
-            "max_difficulty_small": adaptive.settings.max_difficulty_small,
-            "max_difficulty_medium": adaptive.settings.max_difficulty_medium,
-            "copy_weight": adaptive.settings.copy_weight, "intent_bias": adaptive.settings.intent_bias},
-        "rows": rows, "quality_per_tier": {m: statistics.fmean(q) for m, q in quality.items()},
-        "quality_per_kind": per_kind, "telemetry": telemetry, "verdict": verdict,
-        "workload": [{"kind": it.kind, "source": it.source} for it in items],
-    })
+    out = Path(args.out)
+    save_json(out, {"benchmark": "routing", "command": " ".join(sys.argv), "args": vars(args), "bench_s": bench_s,
+                    "static_large_capacity_req_s": cap, "slo_s": slo_s, "alone_large_s": alone,
+                    "rows": rows, "offline": offline, "verdict": verdict,
+                    "quality_per_tier": {t: statistics.fmean(nll[t]) for t in TIERS},
+                    "policy": cfg.policy.model_dump(mode="json")})
+    plot(rows, out.with_suffix(".png"), slo_s)
 
 
-def _verdict(by_rate: dict[str, dict[str, dict]]) -> dict:
-    """The targets, read off the table: quality gap to static large; throughput ratio at the burst
-    (same workload, all at once) and at each Poisson rate; the highest rate at which each policy's
-    p95 stays within static-large's p95 at the lightest rate; sizewise vs random quality."""
-    lines = ["\ntargets (reported, not asserted):"]
-    out: dict = {}
-    burst = by_rate.get("burst", {})
-    if "sizewise" in burst and "static-large" in burst:
-        sw, lg = burst["sizewise"], burst["static-large"]
-        out["quality_gap_vs_large"] = sw["nll_vs_large"]
-        out["burst_throughput_ratio"] = sw["tok_s"] / lg["tok_s"]
-        lines.append(f"  quality: sizewise NLL {sw['nll']:.3f} vs static-large {lg['nll']:.3f} "
-                     f"({sw['nll_vs_large']:+.1%}; target within +3%)")
-        lines.append(f"  burst throughput: sizewise {sw['tok_s']:.1f} vs static-large {lg['tok_s']:.1f} tok/s "
-                     f"= {out['burst_throughput_ratio']:.2f}x (target >= 1.5x); p95 {sw['p95_s']:.2f} vs {lg['p95_s']:.2f} s")
-    if "random" in burst and "sizewise" in burst:
-        rd = burst["random"]
-        out["nll_sizewise_minus_random"] = burst["sizewise"]["nll"] - rd["nll"]
-        lines.append(f"  vs random at equal tier shares: NLL {burst['sizewise']['nll']:.3f} vs {rd['nll']:.3f} "
-                     f"(large share {rd['large']:.2f}); throughput {burst['sizewise']['tok_s']:.1f} vs {rd['tok_s']:.1f}")
-    if "oracle" in burst and "static-large" in burst:
-        orc, lg = burst["oracle"], burst["static-large"]
-        out["oracle_burst_throughput_ratio"] = orc["tok_s"] / lg["tok_s"]
-        lines.append(f"  oracle (knows every tier's NLL; the bound for any probe): NLL {orc['nll_vs_large']:+.1%}, "
-                     f"burst {out['oracle_burst_throughput_ratio']:.2f}x static-large, shares small/medium/large "
-                     f"{orc['small']:.2f}/{orc['medium']:.2f}/{orc['large']:.2f}")
-    poisson = [k for k in by_rate if k != "burst"]
-    if poisson and "static-large" in by_rate[poisson[0]]:
-        slo = by_rate[poisson[0]]["static-large"]["p95_s"]
-        out["p95_slo_s"] = slo
-        best = {}
-        for label in poisson:
-            for p, row in by_rate[label].items():
-                if row["p95_s"] <= slo and row["req_s"] > best.get(p, {"req_s": 0})["req_s"]:
-                    best[p] = row
-        out["max_rate_within_slo"] = {p: {"rate": r["rate"], "tok_s": r["tok_s"], "p95_s": r["p95_s"]}
-                                      for p, r in best.items()}
-        lines.append(f"  throughput with p95 <= {slo:.2f} s (static-large's p95 at {poisson[0]}):")
-        for p, r in best.items():
-            lines.append(f"    {p:14s} {r['tok_s']:8.1f} tok/s at {r['rate']} (p95 {r['p95_s']:.2f} s)")
-        if "sizewise" in best and "static-large" in best:
-            out["slo_throughput_ratio"] = best["sizewise"]["tok_s"] / best["static-large"]["tok_s"]
-            lines.append(f"    sizewise / static-large = {out['slo_throughput_ratio']:.2f}x (target >= 1.5x)")
+def targets(rows: list[dict], offline: list[dict]) -> dict:
+    """Issue 13's targets, read off the table (reported, not asserted)."""
+    by = {(r["load"], r["policy"]): r for r in rows}
+    lines, out = ["\ntargets:"], {}
+
+    def get(load, p):
+        return by.get((load, p))
+
+    for load in (0.25, 0.5):
+        sw, lg = get(load, "sizewise"), get(load, "static-large")
+        if sw and lg:
+            ok = sw["loss"] <= 0.005 and sw["p95_s"] <= 1.1 * lg["p95_s"]
+            out[f"headroom_{load}"] = ok
+            lines.append(f"  {load}x headroom: loss {sw['loss']:+.2%} (<= 0.5%), p95 {sw['p95_s']:.2f} vs large "
+                         f"{lg['p95_s']:.2f} s = {sw['p95_s'] / lg['p95_s']:.2f}x (<= 1.1x): {'met' if ok else 'NOT met'}")
+    sw, lg = get(2.0, "sizewise"), get(2.0, "static-large")
+    if sw and lg:
+        ok = sw["slo_attain"] >= 0.9 and lg["slo_attain"] < 0.5 and sw["goodput"] >= 2 * lg["goodput"]
+        out["overload_2x"] = ok
+        lines.append(f"  2x: attainment {sw['slo_attain']:.2f} (>= 0.9) vs large {lg['slo_attain']:.2f} (< 0.5), goodput "
+                     f"{sw['goodput']:.1f} vs {lg['goodput']:.1f} = {sw['goodput'] / max(lg['goodput'], 1e-9):.2f}x "
+                     f"(>= 2x): {'met' if ok else 'NOT met'}")
+    sw = get(3.0, "sizewise")
+    if sw:
+        out["overload_3x"] = sw["slo_attain"] >= 0.8
+        lines.append(f"  3x: attainment {sw['slo_attain']:.2f} (>= 0.8): {'met' if out['overload_3x'] else 'NOT met'}")
+    for o in offline:
+        if o["off_top"] < 0.1:
+            continue
+        lo = get(o["load"], "load-only")
+        rd = get(o["load"], "random")
+        sw = get(o["load"], "sizewise")
+        below = (lo is None or sw["loss"] < lo["loss"]) and sw["loss"] < o["random_loss"] and (rd is None or sw["loss"] < rd["loss"])
+        closed = o["gap_closed"] is not None and o["gap_closed"] >= 0.5
+        out[f"probe_{o['load']}"] = below and closed
+        lines.append(f"  {o['load']}x probe ({o['off_top']:.0%} off top): loss {sw['loss']:+.2%} vs load-only "
+                     f"{lo['loss'] if lo else float('nan'):+.2%}, random {rd['loss'] if rd else float('nan'):+.2%} "
+                     f"(offline {o['random_loss']:+.2%}), oracle at these shares {o['oracle_loss']:+.2%}; gap closed "
+                     f"{o['gap_closed'] if o['gap_closed'] is not None else float('nan'):.0%} (>= 50%): "
+                     f"{'met' if below and closed else 'NOT met'}")
+    dominated = []
+    for r in rows:
+        if r["policy"].startswith("static-"):
+            sw = get(r["load"], "sizewise")
+            if sw and r["slo_attain"] > sw["slo_attain"] and r["loss"] < sw["loss"]:
+                dominated.append(f"{r['policy']}@{r['load']}x")
+    out["never_dominated"] = not dominated
+    lines.append(f"  never dominated by a static size: {'met' if not dominated else 'NOT met: ' + ', '.join(dominated)}")
+    probe_ok = all((r["probe_p50_ms"] or 0) <= 2 and (r["probe_p95_ms"] or 0) <= 10
+                   for r in rows if r["policy"] == "sizewise" and r["load"] <= 1)
+    out["probe_time"] = probe_ok
+    lines.append("  probe p50 <= 2 ms, p95 <= 10 ms at <= 1x: " + ("met" if probe_ok else "NOT met") + " (" + ", ".join(
+        f"{r['load']}x {r['probe_p50_ms'] or 0:.1f}/{r['probe_p95_ms'] or 0:.1f} ms" for r in rows
+        if r["policy"] == "sizewise" and r["load"] <= 1) + ")")
     out["lines"] = lines
     return out
+
+
+def plot(rows: list[dict], path: Path, slo_s: float) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing (pip install -e '.[bench]'): no plot", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for p in POLICIES:
+        pts = sorted((r["load"], r["goodput"], r["loss"] * 100) for r in rows if r["policy"] == p)
+        if pts:
+            ax.plot([g for _, g, _ in pts], [q for _, _, q in pts], marker="o", label=p)
+            for load, g, q in pts:
+                ax.annotate(f"{load:g}x", (g, q), fontsize=6, alpha=0.6)
+    ax.set_xlabel(f"goodput (requests/s within the {slo_s:.2f} s SLO)")
+    ax.set_ylabel("quality loss vs static large (% NLL)")
+    ax.set_title("routing across the load sweep (demo family)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def dep(checkpoints):
     cfg = DeploymentConfig.model_validate(dict(
         device="cpu", memory_fraction=0.01,
         models=[dict(name=f"m-{t}", tier=t, path=str(checkpoints[f])) for t, f in TIERS.items()],
-        engine=ENGINE, policy=dict(router="adaptive", max_difficulty=dict(small=5.6, medium=5.9)),
+        engine=ENGINE, policy=dict(router="adaptive"),
     ))
     d = Deployment.load(cfg, echo_plan=False)
     yield d

@@ -10,9 +10,9 @@ import pytest
 
 from sizewise import InvalidRequestError, SamplingParams
 from sizewise.orchestrator.deployment import Deployment, DeploymentConfig, UnknownModelError
-from sizewise.orchestrator.policy import PolicySettings
+from sizewise.orchestrator.policy import PolicySettings, QualityPredictor, TierFit
 from sizewise.orchestrator.router import AdaptiveRouter
-from sizewise.orchestrator.types import RoutingHints
+from sizewise.orchestrator.types import Prompt, RoutingHints
 
 TIERS = {"small": "llama", "medium": "qwen2", "large": "mistral"}
 CODE = "def add(a, b):\n    return a + b\n"
@@ -33,8 +33,11 @@ def dep(checkpoints):
 
 
 def router(**kw) -> AdaptiveRouter:
-    kw.setdefault("consolidate", False)  # tested on its own below; here engines may look busy
+    kw.setdefault("always_probe", True)  # measure difficulty whatever the load (tested on its own below)
     return AdaptiveRouter(PolicySettings(**kw))
+
+
+
 
 
 async def serve(dep, rid: str, ids: list[int], params: SamplingParams, model: str) -> list[int]:
@@ -51,12 +54,13 @@ async def test_config_selects_the_adaptive_router_and_decisions_are_explained(de
     d = await dep.route(ids, SamplingParams(max_tokens=4), "auto", RoutingHints())
     assert d.model in dep.cores and dep.model_to_tier[d.model] == d.tier
     assert d.probe["copyability"] > 0.5 and d.strategy == "pld"  # repeated text, idle engine: lookup pays
-    assert d.reason.startswith("probe:")
+    # idle: bandwidth costs nothing, the top tier serves, and the probe model's prefill is skipped
+    assert (d.tier, d.reason, d.explain["lambda_nats_per_gb"]) == ("large", "objective:quality", 0.0)
     p = d.probe
-    assert p["probe_model"] == "m-small" and p["prompt_tokens"] == len(ids)
-    assert p["difficulty_tokens"] == len(ids) - 1 and p["difficulty"] > 0
+    assert p["skipped"] and p["difficulty"] is None and p["prompt_tokens"] == len(ids)
     assert p["intent"] in ("code", "math", "knowledge", "chat") and p["ms"] > 0
-    assert set(d.extra["estimated_latency_ms"]) == set(TIERS)
+    assert set(d.explain["tiers"]) == set(TIERS)
+    assert all(v["latency_ms"] > 0 and v["cost_mb"] > 0 for v in d.explain["tiers"].values())
     assert dep.router.decisions[(d.tier, d.reason)] >= 1
     assert d.to_json()["probe"] == p
 
@@ -74,23 +78,25 @@ async def test_probe_difficulty_equals_the_small_models_prompt_nll(dep, checkpoi
     assert d.probe["difficulty"] == pytest.approx(ref, abs=1e-3)
 
 
-async def test_probe_prefill_is_reused_when_the_small_model_serves(dep, checkpoints):
-    small = dep.cores["m-small"]
+async def test_probe_prefill_is_reused_when_the_probe_model_serves(dep, checkpoints):
+    # The probe model is the one the idle policy picks (the top tier), so the prefill is reused.
+    large = dep.cores["m-large"]
     ids = dep.tokenizer().encode((PROSE + CODE) * 3)[:70]  # 4 full blocks of 16 + 6
     assert len(ids) == 70
-    easy = router(max_difficulty_small=100.0)  # everything is "easy": the small model serves
-    before = small.stats().prefix_cache_hit_tokens
-    d = await easy.route(dep, ids, SamplingParams(max_tokens=6, temperature=0.0), "auto", RoutingHints())
-    assert (d.tier, d.reason) == ("small", "probe:easy")
+    r = router(probe_model="large")
+    before = large.stats().prefix_cache_hit_tokens
+    d = await r.route(dep, ids, SamplingParams(max_tokens=6, temperature=0.0), "auto", RoutingHints())
+    assert (d.tier, d.reason) == ("large", "objective:quality")
+    assert d.probe["probe_model"] == "m-large" and d.probe["difficulty_tokens"] == len(ids) - 1
     # the probe itself (prompt_logprobs) looked nothing up...
-    assert small.stats().prefix_cache_hit_tokens == before
+    assert large.stats().prefix_cache_hit_tokens == before
     got = await serve(dep, "reuse-1", ids, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), d.model)
     # ...but registered its blocks: the request's prefill hits every full block but the last token's
-    assert small.stats().prefix_cache_hit_tokens - before == 64
+    assert large.stats().prefix_cache_hit_tokens - before == 64
     # and the reused KV gives the same tokens as the model alone
     from sizewise import LLM
 
-    alone = LLM(checkpoints["llama"], device="cpu", max_model_len=256, enforce_eager=True, enable_prefix_caching=False)
+    alone = LLM(checkpoints["mistral"], device="cpu", max_model_len=256, enforce_eager=True, enable_prefix_caching=False)
     ref = alone.generate([ids], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0].outputs[0].token_ids
     assert got == ref
 
@@ -108,16 +114,20 @@ async def test_prompt_logprob_requests_skip_lookups_but_register_blocks(dep):
 
 
 async def test_copy_like_and_prose_prompts_get_different_tiers(dep):
-    # Random-weight models find every prompt equally hard, so here the copyability discount is
+    # Random-weight models find every prompt equally hard, so here a predictor over copyability is
     # what separates them (the demo-family test checks real difficulty).
-    r = router(max_difficulty_small=3.0, max_difficulty_medium=5.0, copy_weight=4.0)
+    pred = QualityPredictor({"small": TierFit(2.0, {"copyability": -3.0}, 1.0), "medium": TierFit(5.0, {}, 5.0)})
+    r = router(quality=pred)
     tok = dep.tokenizer()
     copy = tok.encode("x = [1, 2, 3]\n" * 12)
     prose = tok.encode("Jackdaws love my big sphinx of quartz; waltz, nymph, for quick jigs vex Bud.")
     dc = await r.route(dep, copy, SamplingParams(max_tokens=8), "auto", RoutingHints())
     dp = await r.route(dep, prose, SamplingParams(max_tokens=8), "auto", RoutingHints())
     assert dc.probe["copyability"] > 0.7 > 0.2 > dp.probe["copyability"]
-    assert (dc.tier, dp.tier) == ("small", "large")
+    assert dc.explain["tiers"]["small"]["loss"] == 0.0 < dp.explain["tiers"]["small"]["loss"]
+    # predicted as good as large: the cheaper of the two serves; the prose stays on large
+    cheaper = min(("small", "large"), key=lambda t: dc.explain["tiers"][t]["cost_mb"])
+    assert (dc.tier, dp.tier) == (cheaper, "large")
 
 
 async def test_pinned_requests_skip_the_model_probe_and_are_served_where_pinned(dep):
@@ -136,13 +146,13 @@ async def test_bad_input_gets_a_clear_error_and_others_are_still_served(dep):
     with pytest.raises(UnknownModelError, match="'huge' does not exist"):
         await dep.route([1, 2, 3], SamplingParams(), "huge", RoutingHints())
     bad = tok.encode(PROSE) + [10**6]
-    d = await dep.route(bad, SamplingParams(max_tokens=2), "auto", RoutingHints())  # the probe fails softly
+    d = await router().route(dep, bad, SamplingParams(max_tokens=2), "auto", RoutingHints())  # the probe fails softly
     assert any("outside the vocabulary" in e for e in d.probe["errors"])
     with pytest.raises(InvalidRequestError, match="outside the vocabulary") as ei:
         await dep.engine.add_request("bad-1", bad, SamplingParams(max_tokens=2), core=d.model)
     assert ei.value.param == "prompt"
     too_long = tok.encode(PROSE * 40)[:300]  # over every model's 256-token context
-    d = await dep.route(too_long, SamplingParams(max_tokens=2), "auto", RoutingHints())
+    d = await router().route(dep, too_long, SamplingParams(max_tokens=2), "auto", RoutingHints())
     assert d.probe["difficulty_tokens"] == 254  # the probe reads what fits
     with pytest.raises(InvalidRequestError, match="context length is 256"):
         await dep.engine.add_request("long-1", too_long, SamplingParams(max_tokens=2), core=d.model)
@@ -194,7 +204,7 @@ async def test_auto_strategies_are_servable_and_lossless(dep):
     """What `auto` picks (pld for copyable prompts; draft, when allowed, for larger tiers with the
     small model attached as draft) is accepted by the engine and gives plain greedy's tokens."""
     tok = dep.tokenizer()
-    r = router(max_difficulty_small=0.0, max_difficulty_medium=0.0, allow_draft=True, pld_min_copyability=0.5)
+    r = router(allow_draft=True, pld_min_copyability=0.5)
     cases = [tok.encode("x = [1, 2, 3]\n" * 8), tok.encode("Jackdaws love my big sphinx of quartz.")]
     want = []
     for i, ids in enumerate(cases):
@@ -249,19 +259,85 @@ async def test_zero_shot_intent_equals_label_likelihoods_under_transformers(dep,
     assert p["intent"] == max(lps, key=lps.get)
 
 
-async def test_easy_request_joins_the_busy_large_batch_and_the_probe_is_skipped(dep):
+async def test_the_model_probe_runs_only_when_it_could_change_the_decision(dep):
     tok = dep.tokenizer()
     small = dep.cores["m-small"]
-    long_params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
-    stream = await dep.engine.add_request("busy-large", tok.encode(PROSE), long_params, core="m-large")
-    try:
-        steps = small.stats().num_steps
-        r = router(max_difficulty_small=100.0, consolidate=True)  # everything would be "easy"
-        d = await r.route(dep, tok.encode(CODE), SamplingParams(max_tokens=4), "auto", RoutingHints())
-        assert (d.tier, d.reason) == ("large", "consolidate:up")
-        assert d.probe["skipped"] and d.probe["difficulty"] is None
-        assert small.stats().num_steps == steps  # no probe prefill ran
-    finally:
-        stream.abort()
-        while dep.cores["m-large"].has_unfinished_requests():  # freed at the worker's next turn
-            await asyncio.sleep(0.01)
+    pred = QualityPredictor({"small": TierFit(0.1, {"difficulty": 0.01}, 0.2), "medium": TierFit(0.05, {}, 0.05)})
+    steps = small.stats().num_steps
+    idle = router(quality=pred, always_probe=False)
+    d = await idle.route(dep, tok.encode(CODE), SamplingParams(max_tokens=4), "auto", RoutingHints())
+    assert d.tier == "large" and "lambda is 0" in d.probe["skipped"] and d.probe["difficulty"] is None
+    assert small.stats().num_steps == steps  # no probe prefill ran
+    # a predictor that reads no model signal never needs the prefill
+    blind = router(quality=QualityPredictor({"small": TierFit(0.2, {}, 0.2), "medium": TierFit(0.1, {}, 0.1)}),
+                   always_probe=False)
+    d = await blind.route(dep, tok.encode(CODE), SamplingParams(max_tokens=4), "auto", RoutingHints(max_latency_ms=1.0))
+    assert "no signal" in d.probe["skipped"]
+    # an SLO the top tier misses: the difficulty could decide between the others, so it is measured
+    d = await router(quality=pred, always_probe=False, probe_max_ms=1e6).route(
+        dep, tok.encode(CODE), SamplingParams(max_tokens=4), "auto", RoutingHints(max_latency_ms=1e-3))
+    assert d.probe["difficulty"] is not None and "skipped" not in d.probe
+
+
+# ----- Deployment.submit: the server's one way in -----------------------------------------------
+class _InFlight:
+    """Delegates to a real router and records how many routes were in flight at once."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.now, self.peak = inner, 0, 0
+
+    async def route(self, *args):
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        try:
+            return await self.inner.route(*args)
+        finally:
+            self.now -= 1
+
+
+async def test_submit_probes_a_batch_concurrently_validates_once_and_keeps_order(dep, monkeypatch):
+    from sizewise.engine.core import EngineCore
+
+    tok = dep.tokenizer()
+    texts = [CODE, PROSE * 2, "import os\n", PROSE + CODE]
+    prompts = [Prompt(tok.encode(t), t) for t in texts]
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    alone = [await router().route(dep, p.ids, params, "auto", RoutingHints()) for p in prompts]
+    calls = []
+    real_validate = EngineCore.validate
+
+    def validate(self, ids, p, *a, **k):
+        if p is params:  # this request's, not a probe's own
+            calls.append(self.name)
+        return real_validate(self, ids, p, *a, **k)
+
+    monkeypatch.setattr(EngineCore, "validate", validate)
+    spy = _InFlight(router())
+    monkeypatch.setattr(dep, "router", spy)
+    subs = await dep.submit("batch", prompts, params)
+    assert spy.peak == len(prompts)  # every prompt's probe was in flight at once, not one after another
+    assert [s.request_id for s in subs] == [f"batch-{i}" for i in range(len(prompts))]
+    assert [s.index for s in subs] == list(range(len(prompts)))
+    # in prompt order: each prompt's decision is the one it gets alone (the probe reads the same text)
+    assert [s.decision.probe["difficulty"] for s in subs] == pytest.approx([d.probe["difficulty"] for d in alone])
+    assert sorted(calls) == sorted(s.decision.model for s in subs)  # validated once each, where it was routed
+    for s in subs:
+        got = [t async for delta in s for o in delta.outputs for t in o.token_ids]
+        assert len(got) == 3
+
+
+async def test_submit_queues_all_prompts_or_none(dep):
+    tok = dep.tokenizer()
+    good = Prompt(tok.encode(CODE), CODE)
+    bad = Prompt(tok.encode(PROSE) + [10**6])
+    before = {n: c.stats().generation_tokens_total for n, c in dep.cores.items()}
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        await dep.submit("mixed", [good, good, bad], SamplingParams(max_tokens=2))
+    st = dep.stats()
+    assert (st.num_running, st.num_waiting) == (0, 0)  # the two valid prompts were never queued
+    assert {n: c.stats().generation_tokens_total for n, c in dep.cores.items()} == before
+    with pytest.raises(InvalidRequestError, match="prompt is empty"):
+        await dep.submit("none", [], SamplingParams())
+    # the same id is free again: nothing of the refused request is left in the engine
+    subs = await dep.submit("mixed", [good], SamplingParams(max_tokens=2, ignore_eos=True))
+    assert len([t async for d in subs[0] for o in d.outputs for t in o.token_ids]) == 2

@@ -29,7 +29,7 @@ def _script() -> list[str]:
 def test_serve_subprocess_two_models_with_api_key(checkpoints):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SIZEWISE_API_KEYS": ""}
     cmd = [*_script(), "serve", "--model", str(checkpoints["llama"]), "--model",
-           str(checkpoints["llama_tied_linear"]), "--port", "0", "--device", "cpu", "--api-key", "sekrit"]
+           str(checkpoints["llama_tied_linear"]), "--port", "0", "--device", "cpu", "--api-key", "sekrit", "--metrics-auth"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
     url_seen = threading.Event()
@@ -62,6 +62,8 @@ def test_serve_subprocess_two_models_with_api_key(checkpoints):
             assert r.status_code == 200 and r.json()["sizewise"]["tier"] == "small"
             models = {m["id"] for m in h.get("/v1/models", headers={"Authorization": "Bearer sekrit"}).json()["data"]}
             assert models == {"llama", "llama_tied_linear", "small", "large", "auto"}
+            assert h.get("/metrics").status_code == 401  # --metrics-auth
+            assert h.get("/metrics", headers={"Authorization": "Bearer sekrit"}).status_code == 200
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -33,7 +34,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="auto | cpu | cuda[:N] | npu[:N] (overrides the config)")
     s.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require 'Authorization: Bearer KEY' (repeatable; also env SIZEWISE_API_KEYS)")
+    s.add_argument("--metrics-auth", action="store_true",
+                   help="/metrics requires an API key too (server.metrics_require_auth in the config)")
+    s.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let requests supply their own chat template (chat_template_kwargs.chat_template): "
+                        "code every client may run on the server; only for trusted clients")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--ray", action="store_true",
+                   help="serve on Ray Serve: --replicas copies of the whole deployment behind a KV-aware "
+                        "router (needs pip install 'sizewise[ray]'; joins RAY_ADDRESS's cluster or starts one)")
+    s.add_argument("--replicas", type=int, default=1, help="with --ray: replicas of the deployment (default 1)")
+    s.add_argument("--replica-cpus", type=float, default=1.0, help="with --ray: CPUs reserved per replica")
+    s.add_argument("--replica-gpus", type=float, default=0.0, help="with --ray: GPUs reserved per replica")
 
     g = sub.add_parser("generate", help="print completions of one prompt (offline, no server)")
     g.add_argument("prompt", help="the prompt text ('-' reads it from stdin); with --chat, the user message")
@@ -52,7 +64,50 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="auto")
     g.add_argument("--max-model-len", type=int, default=None)
+
+    c = sub.add_parser("calibrate", help="fit the routing policy's quality predictor (policy.quality) on "
+                                         "held-out text or your own prompts, and print it as YAML")
+    c.add_argument("--config", help=f"deployment YAML (default: {DEFAULT_CONFIG})")
+    c.add_argument("--calibration-data", metavar="FILE",
+                   help='JSONL, one {"prompt": ..., "completion": ...} per line (completion optional: the top '
+                        "tier's greedy continuation stands in); default: the demo family's held-out split")
+    c.add_argument("--requests", type=int, default=256, help="held-out windows to calibrate on (default: 256)")
+    c.add_argument("--prompt-tokens", type=int, default=96, help="prompt window / cap in tokens (default: 96)")
+    c.add_argument("--ref-tokens", type=int, default=32, help="reference continuation tokens (default: 32)")
+    c.add_argument("--out", metavar="FILE", help="also write the policy.quality YAML to FILE")
+    c.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return p
+
+
+def _calibrate(args) -> int:
+    from .orchestrator.deployment import Deployment, DeploymentConfig
+    from .orchestrator.measure import calibrate_deployment, quality_yaml
+
+    cfg = DeploymentConfig.from_yaml(_find_config(args.config))
+    if len(cfg.models) < 2:
+        raise CliError("calibration needs at least two tiers (it predicts each tier's gap to the top one)")
+    cfg.policy.router = "adaptive"
+    dep = Deployment.load(cfg, echo_plan=False)
+    try:
+        src = args.calibration_data or "the demo family's held-out split"
+        print(f"calibrating on {src} ...", file=sys.stderr, flush=True)
+        try:
+            fit, on, _ = calibrate_deployment(dep, args.calibration_data, args.requests, args.prompt_tokens,
+                                              args.ref_tokens)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+    finally:
+        dep.shutdown()
+    r = fit.report
+    print(f"calibrated on {on}", file=sys.stderr)
+    print(f"held-out squared error of the gap: mean only {r['mean_only']:.4f}; " + ", ".join(
+        f"{k} alone {v:.4f}" for k, v in r["single"].items()) + f"; kept {fit.signals or 'none'} -> "
+        f"{r['kept_error']:.4f}", file=sys.stderr)
+    text = "# under `policy:` in the deployment YAML\n" + quality_yaml(fit, on)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
 
 
 def _find_config(given: str | None) -> Path:
@@ -75,7 +130,7 @@ def _serve(args) -> int:
     # server with status 0, also when they come before it runs (while torch is imported).
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return _run_server(args)
+        return _run_ray(args) if args.ray else _run_server(args)
     except KeyboardInterrupt:
         return 0
     finally:
@@ -99,6 +154,7 @@ def _run_server(args) -> int:
 
     from .orchestrator.deployment import Deployment, DeploymentConfig
     from .server import create_app
+    from .server.app import API_KEYS_ENV
     from .server.runner import Server, base_url, bind_socket, shutdown_hook, uvicorn_config
 
     if args.model:
@@ -120,6 +176,12 @@ def _run_server(args) -> int:
     server_cfg = cfg.server.model_copy(update={
         k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None})
     server_cfg.api_keys = [*server_cfg.api_keys, *args.api_key]
+    if args.trust_request_chat_template:
+        server_cfg.trust_request_chat_template = True
+    if args.metrics_auth:
+        if not server_cfg.api_keys and not os.environ.get(API_KEYS_ENV):
+            raise CliError("--metrics-auth needs an API key (--api-key or SIZEWISE_API_KEYS)")
+        server_cfg.metrics_require_auth = True
     # Bind before anything loads: a busy port fails at once, and port 0's real port is in the URL.
     try:
         sock = bind_socket(server_cfg.host, server_cfg.port)
@@ -155,6 +217,48 @@ def _run_server(args) -> int:
     finally:
         sock.close()
     return exit_code
+
+
+def _run_ray(args) -> int:
+    """`sizewise serve --ray`: the Serve application of sizewise.ray_serve, until Ctrl-C / SIGTERM."""
+    if args.model:
+        raise CliError("--ray serves a --config file (every replica reads it); --model is not supported")
+    if args.replicas < 1:
+        raise CliError(f"--replicas {args.replicas}: at least 1")
+    if args.port is not None and not 0 < args.port <= 65535:
+        raise CliError(f"--port {args.port}: a port is 1-65535 with --ray")
+    config_path = _find_config(args.config)
+    from .orchestrator.deployment import DeploymentConfig
+
+    try:
+        server_cfg = DeploymentConfig.from_yaml(config_path).server
+    except Exception as e:  # noqa: BLE001 - YAML and schema errors are the user's to fix
+        raise CliError(f"invalid config {config_path}: {e}") from None
+    try:
+        import ray
+        from ray import serve
+
+        from .ray_serve import build_app
+    except ImportError as e:
+        raise CliError(f"--ray needs Ray Serve: pip install 'sizewise[ray]' ({e})") from None
+    import time
+
+    host = args.host or server_cfg.host
+    port = args.port or server_cfg.port
+    ray.init()  # RAY_ADDRESS (or a running local cluster) if set, else a new local one
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app({"config": str(config_path), "replicas": args.replicas, "num_cpus": args.replica_cpus,
+                             "num_gpus": args.replica_gpus, "device": args.device, "proxy_host": host}),
+                  name="sizewise", route_prefix="/")
+        log.info("ready: %d replica(s) on Ray Serve at http://%s:%d (OpenAI API at /v1)", args.replicas, host, port)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def _generate(args) -> int:
@@ -204,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "calibrate":
+            return _calibrate(args)
         return _generate(args)
     except CliError as e:
         print(f"sizewise: error: {e}", file=sys.stderr)

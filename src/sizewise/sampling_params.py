@@ -5,13 +5,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass, field
 
-
-class InvalidRequestError(ValueError):
-    """A request parameter is out of range. `param` names it (OpenAI's error `param`)."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
+from .errors import InvalidRequestError
 
 
 def is_int(v: object) -> bool:
@@ -53,6 +47,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     MAX_LOGPROBS = 20
+    # Every list a request can send is bounded: the engine reads them at every step.
+    MAX_STOP = 16
+    MAX_STOP_CHARS = 1024  # the detokenizer holds back len(longest stop) - 1 characters
+    MAX_STOP_TOKEN_IDS = 1024
     _INT_FIELDS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs")
     _OPTIONAL = ("seed", "max_tokens", "logprobs", "prompt_logprobs")
     _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
@@ -121,8 +119,12 @@ class SamplingParams:
                 raise bad(name, f"must be in [0, {self.MAX_LOGPROBS}], got {v}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "entries must be non-empty strings")
-        if len(self.stop) > 16:
-            raise bad("stop", f"at most 16 stop strings, got {len(self.stop)}")
+        if len(self.stop) > self.MAX_STOP:
+            raise bad("stop", f"at most {self.MAX_STOP} stop strings, got {len(self.stop)}")
+        if any(len(s) > self.MAX_STOP_CHARS for s in self.stop):
+            raise bad("stop", f"entries must be at most {self.MAX_STOP_CHARS} characters long")
+        if len(self.stop_token_ids) > self.MAX_STOP_TOKEN_IDS:
+            raise bad("stop_token_ids", f"at most {self.MAX_STOP_TOKEN_IDS} token ids, got {len(self.stop_token_ids)}")
         if not all(map(is_int, self.stop_token_ids)):
             raise bad("stop_token_ids", f"entries must be integer token ids, got {self.stop_token_ids!r}")
         if vocab_size is not None:

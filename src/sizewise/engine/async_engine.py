@@ -1,7 +1,7 @@
 """Async front of one or more EngineCores, for the server.
 
-One worker thread owns every core it drives and steps them round-robin, one batched step per
-core per turn. Why one thread for all co-resident models: their steps would contend for the
+One worker thread owns every core it drives and steps them one at a time, one batched step each:
+round robin (one step per busy core per turn) or fair (equal device-time shares; `discipline`). Why one thread for all co-resident models: their steps would contend for the
 same memory bandwidth anyway, sequential steps keep each step's time attributable to one model
 (the telemetry reads achieved bandwidth from it), and it never oversubscribes the host cores.
 Requests and aborts reach the worker through a queue; outputs come back to the caller's event
@@ -15,18 +15,15 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
-from ..sampling_params import InvalidRequestError, SamplingParams
+from ..errors import EngineDeadError, InvalidRequestError
+from ..outputs import RequestOutput
+from ..sampling_params import SamplingParams
 from .core import EngineCore, EngineStats
-from .outputs import RequestOutput
 
 log = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    pass
 
 
 @dataclass(slots=True)
@@ -48,19 +45,31 @@ class _Abort:
 
 
 class RequestStream:
-    """Deltas of one request, in order; iteration ends after the finished delta."""
+    """Deltas of one request, in order; iteration ends after the finished delta.
 
-    def __init__(self, engine: "AsyncEngine", request_id: str, core: str) -> None:
+    With a `sink`, the worker hands each delta (or the exception that failed the request) straight
+    to it on the caller's event loop instead, and the stream is only the request's abort handle:
+    a caller serving several requests at once reads them from one queue of its own, with no
+    task per request to move them across."""
+
+    def __init__(self, engine: "AsyncEngine", request_id: str, core: str,
+                 sink: Callable[[RequestOutput | BaseException], None] | None = None) -> None:
         self.engine = engine
         self.request_id = request_id
         self.core = core
-        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.queue: asyncio.Queue[RequestOutput | BaseException] | None = None
+        if sink is None:
+            self.queue = asyncio.Queue()
+            sink = self.queue.put_nowait
+        self.sink = sink
         self.finished = False
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self._iter()
 
     async def _iter(self) -> AsyncIterator[RequestOutput]:
+        if self.queue is None:
+            raise TypeError("this request's deltas go to its sink; it cannot be iterated")
         try:
             while not self.finished:
                 item = await self.queue.get()
@@ -87,6 +96,34 @@ class _Route:
     stream: RequestStream
 
 
+class FairShare:
+    """Start-time fair queueing over device time: the busy core that has used the least device time
+    steps next, so every busy core gets an equal share of the device and a cheap model's requests
+    advance as often as its own steps allow, not at the pace of the dearest model's steps. A core
+    that wakes starts at the least of those already busy: an idle spell banks no credit."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.used = dict.fromkeys(names, 0.0)  # device seconds per core
+        self._busy: set[str] = set()
+
+    def idle(self) -> None:
+        self._busy.clear()
+
+    def wake(self, busy: list[str]) -> None:
+        if self._busy:
+            floor = min(self.used[m] for m in self._busy)
+            for n in busy:
+                if n not in self._busy:
+                    self.used[n] = max(self.used[n], floor)
+        self._busy = set(busy)
+
+    def pick(self, busy: list[str]) -> str:
+        return min(busy, key=lambda n: self.used[n])
+
+    def charge(self, name: str, seconds: float) -> None:
+        self.used[name] += seconds
+
+
 class AsyncEngine:
     def __init__(self, cores: dict[str, EngineCore] | EngineCore) -> None:
         if isinstance(cores, EngineCore):
@@ -102,6 +139,9 @@ class AsyncEngine:
         self._closing = threading.Lock()
         self._closed = False
         self.priority_core: str | None = None  # stepped early when it has queued requests (the probe engine)
+        # How busy cores share the device: "round_robin" (one step each per turn) or "fair" (equal
+        # device-time shares). The orchestrator sets it from its policy, whose latency model predicts it.
+        self.discipline = "round_robin"
         self.step_listeners: list = []  # callables(core_name, core, outputs, seconds): telemetry hooks
         self._thread = threading.Thread(target=self._run, name="sizewise-engine", daemon=True)
         self._thread.start()
@@ -110,17 +150,22 @@ class AsyncEngine:
     async def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
         core: str | None = None, prompt: str | None = None, strategy: str = "plain",
+        sink: Callable[[RequestOutput | BaseException], None] | None = None, validated: bool = False,
     ) -> RequestStream:
         """Queue a request; raises InvalidRequestError / QueueFullError before anything streams.
 
-        `strategy`: plain | pld | draft | auto (see EngineCore.add_request)."""
+        `strategy`: plain | pld | draft | auto (see EngineCore.add_request). `sink`: see
+        RequestStream. `validated`: the caller already ran the core's `validate` on these arguments
+        (the orchestrator does, after routing); otherwise it runs here, on the caller's thread, so
+        the error comes back before anything is queued. The worker never validates again."""
         self._check_running()
         name = core or next(iter(self.cores))
         if name not in self.cores:
             raise KeyError(name)
-        self.cores[name].validate(prompt_token_ids, params, strategy)
+        if not validated:
+            self.cores[name].validate(prompt_token_ids, params, strategy)
         loop = asyncio.get_running_loop()
-        stream = RequestStream(self, request_id, name)
+        stream = RequestStream(self, request_id, name, sink)
         admitted = loop.create_future()
         with self._closing:
             self._check_running()
@@ -169,7 +214,7 @@ class AsyncEngine:
     # ----- worker thread ------------------------------------------------------------------------
     def _deliver(self, route: _Route, item) -> None:
         try:
-            route.loop.call_soon_threadsafe(route.stream.queue.put_nowait, item)
+            route.loop.call_soon_threadsafe(route.stream.sink, item)
         except RuntimeError:  # the caller's event loop is closed: nobody reads this stream; free it
             self._inbox.put(_Abort(route.stream.request_id))
 
@@ -189,7 +234,8 @@ class AsyncEngine:
                         raise InvalidRequestError(f"request id {cmd.request_id!r} is already in use",
                                                   param="request_id")
                     self.cores[cmd.core].add_request(
-                        cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.prompt, strategy=cmd.strategy
+                        cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.prompt, strategy=cmd.strategy,
+                        validated=True,
                     )
                 except Exception as e:  # noqa: BLE001 - reported to the caller, engine carries on
                     cmd.loop.call_soon_threadsafe(_set_exc, cmd.admitted, e)
@@ -204,13 +250,22 @@ class AsyncEngine:
     def _run(self) -> None:
         names = list(self.cores)
         turn = 0
+        share = FairShare(names)
         try:
             while not self._stop:
                 self._drain_inbox()
                 busy = [n for n in names if self.cores[n].has_unfinished_requests()]
                 if not busy:
+                    share.idle()
                     self._wake.wait(0.05)
                     self._wake.clear()
+                    continue
+                if self.discipline == "fair":
+                    share.wake(busy)
+                    self._step_priority(None, share)
+                    name = share.pick(busy)
+                    self._drain_inbox()
+                    share.charge(name, self._step_core(name))
                     continue
                 # Round-robin: each busy core gets one step per turn. A `priority_core` with
                 # newly queued requests (the orchestrator's probe engine) also gets a step after
@@ -218,11 +273,7 @@ class AsyncEngine:
                 for name in busy[turn % len(busy):] + busy[: turn % len(busy)]:
                     self._drain_inbox()
                     self._step_core(name)
-                    prio = self.priority_core
-                    if prio is not None and prio != name:
-                        self._drain_inbox()  # first: a probe that arrived during that step counts
-                        if self.cores[prio].scheduler.waiting:
-                            self._step_core(prio)
+                    self._step_priority(name, share)
                 turn += 1
         except BaseException as e:  # noqa: BLE001
             self._dead = e
@@ -231,6 +282,13 @@ class AsyncEngine:
         finally:
             self._fail_pending(EngineDeadError(f"engine worker died: {self._dead!r}" if self._dead is not None
                                                else "the engine was shut down"))
+
+    def _step_priority(self, just_stepped: str | None, share: "FairShare") -> None:
+        """Step the priority core now if requests wait on it (its probes are in the very next step)."""
+        self._drain_inbox()  # first: a probe that arrived during the last step counts
+        prio = self.priority_core
+        if prio is not None and prio != just_stepped and self.cores[prio].scheduler.waiting:
+            share.charge(prio, self._step_core(prio))
 
     def _fail_pending(self, exc: EngineDeadError) -> None:
         """The worker is leaving (shut down or dead): no stream it owns may wait for ever. Requests
@@ -247,7 +305,8 @@ class AsyncEngine:
             self._deliver(route, exc)
         self._routes.clear()
 
-    def _step_core(self, name: str) -> None:
+    def _step_core(self, name: str) -> float:
+        """One step of `name`; returns its wall seconds."""
         core = self.cores[name]
         t0 = time.perf_counter()
         try:
@@ -255,7 +314,7 @@ class AsyncEngine:
         except Exception as e:  # noqa: BLE001 - fail this core's requests, keep serving
             log.exception("step of %s failed; failing its in-flight requests", name)
             self._fail_core(name, e)
-            return
+            return time.perf_counter() - t0
         dt = time.perf_counter() - t0
         for out in outs:
             route = self._routes.get(out.request_id)
@@ -269,6 +328,7 @@ class AsyncEngine:
                 listener(name, core, outs, dt)
             except Exception:  # noqa: BLE001 - telemetry must never stop serving
                 log.exception("step listener failed")
+        return dt
 
     def _fail_core(self, name: str, exc: Exception) -> None:
         core = self.cores[name]

@@ -12,24 +12,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import InvalidRequestError, QueueFullError
 from ..models import CheckpointError, ModelConfig, load_model, parse_dtype
 from ..models.loader import checkpoint_files
 from ..platform import Platform, get_platform
-from ..sampling_params import InvalidRequestError, SamplingParams, is_int
+from ..outputs import CompletionOutput, RequestOutput
+from ..sampling_params import SamplingParams, is_int
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import Detokenizer
 from .model_runner import ModelRunner, StepResult
-from .outputs import CompletionOutput, RequestOutput
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Request, Sequence
 from .speculative import PROPOSERS, SpeculativeDecoder, VerifyResult
 
 log = logging.getLogger(__name__)
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at its bound; retry later (HTTP 429)."""
 
 
 @dataclass(slots=True)
@@ -44,6 +41,7 @@ class EngineStats:
     last_step_seconds: float
     last_step_num_tokens: int
     last_step_bytes: int  # weights + KV read by the last step
+    last_step_prefill_tokens: int  # of last_step_num_tokens, prompt tokens prefilled (the rest: decode rows)
     prompt_tokens_total: int
     generation_tokens_total: int
     # speculative decoding, per proposer ("pld", "draft"); see engine/speculative.py
@@ -140,7 +138,7 @@ class EngineCore:
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._step_count = 0
-        self._last_step = (0.0, 0, 0)
+        self._last_step = (0.0, 0, 0, 0)
         self._prompt_tokens = 0
         self._gen_tokens = 0
         self.weight_bytes = self.runner.weight_bytes()
@@ -211,11 +209,14 @@ class EngineCore:
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
         prompt: str | None = None, arrival_time: float | None = None, strategy: str = "plain",
+        validated: bool = False,
     ) -> Request:
-        """`strategy`: plain | pld (prompt lookup) | draft (needs `attach_draft`) | auto (adaptive pld)."""
+        """`strategy`: plain | pld (prompt lookup) | draft (needs `attach_draft`) | auto (adaptive pld).
+        `validated`: the caller ran `validate` on these arguments already (it is not repeated)."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
-        self.validate(prompt_token_ids, params, strategy)
+        if not validated:
+            self.validate(prompt_token_ids, params, strategy)
         if len(self.scheduler.waiting) + params.n > self.config.max_waiting:
             raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} sequences)")
         req = Request(request_id, list(prompt_token_ids), params, prompt, strategy=strategy)
@@ -288,7 +289,7 @@ class EngineCore:
             num_tokens += self.spec.last_num_tokens
         kv_bytes = kv_tokens * self.model_config.kv_bytes_per_token(self.dtype)
         self._step_count += 1
-        self._last_step = (seconds, num_tokens, self.step_weight_bytes + kv_bytes)
+        self._last_step = (seconds, num_tokens, self.step_weight_bytes + kv_bytes, sum(sched.prefill_chunks))
 
     def _postprocess(
         self, sched: SchedulerOutput, result: StepResult | None, spec_results: list[VerifyResult] = (),
@@ -348,15 +349,16 @@ class EngineCore:
 
     def _check_finish(self, seq: Sequence, token: int) -> None:
         p = seq.params
+        stop_ids = seq.request.stop_ids
         stop_str = self.detokenizer.update(seq, 1)
         reason, stop_reason = None, None
         if stop_str is not None:
             reason, stop_reason = "stop", stop_str
         elif seq.num_output_tokens >= p.min_tokens and (
-            (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids
+            (not p.ignore_eos and token in self.eos_token_ids) or token in stop_ids
         ):
             reason = "stop"
-            stop_reason = token if token in p.stop_token_ids else None
+            stop_reason = token if token in stop_ids else None
         elif p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
             reason = "length"
         elif seq.num_tokens >= self.max_model_len:
@@ -419,7 +421,7 @@ class EngineCore:
 
     # ----- stats ---------------------------------------------------------------------------
     def stats(self) -> EngineStats:
-        secs, ntok, nbytes = self._last_step
+        secs, ntok, nbytes, prefill = self._last_step
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -431,6 +433,7 @@ class EngineCore:
             last_step_seconds=secs,
             last_step_num_tokens=ntok,
             last_step_bytes=nbytes,
+            last_step_prefill_tokens=prefill,
             prompt_tokens_total=self._prompt_tokens,
             generation_tokens_total=self._gen_tokens,
             **self._spec_stats(),

@@ -108,6 +108,12 @@ class Request:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     prompt_logprobs_sent: bool = False
     strategy: str = "plain"
+    # What every step reads, built once: membership in a list of stop ids cost O(len) per token.
+    stop_ids: frozenset[int] = field(init=False)
+    min_tokens_block: list[int] | None = None  # EOS + stop ids masked before min_tokens (the runner's)
+
+    def __post_init__(self) -> None:
+        self.stop_ids = frozenset(self.params.stop_token_ids)
 
     @property
     def finished(self) -> bool:

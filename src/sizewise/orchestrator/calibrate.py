@@ -1,14 +1,12 @@
-"""Fit the policy's difficulty thresholds to a model family, from measured data.
+"""Fit the policy's quality predictor to a model family, from measured data; and the oracle.
 
-Given, for a calibration set of requests, the probe's score (what the policy thresholds) and each
-tier's quality on the request (mean NLL of a reference continuation), pick the two thresholds
-that make routing cheapest while the routed quality stays within `tolerance` (relative) of
-serving everything on the largest tier. Cost is per-request bytes a tier streams per decode
-step (its weight bytes), so a cheaper tier is worth more the smaller it is.
-
-Pure and exhaustive (every pair of observed scores as thresholds, O(n^2) for n requests): a
-few hundred calibration requests take milliseconds. `benchmarks/routing.py --calibrate` runs it
-on windows of the held-out split other than the benchmark's and prints the `policy:` values.
+Given, for a calibration set of requests, the probe's signals and each tier's quality on the
+request (mean NLL of a reference continuation), `fit_quality` fits per tier the NLL gap to the top
+tier as a linear function of the signals (ridge least squares), keeping only the signals that
+lower the gap's error on held-out folds: a signal that does not predict the gap better than its
+mean is left out, so the probe does not pay for it. Pure: a few hundred requests take
+milliseconds. `sizewise calibrate` measures the data (`measure.py`) and writes the result into
+the deployment's `policy.quality`.
 """
 
 from __future__ import annotations
@@ -16,60 +14,96 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
+from .policy import SIGNALS, QualityPredictor, TierFit
+
+# Signals the live probe cannot produce: measured and reported at calibration, never kept.
+OFFLINE_SIGNALS = ("prompt_gap",)
+_MIN_GAIN = 0.02  # a signal is kept if it lowers the held-out squared error by at least 2%
+
 
 @dataclass(slots=True, frozen=True)
-class Calibration:
-    max_difficulty_small: float
-    max_difficulty_medium: float
-    nll: float  # mean quality of the routed mix on the calibration set
-    nll_large: float  # everything on the largest tier
-    cost: float  # mean relative cost per request (largest tier = 1)
-    shares: dict[str, float]
+class QualityFit:
+    predictor: QualityPredictor
+    signals: list[str]  # kept, in the order forward selection added them
+    report: dict  # held-out mean squared error (nats^2) per signal set, per tier summed
 
 
-def fit_thresholds(
-    scores: list[float], nll: dict[str, list[float]], cost: dict[str, float], tolerance: float = 0.03,
-) -> Calibration:
-    """`nll[tier][i]`, `cost[tier]` for tiers among small / medium / large (at least the largest)."""
+def _design(signals: list[dict[str, float]], names: list[str]) -> np.ndarray:
+    # x: [N, 1 + len(names)] (a constant column first)
+    return np.array([[1.0] + [s[n] for n in names] for s in signals], dtype=np.float64)
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, alpha: float = 1e-3) -> np.ndarray:
+    # x: [N, F], y: [N] -> w: [F]; features are standardised so one alpha fits any scale
+    mu, sd = x[:, 1:].mean(0), x[:, 1:].std(0) + 1e-9
+    z = np.concatenate([x[:, :1], (x[:, 1:] - mu) / sd], 1)
+    reg = alpha * len(y) * np.eye(z.shape[1])
+    reg[0, 0] = 0.0
+    wz = np.linalg.solve(z.T @ z + reg, z.T @ y)
+    w = np.empty_like(wz)
+    w[1:] = wz[1:] / sd
+    w[0] = wz[0] - (wz[1:] * mu / sd).sum()
+    return w
+
+
+def _cv_error(x: np.ndarray, gaps: dict[str, np.ndarray], folds: int) -> float:
+    """Held-out mean squared error of the gap, summed over tiers (k folds, fixed split)."""
+    n = x.shape[0]
+    idx = np.arange(n) % folds
+    err = 0.0
+    for y in gaps.values():
+        for k in range(folds):
+            tr, te = idx != k, idx == k
+            w = _ridge(x[tr], y[tr])
+            err += float(((x[te] @ w - y[te]) ** 2).sum())
+    return err / n
+
+
+def fit_quality(signals: list[dict[str, float]], nll: dict[str, list[float]], folds: int = 5,
+                candidates: tuple[str, ...] = SIGNALS) -> QualityFit:
+    """`signals[i]`: what the probe measured on request i; `nll[tier][i]`: the tier's reference NLL.
+    The top tier is the last of small / medium / large present; every other tier gets a fit."""
     tiers = [t for t in ("small", "medium", "large") if t in nll]
-    if not tiers or not scores:
-        raise ValueError("need at least one tier and one request to calibrate")
-    n = len(scores)
+    if len(tiers) < 2:
+        raise ValueError("calibration needs at least two tiers (one to predict against the top one)")
+    n = len(signals)
     if any(len(v) != n for v in nll.values()):
         raise ValueError("every tier needs one NLL per request")
-    _check(tolerance, cost, tiers, nll)
+    if n < 2 * folds:
+        raise ValueError(f"calibration needs at least {2 * folds} requests, got {n}")
+    for t in tiers:
+        bad = next((x for x in nll[t] if not math.isfinite(x)), None)
+        if bad is not None:
+            raise ValueError(f"nll[{t!r}] holds {bad}: every NLL must be a finite number")
     top = tiers[-1]
-    rel = {t: cost[t] / cost[top] for t in tiers}
-    order = sorted(range(n), key=lambda i: scores[i])
-    cands = [-math.inf] + [scores[i] for i in order]  # threshold = a score: that request and below
-    # Prefix sums over requests in score order, per tier: routing = small up to a, medium up to b.
-    pre = {t: [0.0] for t in tiers}
-    for i in order:
-        for t in tiers:
-            pre[t].append(pre[t][-1] + nll[t][i])
-    # The baseline from the same sums as every candidate: summed in another order it can differ in
-    # the last bit, and at tolerance 0 even the all-top routing would then miss its own limit.
-    base = pre[top][n] / n
-    limit = base * (1 + tolerance)
-    lo, mid = tiers[0], tiers[1] if len(tiers) == 3 else tiers[0]
-    best = None
-    for a in range(n + 1):  # the a easiest requests go to the cheapest tier
-        for b in range(a, n + 1):  # the next b - a to the middle tier, the rest to the top
-            if len(tiers) < 3 and b != a:
-                break
-            q = (pre[lo][a] + pre[mid][b] - pre[mid][a] + pre[top][n] - pre[top][b]) / n
-            if q > limit:
-                continue
-            c = (a * rel[lo] + (b - a) * rel[mid] + (n - b) * rel[top]) / n
-            if best is None or c < best[0] - 1e-12 or (abs(c - best[0]) <= 1e-12 and q < best[1]):
-                best = (c, q, a, b)
-    c, q, a, b = best  # a = b = 0 (all on the top tier) always meets the limit
-    t_small = cands[a] if a else -math.inf
-    t_med = cands[b] if len(tiers) == 3 and b > a else t_small
-    shares = {lo: a / n, top: (n - b) / n}
-    if len(tiers) == 3:
-        shares[mid] = (b - a) / n
-    return Calibration(t_small, t_med, q, base, c, shares)
+    gaps = {t: np.array(nll[t]) - np.array(nll[top]) for t in tiers[:-1]}
+    present = [c for c in candidates if all(c in s and math.isfinite(s[c]) for s in signals)]
+    base = _cv_error(_design(signals, []), gaps, folds)
+    report: dict = {"requests": n, "folds": folds, "mean_only": base, "single": {}, "steps": []}
+    for c in present:
+        report["single"][c] = _cv_error(_design(signals, [c]), gaps, folds)
+    kept: list[str] = []
+    best = base
+    live = [c for c in present if c not in OFFLINE_SIGNALS]
+    while True:
+        trial = {c: _cv_error(_design(signals, kept + [c]), gaps, folds) for c in live if c not in kept}
+        if not trial:
+            break
+        c = min(trial, key=trial.get)
+        if trial[c] > best * (1 - _MIN_GAIN):
+            break
+        kept.append(c)
+        best = trial[c]
+        report["steps"].append({"added": c, "error": best})
+    report["kept_error"] = best
+    x = _design(signals, kept)
+    fits = {}
+    for t, y in gaps.items():
+        w = _ridge(x, y)
+        fits[t] = TierFit(float(w[0]), {c: float(v) for c, v in zip(kept, w[1:])}, float(max(y.mean(), 0.0)))
+    return QualityFit(QualityPredictor(fits), kept, report)
 
 
 def _check(tolerance: float, cost: dict[str, float], tiers: list[str], nll: dict[str, list[float]]) -> None:
@@ -83,34 +117,6 @@ def _check(tolerance: float, cost: dict[str, float], tiers: list[str], nll: dict
         c = cost.get(t)
         if c is None or not (c > 0 and math.isfinite(c)):
             raise ValueError(f"cost[{t!r}] must be a positive number (the tier's bytes per decode step), got {c}")
-
-
-@dataclass(slots=True, frozen=True)
-class PolicyFit:
-    calibration: Calibration
-    intent_bias: dict[str, float]
-    copy_weight: float
-
-
-def fit_policy(
-    probes: list[tuple[float, str, float]], nll: dict[str, list[float]], cost: dict[str, float],
-    tolerance: float = 0.03, biases: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0),
-    copy_weights: tuple[float, ...] = (0.0, 1.0, 2.0),
-) -> PolicyFit:
-    """Thresholds plus the score's other two knobs: a bias for prose-like intents (knowledge,
-    chat, math; code stays at 0) and the copy discount, by exhaustive search over the given
-    values. `probes[i]` = (difficulty, intent, copyability) of request i, as the probe measured."""
-    best: PolicyFit | None = None
-    for b in biases:
-        bias = {"code": 0.0, "knowledge": b, "chat": b, "math": b}
-        for w in copy_weights:
-            scores = [d + bias.get(i, 0.0) - w * c for d, i, c in probes]
-            cal = fit_thresholds(scores, nll, cost, tolerance)
-            if best is None or cal.cost < best.calibration.cost - 1e-12 or (
-                abs(cal.cost - best.calibration.cost) <= 1e-12 and cal.nll < best.calibration.nll
-            ):
-                best = PolicyFit(cal, bias, w)
-    return best
 
 
 @dataclass(slots=True, frozen=True)

@@ -5,43 +5,55 @@ slotted `PolicySettings` the runtime uses. An empty or missing section keeps the
 
     policy:
       router: adaptive            # static | adaptive
-      intent: features            # features | zero_shot (small-model next-token over label words)
-      max_difficulty: {small: 2.4, medium: 3.2}   # nats/token of the small model on the prompt
-      intent_bias: {math: 0.5, knowledge: 0.2}    # added to the difficulty score, per intent
-      copy_weight: 1.0            # copyable prompts are easier: score -= copy_weight * copyability
-      kv_high: 0.9                # projected KV use above which a request moves to another tier
-      queue_high_ms: null         # queue-estimated latency above which a request moves
+      slo_ms: 900                 # end-to-end latency objective (a request's max_latency_ms overrides)
+      price_gain: 1.0             # how fast lam (the price of device bandwidth) rises with pressure
+      price_deadband: 0.7         # pressure under which lam is 0 (every request on the best tier)
+      discipline: fair            # fair (equal device-time shares) | round_robin (one step each)
+      quality:                    # fitted by `sizewise calibrate`: NLL gap of each tier to the top
+        calibrated_on: demo held-out split, 256 windows
+        tiers:
+          small: {intercept: 0.4, coef: {difficulty: 0.05}, mean: 0.6}
+          medium: {intercept: 0.2, coef: {difficulty: 0.03}, mean: 0.3}
 """
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .policy import INTENTS, PolicySettings
-
-
-class DifficultyThresholds(BaseModel):
-    """Highest difficulty score (small model's mean NLL over the prompt, nats/token, after the
-    intent bias and copy discount) that each tier is trusted with; above `medium`: large."""
-
-    model_config = ConfigDict(extra="forbid")
-    small: float = 2.5
-    medium: float = 3.5
-
-    @field_validator("small", "medium")
-    @classmethod
-    def _not_nan(cls, v: float) -> float:
-        # +-inf are meaningful ("nothing is easy enough": the calibration's -inf); NaN compares
-        # false with every score and would send every request to the large tier.
-        if math.isnan(v):
-            raise ValueError("must be a number (or +-inf), not NaN")
-        return v
-
+from .policy import DISCIPLINES, SIGNALS, TIER_ORDER, PolicySettings, QualityPredictor, TierFit
 
 _Finite = Annotated[float, Field(allow_inf_nan=False)]
+_Signal = Literal[SIGNALS]  # type: ignore[valid-type]
+# Keys of the threshold policy this objective replaced: named in the error, not "extra forbidden".
+_REPLACED = ("max_difficulty", "intent_bias", "copy_weight", "queue_high_ms", "consolidate")
+
+
+class TierFitConfig(BaseModel):
+    """Predicted NLL gap (nats/token) of one tier to the top tier:
+    max(0, intercept + sum coef[signal] * signal); `mean` is used when a signal is missing."""
+
+    model_config = ConfigDict(extra="forbid")
+    intercept: _Finite
+    coef: dict[_Signal, _Finite] = Field(default_factory=dict)
+    mean: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class QualityConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    calibrated_on: str | None = None  # which text the fit was measured on
+    tiers: dict[Literal[TIER_ORDER], TierFitConfig] = Field(min_length=1)  # type: ignore[valid-type]
+    report: dict | None = None  # held-out error per signal set (what calibration measured; informative)
+
+    def to_predictor(self) -> QualityPredictor:
+        return QualityPredictor({t: TierFit(f.intercept, dict(f.coef), f.mean) for t, f in self.tiers.items()})
+
+    @classmethod
+    def from_predictor(cls, pred: QualityPredictor, calibrated_on: str | None = None,
+                       report: dict | None = None) -> "QualityConfig":
+        return cls(calibrated_on=calibrated_on, report=report, tiers={
+            t: TierFitConfig(intercept=f.intercept, coef=dict(f.coef), mean=f.mean) for t, f in pred.tiers.items()})
 
 
 class PolicyConfig(BaseModel):
@@ -52,16 +64,16 @@ class PolicyConfig(BaseModel):
     difficulty: bool = True  # run the probe model's prefill over the prompt (mean NLL)
     probe_model: str | None = None  # model name or tier; default: the smallest resident tier
     probe_max_tokens: int = Field(default=512, ge=2)  # the probe reads at most this prompt prefix
+    probe_max_ms: float = Field(default=10.0, gt=0, allow_inf_nan=False)  # skip the model probe if it would be later
+    always_probe: bool = False  # measure difficulty even when it could not change the decision (observability)
     copy_ngram: int = Field(default=3, ge=1, le=8)  # longest n-gram the copyability lookup matches
-    # --- tier choice
-    max_difficulty: DifficultyThresholds = Field(default_factory=DifficultyThresholds)
-    # finite: score = difficulty + bias - copy_weight * copyability, and inf * 0 or a NaN bias is NaN
-    intent_bias: dict[Literal["code", "math", "knowledge", "chat"], _Finite] = Field(default_factory=dict)
-    copy_weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
-    # --- load
+    # --- the objective: min predicted loss + lam * bytes, among tiers meeting the SLO
+    quality: QualityConfig | None = None  # None: a prior that keeps quality first until calibrated
+    slo_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    price_gain: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    price_deadband: float = Field(default=0.7, ge=0, lt=1)
     kv_high: float = Field(default=0.9, gt=0, le=1)
-    queue_high_ms: float | None = Field(default=None, gt=0)
-    consolidate: bool = True  # join a busy better tier's batch rather than wake an idle cheaper one
+    discipline: Literal[DISCIPLINES] = "fair"  # type: ignore[valid-type]
     # --- decode strategy (for `auto`)
     pld_min_copyability: float = Field(default=0.3, ge=0, le=1)
     spec_max_batch: int = Field(default=8, ge=1)
@@ -71,21 +83,33 @@ class PolicyConfig(BaseModel):
     ema_alpha: float = Field(default=0.2, gt=0, le=1)
     peak_bandwidth_gbps: float | None = Field(default=None, gt=0)  # None: measured at startup
 
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_keys(cls, data):
+        if isinstance(data, dict):
+            old = [k for k in _REPLACED if k in data]
+            if old:
+                raise ValueError(
+                    f"{', '.join(old)}: the threshold policy was replaced by one objective (predicted quality loss "
+                    f"+ a load price under the SLO); remove these keys and run `sizewise calibrate --config FILE` "
+                    f"to fit `policy.quality`")
+        return data
+
     def to_settings(self) -> PolicySettings:
-        bias = {i: float(self.intent_bias.get(i, 0.0)) for i in INTENTS}
         return PolicySettings(
             intent_mode=self.intent,
             difficulty=self.difficulty,
             probe_model=self.probe_model,
             probe_max_tokens=self.probe_max_tokens,
+            probe_max_ms=self.probe_max_ms,
+            always_probe=self.always_probe,
             copy_ngram=self.copy_ngram,
-            max_difficulty_small=self.max_difficulty.small,
-            max_difficulty_medium=self.max_difficulty.medium,
-            intent_bias=bias,
-            copy_weight=self.copy_weight,
+            quality=self.quality.to_predictor() if self.quality is not None else None,
+            slo_ms=self.slo_ms,
+            price_gain=self.price_gain,
+            price_deadband=self.price_deadband,
             kv_high=self.kv_high,
-            queue_high_ms=self.queue_high_ms,
-            consolidate=self.consolidate,
+            discipline=self.discipline,
             pld_min_copyability=self.pld_min_copyability,
             spec_max_batch=self.spec_max_batch,
             spec_min_acceptance=self.spec_min_acceptance,

@@ -8,8 +8,9 @@ bandwidth, and the sum of the busy engines' step times is what one turn of the w
 every request in flight (the policy's latency estimate uses both).
 
 Kept per engine (exponential moving averages, weight `alpha` for the newest step):
-  * step time and a two-point linear cost model, step seconds ~ fixed + per_token * tokens
-    (one centroid for small, decode-like steps and one for large, prefill-like steps);
+  * step time and a linear cost model, step seconds ~ fixed + per_row * decode rows + per_prompt_token
+    * prefill tokens: a least-squares line over decode steps (their cost grows by the row, which on a
+    CPU costs far more than a prompt token of a prefill) and the prefill steps' remainder per token;
   * bytes moved per step (weights + KV read, `EngineStats.last_step_bytes`), achieved
     bandwidth (EMA bytes / EMA seconds) and its ratio to the device's peak;
   * prompt and output tokens per finished request; speculative acceptance where the engine
@@ -25,14 +26,15 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from ..engine.core import EngineCore, EngineStats
 from ..platform import Platform
 
 PROBE_PREFIX = "sizewise-probe-"  # request ids of the orchestrator's own probes (not traffic)
-_SMALL_STEP_TOKENS = 32  # steps with at most this many tokens feed the decode-like centroid
+_SMALL_STEP_TOKENS = 32  # the roofline guess's split of a step into fixed and per-token cost
+_MIN_ROW_VARIANCE = 0.25  # decode batch sizes must vary this much (rows^2) before the line's slope is trusted
 _TRACKED_REQUESTS = 4096  # bound on per-request bookkeeping (aborted requests never finish)
 _DEVICE_REFRESH_S = 1.0  # vendor counters (npu-smi is a subprocess) at most once a second
 # A routed request reaches the worker within milliseconds unless it was never submitted (the
@@ -40,6 +42,12 @@ _DEVICE_REFRESH_S = 1.0  # vendor counters (npu-smi is a subprocess) at most onc
 # (Until then, and until the engine's next step, an admitted request counts twice: a brief
 # overestimate of the queue, on the safe side.)
 _PENDING_TTL_S = 0.5
+_RATE_WINDOW_S = 2.0  # arrival rate: sequences routed to an engine over this window
+_BIAS_CLAMP = 3.0  # measured / predicted latency ratios are read within [1 / 2, this]
+# A learned latency bias fades towards 1 without new evidence: a tier nothing is sent to any
+# more (because its bias made it look slow) is not locked out for ever.
+_BIAS_HALF_LIFE_S = 10.0
+_IN_FLIGHT_HORIZON_S = 30.0  # predictions older than this are dropped (an aborted request never finishes)
 
 
 class _Ema:
@@ -61,10 +69,15 @@ class _EngineState:
     tier: str
     step_s: _Ema
     bytes: _Ema
-    small_x: _Ema
-    small_y: _Ema
-    large_x: _Ema
-    large_y: _Ema
+    # decode steps: EMA moments of (rows, seconds) for a least-squares line
+    dec_x: _Ema
+    dec_y: _Ema
+    dec_xx: _Ema
+    dec_xy: _Ema
+    # steps that prefill: EMA of prompt tokens, decode rows alongside, seconds
+    pre_t: _Ema
+    pre_d: _Ema
+    pre_y: _Ema
     prompt_tokens: _Ema
     output_tokens: _Ema
     num_steps: int = 0
@@ -75,6 +88,11 @@ class _EngineState:
     spec_last: dict = field(default_factory=dict)  # strategy -> (draft, accepted) at the last step
     spec_rate: dict = field(default_factory=dict)  # strategy -> _Ema of accepted / draft
     pending: list = field(default_factory=list)  # (monotonic time, sequences) routed, not yet stepped
+    # prompt ids -> (wall time routed, predicted seconds): matched when the request finishes
+    predicted: OrderedDict = field(default_factory=OrderedDict)
+    latency_bias: _Ema | None = None  # log of measured / predicted latency of finished requests
+    bias_time: float = 0.0  # wall time of its last update
+    routed: deque = field(default_factory=deque)  # (monotonic time, sequences) of the last _RATE_WINDOW_S
 
 
 @dataclass(slots=True, frozen=True)
@@ -95,8 +113,8 @@ class EngineTelemetry:
     kv_blocks_total: int
     num_steps: int
     step_seconds: float  # EMA of wall time per step
-    step_fixed_seconds: float  # cost model: step seconds ~ fixed + per_token * tokens
-    step_seconds_per_token: float
+    step_fixed_seconds: float  # cost model: step seconds ~ fixed + per_token * decode rows
+    step_seconds_per_token: float  # per decode row
     bytes_per_step: float  # EMA of weights + KV bytes read per step
     achieved_bandwidth: float  # bytes / s while stepping
     bandwidth_utilization: float  # achieved / device peak
@@ -104,6 +122,9 @@ class EngineTelemetry:
     avg_output_tokens: float
     spec_acceptance: dict[str, float]  # strategy -> accepted / proposed (measured only)
     calibrated: bool  # False: no step seen yet, the cost model is the roofline guess
+    latency_bias: float = 1.0  # measured / predicted latency of recent requests (EMA; 1 until scored)
+    arrival_rate: float = 0.0  # sequences/s routed here lately (they join the batch a request runs in)
+    prefill_seconds_per_token: float | None = None  # per prompt token of a prefill; None: step_seconds_per_token
 
     @property
     def kv_usage(self) -> float:
@@ -114,8 +135,13 @@ class EngineTelemetry:
         return self.num_running + self.num_waiting > 0
 
     def step_cost(self, tokens: float) -> float:
-        """Estimated seconds of one step of this engine that processes `tokens` tokens."""
+        """Estimated seconds of one decode step of this engine over `tokens` rows."""
         return self.step_fixed_seconds + self.step_seconds_per_token * max(tokens, 1.0)
+
+    def prefill_cost(self, tokens: float) -> float:
+        """Estimated seconds of one step that prefills `tokens` prompt tokens."""
+        per = self.step_seconds_per_token if self.prefill_seconds_per_token is None else self.prefill_seconds_per_token
+        return self.step_fixed_seconds + per * max(tokens, 1.0)
 
 
 @dataclass(slots=True, frozen=True)
@@ -164,9 +190,13 @@ class Telemetry:
         self.alpha = ema_alpha
         tiers = tiers or {}
         ema = lambda: _Ema(ema_alpha)  # noqa: E731
+        # The cost model describes the hardware, which does not change step to step: slower
+        # averages (about 50 steps) so the decode line sees batches of several sizes.
+        slow = lambda: _Ema(ema_alpha / 10)  # noqa: E731
         self._state = {
-            n: _EngineState(tier=tiers.get(n, n), step_s=ema(), bytes=ema(), small_x=ema(), small_y=ema(),
-                            large_x=ema(), large_y=ema(), prompt_tokens=ema(), output_tokens=ema())
+            n: _EngineState(tier=tiers.get(n, n), step_s=ema(), bytes=ema(), dec_x=slow(), dec_y=slow(),
+                            dec_xx=slow(), dec_xy=slow(), pre_t=slow(), pre_d=slow(), pre_y=slow(),
+                            prompt_tokens=ema(), output_tokens=ema())
             for n in self.cores
         }
         self._device_s = _Ema(ema_alpha)
@@ -199,12 +229,16 @@ class Telemetry:
             st.bytes.update(stats.last_step_bytes)
             self._device_s.update(seconds)
             self._device_bytes.update(stats.last_step_bytes)
-            if ntok <= _SMALL_STEP_TOKENS:
-                st.small_x.update(ntok)
-                st.small_y.update(seconds)
+            prefill = min(stats.last_step_prefill_tokens, ntok)
+            if prefill == 0:
+                st.dec_x.update(ntok)
+                st.dec_y.update(seconds)
+                st.dec_xx.update(ntok * ntok)
+                st.dec_xy.update(ntok * seconds)
             else:
-                st.large_x.update(ntok)
-                st.large_y.update(seconds)
+                st.pre_t.update(prefill)
+                st.pre_d.update(ntok - prefill)
+                st.pre_y.update(seconds)
             for out in outputs:
                 rid = out.request_id
                 if rid.startswith(PROBE_PREFIX):
@@ -218,6 +252,7 @@ class Telemetry:
                 seen[0] += sum(len(o.token_ids) for o in out.outputs)
                 seen[1].update(o.index for o in out.outputs)
                 if out.finished:
+                    self._score_prediction(st, out)
                     # Per sample: a delta carries only the samples that produced tokens in its step,
                     # so the samples are those seen over the request's life, not in its last delta.
                     tokens, indices = st.requests.pop(rid)
@@ -235,14 +270,64 @@ class Telemetry:
             if d > d0:
                 st.spec_rate.setdefault(strat, _Ema(st.step_s.alpha)).update((a - a0) / (d - d0))
 
+    @staticmethod
+    def _score_prediction(st: _EngineState, out) -> None:
+        """The policy's latency model, checked against what happened: measured (routed -> finished)
+        over predicted, an EMA the policy multiplies its estimates by (clamped), so what the model
+        leaves out (the batch growing while the request runs, the server's own time) is learned."""
+        hit = st.predicted.pop(tuple(out.prompt_token_ids), None)
+        fin = (out.metrics or {}).get("finished_time")
+        if hit is None or fin is None or hit[1] <= 0:
+            return
+        # In logs, clamped: one request delayed by the host must not swing every estimate.
+        ratio = min(max((fin - hit[0]) / hit[1], 0.5), _BIAS_CLAMP)
+        if st.latency_bias is None:
+            st.latency_bias = _Ema(st.step_s.alpha)
+        st.latency_bias.update(math.log(ratio))
+        st.bias_time = fin
+
+    @staticmethod
+    def _bias(st: _EngineState, now: float) -> float:
+        """The latency bias the policy reads: the finished requests' (fading without new ones), or
+        more when most requests still in flight there have already run past their prediction (their
+        ratio is at least elapsed / predicted). Without the second, a burst learns nothing until its
+        first requests finish, by when every request of the burst has been routed."""
+        learned = 0.0
+        if st.latency_bias is not None:
+            learned = st.latency_bias.get(0.0) * 0.5 ** (max(now - st.bias_time, 0.0) / _BIAS_HALF_LIFE_S)
+        while st.predicted and now - next(iter(st.predicted.values()))[0] > _IN_FLIGHT_HORIZON_S:
+            st.predicted.popitem(last=False)
+        late = sorted(min((now - t0) / p, _BIAS_CLAMP) for t0, p in st.predicted.values())
+        if late and late[len(late) // 2] > 1.0:
+            learned = max(learned, math.log(late[len(late) // 2]))
+        return math.exp(learned)
+
+    def forget_latency(self) -> None:
+        """Drop what was learned about latency (bias, pending predictions, arrival rates): a
+        benchmark starts every run from the same state."""
+        with self._lock:
+            for st in self._state.values():
+                st.latency_bias = None
+                st.predicted.clear()
+                st.routed.clear()
+
     # ----- event loop side ---------------------------------------------------------------
-    def note_routed(self, name: str, n: int = 1) -> None:
+    def note_routed(self, name: str, n: int = 1, prompt_token_ids: list[int] | None = None,
+                    predicted_ms: float | None = None) -> None:
         """A request was just sent to `name`; count it as waiting until the worker's next step
-        there, so a burst of arrivals between two steps does not all see an empty queue."""
+        there, so a burst of arrivals between two steps does not all see an empty queue. With a
+        prediction, its finish is later scored against it (`latency_bias`)."""
         st = self._state.get(name)
         if st is not None:
             with self._lock:
-                st.pending.append((time.monotonic(), n))
+                now = time.monotonic()
+                st.pending.append((now, n))
+                st.routed.append((now, n))
+                if prompt_token_ids is not None and predicted_ms:
+                    st.predicted[tuple(prompt_token_ids)] = (time.time(), predicted_ms / 1e3)
+                    st.predicted.move_to_end(tuple(prompt_token_ids))  # kept in the order routed
+                    if len(st.predicted) > _TRACKED_REQUESTS:
+                        st.predicted.popitem(last=False)
 
     def snapshot(self, device: bool = False) -> TelemetrySnapshot:
         engines = {}
@@ -271,7 +356,7 @@ class Telemetry:
         step_s = st.step_s.get()
         byts = st.bytes.get()
         kvpt = core.model_config.kv_bytes_per_token(core.dtype)
-        fixed, per_tok = self._cost_model(st, core)
+        fixed, per_tok, per_prompt = self._cost_model(st, core)
         achieved = byts / step_s if step_s > 0 else 0.0
         return EngineTelemetry(
             name=name, tier=st.tier, weight_bytes=core.weight_bytes, kv_bytes_per_token=kvpt,
@@ -285,7 +370,16 @@ class Telemetry:
             avg_prompt_tokens=st.prompt_tokens.get(0.0), avg_output_tokens=st.output_tokens.get(0.0),
             spec_acceptance={k: e.get() for k, e in st.spec_rate.items()},
             calibrated=st.num_steps > 0,
+            latency_bias=self._bias(st, time.time()),
+            arrival_rate=self._rate(st), prefill_seconds_per_token=per_prompt,
         )
+
+    @staticmethod
+    def _rate(st: _EngineState) -> float:
+        cutoff = time.monotonic() - _RATE_WINDOW_S
+        while st.routed and st.routed[0][0] < cutoff:
+            st.routed.popleft()
+        return sum(n for _, n in st.routed) / _RATE_WINDOW_S
 
     @staticmethod
     def _pending(st: _EngineState) -> int:
@@ -293,20 +387,31 @@ class Telemetry:
         st.pending[:] = [p for p in st.pending if p[0] >= cutoff]
         return sum(n for _, n in st.pending)
 
-    def _cost_model(self, st: _EngineState, core: EngineCore) -> tuple[float, float]:
-        """(fixed seconds, seconds per token) of one step: a line through the decode-like and
-        the prefill-like centroid; with one centroid, cost grows in proportion beyond it; with
-        none, the bandwidth roofline (weights once per step) split the same way."""
-        xs, ys, xl, yl = st.small_x.value, st.small_y.value, st.large_x.value, st.large_y.value
-        if xs is not None and xl is not None and xl > xs:
-            slope = max((yl - ys) / (xl - xs), 0.0)
-            return max(ys - slope * xs, 0.0), slope
-        if xs is None and xl is None:
-            fixed = core.step_weight_bytes / self.peak_bandwidth if self.peak_bandwidth else 0.0
-            return fixed, fixed / _SMALL_STEP_TOKENS
-        x, y = (xs, ys) if xs is not None else (xl, yl)
-        # Half the observed cost fixed, half per token: a neutral guess until both kinds are seen.
-        return y / 2, y / (2 * max(x, 1.0))
+    def _cost_model(self, st: _EngineState, core: EngineCore) -> tuple[float, float, float | None]:
+        """(fixed seconds, seconds per decode row, seconds per prefilled prompt token) of one step.
+        Decode: the least-squares line over decode steps once their batch sizes vary; until then
+        half the observed cost fixed, half per row (a neutral guess). Prefill: what a prefill step
+        costs beyond that line, per prompt token. With no step seen, the bandwidth roofline
+        (weights once per step) split the same way."""
+        x, y = st.dec_x.value, st.dec_y.value
+        if x is None:
+            if st.pre_t.value is None:
+                fixed = core.step_weight_bytes / self.peak_bandwidth if self.peak_bandwidth else 0.0
+                return fixed, fixed / _SMALL_STEP_TOKENS, None
+            # only prefills seen: the same neutral split over their tokens
+            t, yp = st.pre_t.value, st.pre_y.value
+            return yp / 2, yp / (2 * max(t, 1.0)), None
+        var = st.dec_xx.value - x * x
+        slope = (st.dec_xy.value - x * y) / var if var >= _MIN_ROW_VARIANCE else y / (2 * max(x, 1.0))
+        slope = max(slope, 0.0)
+        fixed = y - slope * x
+        if fixed < 0.0:  # a line through the origin at the mean instead
+            fixed, slope = 0.0, y / max(x, 1.0)
+        per_prompt = None
+        if st.pre_t.value is not None:
+            rest = st.pre_y.value - fixed - slope * st.pre_d.value
+            per_prompt = max(rest, 0.0) / max(st.pre_t.value, 1.0)
+        return fixed, slope, per_prompt
 
     def _device_counters(self) -> dict[str, float]:
         t, cached = self._device_cache

@@ -9,16 +9,28 @@ Response models document `/openapi.json`; handlers build plain dicts with the sa
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..sampling_params import SamplingParams
+
 INT32_MAX = 2**31 - 1
 _SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1
+# Every list a request sends is bounded (with an error naming the limit): the server and the
+# engine walk them per request, some per step.
+MAX_PROMPTS = 128  # prompts in one /v1/completions request (each is an engine request)
+MAX_MESSAGES = 1024
+MAX_LOGIT_BIAS = 300
+MAX_TOOLS = 128
+StopList = Annotated[list[str], Field(max_length=SamplingParams.MAX_STOP)]
+StopIds = Annotated[list[int], Field(max_length=SamplingParams.MAX_STOP_TOKEN_IDS)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # Strict: `"max_tokens": true` is not 1 token, `"n": "2"` not two choices, `"stream": "yes"` not
+    # a stream (an int still passes for a float, as JSON has one number type).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 # ----- shared pieces ------------------------------------------------------------------------
@@ -31,7 +43,7 @@ class SizewiseOptions(_Request):
 
 class StreamOptions(BaseModel):
     # Lenient: newer SDKs add keys (e.g. include_obfuscation) that change nothing here.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
 
 
@@ -43,6 +55,8 @@ def _normalize_prompt(v: Any) -> list[str | list[int]]:
 
     if isinstance(v, str):
         return [v]
+    if isinstance(v, list) and v and not is_ids(v) and len(v) > MAX_PROMPTS:
+        raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(v)}")
     if isinstance(v, list) and v:
         if is_ids(v):
             return [v]
@@ -63,21 +77,21 @@ class _SamplingFields(_Request):
     n: int | None = 1
     temperature: float | None = None
     top_p: float | None = None
-    stop: str | list[str] | None = None
+    stop: str | StopList | None = None
     seed: int | None = Field(default=None, ge=_SEED_MIN, le=_SEED_MAX)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = None  # accepted only when empty
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)  # accepted only when empty
     # vLLM extensions
     top_k: int | None = Field(default=None, le=INT32_MAX)
     min_p: float | None = None
     repetition_penalty: float | None = None
     min_tokens: int = Field(default=0, le=INT32_MAX)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: StopIds | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     # sizewise routing hints
@@ -112,7 +126,7 @@ class CompletionRequest(_SamplingFields):
 # ----- /v1/chat/completions -------------------------------------------------------------------
 class ChatMessage(BaseModel):
     # Extra keys (name, tool_call_id, ...) pass through to the chat template.
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Any = None
 
@@ -133,7 +147,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(default=None, le=INT32_MAX)
     max_completion_tokens: int | None = Field(default=None, le=INT32_MAX)
     logprobs: bool | None = False
@@ -141,7 +155,7 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     # Accepted for client compatibility when they ask for nothing we lack.
     response_format: dict | None = None
-    tools: list | None = None
+    tools: list | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
     metadata: dict | None = None
@@ -162,8 +176,8 @@ class GenerateParams(_Request):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    stop: str | list[str] = Field(default_factory=list)
-    stop_token_ids: list[int] = Field(default_factory=list)
+    stop: str | StopList = Field(default_factory=list)
+    stop_token_ids: StopIds = Field(default_factory=list)
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     max_tokens: int | None = Field(default=16, le=INT32_MAX)
@@ -193,7 +207,7 @@ class GenerateRequest(_Request):
 class TokenizeRequest(_Request):
     model: str = "auto"
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, max_length=MAX_MESSAGES)
     add_special_tokens: bool | None = None  # default: True for prompt, False for messages
     add_generation_prompt: bool = True
     return_token_strs: bool = False  # exactly one of prompt / messages: checked by the route

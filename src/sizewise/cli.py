@@ -120,6 +120,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="(default: %(default)s)")
 
+    s.add_argument("--ray", action="store_true",
+                   help="serve on Ray Serve: --replicas copies of the whole deployment behind a KV-aware "
+                        "router (needs pip install 'sizewise[ray]'; joins RAY_ADDRESS's cluster or starts one; default: off)")
+    s.add_argument("--replicas", type=int, default=1, help="with --ray: replicas of the deployment (default: %(default)s)")
+    s.add_argument("--replica-cpus", type=float, default=1.0, help="with --ray: CPUs reserved per replica (default: %(default)s)")
+    s.add_argument("--replica-gpus", type=float, default=0.0, help="with --ray: GPUs reserved per replica (default: %(default)s)")
+
     m = sub.add_parser("models", help="list what a deployment would serve (names, tiers, sizes, context), "
                                       "without starting it")
     _add_deployment_options(m)
@@ -212,7 +219,7 @@ def _serve(args) -> int:
     # server with status 0, also when they come before it runs (while torch is imported).
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return _run_server(args)
+        return _run_ray(args) if args.ray else _run_server(args)
     except KeyboardInterrupt:
         return 0
     finally:
@@ -336,6 +343,48 @@ def _run_server(args) -> int:
 def _write_delta(delta) -> None:
     sys.stdout.write(delta.outputs[0].text if delta.outputs else "")
     sys.stdout.flush()
+
+
+def _run_ray(args) -> int:
+    """`sizewise serve --ray`: the Serve application of sizewise.ray_serve, until Ctrl-C / SIGTERM."""
+    if args.model:
+        raise CliError("--ray serves a --config file (every replica reads it); --model is not supported")
+    if args.replicas < 1:
+        raise CliError(f"--replicas {args.replicas}: at least 1")
+    if args.port is not None and not 0 < args.port <= 65535:
+        raise CliError(f"--port {args.port}: a port is 1-65535 with --ray")
+    config_path = _find_config(args.config)
+    from .orchestrator.deployment import DeploymentConfig
+
+    try:
+        server_cfg = DeploymentConfig.from_yaml(config_path).server
+    except Exception as e:  # noqa: BLE001 - YAML and schema errors are the user's to fix
+        raise CliError(f"invalid config {config_path}: {e}") from None
+    try:
+        import ray
+        from ray import serve
+
+        from .ray_serve import build_app
+    except ImportError as e:
+        raise CliError(f"--ray needs Ray Serve: pip install 'sizewise[ray]' ({e})") from None
+    import time
+
+    host = args.host or server_cfg.host
+    port = args.port or server_cfg.port
+    ray.init()  # RAY_ADDRESS (or a running local cluster) if set, else a new local one
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app({"config": str(config_path), "replicas": args.replicas, "num_cpus": args.replica_cpus,
+                             "num_gpus": args.replica_gpus, "device": args.device, "proxy_host": host}),
+                  name="sizewise", route_prefix="/")
+        log.info("ready: %d replica(s) on Ray Serve at http://%s:%d (OpenAI API at /v1)", args.replicas, host, port)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def _generate(args) -> int:

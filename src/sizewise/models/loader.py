@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..platform import Platform
 from .config import CheckpointError, ModelConfig
-from .decoder import Decoder, Rotary
+from .decoder import Decoder, Linear, Rotary
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ def load_model(
     if missing:
         raise CheckpointError(f"{str(model_dir)!r} is missing weights: {', '.join(missing[:5])}")
     model.eval().requires_grad_(False)
+    model.pack_weights()
     log.info("loaded %s (%.1fM params, %s) in %.2fs", model_dir.name, cfg.num_params / 1e6, dtype, time.perf_counter() - t0)
     return model
 
@@ -144,7 +145,8 @@ def _resolve_tied_head(model: Decoder, head: torch.Tensor, dtype: torch.dtype, l
         return
     log.warning("tie_word_embeddings is set but the checkpoint's lm_head.weight differs from the "
                 "embeddings: using it as a separate output matrix, as transformers does")
-    model.lm_head = torch.nn.Linear(embed.shape[1], embed.shape[0], bias=False, device=embed.device, dtype=dtype)
+    model.lm_head = Linear(embed.shape[1], embed.shape[0], False, model.platform).to(
+        device=embed.device, dtype=dtype)
     model.lm_head.requires_grad_(False)
     with torch.no_grad():
         model.lm_head.weight.copy_(head.to(dtype))

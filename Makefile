@@ -2,8 +2,13 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# The CPU build lies on this kind of machine's disk; a bare `torch` would pull a multi-GB CUDA build.
+# On Linux x86-64, PyPI's `torch` is a CUDA build (several GB with its nvidia-* wheels). Choose the
+# build with PyTorch's wheel index, e.g.
+#   make venv TORCH_INDEX=https://download.pytorch.org/whl/cpu     (CPU only, ~200 MB)
+#   make venv TORCH_INDEX=https://download.pytorch.org/whl/cu128   (CUDA 12.8)
+# Empty: pip's own configuration decides (PyPI, or a local wheel directory).
 TORCH_PIN ?= torch==2.13.0
+TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: venv prometheus test serve bench train-demo clean
@@ -13,7 +18,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q "$(TORCH_PIN)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Does a torch.compile'd decode step pay on CPU? Compile time against the speed gained.
 
     python benchmarks/cpu_compile.py                         # demo small / medium / large, batch 1 and 8
@@ -64,8 +65,8 @@ def main(argv=None) -> int:
             n = batch * args.new_tokens
             rows.append(dict(tier=tier, batch=batch, eager_tok_s=n / e, compiled_tok_s=n / c, speedup=e / c,
                              compiled_first_run_s=first_s, eager_run_s=e, identical=out_c == out_e))
-    print_table(rows, ["tier", "batch", "eager_tok_s", "compiled_tok_s", "speedup", "compiled_first_run_s",
-                       "eager_run_s", "identical"])
+    print_table(rows, ["tier", "batch", "speedup", "identical", "eager_tok_s", "compiled_tok_s",
+                       "compiled_first_run_s", "eager_run_s"])
     save_json(Path(args.out), dict(threads=args.threads, prompt_tokens=args.prompt_tokens,
                                    new_tokens=args.new_tokens, rows=rows))
     return 0

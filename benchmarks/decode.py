@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Decode throughput: sizewise vs transformers.generate on the same weights, and vs the roofline.
 
 Usage:
@@ -136,8 +137,8 @@ def main() -> None:
                        speedup_vs_hf=hs / sw)
         rows.append(row)
     print()
-    print_table(rows, ["model", "device", "batch", "hf_step_ms", "sizewise_step_ms", "speedup_vs_hf",
-                       "roofline_ms", "hf_roofline_frac", "sizewise_roofline_frac", "sizewise_tok_s", "hf_tok_s"])
+    print_table(rows, ["model", "batch", "speedup_vs_hf", "sizewise_roofline_frac", "hf_roofline_frac",
+                       "sizewise_step_ms", "hf_step_ms", "roofline_ms", "sizewise_tok_s", "hf_tok_s", "device"])
     out = Path(args.json or Path(__file__).parent / "results" / f"decode-{label}-{platform.name}.json")
     save_json(out, {"bandwidth_bytes_per_s": bw, "weight_bytes": weight_bytes,
                     "step_weight_bytes": step_weight_bytes, "rows": rows})

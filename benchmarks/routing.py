@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Routing benchmark: a load sweep through the HTTP server, judged by SLO attainment, goodput and quality.
 
     .venv/bin/python benchmarks/routing.py                      # demo family, 96 requests, 6 loads

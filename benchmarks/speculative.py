@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Speculative decoding: tokens/s per strategy against plain decode in the same run.
 
 Usage:
@@ -237,10 +238,10 @@ def main() -> None:
     rows = []
     if not args.skip_workloads:
         rows = bench_workloads(llm, prompts, strategies, args.max_tokens, args.repeats)
-        print_table(rows, ["workload", "strategy", "tokens", "decode_tok_s", "e2e_tok_s", "speedup", "acceptance",
-                           "mean_accepted", "mean_tokens_per_verify", "verify_steps", "decode_steps", "step_bound",
-                           "identical"])
-        print("step_bound: plain decode steps / this strategy's decode steps = the speedup if a verify step "
+        print_table(rows, ["workload", "strategy", "speedup", "step_bound", "acceptance", "identical",
+                           "decode_tok_s", "e2e_tok_s", "tokens", "mean_accepted", "mean_tokens_per_verify",
+                           "verify_steps", "decode_steps"])
+        print("step_bound: plain decode steps / this strategy's decode steps = the speedup if a verify step\n"
               "cost what a plain step costs (the ceiling the proposals allow)")
     mixed = []
     if args.mixed_batch:

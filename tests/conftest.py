@@ -4,7 +4,15 @@ transformers in a temp dir (nothing is downloaded)."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
+
+import httpx
 
 import pytest
 import torch
@@ -145,3 +153,55 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
+def sizewise_command() -> list[str]:
+    """The installed `sizewise` console script (or the module, where it is not installed)."""
+    exe = Path(sys.executable).with_name("sizewise")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "sizewise.cli"]
+
+
+class Serve:
+    """`sizewise serve ...` as a subprocess; its log is collected, its URL read from the log."""
+
+    def __init__(self, *args: str) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "SIZEWISE_API_KEYS": ""}
+        self.proc = subprocess.Popen([*sizewise_command(), "serve", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: list[str] = []
+        self._url: list[str] = []
+        self._seen = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            m = re.search(r"listening on (http://\S+)", line)
+            if m and not self._url:
+                self._url.append(m.group(1))
+                self._seen.set()
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self, timeout: float = 120) -> str:
+        assert self._seen.wait(timeout), "no 'listening on' line:\n" + self.log
+        url = self._url[0]
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, "server exited:\n" + self.log
+            assert time.monotonic() < deadline, "never ready:\n" + self.log
+            try:
+                if httpx.get(url + "/ready", timeout=5).status_code == 200:
+                    return url
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._reader.join(10)

@@ -10,7 +10,7 @@ import contextlib
 import pytest
 import torch
 
-from sizewise.engine.graph_runner import DecodeGraphRunner, default_buckets, padding_context_len
+from sizewise.engine.graph_runner import DecodeGraphRunner, default_buckets, graph_held_bytes
 from sizewise.platform import CpuPlatform, get_platform
 
 V, H, HKV, D, BS = 48, 4, 2, 8, 4  # vocab, heads, kv heads, head dim, block size
@@ -149,7 +149,7 @@ def test_default_buckets():
 
 def test_bucket_choice_and_limits():
     r = DecodeGraphRunner(lambda *a: None, platform=get_platform("cpu"), max_num_seqs=10,
-                          max_blocks_per_seq=MAX_BLOCKS, vocab_size=V)
+                          max_blocks_per_seq=MAX_BLOCKS, out_dim=V)
     assert r.mode == "eager-bucket"
     assert r.buckets == [1, 2, 4, 8, 10]
     assert [r.bucket_for(b) for b in (1, 2, 3, 4, 5, 8, 9, 10)] == [1, 2, 4, 4, 8, 8, 10, 10]
@@ -157,7 +157,7 @@ def test_bucket_choice_and_limits():
         r.bucket_for(11)
     with pytest.raises(ValueError):
         r.bucket_for(0)
-    custom = DecodeGraphRunner(lambda *a: None, max_num_seqs=99, max_blocks_per_seq=2, vocab_size=V,
+    custom = DecodeGraphRunner(lambda *a: None, max_num_seqs=99, max_blocks_per_seq=2, out_dim=V,
                                buckets=[8, 3, 3])
     assert custom.buckets == [3, 8] and custom.bucket_for(4) == 8
 
@@ -171,7 +171,7 @@ def test_padding_values(Q):
         seen.update(ids=ids.clone(), pos=pos.clone(), slots=slots.clone(), tables=tables.clone(), ctx=ctx.clone())
         return torch.zeros(ids.shape[0], Q, V)
 
-    r = DecodeGraphRunner(record, max_num_seqs=8, max_blocks_per_seq=MAX_BLOCKS, vocab_size=V, q_values=(1, 3))
+    r = DecodeGraphRunner(record, max_num_seqs=8, max_blocks_per_seq=MAX_BLOCKS, out_dim=V, q_values=(1, 3))
     full = make_batch(1, 4, Q, NUM_BLOCKS)
     r.run(*full)  # dirty rows 0..3 of the static buffers
     ids, pos, slots, tables, ctx = make_batch(2, 3, Q, NUM_BLOCKS)
@@ -186,12 +186,12 @@ def test_padding_values(Q):
     # Row 3 is padding even though the previous call left real data there.
     assert (seen["ids"][3] == 0).all() and (seen["pos"][3] == 0).all()
     assert (seen["slots"][3] == -1).all() and (seen["tables"][3] == -1).all()
-    assert int(seen["ctx"][3]) == padding_context_len(Q) == Q
+    assert int(seen["ctx"][3]) == Q
 
 
 def test_input_validation():
     r = DecodeGraphRunner(lambda *a: torch.zeros(a[0].shape[0], 1, V), max_num_seqs=4,
-                          max_blocks_per_seq=MAX_BLOCKS, vocab_size=V)
+                          max_blocks_per_seq=MAX_BLOCKS, out_dim=V)
     ids, pos, slots, tables, ctx = make_batch(0, 5, 1, NUM_BLOCKS)
     with pytest.raises(ValueError, match="exceeds the largest decode bucket 4"):
         r.run(ids, pos, slots, tables, ctx)
@@ -203,13 +203,13 @@ def test_input_validation():
     with pytest.raises(ValueError, match="max_blocks_per_seq"):
         r.run(ids, pos, slots, wide, ctx)
     with pytest.raises(ValueError):
-        DecodeGraphRunner(lambda *a: None, max_num_seqs=4, max_blocks_per_seq=2, vocab_size=V, q_values=(0,))
+        DecodeGraphRunner(lambda *a: None, max_num_seqs=4, max_blocks_per_seq=2, out_dim=V, q_values=(0,))
 
 
 def test_enforce_eager_calls_directly():
     model = ToyModel(get_platform("cpu"), NUM_BLOCKS)
     r = DecodeGraphRunner(model.forward_paged, platform=get_platform("cpu"), max_num_seqs=8,
-                          max_blocks_per_seq=MAX_BLOCKS, vocab_size=V, enforce_eager=True)
+                          max_blocks_per_seq=MAX_BLOCKS, out_dim=V, enforce_eager=True)
     assert r.mode == "eager"
     r.capture()  # no-op
     out = r.run(*make_batch(3, 3, 1, NUM_BLOCKS))
@@ -259,7 +259,7 @@ def test_eager_bucket_results_equal_direct_calls():
     platform = get_platform("cpu")
     model = ToyModel(platform, NUM_BLOCKS)
     r = DecodeGraphRunner(model.forward_paged, platform=platform, max_num_seqs=10,
-                          max_blocks_per_seq=MAX_BLOCKS, vocab_size=V, q_values=(1, 3))
+                          max_blocks_per_seq=MAX_BLOCKS, out_dim=V, q_values=(1, 3))
     r.capture()  # no-op in eager-bucket mode
     _check_equal_to_direct(model, r, (1, 3), 10)
     assert set(model.calls) <= set(r.buckets)  # every call ran at a bucket size
@@ -269,7 +269,7 @@ def test_graph_mode_capture_and_replay_equal_direct_calls():
     platform = FakeGraphPlatform()
     model = ToyModel(platform, NUM_BLOCKS)
     r = DecodeGraphRunner(capturable(model.forward_paged, platform), platform=platform, max_num_seqs=10,
-                          max_blocks_per_seq=MAX_BLOCKS, vocab_size=V, dtype=torch.float32,
+                          max_blocks_per_seq=MAX_BLOCKS, out_dim=V, dtype=torch.float32,
                           q_values=(1, 3), warmup_iters=2)
     assert r.mode == "graph"
     ids, pos, slots, tables, ctx = make_batch(0, 2, 1, NUM_BLOCKS)
@@ -290,7 +290,7 @@ def test_graph_mode_capture_and_replay_equal_direct_calls():
 def test_graph_mode_checks_output_shape():
     platform = FakeGraphPlatform()
     bad = capturable(lambda ids, *rest: torch.zeros(ids.shape[0], 1, V + 1), platform)
-    r = DecodeGraphRunner(bad, platform=platform, max_num_seqs=2, max_blocks_per_seq=2, vocab_size=V)
+    r = DecodeGraphRunner(bad, platform=platform, max_num_seqs=2, max_blocks_per_seq=2, out_dim=V)
     with pytest.raises(ValueError, match="expected"):
         r.capture()
 
@@ -309,7 +309,7 @@ def test_bucketed_runner_with_sizewise_decoder(llama_dir):
         layer.self_attn.k_cache = torch.randn(num_blocks, BS, cfg.num_kv_heads, cfg.head_dim, generator=g)
         layer.self_attn.v_cache = torch.randn(num_blocks, BS, cfg.num_kv_heads, cfg.head_dim, generator=g)
     r = DecodeGraphRunner(model.forward_paged, platform=platform, max_num_seqs=6, max_blocks_per_seq=max_blocks,
-                          vocab_size=cfg.vocab_size, q_values=(1, 2))
+                          out_dim=cfg.vocab_size, q_values=(1, 2))
     for Q in (1, 2):
         for B in (6, 1, 5, 3):
             ids, pos, slots, tables, ctx = make_batch(7 * B + Q, B, Q, num_blocks)
@@ -319,3 +319,32 @@ def test_bucketed_runner_with_sizewise_decoder(llama_dir):
                 got = r.run(ids, pos, slots, tables, ctx)
             assert got.shape == (B, Q, cfg.vocab_size)
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_captured_decoder_body_holds_hidden_states_not_logits(llama_dir):
+    """The engine captures the body: each graph keeps a [bucket, Q, hidden] output alive (what the
+    memory planner counts, `graph_held_bytes`), never [bucket, Q, vocab] float32 logits; logits
+    computed from the replayed body's real rows equal a direct forward_paged."""
+    from sizewise.models import ModelConfig, load_model
+
+    platform = FakeGraphPlatform()
+    cfg = ModelConfig.from_pretrained(llama_dir)
+    model = load_model(llama_dir, cfg, platform, torch.float32, 256)
+    num_blocks, max_blocks = 40, 8
+    g = torch.Generator().manual_seed(1)
+    for layer in model.layers:
+        layer.self_attn.k_cache = torch.randn(num_blocks, BS, cfg.num_kv_heads, cfg.head_dim, generator=g)
+        layer.self_attn.v_cache = torch.randn(num_blocks, BS, cfg.num_kv_heads, cfg.head_dim, generator=g)
+    r = DecodeGraphRunner(capturable(model.forward_paged_hidden, platform), platform=platform, max_num_seqs=6,
+                          max_blocks_per_seq=max_blocks, out_dim=cfg.hidden_size, q_values=(1, 2))
+    r.capture()
+    assert r.held_bytes == graph_held_bytes(r.buckets, (1, 2), cfg.hidden_size, 4)
+    assert r.held_bytes == sum(r.buckets) * 3 * cfg.hidden_size * 4 < sum(r.buckets) * 3 * cfg.vocab_size * 4
+    for Q, B in ((1, 5), (2, 3)):
+        ids, pos, slots, tables, ctx = make_batch(11 * B + Q, B, Q, num_blocks)
+        ids = ids % cfg.vocab_size
+        with torch.inference_mode():
+            want = model.forward_paged(ids, pos, slots, tables, ctx)
+            got = model.compute_logits(r.run(ids, pos, slots, tables, ctx))
+        assert got.shape == (B, Q, cfg.vocab_size)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

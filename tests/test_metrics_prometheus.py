@@ -204,6 +204,7 @@ def deployment(checkpoints):
                                                               kv_cache_bytes=LARGE_KV_BLOCKS * large_block),
                                  platform, name="tiny-large"),
     }
+    cores["tiny-large"].attach_draft(cores["tiny-small"])  # as Deployment.from_config does: small drafts for large
     dep = Deployment(cfg, cores)
     yield dep
     dep.shutdown()
@@ -283,6 +284,9 @@ def traffic(server, prometheus, deployment):
         with pytest.raises(openai.APIStatusError) as e:
             client.completions.create(prompt="x", max_tokens=2, **bad)
         seen.setdefault("errors", Counter())[str(e.value.status_code)] += 1
+    # Not model requests: they must not count as request errors.
+    assert httpx.get(server + "/no/such/path", timeout=10).status_code == 404
+    assert httpx.post(server + "/health", timeout=10).status_code == 405
 
     # The burst on the large tier, held at a step where it both runs and waits.
     hold = _HoldWhenQueued("tiny-large")
@@ -302,7 +306,8 @@ def traffic(server, prometheus, deployment):
     try:
         assert hold.held.wait(30), "the burst never had sequences running and waiting at once"
         seen["held_stats"] = hold.stats
-        seen["held_scrape"] = _metric_samples(httpx.get(server + "/metrics", timeout=10).text)
+        seen["held_text"] = httpx.get(server + "/metrics", timeout=10).text
+        seen["held_scrape"] = _metric_samples(seen["held_text"])
         # ... and Prometheus sees the same state in a scrape that began while the worker was held
         # (timestamp() is the sample's scrape time; an earlier scrape may show the burst mid-admission).
         held_at = time.time()
@@ -311,7 +316,9 @@ def traffic(server, prometheus, deployment):
             scalar(prometheus, f"timestamp(sizewise_num_requests_waiting{sel})") or 0) > held_at)
         seen["held_prom"] = {"waiting": scalar(prometheus, f"sizewise_num_requests_waiting{sel}"),
                              "running": scalar(prometheus, f"sizewise_num_requests_running{sel}"),
-                             "kv": scalar(prometheus, f"sizewise_kv_cache_usage_ratio{sel}")}
+                             "kv": scalar(prometheus, f"sizewise_kv_cache_usage_ratio{sel}"),
+                             "vllm": by_labels(prometheus, '{__name__=~"vllm:num_requests_.*|vllm:kv_cache_usage_perc"}',
+                                               "__name__", "model_name")}
     finally:
         hold.release.set()
         deployment.engine.step_listeners.remove(hold)
@@ -346,12 +353,17 @@ def test_counters_agree_with_traffic(prometheus, traffic, deployment):
     assert generated == {(t,): float(v) for (k, t), v in usage.items() if k == "completion"}
     finished = by_labels(prometheus, "sum by (tier, finished_reason) (sizewise_requests_total)", "tier",
                          "finished_reason")
-    assert finished == {k: float(v) for k, v in traffic["finished"].items()}
-    assert {r for _, r in finished} >= {"length", "stop"}
+    assert {k: v for k, v in finished.items() if v} == {k: float(v) for k, v in traffic["finished"].items()}
+    assert {r for _, r in traffic["finished"]} >= {"length", "stop"}
+    # Every reason of every tier exists from the start (at 0 until its first event), so rate() sees the first.
+    assert set(finished) == {(t, r) for t in ("small", "large") for r in ("stop", "length", "abort")}
     decisions = by_labels(prometheus, "sizewise_route_decisions_total", "tier", "reason")
     assert decisions == {k: float(v) for k, v in traffic["decisions"].items()}
     errors = by_labels(prometheus, "sizewise_request_errors_total", "status")
-    assert errors == {(s,): float(v) for s, v in traffic["errors"].items()} == {("400",): 1.0, ("404",): 1.0}
+    # Only the model requests' errors: not the 404 of an unknown path, nor a 405 on /health.
+    assert {k: v for k, v in errors.items() if v} == {(s,): float(v) for s, v in traffic["errors"].items()} == {
+        ("400",): 1.0, ("404",): 1.0}
+    assert set(errors) >= {(s,) for s in ("400", "404", "429", "500", "503", "504")}
     # One observation per routed prompt: latency histograms per tier, the probe once per route.
     jobs = {(t,): float(v) for t, v in traffic["jobs"].items()}
     for h in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds"):
@@ -370,10 +382,17 @@ def test_engine_counters_are_followed(prometheus, traffic, deployment):
     preempt = by_labels(prometheus, "sizewise_num_preemptions_total", "model", "tier")
     assert preempt == {(m, tiers[m]): float(s.num_preemptions) for m, s in stats.items()}
     assert preempt[("tiny-large", "large")] > 0  # the burst overflowed the large tier's 8 KV blocks
+    # A series per proposer a model can run: pld on both, draft only where a draft model is attached
+    # (the large tier; the small tier, the cheapest, never has one, so no permanent-NaN panel for it).
+    runs = {m: (s.spec is not None, s.spec is not None and s.spec.draft is not None)
+            for m, s in deployment.cores.items()}
+    assert runs == {"tiny-small": (True, False), "tiny-large": (True, True)}
     for metric, field in (("draft", "spec_draft_tokens"), ("accepted", "spec_accepted_tokens")):
         got = by_labels(prometheus, f"sizewise_spec_decode_{metric}_tokens_total", "model", "strategy")
-        want = {(m, strat): float(n) for m, s in stats.items() for strat, n in getattr(s, field).items()}
+        want = {(m, strat): float(n) for m, s in stats.items() for strat, n in getattr(s, field).items()
+                if strat == "pld" or runs[m][1]}
         assert got == want, metric
+        assert ("tiny-small", "draft") not in got
     assert stats["tiny-small"].spec_draft_tokens["pld"] > 0  # the pld request proposed for real
 
 
@@ -402,6 +421,38 @@ def test_gauges_follow_the_engine(prometheus, traffic, deployment):
     assert scalar(prometheus, "sizewise_device_memory_used_bytes") > 0
 
 
+def test_vllm_families_routers_read(prometheus, traffic, deployment):
+    """The names inference routers (Gateway API Inference Extension, llm-d, vLLM's production
+    stack) read from a backend, in the held state: the process series first, then one per model."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    held = traffic["held_stats"]
+    fams = {f.name: f for f in text_string_to_metric_families(traffic["held_text"]) if f.name.startswith("vllm:")}
+    want = {"vllm:num_requests_waiting": (held.num_waiting, 0), "vllm:num_requests_running": (held.num_running, 0),
+            "vllm:kv_cache_usage_perc": (held.kv_usage, 0.0), "vllm:gpu_cache_usage_perc": (held.kv_usage, 0.0)}
+    assert set(fams) == {*want, "vllm:cache_config_info"}
+    for name, (large, small) in want.items():
+        fam = fams[name]
+        assert fam.type == "gauge"
+        # Pickers keep the first series of a name: it is the unlabelled one, for the whole process
+        # (the small tier is idle while the burst is held, so the process value is the large tier's).
+        assert fam.samples[0].labels == {} and fam.samples[0].value == pytest.approx(large), name
+        assert {s.labels["model_name"]: s.value for s in fam.samples[1:]} == pytest.approx(
+            {"tiny-large": large, "tiny-small": small}), name
+    assert 0 < held.kv_usage <= 1
+    info = fams["vllm:cache_config_info"].samples
+    blocks = {m.name: m.num_blocks for m in deployment.describe()}
+    assert info[0].labels == {"block_size": "16", "num_gpu_blocks": str(sum(blocks.values()))}
+    assert {s.labels["model_name"]: (s.labels["block_size"], s.labels["num_gpu_blocks"]) for s in info[1:]} == {
+        m: ("16", str(n)) for m, n in blocks.items()}
+    assert blocks["tiny-large"] == LARGE_KV_BLOCKS
+    # A real Prometheus stores them under the same names in the scrape taken while held.
+    prom = traffic["held_prom"]["vllm"]
+    assert prom[("vllm:num_requests_waiting", "")] == held.num_waiting
+    assert prom[("vllm:num_requests_running", "tiny-large")] == held.num_running
+    assert prom[("vllm:kv_cache_usage_perc", "")] == pytest.approx(held.kv_usage)
+
+
 def test_every_metric_is_exported_with_its_type(prometheus, traffic):
     meta = httpx.get(prometheus + "/api/v1/metadata", timeout=10).json()["data"]
     got = {name: meta[name][0]["type"] for name in EXPECTED if name in meta}
@@ -421,6 +472,14 @@ def test_promtool_accepts_scrape_and_configs(prom_bins, server, traffic, tmp_pat
     _, promtool = prom_bins
     text = httpx.get(server + "/metrics", timeout=10).text
     r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    # promtool's lint wants no ':' in a name (it reserves them for recording rules); the vllm:
+    # families must have it, as vLLM's own do, since routers read them by those names. Nothing else.
+    vllm = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE vllm:")}
+    assert r.stderr.splitlines() == sorted(f"{n} metric names should not contain ':'" for n in vllm), r.stderr
+    assert len(vllm) == 5 and not r.stdout.strip()
+    sizewise_only = "\n".join(line for line in text.splitlines() if "vllm:" not in line) + "\n"
+    r = subprocess.run([promtool, "check", "metrics"], input=sizewise_only, capture_output=True, text=True,
+                       timeout=60)
     assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), r.stdout + r.stderr
     for cfg in (PROM_CONFIG, tmp_path / "test.yml"):
         if cfg != PROM_CONFIG:

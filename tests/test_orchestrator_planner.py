@@ -145,3 +145,22 @@ def test_load_gives_each_engine_its_planned_budget(checkpoints, capsys):
     tiny = cfg.model_copy(update={"memory_fraction": 1e-7})
     with pytest.raises(MemoryPlanError, match="'a' \\(small\\) does not fit"):
         Deployment.load(tiny, echo_plan=False)
+
+
+class ScriptedGraphs(ScriptedMemory):
+    @property
+    def supports_graphs(self) -> bool:
+        return True
+
+
+def test_workspace_counts_the_outputs_captured_graphs_hold():
+    """Where decode graphs are captured, each (Q, bucket) graph keeps its [bucket, Q, hidden] body
+    output allocated: buckets 1..64 sum to 199 rows, Q is 1 and k+1 = 5 (the default k = 4)."""
+    eager = plan_memory(config(0.05), ScriptedMemory(total=4 * GiB), FAMILY)
+    graphs = plan_memory(config(0.05), ScriptedGraphs(total=4 * GiB), FAMILY)
+    off = config(0.05)
+    off.engine.enforce_eager = True
+    forced_eager = plan_memory(off, ScriptedGraphs(total=4 * GiB), FAMILY)
+    for e, g, f in zip(eager.models, graphs.models, forced_eager.models):
+        assert g.workspace_bytes - e.workspace_bytes == 199 * (1 + 5) * FAMILY[e.name].hidden_size * 4
+        assert f.workspace_bytes == e.workspace_bytes

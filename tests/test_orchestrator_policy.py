@@ -4,6 +4,9 @@ the probe's model-free signals (copyability replayed against a hand-checked PLD,
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import pytest
 
 from sizewise.orchestrator.config import PolicyConfig
@@ -154,6 +157,20 @@ def test_latency_estimate_follows_the_discipline(policy):
     # another engine's short backlog delays a request only by that backlog
     short = snapshot(large=dict(running=1))
     assert Policy.estimate_ms(short, "m-s", 64, 32, discipline="round_robin") < rr
+
+
+def test_an_engine_that_keeps_receiving_takes_its_share_while_it_has_work():
+    # Under fair shares an idle engine that keeps receiving requests has work a fraction
+    # 1 - exp(-rate x its request's life) of the time, and takes as much device time as this
+    # request's engine meanwhile. Before: an idle engine was left out whatever its arrival rate,
+    # so requests on the top tier were predicted at a third of what they took under steady load.
+    base = Policy.estimate_ms(snapshot(), "m-l", 64, 32)
+    for rate in (0.0, 5.0, 50.0):
+        snap = snapshot(small=dict(fixed_ms=2.0))
+        snap.engines["m-s"] = replace(snap.engines["m-s"], arrival_rate=rate)
+        life_s = 32 * snap.engines["m-s"].step_cost(1)  # its average output, one step each
+        frac = 1 - math.exp(-rate * life_s)
+        assert Policy.estimate_ms(snap, "m-l", 64, 32) == pytest.approx(base * (1 + frac))
 
 
 # ----- strategy ----------------------------------------------------------------------------------

@@ -150,6 +150,26 @@ def test_cost_model_separates_decode_rows_from_prefill_tokens(core):
         fixed + 96 * per_prompt)
 
 
+def test_requests_running_past_their_prediction_raise_the_latency_bias_before_they_finish(core):
+    # Before: the bias learned only from finished requests, so a burst routed every request on
+    # the unloaded estimate (the first ones finish after the last is routed).
+    tel = Telemetry({"m": core}, {"m": "small"}, peak_bandwidth=1e12)
+    ids = lambda i: [5 + i, 6, 7, 8]  # noqa: E731
+    for i in range(3):  # on time: predicted to take a day
+        tel.note_routed("m", 1, ids(i), predicted_ms=86_400e3)
+    assert tel.snapshot().engines["m"].latency_bias == 1.0
+    for i in range(3, 5):  # two of five already late: the median request is on time
+        tel.note_routed("m", 1, ids(i), predicted_ms=1e-3)
+    time.sleep(0.002)
+    assert tel.snapshot().engines["m"].latency_bias == 1.0
+    for i in range(5, 8):  # most are late, by far more than the clamp
+        tel.note_routed("m", 1, ids(i), predicted_ms=1e-3)
+    time.sleep(0.002)
+    assert tel.snapshot().engines["m"].latency_bias == pytest.approx(3.0)
+    tel.forget_latency()
+    assert tel.snapshot().engines["m"].latency_bias == 1.0
+
+
 def test_average_output_length_is_per_sequence_when_samples_finish_apart(core):
     # A request's last delta carries only the sequences that produced a token in that step.
     # Before: sequences per request were counted on that last delta only, so a request whose n

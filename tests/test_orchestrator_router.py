@@ -12,7 +12,7 @@ from sizewise import InvalidRequestError, SamplingParams
 from sizewise.orchestrator.deployment import Deployment, DeploymentConfig, UnknownModelError
 from sizewise.orchestrator.policy import PolicySettings, QualityPredictor, TierFit
 from sizewise.orchestrator.router import AdaptiveRouter
-from sizewise.orchestrator.types import RoutingHints
+from sizewise.orchestrator.types import Prompt, RoutingHints
 
 TIERS = {"small": "llama", "medium": "qwen2", "large": "mistral"}
 CODE = "def add(a, b):\n    return a + b\n"
@@ -277,3 +277,67 @@ async def test_the_model_probe_runs_only_when_it_could_change_the_decision(dep):
     d = await router(quality=pred, always_probe=False, probe_max_ms=1e6).route(
         dep, tok.encode(CODE), SamplingParams(max_tokens=4), "auto", RoutingHints(max_latency_ms=1e-3))
     assert d.probe["difficulty"] is not None and "skipped" not in d.probe
+
+
+# ----- Deployment.submit: the server's one way in -----------------------------------------------
+class _InFlight:
+    """Delegates to a real router and records how many routes were in flight at once."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.now, self.peak = inner, 0, 0
+
+    async def route(self, *args):
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        try:
+            return await self.inner.route(*args)
+        finally:
+            self.now -= 1
+
+
+async def test_submit_probes_a_batch_concurrently_validates_once_and_keeps_order(dep, monkeypatch):
+    from sizewise.engine.core import EngineCore
+
+    tok = dep.tokenizer()
+    texts = [CODE, PROSE * 2, "import os\n", PROSE + CODE]
+    prompts = [Prompt(tok.encode(t), t) for t in texts]
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    alone = [await router().route(dep, p.ids, params, "auto", RoutingHints()) for p in prompts]
+    calls = []
+    real_validate = EngineCore.validate
+
+    def validate(self, ids, p, *a, **k):
+        if p is params:  # this request's, not a probe's own
+            calls.append(self.name)
+        return real_validate(self, ids, p, *a, **k)
+
+    monkeypatch.setattr(EngineCore, "validate", validate)
+    spy = _InFlight(router())
+    monkeypatch.setattr(dep, "router", spy)
+    subs = await dep.submit("batch", prompts, params)
+    assert spy.peak == len(prompts)  # every prompt's probe was in flight at once, not one after another
+    assert [s.request_id for s in subs] == [f"batch-{i}" for i in range(len(prompts))]
+    assert [s.index for s in subs] == list(range(len(prompts)))
+    # in prompt order: each prompt's decision is the one it gets alone (the probe reads the same text)
+    assert [s.decision.probe["difficulty"] for s in subs] == pytest.approx([d.probe["difficulty"] for d in alone])
+    assert sorted(calls) == sorted(s.decision.model for s in subs)  # validated once each, where it was routed
+    for s in subs:
+        got = [t async for delta in s for o in delta.outputs for t in o.token_ids]
+        assert len(got) == 3
+
+
+async def test_submit_queues_all_prompts_or_none(dep):
+    tok = dep.tokenizer()
+    good = Prompt(tok.encode(CODE), CODE)
+    bad = Prompt(tok.encode(PROSE) + [10**6])
+    before = {n: c.stats().generation_tokens_total for n, c in dep.cores.items()}
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        await dep.submit("mixed", [good, good, bad], SamplingParams(max_tokens=2))
+    st = dep.stats()
+    assert (st.num_running, st.num_waiting) == (0, 0)  # the two valid prompts were never queued
+    assert {n: c.stats().generation_tokens_total for n, c in dep.cores.items()} == before
+    with pytest.raises(InvalidRequestError, match="prompt is empty"):
+        await dep.submit("none", [], SamplingParams())
+    # the same id is free again: nothing of the refused request is left in the engine
+    subs = await dep.submit("mixed", [good], SamplingParams(max_tokens=2, ignore_eos=True))
+    assert len([t async for d in subs[0] for o in d.outputs for t in o.token_ids]) == 2

@@ -89,6 +89,32 @@ def test_preferred_block_size():
     assert get_platform("cpu").preferred_block_size == 16
 
 
+def test_cpu_linear_packs_float32_weights_and_matches_f_linear():
+    p = get_platform("cpu")
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(96, 40, generator=g), torch.randn(96, generator=g)
+    packed = p.pack_linear(w)
+    if torch.backends.mkldnn.is_available():
+        assert packed.is_mkldnn
+    for rows in (1, 5, 16, 33):
+        x = torch.randn(rows, 40, generator=g)
+        torch.testing.assert_close(p.linear(x, packed, b), torch.nn.functional.linear(x, w, b))
+        torch.testing.assert_close(p.linear(x, packed, None), torch.nn.functional.linear(x, w))
+    half = w.to(torch.bfloat16)
+    assert p.pack_linear(half) is half  # oneDNN's prepack here is float32 only
+
+
+def test_loaded_model_runs_packed_linears(llama_dir):
+    from sizewise.models import ModelConfig, load_model
+    from sizewise.models.decoder import Linear
+
+    model = load_model(llama_dir, ModelConfig.from_pretrained(llama_dir), get_platform("cpu"), torch.float32, 64)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears
+    if torch.backends.mkldnn.is_available():
+        assert all(m.weight.is_mkldnn for m in linears)
+
+
 # ----- reference ops ----------------------------------------------------------------------
 def _paged_case(seed, B, Q, H, Hkv, D, block_size, max_blocks, dtype=torch.float32):
     """Random per-sequence contexts scattered into a paged cache through a random block

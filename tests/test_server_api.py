@@ -368,6 +368,30 @@ def test_tokenize_and_detokenize(http, tok):
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
 
 
+def test_tokenizer_info_and_version_like_vllm(http, tok, checkpoints):
+    """GET /tokenizer_info as vLLM answers it (lm-evaluation-harness's tokenizer_backend=remote
+    reads it), checked against the tokenizer transformers loads from the checkpoint itself."""
+    r = http.get("/tokenizer_info")
+    assert r.status_code == 200
+    info = r.json()
+    assert info["tokenizer_class"] == type(tok).__name__
+    for name in ("bos_token", "eos_token", "pad_token"):
+        assert info.get(name) == getattr(tok, name), name
+    assert info["chat_template"] == tok.chat_template
+    messages = [{"role": "user", "content": "hi"}]
+    # A client renders chats with the template it was given, exactly as the server does.
+    assert tok.apply_chat_template(messages, chat_template=info["chat_template"], tokenize=False,
+                                   add_generation_prompt=True) == tok.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    added = {str(i): t.content for i, t in tok.added_tokens_decoder.items()}
+    assert info["added_tokens_decoder"] == added
+    assert str(checkpoints["llama"]) not in r.text and "name_or_path" not in info  # no paths of this machine
+    assert http.get("/tokenizer_info", params={"model": "nope"}).status_code == 404
+    from importlib.metadata import version
+
+    assert http.get("/version").json() == {"version": version("sizewise")}
+
+
 def test_health_ready_models_openapi(http):
     assert http.get("/health").status_code == 200
     r = http.get("/ready")
@@ -377,7 +401,7 @@ def test_health_ready_models_openapi(http):
     assert {m["id"] for m in models["data"]} == {"tiny-small", "tiny-large", "small", "large", "auto"}
     spec = http.get("/openapi.json").json()
     for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/generate", "/tokenize",
-                 "/detokenize", "/health", "/ready", "/metrics"):
+                 "/detokenize", "/tokenizer_info", "/version", "/health", "/ready", "/metrics"):
         assert path in spec["paths"], path
     assert "CompletionRequest" in json.dumps(spec["paths"]["/v1/completions"])
 
@@ -404,6 +428,10 @@ def test_ready_is_503_until_the_models_are_loaded(checkpoints, one_thread):
             time.sleep(0.05)
         r = h.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3})
         assert r.status_code == 200 and r.json()["model"] == "tiny-small"
+        # The error metric counts the completion's 503, not /ready's: readiness polls are no model errors.
+        errors = {dict(s.labels)["status"]: s.value for f in text_string_to_metric_families(h.get("/metrics").text)
+                  if f.name == "sizewise_request_errors" for s in f.samples if s.name.endswith("_total")}
+        assert {k: v for k, v in errors.items() if v} == {"503": 1.0}
     # the app loaded the deployment, so the app shut it down with the server
     assert not app.state.sizewise.serving.deployment.engine.alive
 

@@ -7,28 +7,22 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import torch
 import transformers
 
+from conftest import sizewise_command
 from sizewise.cli import main
 
 PROMPT = "def add(a, b):"
 
 
-def _script() -> list[str]:
-    exe = Path(sys.executable).with_name("sizewise")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "sizewise.cli"]
-
-
 def test_serve_subprocess_two_models_with_api_key(checkpoints):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SIZEWISE_API_KEYS": ""}
-    cmd = [*_script(), "serve", "--model", str(checkpoints["llama"]), "--model",
+    cmd = [*sizewise_command(), "serve", "--model", str(checkpoints["llama"]), "--model",
            str(checkpoints["llama_tied_linear"]), "--port", "0", "--device", "cpu", "--api-key", "sekrit", "--metrics-auth"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []

@@ -5,6 +5,7 @@ uvicorn server, the official `openai` SDK and httpx. Bad input is a 400 naming t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -137,3 +138,37 @@ def test_json_sent_as_a_form_says_which_content_type_to_use(http):
     r = http.post("/v1/completions", content=b'{"model": "small", "prompt": "x", "max_tokens": 2}',
                   headers={"content-type": "text/plain"})
     assert r.status_code == 400 and "application/json" in r.json()["error"]["message"]
+
+
+# ----- a stream carries the routing decision whole once ------------------------------------------
+def _sse(lines) -> list:
+    return [json.loads(line[6:]) for line in lines if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+def test_streams_carry_the_probe_once(http, client):
+    brief_keys = {"model", "tier", "strategy", "reason"}
+    body = {"prompt": PROMPT, "stream": True, "params": {"max_tokens": 6, "temperature": 0, "ignore_eos": True}}
+    with http.stream("POST", "/generate", json=body) as s:
+        events = _sse(s.iter_lines())
+    deltas, last = events[:-1], events[-1]
+    assert len(deltas) >= 6 and "usage" in last
+    assert "probe" in last["sizewise"]  # the demo's adaptive router probes every request
+    # Every delta says where it went and why, the last event the whole decision as /generate answers it.
+    assert all(d["sizewise"] == {k: last["sizewise"][k] for k in brief_keys} for d in deltas)
+    whole = http.post("/generate", json={**body, "stream": False}).json()["sizewise"]
+    assert set(whole) == set(last["sizewise"])
+
+    chunks = list(client.completions.create(model="auto", prompt=[PROMPT, "import os\n"], max_tokens=4,
+                                            temperature=0, stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}))
+    decisions = [c.model_extra["sizewise"] for c in chunks[:-1]]
+    whole = [d for d in decisions if "probe" in d]
+    assert len(whole) == 2  # each prompt's first chunk
+    assert all(set(d) == brief_keys for d in decisions if "probe" not in d) and len(decisions) > 2
+    as_set = lambda ds: {json.dumps(d["probe"], sort_keys=True) for d in ds}  # noqa: E731
+    assert as_set(chunks[-1].model_extra["sizewise"]["prompts"]) == as_set(whole)  # the usage chunk: all of it
+
+    chunks = list(client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=4, stream=True, extra_body={"ignore_eos": True}))
+    decisions = [c.model_extra["sizewise"] for c in chunks]
+    assert "probe" in decisions[0] and all(set(d) == brief_keys for d in decisions[1:]) and len(decisions) > 2

@@ -1,8 +1,9 @@
 """sizewise: adaptive multi-size LLM serving."""
 
-from .engine.outputs import CompletionOutput, RequestOutput
+from .outputs import CompletionOutput, RequestOutput
 from .llm import LLM
-from .sampling_params import InvalidRequestError, SamplingParams
+from .errors import InvalidRequestError
+from .sampling_params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "InvalidRequestError"]
 __version__ = "0.1.0"

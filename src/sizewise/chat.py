@@ -8,7 +8,7 @@ import time
 from contextlib import contextmanager
 from typing import Any
 
-from .sampling_params import InvalidRequestError
+from .errors import InvalidRequestError
 
 # Arguments of the template call that the caller sets itself, never the request's kwargs.
 RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tokenize"})

@@ -1,17 +1,23 @@
-"""`sizewise serve` (the HTTP server) and `sizewise generate` (one completion from the shell)."""
+"""The `sizewise` command: `serve` (the HTTP server), `models` (what a deployment would serve),
+`generate` (completions of one prompt), `chat` (a conversation in the terminal) and `calibrate`
+(the routing policy's quality predictor)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
 
+from . import __version__
+
 log = logging.getLogger("sizewise.cli")
 
 DEFAULT_CONFIG = Path("configs") / "demo.yaml"
+DEMO_CHAT_MODEL = Path("models") / "demo" / "large"
 REPO_ROOT = Path(__file__).resolve().parents[2]  # src/sizewise/cli.py -> repo root (editable install)
 
 
@@ -19,63 +25,146 @@ class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be a positive integer")
+    return n
+
+
+def _fraction(text: str) -> float:
+    f = float(text)
+    if not 0 < f <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: a fraction in (0, 1]")
+    return f
+
+
+_SIZE_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+
+
+def _bytes(text: str) -> int:
+    """'512MiB', '4G', '1048576' -> bytes."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmg]i?)?b?", text.strip(), re.IGNORECASE)
+    n = float(m.group(1)) * _SIZE_SUFFIXES[(m.group(2) or "").lower()] if m else 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text}: a size in bytes, e.g. 1073741824, 512MiB or 4GiB")
+    return int(n)
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _add_deployment_options(p: argparse.ArgumentParser) -> None:
+    """What `serve` and `models` read: which models, and the engine settings a --model user needs.
+    Defaults named here are the DeploymentConfig's (tests/test_cli_commands.py keeps them equal)."""
+    p.add_argument("--config", help=f"deployment YAML (default: {DEFAULT_CONFIG}, looked up in the current "
+                                    "directory, then the repository root)")
+    p.add_argument("--model", action="append", metavar="DIR",
+                   help="a Hugging Face model directory instead of a config (one: served as large); repeat "
+                        "for 2 or 3 tiers (in order: small, [medium,] large); no policy: auto means large "
+                        "(default: none, the config is used)")
+    p.add_argument("--served-model-name", action="append", metavar="NAME",
+                   help="the API name of each --model, in the same order (default: the directory's name)")
+    p.add_argument("--device", help="auto | cpu | cuda[:N] | npu[:N] (default: the config's device; auto: NPU, "
+                                    "then CUDA, then CPU)")
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="weights and KV cache dtype (default: the config's dtype, auto: float32 on CPU, the "
+                        "checkpoint's dtype on CUDA/NPU)")
+    p.add_argument("--max-model-len", type=_positive_int, metavar="N",
+                   help="context length in tokens, prompt + output (default: the config's engine.max_model_len; "
+                        "unset: each model's max_position_embeddings)")
+    p.add_argument("--max-num-seqs", type=_positive_int, metavar="N",
+                   help="most sequences in one model's batch (default: the config's engine.max_num_seqs, 64)")
+    p.add_argument("--memory-fraction", type=_fraction, metavar="F",
+                   help="share of the device's memory (RAM on CPU) for all weights and KV caches, like vLLM's "
+                        "--gpu-memory-utilization (default: the config's memory_fraction, 0.5)")
+    p.add_argument("--kv-cache-bytes", type=_bytes, metavar="SIZE",
+                   help="KV cache of all models together (e.g. 2GiB), split by each model's kv_share; replaces "
+                        "what --memory-fraction leaves after the weights (default: unset)")
+
+
+def _add_model_options(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
+    """`generate` and `chat`: one model, sampled."""
+    p.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N",
+                   help="most tokens to generate (per answer in a chat; default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=temperature, metavar="T",
+                   help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 or -1 = disabled (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=None, metavar="N", help="sampling seed (default: none, not reproducible)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | npu[:N] (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="(default: %(default)s: float32 on CPU, the checkpoint's dtype on CUDA/NPU)")
+    p.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N",
+                   help="context length in tokens (default: the model's max_position_embeddings)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sizewise", description="Adaptive multi-size LLM serving.")
+    p.add_argument("--version", action="version", version=f"sizewise {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="serve a deployment over HTTP (OpenAI-compatible API, /generate, /metrics)")
-    s.add_argument("--config", help=f"deployment YAML (default: {DEFAULT_CONFIG}, looked up in the current "
-                                    "directory, then the repository root)")
-    s.add_argument("--model", action="append", metavar="DIR",
-                   help="a Hugging Face model directory instead of a config (one: served as large); repeat "
-                        "for 2 or 3 tiers (in order: small, [medium,] large); no policy: auto means large")
+    _add_deployment_options(s)
     s.add_argument("--host", help="bind address (default: the config's server.host, 127.0.0.1)")
-    s.add_argument("--port", type=int, help="port (default: the config's server.port, 8000)")
-    s.add_argument("--device", help="auto | cpu | cuda[:N] | npu[:N] (overrides the config)")
+    s.add_argument("--port", type=int, help="port, 0 picks a free one (default: the config's server.port, 8000)")
     s.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' (repeatable; also env SIZEWISE_API_KEYS)")
+                   help="require 'Authorization: Bearer KEY' (repeatable; also env SIZEWISE_API_KEYS; "
+                        "default: none, no key is checked)")
     s.add_argument("--metrics-auth", action="store_true",
-                   help="/metrics requires an API key too (server.metrics_require_auth in the config)")
+                   help="/metrics requires an API key too (server.metrics_require_auth in the config; "
+                        "default: off, /metrics is open)")
     s.add_argument("--trust-request-chat-template", action="store_true",
                    help="let requests supply their own chat template (chat_template_kwargs.chat_template): "
-                        "code every client may run on the server; only for trusted clients")
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+                        "code every client may run on the server; only for trusted clients (default: off)")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="(default: %(default)s)")
+
     s.add_argument("--ray", action="store_true",
                    help="serve on Ray Serve: --replicas copies of the whole deployment behind a KV-aware "
-                        "router (needs pip install 'sizewise[ray]'; joins RAY_ADDRESS's cluster or starts one)")
-    s.add_argument("--replicas", type=int, default=1, help="with --ray: replicas of the deployment (default 1)")
-    s.add_argument("--replica-cpus", type=float, default=1.0, help="with --ray: CPUs reserved per replica")
-    s.add_argument("--replica-gpus", type=float, default=0.0, help="with --ray: GPUs reserved per replica")
+                        "router (needs pip install 'sizewise[ray]'; joins RAY_ADDRESS's cluster or starts one; default: off)")
+    s.add_argument("--replicas", type=int, default=1, help="with --ray: replicas of the deployment (default: %(default)s)")
+    s.add_argument("--replica-cpus", type=float, default=1.0, help="with --ray: CPUs reserved per replica (default: %(default)s)")
+    s.add_argument("--replica-gpus", type=float, default=0.0, help="with --ray: GPUs reserved per replica (default: %(default)s)")
+
+    m = sub.add_parser("models", help="list what a deployment would serve (names, tiers, sizes, context), "
+                                      "without starting it")
+    _add_deployment_options(m)
 
     g = sub.add_parser("generate", help="print completions of one prompt (offline, no server)")
     g.add_argument("prompt", help="the prompt text ('-' reads it from stdin); with --chat, the user message")
     g.add_argument("--model", required=True, metavar="DIR", help="a Hugging Face model directory")
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 or -1 = disabled (default)")
-    g.add_argument("--n", type=int, default=1, help="completions to sample (printed one after another)")
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="a stop string (repeatable)")
-    g.add_argument("--seed", type=int, default=None)
+    _add_model_options(g, temperature=0.0, max_tokens=64)
+    g.add_argument("--n", type=int, default=1, help="completions to sample, printed one after another "
+                                                    "(default: %(default)s)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="a stop string (repeatable; default: none)")
     g.add_argument("--chat", action="store_true",
-                   help="send the prompt as a user message through the model's chat template")
-    g.add_argument("--system", metavar="TEXT", help="with --chat: a system message before the prompt")
-    g.add_argument("--stream", action="store_true", help="print the text as it is generated (needs --n 1)")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--dtype", default="auto")
-    g.add_argument("--max-model-len", type=int, default=None)
+                   help="send the prompt as a user message through the model's chat template (default: off)")
+    g.add_argument("--system", metavar="TEXT", help="with --chat: a system message before the prompt (default: none)")
+    g.add_argument("--stream", action="store_true",
+                   help="print the text as it is generated, needs --n 1 (default: off)")
 
-    c = sub.add_parser("calibrate", help="fit the routing policy's quality predictor (policy.quality) on "
+    c = sub.add_parser("chat", help="chat with one model in the terminal (multi-turn, streamed; /exit leaves)")
+    c.add_argument("--model", metavar="DIR",
+                   help=f"a Hugging Face model directory with a chat template (default: the demo family's "
+                        f"large model, {DEMO_CHAT_MODEL})")
+    _add_model_options(c, temperature=0.8, max_tokens=256)
+    c.add_argument("--system", metavar="TEXT", help="a system message that opens the conversation (default: none)")
+
+    k = sub.add_parser("calibrate", help="fit the routing policy's quality predictor (policy.quality) on "
                                          "held-out text or your own prompts, and print it as YAML")
-    c.add_argument("--config", help=f"deployment YAML (default: {DEFAULT_CONFIG})")
-    c.add_argument("--calibration-data", metavar="FILE",
+    k.add_argument("--config", help=f"deployment YAML (default: {DEFAULT_CONFIG}, looked up in the current "
+                                    "directory, then the repository root)")
+    k.add_argument("--calibration-data", metavar="FILE",
                    help='JSONL, one {"prompt": ..., "completion": ...} per line (completion optional: the top '
                         "tier's greedy continuation stands in); default: the demo family's held-out split")
-    c.add_argument("--requests", type=int, default=256, help="held-out windows to calibrate on (default: 256)")
-    c.add_argument("--prompt-tokens", type=int, default=96, help="prompt window / cap in tokens (default: 96)")
-    c.add_argument("--ref-tokens", type=int, default=32, help="reference continuation tokens (default: 32)")
-    c.add_argument("--out", metavar="FILE", help="also write the policy.quality YAML to FILE")
-    c.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    k.add_argument("--requests", type=int, default=256, help="held-out windows to calibrate on (default: 256)")
+    k.add_argument("--prompt-tokens", type=int, default=96, help="prompt window / cap in tokens (default: 96)")
+    k.add_argument("--ref-tokens", type=int, default=32, help="reference continuation tokens (default: 32)")
+    k.add_argument("--out", metavar="FILE", help="also write the policy.quality YAML to FILE (default: only printed)")
+    k.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="(default: %(default)s)")
     return p
 
 
@@ -141,28 +230,25 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _run_server(args) -> int:
-    # Checked before the heavy imports (torch) so a wrong path fails in a blink.
-    if args.port is not None and not 0 <= args.port <= 65535:
-        raise CliError(f"--port {args.port}: a port is 0-65535 (0 picks a free one)")
-    config_path = None if args.model else _find_config(args.config)
-    for d in args.model or []:
-        if not (Path(d) / "config.json").is_file():
-            raise CliError(f"--model {d}: not a model directory (no config.json)")
+def _deployment_config(args):
+    """The DeploymentConfig `serve` and `models` read: --config or --model, then the flags over it."""
+    from .models import CheckpointError, ModelConfig
+    from .orchestrator.deployment import DeploymentConfig
 
-    import asyncio
-
-    from .orchestrator.deployment import Deployment, DeploymentConfig
-    from .server import create_app
-    from .server.app import API_KEYS_ENV
-    from .server.runner import Server, base_url, bind_socket, shutdown_hook, uvicorn_config
-
+    if args.served_model_name and not args.model:
+        raise CliError("--served-model-name goes with --model (with a config, the names are its models[].name)")
     if args.model:
+        for d in args.model:  # the same words `generate` has for a hub id or a directory without config.json
+            try:
+                ModelConfig.from_pretrained(d)
+            except CheckpointError as e:
+                raise CliError(f"--model {d}: {e}") from None
         try:
-            cfg = DeploymentConfig.from_model_dirs(args.model)
+            cfg = DeploymentConfig.from_model_dirs(args.model, args.served_model_name)
         except ValueError as e:
-            raise CliError(str(e)) from None
+            raise CliError(" ".join(str(e).split())) from None
     else:
+        config_path = _find_config(args.config)
         try:
             cfg = DeploymentConfig.from_yaml(config_path)
         except Exception as e:  # noqa: BLE001 - YAML and schema errors are the user's to fix
@@ -171,8 +257,43 @@ def _run_server(args) -> int:
             if not (Path(m.path) / "config.json").is_file():
                 hint = " (the demo family is built by scripts/train_demo_family.py)" if "demo" in m.path else ""
                 raise CliError(f"model {m.name} ({m.tier}): no model at {m.path}{hint}")
-    if args.device:
-        cfg.device = args.device
+    top = {"device": args.device, "dtype": args.dtype, "memory_fraction": args.memory_fraction,
+           "kv_cache_bytes": args.kv_cache_bytes}
+    engine = {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs}
+    raw = cfg.model_dump()
+    raw.update({k: v for k, v in top.items() if v is not None})
+    raw["engine"].update({k: v for k, v in engine.items() if v is not None})
+    try:
+        return DeploymentConfig.model_validate(raw)
+    except ValueError as e:
+        raise CliError(" ".join(str(e).split())) from None
+
+
+def _check(cfg):
+    """Deployment.check as a one-line CliError: what can be refused is refused before any log says
+    the server is listening."""
+    from .orchestrator.deployment import Deployment
+
+    try:
+        return Deployment.check(cfg)
+    except (ValueError, OSError) as e:
+        raise CliError(" ".join(str(e).split())) from None
+
+
+def _run_server(args) -> int:
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise CliError(f"--port {args.port}: a port is 0-65535 (0 picks a free one)")
+    cfg = _deployment_config(args)
+    plan = _check(cfg)
+    print(plan.table(), file=sys.stderr, flush=True)
+
+    import asyncio
+
+    from .orchestrator.deployment import Deployment
+    from .server import create_app
+    from .server.app import API_KEYS_ENV
+    from .server.runner import Server, base_url, bind_socket, shutdown_hook, uvicorn_config
+
     server_cfg = cfg.server.model_copy(update={
         k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None})
     server_cfg.api_keys = [*server_cfg.api_keys, *args.api_key]
@@ -196,7 +317,7 @@ def _run_server(args) -> int:
     def load() -> Deployment:
         log.info("loading %d model(s) on device %s: %s", len(cfg.models), cfg.device,
                  ", ".join(f"{m.name} ({m.tier}) from {m.path}" for m in cfg.models))
-        deployment = Deployment.load(cfg)  # the app logs one line per model once it is loaded
+        deployment = Deployment.load(cfg, plan=plan)  # the app logs one line per model once it is loaded
         log.info("ready: serving %s at %s (OpenAI API at %s/v1)", ", ".join(deployment.cores), url, url)
         return deployment
 
@@ -217,6 +338,11 @@ def _run_server(args) -> int:
     finally:
         sock.close()
     return exit_code
+
+
+def _write_delta(delta) -> None:
+    sys.stdout.write(delta.outputs[0].text if delta.outputs else "")
+    sys.stdout.flush()
 
 
 def _run_ray(args) -> int:
@@ -268,18 +394,13 @@ def _generate(args) -> int:
         raise CliError("--stream needs --n 1")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
 
-    from . import LLM, InvalidRequestError, SamplingParams
+    from . import InvalidRequestError, SamplingParams
     from .models import CheckpointError
-
-    def write(delta) -> None:
-        sys.stdout.write(delta.outputs[0].text if delta.outputs else "")
-        sys.stdout.flush()
 
     try:
         params = SamplingParams(n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, stop=args.stop, seed=args.seed)
-        llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-                  max_num_seqs=max(1, args.n))
+        llm = _load_llm(args, args.model, max_num_seqs=max(1, args.n))
         if args.chat:
             messages = [{"role": "system", "content": args.system}] if args.system is not None else []
             messages.append({"role": "user", "content": prompt})
@@ -287,7 +408,7 @@ def _generate(args) -> int:
         else:
             text, ids = prompt, llm.encode(prompt)
         out = llm._run([(text, ids)], params, use_tqdm=False, strategy="plain",
-                       on_delta=write if args.stream else None)[0]
+                       on_delta=_write_delta if args.stream else None)[0]
     except (InvalidRequestError, CheckpointError, ValueError) as e:
         raise CliError(" ".join(str(e).split())) from None  # one line (transformers' messages span several)
     if args.stream:
@@ -301,16 +422,112 @@ def _generate(args) -> int:
     return 0
 
 
+def _models(args) -> int:
+    cfg = _deployment_config(args)
+    plan = _check(cfg)
+    entries = {m.name: m for m in cfg.models}
+    rows = [("name", "tier", "params", "dtype", "context", "KV tokens", "path")]
+    for m in plan.models:
+        # the engine caps the context at what its KV cache holds
+        rows.append((m.name, m.tier, f"{m.params / 1e6:.2f}M", str(m.dtype).removeprefix("torch."),
+                     str(min(m.max_model_len, m.kv_tokens)), str(m.kv_tokens), entries[m.name].path))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.rjust(w) if 2 <= i <= 5 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    print(f"on {plan.device}; `auto` goes to "
+          f"{'the adaptive router' if cfg.policy.router == 'adaptive' else 'the largest tier'}")
+    return 0
+
+
+def _load_llm(args, model, max_num_seqs: int):
+    from . import LLM, InvalidRequestError
+    from .models import CheckpointError
+
+    try:
+        return LLM(model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+                   max_num_seqs=max_num_seqs)
+    except (InvalidRequestError, CheckpointError, ValueError) as e:
+        raise CliError(" ".join(str(e).split())) from None  # one line (transformers' messages span several)
+
+
+CHAT_HELP = "/exit or Ctrl-D leaves, /clear forgets the conversation, Ctrl-C stops an answer"
+
+
+def _chat(args) -> int:
+    model = args.model
+    if model is None:
+        model = next((str(d) for d in (Path.cwd() / DEMO_CHAT_MODEL, REPO_ROOT / DEMO_CHAT_MODEL) if d.is_dir()), None)
+        if model is None:
+            raise CliError(f"no --model given and the demo model {DEMO_CHAT_MODEL} was not found in {Path.cwd()} "
+                           f"or {REPO_ROOT}")
+    from . import InvalidRequestError, SamplingParams
+
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.seed)
+    except InvalidRequestError as e:
+        raise CliError(str(e)) from None
+    llm = _load_llm(args, model, max_num_seqs=1)  # loaded once for the whole conversation
+    if not getattr(llm.tokenizer, "chat_template", None):
+        raise CliError(f"{model} has no chat template (a base model?): use `sizewise generate` for completions")
+    try:
+        import readline  # noqa: F401 - line editing and history for input()
+    except ImportError:
+        pass
+    engine = llm.engine
+    print(f"sizewise chat: {engine.name} ({engine.model_config.num_params / 1e6:.1f}M parameters, "
+          f"{engine.max_model_len}-token context). {CHAT_HELP}.", file=sys.stderr, flush=True)
+    opening = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(opening)
+
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print(f"\n({CHAT_HELP})")
+            continue
+        command = line.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/bye", "/quit"):
+            return 0
+        if command in ("/clear", "/help"):
+            if command == "/clear":
+                messages = list(opening)
+            print("(conversation cleared)" if command == "/clear" else f"({CHAT_HELP})")
+            continue
+        messages.append({"role": "user", "content": line})
+        # The oldest exchanges go first when the conversation outgrows the context.
+        text, ids = llm._chat_prompt(messages, 0)
+        while len(ids) + params.max_tokens > engine.max_model_len and len(messages) > len(opening) + 1:
+            del messages[len(opening):len(opening) + 2]
+            print(f"(the oldest turn was dropped to fit the {engine.max_model_len}-token context)", file=sys.stderr)
+            text, ids = llm._chat_prompt(messages, 0)
+        try:
+            out = llm._run([(text, ids)], params, use_tqdm=False, strategy="plain", on_delta=_write_delta)[0]
+        except KeyboardInterrupt:
+            print("\n(stopped; that turn is forgotten)")
+            messages.pop()
+            continue
+        except InvalidRequestError as e:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            messages.pop()
+            continue
+        print()
+        messages.append({"role": "assistant", "content": out.outputs[0].text})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = getattr(args, "log_level", "warning").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "serve":
-            return _serve(args)
-        if args.command == "calibrate":
-            return _calibrate(args)
-        return _generate(args)
+        command = {"serve": _serve, "models": _models, "generate": _generate, "chat": _chat,
+                   "calibrate": _calibrate}[args.command]
+        return command(args)
     except CliError as e:
         print(f"sizewise: error: {e}", file=sys.stderr)
         return 2

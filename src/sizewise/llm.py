@@ -14,10 +14,11 @@ from typing import Any, Callable
 from typing import Sequence as Seq
 
 from .engine.config import EngineConfig
-from .engine.core import EngineCore, QueueFullError, load_tokenizer
+from .engine.core import EngineCore, load_tokenizer
+from .errors import InvalidRequestError, QueueFullError
 from .chat import render_chat
-from .engine.outputs import RequestOutput
-from .sampling_params import InvalidRequestError, SamplingParams
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
 
 # As vLLM's prompt types: text, token ids, {"prompt": text} (TextPrompt) or
 # {"prompt_token_ids": ids} (TokensPrompt; an optional "prompt" text is kept as the output's prompt).
@@ -209,7 +210,7 @@ class LLM:
                 while pending:
                     rid, (text, ids), p, st = pending[0]
                     try:
-                        self.engine.add_request(rid, ids, p, prompt=text, strategy=st)
+                        self.engine.add_request(rid, ids, p, prompt=text, strategy=st, validated=True)
                     except QueueFullError:
                         if not self.engine.has_unfinished_requests():
                             raise  # n alone exceeds max_waiting

@@ -1,12 +1,14 @@
 """Prometheus metrics for one server instance (its own CollectorRegistry: no process globals).
 
 Names follow vLLM's with the `sizewise_` prefix; labels are bounded (`model`, `tier`,
-`finished_reason`, `reason`, `strategy`, `status`), never request ids.
+`finished_reason`, `reason`, `strategy`, `status`), never request ids. Beside them, the few
+`vllm:` families that inference routers read from a backend (see `RouterMetrics`).
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 # Buckets per quantity (seconds). Each spans what that quantity takes from a graph-captured small
 # model on an accelerator to a large one on a laptop CPU, so histogram_quantile stays inside it.
@@ -55,5 +57,58 @@ class Metrics:
         self.peak_bandwidth = Gauge("sizewise_peak_bandwidth_bytes_per_second", "Device peak memory bandwidth.", [],
                                     registry=r)
 
+        self.router = RouterMetrics()
+        r.register(self.router)
+
+    def set_cache_config(self, infos) -> None:
+        self.router.cache = [(i.name, i.block_size, i.num_blocks) for i in infos]
+
+    def set_load(self, stats) -> None:
+        self.router.stats = stats
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RouterMetrics:
+    """vLLM's names for the load of a backend, as the routers that pick a backend read them (the
+    Kubernetes Gateway API Inference Extension's endpoint picker, llm-d, vLLM's production-stack
+    router). Each family has one series without labels for the whole process first (pickers keep
+    the first series of a name), then one per model (`model_name`, as vLLM labels it). The values
+    are those of the last scrape's DeploymentStats (a collector: nothing is kept between scrapes
+    but the numbers themselves)."""
+
+    def __init__(self) -> None:
+        self.stats = None  # DeploymentStats, set at each scrape
+        self.cache: list[tuple[str, int, int]] = []  # (model, block_size, num_blocks)
+
+    def collect(self):
+        st = self.stats
+        if st is not None:
+            models = st.models.values()
+            yield _family("vllm:num_requests_waiting", "Requests waiting to be processed.",
+                          st.num_waiting, {m.name: m.num_waiting for m in models})
+            yield _family("vllm:num_requests_running", "Requests in model execution batches.",
+                          st.num_running, {m.name: m.num_running for m in models})
+            # The process value is the fullest tier's (DeploymentStats.kv_usage says why).
+            usage = {m.name: m.kv_usage for m in models}
+            yield _family("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+                          st.kv_usage, usage)
+            yield _family("vllm:gpu_cache_usage_perc",
+                          "GPU KV-cache usage. 1 means 100 percent usage (vLLM's older name).", st.kv_usage, usage)
+        if self.cache:
+            info = Metric("vllm:cache_config_info", "Information of the KV-cache config.", "gauge")
+            info.add_sample("vllm:cache_config_info", {
+                "block_size": str(self.cache[0][1]), "num_gpu_blocks": str(sum(n for *_, n in self.cache))}, 1.0)
+            for name, block_size, num_blocks in self.cache:
+                info.add_sample("vllm:cache_config_info", {
+                    "model_name": name, "block_size": str(block_size), "num_gpu_blocks": str(num_blocks)}, 1.0)
+            yield info
+
+
+def _family(name: str, doc: str, process: float, per_model: dict[str, float]) -> Metric:
+    m = Metric(name, doc, "gauge")
+    m.add_sample(name, {}, float(process))
+    for model, value in per_model.items():
+        m.add_sample(name, {"model_name": model}, float(value))
+    return m

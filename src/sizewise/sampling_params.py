@@ -5,13 +5,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass, field
 
-
-class InvalidRequestError(ValueError):
-    """A request parameter is out of range. `param` names it (OpenAI's error `param`)."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
+from .errors import InvalidRequestError
 
 
 def is_int(v: object) -> bool:

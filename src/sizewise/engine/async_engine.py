@@ -15,18 +15,15 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
-from ..sampling_params import InvalidRequestError, SamplingParams
+from ..errors import EngineDeadError, InvalidRequestError
+from ..outputs import RequestOutput
+from ..sampling_params import SamplingParams
 from .core import EngineCore, EngineStats
-from .outputs import RequestOutput
 
 log = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    pass
 
 
 @dataclass(slots=True)
@@ -48,19 +45,31 @@ class _Abort:
 
 
 class RequestStream:
-    """Deltas of one request, in order; iteration ends after the finished delta."""
+    """Deltas of one request, in order; iteration ends after the finished delta.
 
-    def __init__(self, engine: "AsyncEngine", request_id: str, core: str) -> None:
+    With a `sink`, the worker hands each delta (or the exception that failed the request) straight
+    to it on the caller's event loop instead, and the stream is only the request's abort handle:
+    a caller serving several requests at once reads them from one queue of its own, with no
+    task per request to move them across."""
+
+    def __init__(self, engine: "AsyncEngine", request_id: str, core: str,
+                 sink: Callable[[RequestOutput | BaseException], None] | None = None) -> None:
         self.engine = engine
         self.request_id = request_id
         self.core = core
-        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.queue: asyncio.Queue[RequestOutput | BaseException] | None = None
+        if sink is None:
+            self.queue = asyncio.Queue()
+            sink = self.queue.put_nowait
+        self.sink = sink
         self.finished = False
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self._iter()
 
     async def _iter(self) -> AsyncIterator[RequestOutput]:
+        if self.queue is None:
+            raise TypeError("this request's deltas go to its sink; it cannot be iterated")
         try:
             while not self.finished:
                 item = await self.queue.get()
@@ -141,17 +150,22 @@ class AsyncEngine:
     async def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
         core: str | None = None, prompt: str | None = None, strategy: str = "plain",
+        sink: Callable[[RequestOutput | BaseException], None] | None = None, validated: bool = False,
     ) -> RequestStream:
         """Queue a request; raises InvalidRequestError / QueueFullError before anything streams.
 
-        `strategy`: plain | pld | draft | auto (see EngineCore.add_request)."""
+        `strategy`: plain | pld | draft | auto (see EngineCore.add_request). `sink`: see
+        RequestStream. `validated`: the caller already ran the core's `validate` on these arguments
+        (the orchestrator does, after routing); otherwise it runs here, on the caller's thread, so
+        the error comes back before anything is queued. The worker never validates again."""
         self._check_running()
         name = core or next(iter(self.cores))
         if name not in self.cores:
             raise KeyError(name)
-        self.cores[name].validate(prompt_token_ids, params, strategy)
+        if not validated:
+            self.cores[name].validate(prompt_token_ids, params, strategy)
         loop = asyncio.get_running_loop()
-        stream = RequestStream(self, request_id, name)
+        stream = RequestStream(self, request_id, name, sink)
         admitted = loop.create_future()
         with self._closing:
             self._check_running()
@@ -200,7 +214,7 @@ class AsyncEngine:
     # ----- worker thread ------------------------------------------------------------------------
     def _deliver(self, route: _Route, item) -> None:
         try:
-            route.loop.call_soon_threadsafe(route.stream.queue.put_nowait, item)
+            route.loop.call_soon_threadsafe(route.stream.sink, item)
         except RuntimeError:  # the caller's event loop is closed: nobody reads this stream; free it
             self._inbox.put(_Abort(route.stream.request_id))
 
@@ -220,7 +234,8 @@ class AsyncEngine:
                         raise InvalidRequestError(f"request id {cmd.request_id!r} is already in use",
                                                   param="request_id")
                     self.cores[cmd.core].add_request(
-                        cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.prompt, strategy=cmd.strategy
+                        cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.prompt, strategy=cmd.strategy,
+                        validated=True,
                     )
                 except Exception as e:  # noqa: BLE001 - reported to the caller, engine carries on
                     cmd.loop.call_soon_threadsafe(_set_exc, cmd.admitted, e)

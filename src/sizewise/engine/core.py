@@ -12,24 +12,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import InvalidRequestError, QueueFullError
 from ..models import CheckpointError, ModelConfig, load_model, parse_dtype
-from ..models.loader import checkpoint_files
+from ..models.loader import checkpoint_files, tokenizer_files
 from ..platform import Platform, get_platform
-from ..sampling_params import InvalidRequestError, SamplingParams, is_int
+from ..outputs import CompletionOutput, RequestOutput
+from ..sampling_params import SamplingParams, is_int
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import Detokenizer
 from .model_runner import ModelRunner, StepResult
-from .outputs import CompletionOutput, RequestOutput
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Request, Sequence
 from .speculative import PROPOSERS, SpeculativeDecoder, VerifyResult
 
 log = logging.getLogger(__name__)
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at its bound; retry later (HTTP 429)."""
 
 
 @dataclass(slots=True)
@@ -61,6 +58,7 @@ class EngineStats:
 def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 
+    tokenizer_files(Path(model_dir))
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many types here
@@ -91,7 +89,7 @@ class EngineCore:
             # give garbage.
             raise ValueError(
                 f"max_model_len {config.max_model_len} is larger than {self.name}'s max_position_embeddings "
-                f"({cfg.max_position_embeddings})"
+                f"({cfg.max_position_embeddings}): lower max_model_len, or leave it unset to use the model's own"
             )
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         self._cap_reason = ""  # why max_model_len is below what was asked for; errors quote it
@@ -212,11 +210,14 @@ class EngineCore:
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
         prompt: str | None = None, arrival_time: float | None = None, strategy: str = "plain",
+        validated: bool = False,
     ) -> Request:
-        """`strategy`: plain | pld (prompt lookup) | draft (needs `attach_draft`) | auto (adaptive pld)."""
+        """`strategy`: plain | pld (prompt lookup) | draft (needs `attach_draft`) | auto (adaptive pld).
+        `validated`: the caller ran `validate` on these arguments already (it is not repeated)."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
-        self.validate(prompt_token_ids, params, strategy)
+        if not validated:
+            self.validate(prompt_token_ids, params, strategy)
         if len(self.scheduler.waiting) + params.n > self.config.max_waiting:
             raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} sequences)")
         req = Request(request_id, list(prompt_token_ids), params, prompt, strategy=strategy)

@@ -1,4 +1,4 @@
-"""Graph-captured decode: one captured `forward_paged` per (Q, batch-size bucket).
+"""Graph-captured decode: one captured model body per (Q, batch-size bucket).
 
 Single-stream decode is memory-bound only once the Python launch overhead is gone; this
 class removes it by capturing the whole decode step (every layer, every kernel) once per
@@ -26,8 +26,12 @@ Modes:
     and proves padding does not change results.
   * "eager": enforce_eager=True: `run` calls the function directly, no buffers.
 
-The returned logits in graph mode are a view into graph-owned memory: consume them (sample)
-before the next `run` of this runner. Graphs of one runner share one memory pool.
+The returned output in graph mode is a view into graph-owned memory: consume it before the
+next `run` of this runner. Graphs of one runner share one memory pool, and each graph's output
+stays allocated in it for the runner's life (`held_bytes`): the engine captures the body up to
+the final hidden states [bucket, Q, hidden] and computes logits eagerly for the real rows, so a
+float32 [bucket, Q, vocab] logits tensor per graph is never held (0.7 GB per engine at a 152K
+vocabulary, 64 sequences, k=4), and padded rows never pay for the LM head.
 
 Requirements on `fn` for capture: pure tensor code, no host sync (.item(), .tolist(),
 torch.tensor(host_list)), no data-dependent shapes, same kernels every call.
@@ -68,9 +72,15 @@ def default_buckets(max_num_seqs: int) -> list[int]:
     return out
 
 
-def padding_context_len(q_len: int) -> int:
-    """context_len given to padded batch rows (see the module docstring)."""
-    return q_len
+def graph_held_bytes(buckets: Sequence[int], q_values: Sequence[int], out_dim: int, elt: int) -> int:
+    """Bytes the captured graphs of one runner hold for its life: every (Q, bucket) graph's
+    [bucket, Q, out_dim] output stays allocated in the shared pool (`DecodeGraphRunner.held_bytes`)."""
+    return sum(buckets) * sum(set(q_values)) * out_dim * elt
+
+
+def decode_q_values(num_speculative_tokens: int) -> tuple[int, ...]:
+    """Query lengths an engine captures: 1 (decode), and k+1 (verification) when it speculates."""
+    return (1, num_speculative_tokens + 1) if num_speculative_tokens > 0 else (1,)
 
 
 class DecodeGraphRunner:
@@ -81,9 +91,9 @@ class DecodeGraphRunner:
         platform: Platform | None = None,
         max_num_seqs: int,
         max_blocks_per_seq: int,
-        vocab_size: int,
+        out_dim: int,  # last dim of fn's output [B, Q, out_dim]
         device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,  # of the logits fn returns; None = not checked
+        dtype: torch.dtype | None = None,  # of fn's output; None = not checked
         q_values: Sequence[int] = (1,),
         buckets: Sequence[int] | None = None,
         enforce_eager: bool = False,
@@ -99,7 +109,7 @@ class DecodeGraphRunner:
             device = platform.device if platform is not None else torch.device("cpu")
         self.device = torch.device(device)
         self.max_blocks_per_seq = max_blocks_per_seq
-        self.vocab_size = vocab_size
+        self.out_dim = out_dim
         self.dtype = dtype
         self.q_values = tuple(sorted(set(q_values)))
         bl = sorted(set(buckets)) if buckets is not None else default_buckets(max_num_seqs)
@@ -169,7 +179,7 @@ class DecodeGraphRunner:
         self._pos[q_len][start:end].fill_(0)
         self._slots[q_len][start:end].fill_(-1)
         self._tables[start:end].fill_(-1)
-        self._ctx[start:end].fill_(padding_context_len(q_len))
+        self._ctx[start:end].fill_(q_len)  # context_len = Q: see the module docstring
 
     def _static_args(self, q_len: int, bucket: int) -> tuple[torch.Tensor, ...]:
         return (
@@ -181,11 +191,17 @@ class DecodeGraphRunner:
         )
 
     def _check_output(self, out: torch.Tensor, q_len: int, bucket: int) -> None:
-        want = (bucket, q_len, self.vocab_size)
+        want = (bucket, q_len, self.out_dim)
         if tuple(out.shape) != want or (self.dtype is not None and out.dtype != self.dtype):
             raise ValueError(
-                f"forward_paged returned {tuple(out.shape)} {out.dtype}, expected {want} {self.dtype}"
+                f"the captured function returned {tuple(out.shape)} {out.dtype}, expected {want} {self.dtype}"
             )
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes the captured graphs keep allocated between replays: their outputs (the pool's
+        transient activations are reused across graphs and replays)."""
+        return sum(o.numel() * o.element_size() for o in self._outputs.values())
 
     # ----- capture --------------------------------------------------------------------
     def capture(self) -> None:
@@ -235,7 +251,7 @@ class DecodeGraphRunner:
         slot_mapping: torch.Tensor,  # [B, Q] long, -1 = padding
         block_tables: torch.Tensor,  # [B, m] int32, m <= max_blocks_per_seq, -1 padded
         context_lens: torch.Tensor,  # [B] int32
-    ) -> torch.Tensor:  # logits [B, Q, V]
+    ) -> torch.Tensor:  # [B, Q, out_dim]
         if self.mode == "eager":
             return self.fn(input_ids, positions, slot_mapping, block_tables, context_lens)
         if input_ids.dim() != 2:

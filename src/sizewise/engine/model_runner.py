@@ -56,14 +56,17 @@ class ModelRunner:
             self.kv_caches.append((k, v))
         self.sampler = Sampler(self.device, seed)
         self.eos_token_ids: tuple[int, ...] = cfg.eos_token_ids
+        # Step inputs go through page-locked host memory on accelerators, so their copies are
+        # asynchronous (the host goes on to the next launch) instead of a synchronous pageable copy.
+        self._pin = platform.device_type != "cpu"
         self.graph_runner = None
         if not enforce_eager and platform.supports_graphs:
-            from .graph_runner import DecodeGraphRunner
+            from .graph_runner import DecodeGraphRunner, decode_q_values
 
             self.graph_runner = DecodeGraphRunner(
-                platform=platform, fn=model.forward_paged, max_num_seqs=max_num_seqs,
-                max_blocks_per_seq=self.max_blocks_per_seq, vocab_size=cfg.vocab_size,
-                device=self.device, q_values=(1, verify_q) if verify_q > 1 else (1,),
+                platform=platform, fn=model.forward_paged_hidden, max_num_seqs=max_num_seqs,
+                max_blocks_per_seq=self.max_blocks_per_seq, out_dim=cfg.hidden_size,
+                device=self.device, q_values=decode_q_values(verify_q - 1),
             )
             self.graph_runner.capture()
 
@@ -84,6 +87,10 @@ class ModelRunner:
         return total
 
     # ----- input preparation ---------------------------------------------------------
+    def _h2d(self, data: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        # host list -> device tensor, copied in stream order without blocking the host
+        return torch.tensor(data, dtype=dtype, pin_memory=self._pin).to(self.device, non_blocking=True)
+
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
@@ -91,7 +98,7 @@ class ModelRunner:
     def _block_table_tensor(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(len(s.block_table) for s in seqs)
         rows = [s.block_table + [-1] * (width - len(s.block_table)) for s in seqs]
-        return torch.tensor(rows, dtype=torch.int32, device=self.device)
+        return self._h2d(rows, torch.int32)
 
     # ----- the step ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -109,16 +116,16 @@ class ModelRunner:
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         pos = [s.num_tokens - 1 for s in seqs]
-        ids = torch.tensor([[s.token_ids[-1]] for s in seqs], device=self.device)
-        positions = torch.tensor(pos, device=self.device)[:, None]
-        slots = torch.tensor([self._slots(s, p, p + 1) for s, p in zip(seqs, pos)], device=self.device)
+        ids = self._h2d([[s.token_ids[-1]] for s in seqs])
+        positions = self._h2d([[p] for p in pos])
+        slots = self._h2d([self._slots(s, p, p + 1) for s, p in zip(seqs, pos)])
         block_tables = self._block_table_tensor(seqs)
-        context_lens = torch.tensor([p + 1 for p in pos], dtype=torch.int32, device=self.device)
+        context_lens = self._h2d([p + 1 for p in pos], torch.int32)
         if self.graph_runner is not None:
-            logits = self.graph_runner.run(ids, positions, slots, block_tables, context_lens)
+            hidden = self.graph_runner.run(ids, positions, slots, block_tables, context_lens)
         else:
-            logits = self.model.forward_paged(ids, positions, slots, block_tables, context_lens)
-        return logits[:, 0]
+            hidden = self.model.forward_paged_hidden(ids, positions, slots, block_tables, context_lens)
+        return self.model.compute_logits(hidden[:, 0])
 
     def _mixed(self, decodes, prefills, chunks):
         ids: list[int] = []
@@ -146,17 +153,16 @@ class ModelRunner:
                 sample_idx.append(base + cu[-1] - 1)
                 sampled.append(s)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, device=self.device),
+            slot_mapping=self._h2d(slots),
             num_decodes=len(decodes),
             decode_q=1,
             block_tables=self._block_table_tensor(decodes) if decodes else None,
-            context_lens=torch.tensor([s.num_tokens for s in decodes], dtype=torch.int32, device=self.device) if decodes else None,
+            context_lens=self._h2d([s.num_tokens for s in decodes], torch.int32) if decodes else None,
             cu_seqlens_q=cu,
             prefill_num_cached=[s.num_cached_tokens for s in prefills],
             prefill_block_tables=[s.block_table for s in prefills],
         )
-        input_ids = torch.tensor(ids, device=self.device)
-        hidden = self.model(input_ids, torch.tensor(positions, device=self.device), meta)
+        hidden = self.model(self._h2d(ids), self._h2d(positions), meta)
         logits = self.model.compute_logits(hidden[sample_idx]) if sample_idx else None
         plp = {s.seq_id: self._prompt_logprobs(s, hidden, first, n) for s, first, n in plp_rows}
         return sampled, logits, plp
@@ -194,11 +200,13 @@ class ModelRunner:
         block_tables: torch.Tensor,  # [B, m] int32
         context_lens: torch.Tensor,  # [B] int32
     ) -> torch.Tensor:  # logits [B, Q, V]
-        """Speculative verification (Q = k+1): the captured graph for this Q when there is one."""
+        """Speculative verification (Q = k+1): the captured body for this Q when there is one."""
         gr = self.graph_runner
         if gr is not None and input_ids.shape[1] in gr.q_values:
-            return gr.run(input_ids, positions, slot_mapping, block_tables, context_lens)
-        return self.model.forward_paged(input_ids, positions, slot_mapping, block_tables, context_lens)
+            hidden = gr.run(input_ids, positions, slot_mapping, block_tables, context_lens)
+        else:
+            hidden = self.model.forward_paged_hidden(input_ids, positions, slot_mapping, block_tables, context_lens)
+        return self.model.compute_logits(hidden)
 
     def _sampling_row(self, seq: Sequence, extra: list[int] | tuple[int, ...] = ()) -> SamplingRow:
         """`extra`: tokens assumed appended after seq's tokens (speculative verification rows)."""

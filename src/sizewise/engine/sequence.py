@@ -38,7 +38,7 @@ class Sequence:
         "seq_id", "request", "index", "token_ids", "num_prompt_tokens", "num_cached_tokens",
         "block_table", "block_hashes", "status", "finish_reason", "stop_reason", "output_logprobs",
         "cumulative_logprob", "rng_stream", "output_text", "emitted_text_len", "prefix_offset",
-        "read_offset", "emitted_tokens", "emitted_logprobs", "spec", "arrival_order", "stop_search_from",
+        "read_offset", "emitted_tokens", "emitted_logprobs", "spec", "stop_search_from",
     )
 
     def __init__(self, seq_id: int, request: "Request", index: int, prompt_token_ids: list[int]) -> None:
@@ -64,7 +64,6 @@ class Sequence:
         self.emitted_tokens = 0
         self.emitted_logprobs = 0
         self.spec: Any = None  # speculative-decoding state, owned by the speculative module
-        self.arrival_order = seq_id
 
     @property
     def params(self) -> SamplingParams:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,6 +25,14 @@ _DTYPES = {
 
 class CheckpointError(ValueError):
     """The directory is not a loadable checkpoint of a supported family."""
+
+
+def not_a_directory(path: str) -> str:
+    """What to say when a model path is not a directory: often a hub id, which is never downloaded."""
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None
+    get = f"hf download {path} --local-dir {path.split('/')[-1]}" if hub_id else "hf download ID --local-dir DIR"
+    return (f"model path {path!r} is not a directory (a local Hugging Face model directory; hub ids are not "
+            f"downloaded: `{get}` first{', then pass that directory' if hub_id else ''})")
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -85,8 +94,7 @@ class ModelConfig:
         path = Path(model_dir)
         cfg_file = path / "config.json"
         if not path.is_dir():
-            raise CheckpointError(f"model path {str(path)!r} is not a directory (a local Hugging Face model directory; "
-                                  f"hub ids are not downloaded: `hf download ID --local-dir DIR` first)")
+            raise CheckpointError(not_a_directory(str(model_dir)))
         if not cfg_file.is_file():
             raise CheckpointError(f"{str(path)!r} is not a Hugging Face checkpoint: no config.json")
         try:

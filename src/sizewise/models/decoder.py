@@ -44,6 +44,23 @@ class AttentionMetadata:
         return self.num_decodes * self.decode_q
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose matmul the platform runs, on a weight the platform may have repacked at
+    load (`Decoder.pack_weights`): CPU reads a oneDNN layout."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, platform: Platform) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.platform = platform
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.platform.linear(x, self.weight, self.bias)
+
+    def pack(self) -> None:
+        packed = self.platform.pack_linear(self.weight.data)
+        if packed is not self.weight.data:
+            self.weight = nn.Parameter(packed, requires_grad=False)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, platform: Platform) -> None:
         super().__init__()
@@ -65,21 +82,18 @@ class Rotary(nn.Module):
         freqs = torch.outer(t, inv_freq)  # [P, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)  # [P, D]
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        # rotate_half(x) * sin == roll(x, D/2) * [-sin_lo, sin_hi]: the sign lives in the table
+        # so a step's rotation is roll, mul, addcmul (not neg, two slices, cat, mul, mul, add).
+        self.register_buffer("sin", torch.cat([-freqs.sin(), freqs.sin()], dim=-1), persistent=False)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype):
-        # positions: [T] -> cos, sin: [T, 1, D], looked up once per step for all layers
+        # positions: [T] -> cos, signed sin: [T, 1, D], looked up once per step for all layers
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    # q: [T, H, D], k: [T, Hkv, D], cos/sin: [T, 1, D]
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, D], cos / signed sin: [T, 1, D] (Rotary.tables) -> [T, heads, D]
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
 class Attention(nn.Module):
@@ -89,8 +103,8 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias, platform)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, cfg.o_bias, platform)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, platform) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, platform) if cfg.qk_norm else None
         self.platform = platform
@@ -101,13 +115,16 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
         # x: [T, hidden]
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, *rope)
+        qkv = self.qkv_proj(x)
+        v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is None:
+            # q and k side by side in one rotation: [T, H + Hkv, D]
+            qk = apply_rotary(qkv[:, :self.q_size + self.kv_size].view(T, -1, self.head_dim), *rope)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        else:
+            q = self.q_norm(qkv[:, :self.q_size].view(T, self.num_heads, self.head_dim))
+            k = self.k_norm(qkv[:, self.q_size:self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim))
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         self.platform.write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
 
         nd = meta.num_decode_tokens
@@ -130,11 +147,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, platform: Platform) -> None:
         super().__init__()
         self.intermediate = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias, platform)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, platform)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
@@ -147,7 +164,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, platform)
         self.self_attn = Attention(cfg, platform)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, platform)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, platform)
 
     def forward(self, x, rope, meta):
         x = x + self.self_attn(self.input_layernorm(x), rope, meta)
@@ -158,11 +175,19 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, platform: Platform, max_position: int) -> None:
         super().__init__()
         self.cfg = cfg
+        self.platform = platform
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, platform) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, platform)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, False, platform)
         self.rotary = Rotary(cfg, max_position)
+
+    def pack_weights(self) -> None:
+        """Once loaded: every linear weight into the platform's layout. A tied head stays as the
+        embedding (the lookup needs the plain layout; a packed copy would double the largest matrix)."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.pack()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden: [T, hidden]
@@ -178,23 +203,27 @@ class Decoder(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [N, hidden] -> logits: [N, V] float32
-        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, w).float()
+        # hidden: [..., hidden] -> logits: [..., V] float32
+        logits = F.linear(hidden, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(hidden)
+        return logits.float()
 
-    def forward_paged(
+    def forward_paged_hidden(
         self,
         input_ids: torch.Tensor,  # [B, Q]
         positions: torch.Tensor,  # [B, Q]
         slot_mapping: torch.Tensor,  # [B, Q]
         block_tables: torch.Tensor,  # [B, M] int32
         context_lens: torch.Tensor,  # [B] int32
-    ) -> torch.Tensor:  # logits [B, Q, V]
-        """The decode / verify step: static shapes, no host sync, so it can be graph-captured."""
+    ) -> torch.Tensor:  # final hidden states [B, Q, hidden]
+        """The decode / verify body: static shapes, no host sync, so it can be graph-captured."""
         B, Q = input_ids.shape
         meta = AttentionMetadata(
             slot_mapping=slot_mapping.reshape(-1), num_decodes=B, decode_q=Q,
             block_tables=block_tables, context_lens=context_lens,
         )
-        hidden = self.forward(input_ids.reshape(-1), positions.reshape(-1), meta)
-        return self.compute_logits(hidden).view(B, Q, -1)
+        return self.forward(input_ids.reshape(-1), positions.reshape(-1), meta).view(B, Q, -1)
+
+    def forward_paged(self, input_ids, positions, slot_mapping, block_tables, context_lens) -> torch.Tensor:
+        # the body's arguments -> logits [B, Q, V] float32
+        hidden = self.forward_paged_hidden(input_ids, positions, slot_mapping, block_tables, context_lens)
+        return self.compute_logits(hidden)

@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..platform import Platform
 from .config import CheckpointError, ModelConfig
-from .decoder import Decoder, Rotary
+from .decoder import Decoder, Linear, Rotary
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,25 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     if found:
         return found
     raise CheckpointError(f"{str(model_dir)!r} has no safetensors weights (model.safetensors or an index)")
+
+
+# What a tokenizer is built from; transformers builds an *empty* tokenizer (every prompt encodes
+# to nothing) for some model types when none of these is present, instead of failing.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def tokenizer_files(model_dir: Path) -> list[Path]:
+    """The tokenizer vocabulary files in `model_dir`; CheckpointError naming what is missing."""
+    found = [model_dir / f for f in _TOKENIZER_FILES if (model_dir / f).is_file()]
+    found += sorted(model_dir.glob("*.tiktoken"))
+    if not found:
+        raise CheckpointError(
+            f"{str(model_dir)!r} has no tokenizer files: none of tokenizer.json, tokenizer.model or "
+            f"vocab.json + merges.txt (copy them, with tokenizer_config.json, from the checkpoint the "
+            f"weights came from)")
+    if found == [model_dir / "vocab.json"] and not (model_dir / "merges.txt").is_file():
+        raise CheckpointError(f"{str(model_dir)!r} has vocab.json but no merges.txt (a BPE tokenizer needs both)")
+    return found
 
 
 def load_model(
@@ -95,6 +114,7 @@ def load_model(
     if missing:
         raise CheckpointError(f"{str(model_dir)!r} is missing weights: {', '.join(missing[:5])}")
     model.eval().requires_grad_(False)
+    model.pack_weights()
     log.info("loaded %s (%.1fM params, %s) in %.2fs", model_dir.name, cfg.num_params / 1e6, dtype, time.perf_counter() - t0)
     return model
 
@@ -125,7 +145,8 @@ def _resolve_tied_head(model: Decoder, head: torch.Tensor, dtype: torch.dtype, l
         return
     log.warning("tie_word_embeddings is set but the checkpoint's lm_head.weight differs from the "
                 "embeddings: using it as a separate output matrix, as transformers does")
-    model.lm_head = torch.nn.Linear(embed.shape[1], embed.shape[0], bias=False, device=embed.device, dtype=dtype)
+    model.lm_head = Linear(embed.shape[1], embed.shape[0], False, model.platform).to(
+        device=embed.device, dtype=dtype)
     model.lm_head.requires_grad_(False)
     with torch.no_grad():
         model.lm_head.weight.copy_(head.to(dtype))

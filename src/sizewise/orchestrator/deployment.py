@@ -1,14 +1,18 @@
 """A deployment: the config file (pydantic, at the edge) and the running set of engines.
 
-`Deployment` is what the server talks to: it resolves a request's `model` to a resident
-engine through a router, and exposes the AsyncEngine, tokenizers and stats. The server knows
-nothing about KV blocks; the engines know nothing about HTTP.
+`Deployment` is all the server talks to, through a narrow API: `submit` (route, validate once,
+queue; deltas stream back), `abort` (on the returned submissions), `describe` and `stats`, the
+tokenizer and context lengths, `alive` and `shutdown`. The server knows nothing about KV blocks
+or engines; the engines know nothing about HTTP.
 """
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import logging
 import sys
+from collections.abc import Callable
 from collections import Counter
 from pathlib import Path
 from typing import Literal, Protocol
@@ -19,16 +23,23 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..engine.async_engine import AsyncEngine
 from ..engine.config import EngineConfig
 from ..engine.core import EngineCore
-from ..platform import get_platform
+from ..errors import InvalidRequestError, UnknownModelError
+from ..models import CheckpointError, ModelConfig
+from ..models.loader import checkpoint_files, tokenizer_files
+from ..outputs import RequestOutput
+from ..platform import Platform, get_platform
 from ..sampling_params import SamplingParams
-from ..text import clip
 from .config import PolicyConfig
 from .planner import MemoryPlan, plan_memory
-from .router import AdaptiveRouter
+from .router import AdaptiveRouter, _accepted_strategies
 from .telemetry import Telemetry
-from .types import Decision, RoutingHints
+from .types import Decision, DeploymentStats, ModelInfo, ModelStats, Prompt, RoutingHints, Submission
 
 log = logging.getLogger(__name__)
+
+# Where a submission's deltas go: called on the submitting event loop with the prompt's index and
+# a RequestOutput delta (or the exception that failed it).
+Sink = Callable[[int, "RequestOutput | BaseException"], None]
 
 TIERS = ("small", "medium", "large")
 
@@ -65,6 +76,8 @@ class ServerSection(BaseModel):
     api_keys: list[str] = Field(default_factory=list)
     metrics_require_auth: bool = False
     request_timeout_s: float = Field(default=600.0, gt=0)
+    # deltas one request may have waiting for a slow client before it is aborted (0: unbounded)
+    max_queued_deltas: int = Field(default=0, ge=0)
     # A chat template inside a request's chat_template_kwargs is code the server would run: refused
     # unless the operator trusts every client (as vLLM after CVE-2025-61620).
     trust_request_chat_template: bool = False
@@ -76,6 +89,8 @@ class DeploymentConfig(BaseModel):
     device: str = "auto"
     dtype: str = "auto"
     memory_fraction: float = Field(default=0.5, gt=0, le=1)
+    # All models' KV caches together, bytes (split by kv_share); replaces what memory_fraction leaves.
+    kv_cache_bytes: int | None = Field(default=None, ge=1)
     models: list[ModelEntry] = Field(min_length=1)
     engine: EngineSection = Field(default_factory=EngineSection)
     server: ServerSection = Field(default_factory=ServerSection)
@@ -140,15 +155,21 @@ class DeploymentConfig(BaseModel):
         return cfg
 
     @classmethod
-    def from_model_dirs(cls, dirs: list[str], **kw) -> "DeploymentConfig":
-        """`--model DIR ...`: tiers assigned by order (1 model: large; 2: small, large; 3: all)."""
+    def from_model_dirs(cls, dirs: list[str], names: list[str] | None = None, **kw) -> "DeploymentConfig":
+        """`--model DIR ...`: tiers assigned by order (1 model: large; 2: small, large; 3: all);
+        `names` (--served-model-name), one per directory, replace the directories' names."""
         tiers = {1: ["large"], 2: ["small", "large"], 3: ["small", "medium", "large"]}.get(len(dirs))
         if tiers is None:
             raise ValueError(f"give 1 to 3 --model directories, got {len(dirs)}")
-        names = [Path(d).name or d for d in dirs]
-        # Directories with one basename (a/model, b/model) would collide: tell them apart by tier.
-        names = [f"{n}-{t}" if names.count(n) > 1 or (n in TIERS and n != t) or n == "auto" else n
-                 for n, t in zip(names, tiers)]
+        if names:
+            if len(names) != len(dirs):
+                raise ValueError(f"give one --served-model-name per --model: {len(names)} names for {len(dirs)} "
+                                 f"models")
+        else:
+            names = [Path(d).name or d for d in dirs]
+            # Directories with one basename (a/model, b/model) would collide: tell them apart by tier.
+            names = [f"{n}-{t}" if names.count(n) > 1 or (n in TIERS and n != t) or n == "auto" else n
+                     for n, t in zip(names, tiers)]
         models = [ModelEntry(name=n, tier=t, path=str(Path(d).resolve())) for n, d, t in zip(names, dirs, tiers)]
         return cls(models=models, **kw)
 
@@ -158,12 +179,6 @@ class Router(Protocol):
         self, deployment: "Deployment", prompt_token_ids: list[int], params: SamplingParams,
         requested: str, hints: RoutingHints,
     ) -> Decision: ...
-
-
-class UnknownModelError(LookupError):
-    def __init__(self, name: str, known: list[str]) -> None:
-        super().__init__(f"model {clip(repr(name))} does not exist; available: {', '.join(known)}")
-        self.name = name
 
 
 class StaticRouter:
@@ -254,16 +269,42 @@ class Deployment:
                 self.engine.shutdown()
                 raise
 
+    @staticmethod
+    def check(config: DeploymentConfig, platform: Platform | None = None) -> MemoryPlan:
+        """Everything that can be refused before a weight is read, in a blink: each model's
+        config.json, weight and tokenizer files, the context length against what the model was
+        built for, and the memory plan (MemoryPlanError names the model and the bytes short)."""
+        model_configs = {}
+        for m in config.models:
+            where = f"model {m.name} ({m.tier})"
+            path = Path(m.path)
+            try:
+                cfg = ModelConfig.from_pretrained(path)
+                checkpoint_files(path)
+                tokenizer_files(path)
+            except CheckpointError as e:
+                raise CheckpointError(f"{where}: {e}") from None
+            n = config.engine.max_model_len
+            if n is not None and n > cfg.max_position_embeddings:
+                raise ValueError(
+                    f"{where}: engine.max_model_len {n} (sizewise serve --max-model-len) is larger than its "
+                    f"max_position_embeddings ({cfg.max_position_embeddings}): lower it, or leave it unset so "
+                    f"that each model uses its own")
+            model_configs[m.name] = cfg
+        return plan_memory(config, platform or get_platform(config.device), model_configs)
+
     @classmethod
-    def load(cls, config: DeploymentConfig, router: Router | None = None, echo_plan: bool = True) -> "Deployment":
-        """Plan memory (refuses with MemoryPlanError naming the model and the bytes short), print
-        the plan, then load every model onto one shared platform with its planned KV budget."""
+    def load(cls, config: DeploymentConfig, router: Router | None = None, echo_plan: bool = True,
+             plan: MemoryPlan | None = None) -> "Deployment":
+        """`check` the deployment (unless its `plan` is given: it was checked), print the plan, then
+        load every model onto one shared platform with its planned KV budget."""
         platform = get_platform(config.device)
-        plan = plan_memory(config, platform)
-        if echo_plan:
-            print(plan.table(), file=sys.stderr, flush=True)
-        else:
-            log.info("%s", plan.table())
+        if plan is None:
+            plan = cls.check(config, platform)
+            if echo_plan:
+                print(plan.table(), file=sys.stderr, flush=True)
+            else:
+                log.info("%s", plan.table())
         cores = {}
         for m in config.models:
             ecfg = EngineConfig(
@@ -276,10 +317,6 @@ class Deployment:
         _attach_drafts(config, cores)
         return cls(config, cores, router, plan)
 
-    @property
-    def model_names(self) -> list[str]:
-        return list(self.cores)
-
     def resolve(self, requested: str) -> str:
         """A tier alias or a model name -> the resident model's name."""
         if requested in self.cores:
@@ -289,13 +326,128 @@ class Deployment:
         raise UnknownModelError(requested, ["auto", *self.tier_to_model, *self.cores])
 
     def tokenizer(self, model: str | None = None):
-        name = self.resolve(model) if model and model != "auto" else next(iter(self.cores))
-        return self.cores[name].tokenizer
+        return self.cores[self._named(model)].tokenizer
+
+    def vocab_size(self, model: str | None = None) -> int:
+        return self.cores[self._named(model)].vocab_size
+
+    def _named(self, model: str | None) -> str:
+        """`model` resolved; for none or `auto`, the first model (all share one tokenizer)."""
+        return self.resolve(model) if model and model != "auto" else next(iter(self.cores))
+
+    def max_model_len(self, requested: str | None = None) -> int:
+        """The context length a request for `requested` gets."""
+        if requested and requested != "auto":
+            return self.cores[self.resolve(requested)].max_model_len
+        # `auto` may go to any tier: promise only what every tier accepts.
+        return min(c.max_model_len for c in self.cores.values())
 
     async def route(self, prompt_token_ids, params, requested: str, hints: RoutingHints) -> Decision:
         if requested != "auto":
             self.resolve(requested)  # raises UnknownModelError before any work
         return await self.router.route(self, prompt_token_ids, params, requested, hints)
+
+    # ----- the server's API ----------------------------------------------------------------------
+    async def submit(
+        self, request_id: str, prompts: list[Prompt], params: SamplingParams, requested: str = "auto",
+        hints: RoutingHints | None = None, sink: Sink | None = None, before_queue: Callable[[], None] | None = None,
+    ) -> list[Submission]:
+        """Route every prompt (their probes run concurrently), validate each once against the
+        engine it was routed to, then queue them in order; nothing stays queued unless all are
+        admitted (a QueueFullError on the third prompt takes back the first two). One prompt keeps
+        `request_id`; several get `request_id-i`. Each queued request gets its own copy of
+        `params`. `before_queue` runs once everything is routed and valid, before anything is
+        queued; what it raises is raised. Raises InvalidRequestError, UnknownModelError,
+        QueueFullError, EngineDeadError."""
+        hints = hints or RoutingHints()
+        if not prompts:
+            raise InvalidRequestError("prompt is empty", param="prompt")
+        longest = max(c.max_model_len for c in self.cores.values())
+        for p in prompts:  # before routing, so an oversized prompt never reaches a probe
+            if not p.ids:
+                raise InvalidRequestError("prompt is empty", param="prompt")
+            if len(p.ids) >= longest:
+                raise InvalidRequestError(
+                    f"prompt has {len(p.ids)} tokens but the longest context length served here is {longest} "
+                    f"tokens (the prompt must leave room for at least one generated token)", param="prompt")
+        routed = await asyncio.gather(*(self.route(p.ids, params, requested, hints) for p in prompts),
+                                      return_exceptions=True)
+        for d in routed:  # the first failing prompt's error, in prompt order
+            if isinstance(d, BaseException):
+                raise d
+        decisions: list[Decision] = routed  # type: ignore[assignment]
+        for p, d in zip(prompts, decisions):
+            core = self.cores[d.model]
+            core.validate(p.ids, params, d.strategy)
+            if params.n > core.config.max_waiting:  # never admissible: a 429 would mean "retry forever"
+                raise InvalidRequestError(
+                    f"n ({params.n}) is larger than {d.model}'s waiting queue ({core.config.max_waiting} sequences)",
+                    param="n")
+        if before_queue is not None:
+            before_queue()
+        subs: list[Submission] = []
+        try:
+            for i, (p, d) in enumerate(zip(prompts, decisions)):
+                rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+                to = (lambda item, i=i: sink(i, item)) if sink is not None else None
+                stream = await self.engine.add_request(
+                    rid, p.ids, copy.copy(params), core=d.model, prompt=p.text, strategy=d.strategy, sink=to,
+                    validated=True)
+                subs.append(Submission(i, rid, d, stream))
+        except BaseException:
+            for s in subs:
+                s.abort()
+            raise
+        return subs
+
+    def describe(self) -> list[ModelInfo]:
+        """The resident models, in config order."""
+        return [
+            ModelInfo(
+                name=name, tier=self.model_to_tier[name], path=str(core.model_dir), family=core.model_config.family,
+                num_params=core.model_config.num_params, device=str(core.platform.device),
+                dtype=str(core.dtype).removeprefix("torch."), vocab_size=core.vocab_size,
+                max_model_len=core.max_model_len, block_size=core.block_size,
+                num_blocks=core.block_manager.num_blocks, kv_cache_bytes=core.runner.kv_cache_bytes,
+                strategies=tuple(sorted(_accepted_strategies(core), key=("plain", "pld", "draft").index)),
+            )
+            for name, core in self.cores.items()
+        ]
+
+    def stats(self, device: bool = True) -> DeploymentStats:
+        """Live counts per model (exact: read from the engines), bandwidth from the telemetry, and
+        with `device` the device memory in use."""
+        snap = None
+        try:
+            snap = self.telemetry.snapshot(device=device)
+        except Exception:  # noqa: BLE001 - a missing device counter must not cost the counts
+            log.warning("telemetry snapshot failed", exc_info=True)
+        models = {}
+        for name, st in self.engine.stats().items():
+            core = self.cores[name]
+            runs = _accepted_strategies(core)
+            eng = snap.engines.get(name) if snap is not None else None
+            if eng is not None:
+                achieved = eng.achieved_bandwidth
+            else:  # no telemetry: the last step alone
+                achieved = st.last_step_bytes / st.last_step_seconds if st.last_step_seconds > 0 else 0.0
+            models[name] = ModelStats(
+                name=name, tier=self.model_to_tier[name], num_running=st.num_running, num_waiting=st.num_waiting,
+                kv_blocks_used=st.kv_blocks_used, kv_blocks_total=st.kv_blocks_total,
+                num_preemptions=st.num_preemptions,
+                spec_draft_tokens={p: n for p, n in st.spec_draft_tokens.items() if p in runs},
+                spec_accepted_tokens={p: n for p, n in st.spec_accepted_tokens.items() if p in runs},
+                achieved_bandwidth=achieved,
+                bandwidth_utilization=eng.bandwidth_utilization if eng is not None and snap.peak_bandwidth else None,
+            )
+        return DeploymentStats(
+            models=models, peak_bandwidth=snap.peak_bandwidth or None if snap is not None else None,
+            device_memory_used_bytes=getattr(snap, "device_memory_used_bytes", None),
+        )
+
+    @property
+    def alive(self) -> bool:
+        return self.engine.alive
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -1,7 +1,8 @@
 """Memory planner: fit every resident model's weights, workspace and KV cache into one budget.
 
 Budget = memory_fraction x the device's total memory (RAM on CPU), capped at what is free
-now. From it come, per model and before anything is loaded: weight bytes (parameter count
+now; or, with an explicit `kv_cache_bytes` (as vLLM's --kv-cache-memory-bytes), the weights and
+workspace plus exactly that much KV cache, which must fit in free memory. From it come, per model and before anything is loaded: weight bytes (parameter count
 from config.json x the dtype's size), a workspace reserve for the largest step's activations
 and logits, and what is left is the KV budget, split by `kv_share` (normalised over the
 models), never more than every running sequence at full length can use (the surplus goes to
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine.graph_runner import decode_q_values, default_buckets, graph_held_bytes
 from ..models import ModelConfig, parse_dtype
 from ..platform import Platform
 
@@ -63,6 +65,7 @@ class MemoryPlan:
     memory_fraction: float
     budget_bytes: int
     models: tuple[ModelPlan, ...]
+    kv_cache_bytes: int | None = None  # the explicit KV budget that replaced the fraction
 
     @property
     def planned_bytes(self) -> int:
@@ -86,10 +89,11 @@ class MemoryPlan:
                      gib(sum(m.kv_bytes for m in self.models)), "", "", ""))
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         fmt = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+        how = (f"weights + workspace + kv_cache_bytes {gib(self.kv_cache_bytes)}" if self.kv_cache_bytes is not None
+               else f"{self.memory_fraction:g} x {gib(self.device_total_bytes)} total")
         lines = [
-            f"memory plan on {self.device}: budget {gib(self.budget_bytes)} = {self.memory_fraction:g} x "
-            f"{gib(self.device_total_bytes)} total ({gib(self.device_free_bytes)} free), "
-            f"planned {gib(self.planned_bytes)}",
+            f"memory plan on {self.device}: budget {gib(self.budget_bytes)} = {how} "
+            f"({gib(self.device_free_bytes)} free), planned {gib(self.planned_bytes)}",
             fmt(rows[0]), fmt(tuple("-" * w for w in widths)), *(fmt(r) for r in rows[1:]),
         ]
         return "\n".join(lines)
@@ -104,7 +108,10 @@ def plan_memory(config, platform: Platform, model_configs: dict[str, ModelConfig
     """`config`: a DeploymentConfig. `model_configs` (by model name) skips reading config.json."""
     eng = config.engine
     mem = platform.memory_info()
-    budget = min(int(config.memory_fraction * mem.total_bytes), mem.free_bytes)
+    kv_explicit = getattr(config, "kv_cache_bytes", None)
+    # With an explicit KV budget the weights may take whatever is free; otherwise the fraction bounds all.
+    budget = mem.free_bytes if kv_explicit is not None else min(int(config.memory_fraction * mem.total_bytes),
+                                                                 mem.free_bytes)
     shares_sum = sum(m.kv_share for m in config.models)
     block_size = eng.block_size or platform.preferred_block_size
     rows = []  # (entry, cfg, dtype, weights, workspace, per_block, min_kv, max_kv, share)
@@ -119,6 +126,11 @@ def plan_memory(config, platform: Platform, model_configs: dict[str, ModelConfig
         # Largest step: packed hidden states and MLP activations, plus logits (prompt logprobs
         # compute them for every prompt position of the chunk, then a log-softmax copy).
         workspace = tokens * (4 * cfg.hidden_size + 3 * cfg.intermediate_size + 2 * cfg.vocab_size) * _WORKSPACE_ELT
+        if platform.supports_graphs and not eng.enforce_eager:
+            # Captured decode graphs keep their outputs allocated: the body's hidden states only
+            # (logits are computed outside the graph; see engine/graph_runner.py).
+            workspace += graph_held_bytes(default_buckets(eng.max_num_seqs),
+                                          decode_q_values(eng.num_speculative_tokens), cfg.hidden_size, elt)
         rows.append((m, cfg, dtype, cfg.num_params * elt, workspace, per_block,
                      blocks_per_seq * per_block, eng.max_num_seqs * blocks_per_seq * per_block,
                      m.kv_share / shares_sum))
@@ -128,14 +140,26 @@ def plan_memory(config, platform: Platform, model_configs: dict[str, ModelConfig
         fixed += weights + workspace
         if fixed > budget:
             total_fixed = sum(r[3] + r[4] for r in rows)
+            of = (f"the {mem.free_bytes} free device bytes" if kv_explicit is not None else
+                  f"the budget of {budget} bytes ({config.memory_fraction:g} x {mem.total_bytes} device bytes, "
+                  f"{mem.free_bytes} free)")
             raise MemoryPlanError(
                 f"model {m.name!r} ({m.tier}) does not fit: the weights and workspace of the models up to "
-                f"it need {fixed} bytes ({total_fixed} for all), over the budget of {budget} bytes "
-                f"({config.memory_fraction:g} x {mem.total_bytes} device bytes, {mem.free_bytes} free); "
-                f"short by {total_fixed - budget} bytes before any KV cache. Raise memory_fraction, use a "
-                f"smaller dtype, or drop a model.",
+                f"it need {fixed} bytes ({total_fixed} for all), over {of}; short by {total_fixed - budget} "
+                f"bytes before any KV cache. "
+                f"{'Free device memory' if kv_explicit is not None else 'Raise memory_fraction (--memory-fraction)'}"
+                f", use a smaller dtype, or drop a model.",
                 model=m.name, short_bytes=total_fixed - budget,
             )
+    if kv_explicit is not None:
+        if fixed + kv_explicit > budget:
+            raise MemoryPlanError(
+                f"kv_cache_bytes {kv_explicit} and the weights and workspace ({fixed} bytes) need "
+                f"{fixed + kv_explicit} bytes, but {mem.free_bytes} are free; short by "
+                f"{fixed + kv_explicit - budget} bytes. Lower kv_cache_bytes (--kv-cache-bytes).",
+                model=rows[-1][0].name, short_bytes=fixed + kv_explicit - budget,
+            )
+        budget = fixed + kv_explicit
 
     # Water-filling: each model gets its share of the KV budget, capped at what it can use;
     # what a capped model leaves goes to the others by their shares.
@@ -162,8 +186,9 @@ def plan_memory(config, platform: Platform, model_configs: dict[str, ModelConfig
             raise MemoryPlanError(
                 f"model {m.name!r} ({m.tier}) does not fit: its KV share ({share:.2f} of {kv_budget} bytes left "
                 f"after all weights and workspace) is {kv} bytes, but one {_max_len(eng, cfg)}-token sequence "
-                f"needs {min_kv} bytes; short by {min_kv - kv} bytes. Raise memory_fraction or its kv_share, "
-                f"or lower engine.max_model_len.",
+                f"needs {min_kv} bytes; short by {min_kv - kv} bytes. Raise "
+                f"{'kv_cache_bytes (--kv-cache-bytes)' if kv_explicit is not None else 'memory_fraction (--memory-fraction)'}"
+                f" or its kv_share, or lower engine.max_model_len (--max-model-len).",
                 model=m.name, short_bytes=min_kv - kv,
             )
         blocks = kv // per_block
@@ -174,7 +199,7 @@ def plan_memory(config, platform: Platform, model_configs: dict[str, ModelConfig
         ))
     return MemoryPlan(
         device=str(platform.device), device_total_bytes=mem.total_bytes, device_free_bytes=mem.free_bytes,
-        memory_fraction=config.memory_fraction, budget_bytes=budget, models=tuple(plans),
+        memory_fraction=config.memory_fraction, budget_bytes=budget, models=tuple(plans), kv_cache_bytes=kv_explicit,
     )
 
 

@@ -211,16 +211,18 @@ class Policy:
         steps, own = cls._own(e, prompt_tokens, new_tokens, n)
         others = 0.0
         for name, f in snap.engines.items():
-            if name == model or not f.busy:
+            if name == model or not (f.busy or f.arrival_rate > 0):
                 continue
             f_steps, f_s = cls._backlog(f)
-            per_step = f_s / max(f_steps, 1)
-            mine = steps * per_step if discipline == "round_robin" else own
-            # what keeps arriving there meanwhile adds to its backlog: its rate x its time per request
             batch_f = max(min(f.num_running + f.num_waiting, f.max_num_seqs), 1)
+            per_step = f_s / max(f_steps, 1) if f_steps else f.step_cost(batch_f)
+            mine = steps * per_step if discipline == "round_robin" else own
+            # An engine that keeps receiving has work for a fraction 1 - exp(-rate x life) of the
+            # time (Poisson arrivals, each busy for its own steps there): that share of my steps
+            # it takes its turn too, beyond the backlog it already has.
             out_f = f.avg_output_tokens if f.avg_output_tokens > 0 else 16.0
-            arriving = f.arrival_rate * own * out_f * f.step_cost(batch_f) / batch_f
-            others += min(mine, f_s + arriving)
+            busy_frac = 1.0 - math.exp(-f.arrival_rate * out_f * f.step_cost(batch_f))
+            others += max(min(mine, f_s), mine * busy_frac)
         return (own + others) * e.latency_bias * 1e3
 
     @staticmethod

@@ -43,6 +43,11 @@ _DEVICE_REFRESH_S = 1.0  # vendor counters (npu-smi is a subprocess) at most onc
 # overestimate of the queue, on the safe side.)
 _PENDING_TTL_S = 0.5
 _RATE_WINDOW_S = 2.0  # arrival rate: sequences routed to an engine over this window
+_BIAS_CLAMP = 3.0  # measured / predicted latency ratios are read within [1 / 2, this]
+# A learned latency bias fades towards 1 without new evidence: a tier nothing is sent to any
+# more (because its bias made it look slow) is not locked out for ever.
+_BIAS_HALF_LIFE_S = 10.0
+_IN_FLIGHT_HORIZON_S = 30.0  # predictions older than this are dropped (an aborted request never finishes)
 
 
 class _Ema:
@@ -85,7 +90,8 @@ class _EngineState:
     pending: list = field(default_factory=list)  # (monotonic time, sequences) routed, not yet stepped
     # prompt ids -> (wall time routed, predicted seconds): matched when the request finishes
     predicted: OrderedDict = field(default_factory=OrderedDict)
-    latency_bias: _Ema | None = None  # measured / predicted latency of finished requests
+    latency_bias: _Ema | None = None  # log of measured / predicted latency of finished requests
+    bias_time: float = 0.0  # wall time of its last update
     routed: deque = field(default_factory=deque)  # (monotonic time, sequences) of the last _RATE_WINDOW_S
 
 
@@ -274,10 +280,27 @@ class Telemetry:
         if hit is None or fin is None or hit[1] <= 0:
             return
         # In logs, clamped: one request delayed by the host must not swing every estimate.
-        ratio = min(max((fin - hit[0]) / hit[1], 0.5), 3.0)
+        ratio = min(max((fin - hit[0]) / hit[1], 0.5), _BIAS_CLAMP)
         if st.latency_bias is None:
             st.latency_bias = _Ema(st.step_s.alpha)
         st.latency_bias.update(math.log(ratio))
+        st.bias_time = fin
+
+    @staticmethod
+    def _bias(st: _EngineState, now: float) -> float:
+        """The latency bias the policy reads: the finished requests' (fading without new ones), or
+        more when most requests still in flight there have already run past their prediction (their
+        ratio is at least elapsed / predicted). Without the second, a burst learns nothing until its
+        first requests finish, by when every request of the burst has been routed."""
+        learned = 0.0
+        if st.latency_bias is not None:
+            learned = st.latency_bias.get(0.0) * 0.5 ** (max(now - st.bias_time, 0.0) / _BIAS_HALF_LIFE_S)
+        while st.predicted and now - next(iter(st.predicted.values()))[0] > _IN_FLIGHT_HORIZON_S:
+            st.predicted.popitem(last=False)
+        late = sorted(min((now - t0) / p, _BIAS_CLAMP) for t0, p in st.predicted.values())
+        if late and late[len(late) // 2] > 1.0:
+            learned = max(learned, math.log(late[len(late) // 2]))
+        return math.exp(learned)
 
     def forget_latency(self) -> None:
         """Drop what was learned about latency (bias, pending predictions, arrival rates): a
@@ -302,6 +325,7 @@ class Telemetry:
                 st.routed.append((now, n))
                 if prompt_token_ids is not None and predicted_ms:
                     st.predicted[tuple(prompt_token_ids)] = (time.time(), predicted_ms / 1e3)
+                    st.predicted.move_to_end(tuple(prompt_token_ids))  # kept in the order routed
                     if len(st.predicted) > _TRACKED_REQUESTS:
                         st.predicted.popitem(last=False)
 
@@ -346,7 +370,7 @@ class Telemetry:
             avg_prompt_tokens=st.prompt_tokens.get(0.0), avg_output_tokens=st.output_tokens.get(0.0),
             spec_acceptance={k: e.get() for k, e in st.spec_rate.items()},
             calibrated=st.num_steps > 0,
-            latency_bias=math.exp(st.latency_bias.get(0.0)) if st.latency_bias is not None else 1.0,
+            latency_bias=self._bias(st, time.time()),
             arrival_rate=self._rate(st), prefill_seconds_per_token=per_prompt,
         )
 

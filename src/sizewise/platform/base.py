@@ -142,8 +142,16 @@ class Platform:
         # index_select copies whole blocks (memcpy rows); advanced indexing is ~4x slower on CPU.
         k = k_cache.index_select(0, flat_tables).view(B, L, Hkv, D).transpose(1, 2)  # [B, Hkv, L, D]
         v = v_cache.index_select(0, flat_tables).view(B, L, Hkv, D).transpose(1, 2)
+        if k.dtype != q.dtype:
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if Q == 1:
+            # A decode's H // Hkv query heads of one KV head see the same keys: run them as that
+            # head's queries [B, Hkv, G, D], so each K/V row is read once per KV head, not per head.
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.view(B, Hkv, H // Hkv, D), k, v, attn_mask=mask, scale=scale)
+            return out.reshape(B, 1, H, D)
         out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=Hkv != H,
+            q.transpose(1, 2), k, v, attn_mask=mask, scale=scale, enable_gqa=Hkv != H,
         )
         return out.transpose(1, 2)
 
@@ -191,9 +199,23 @@ class Platform:
             outs.append(o[0].transpose(0, 1))
         return torch.cat(outs, 0)
 
+    # ----- matmuls ---------------------------------------------------------------
+    def pack_linear(self, weight: torch.Tensor) -> torch.Tensor:
+        """The form of a linear layer's weight [out, in] that `linear` reads (here: itself).
+
+        Called once at load; a platform may return a kernel-specific layout that replaces the weight.
+        """
+        return weight
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # x: [..., in], weight: pack_linear's result for [out, in] -> [..., out]
+        return torch.nn.functional.linear(x, weight, bias)
+
     # ----- fused elementwise ops (overridable) --------------------------------
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # Normalise in float32 (as the HF reference does), scale in the model dtype.
+        if x.dtype == torch.float32 and weight.dtype == torch.float32:
+            return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)  # one fused op
         y = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps)
         return weight * y.to(x.dtype)
 

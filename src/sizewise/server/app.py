@@ -27,6 +27,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
@@ -36,7 +37,8 @@ from ..text import clip
 from . import native_api, openai_api
 from . import protocol as P
 from .errors import ApiError, to_api_error
-from .serving import ClientGone, Serving, ServingOptions
+from .run import ClientGone
+from .serving import Serving, ServingOptions
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +60,12 @@ class AppState:
 
 def describe(deployment: Deployment) -> list[str]:
     """One line per resident model: what an operator wants to see at startup."""
-    lines = []
-    for name, core in deployment.cores.items():
-        lines.append(
-            f"{name} ({deployment.model_to_tier[name]}): {core.model_config.family} {core.model_config.num_params / 1e6:.1f}M "
-            f"params on {core.platform.device} ({str(core.dtype).removeprefix('torch.')}), KV cache "
-            f"{core.runner.kv_cache_bytes / 2**20:.1f} MiB = {core.block_manager.num_blocks} blocks x "
-            f"{core.block_size} tokens, max_model_len {core.max_model_len}"
-        )
-    return lines
+    return [
+        f"{m.name} ({m.tier}): {m.family} {m.num_params / 1e6:.1f}M params on {m.device} ({m.dtype}), KV cache "
+        f"{m.kv_cache_bytes / 2**20:.1f} MiB = {m.num_blocks} blocks x {m.block_size} tokens, "
+        f"max_model_len {m.max_model_len}"
+        for m in deployment.describe()
+    ]
 
 
 # ----- errors ------------------------------------------------------------------------------------
@@ -115,13 +114,24 @@ def error_response(request: Request, exc: BaseException) -> JSONResponse:
                        else "internal_error", headers=dict(exc.headers or {}))
     else:
         err = to_api_error(exc, getattr(request.state, "request_id", None))
-    state: AppState = request.app.state.sizewise
-    state.serving.record_error(err.status)
+    if _is_model_request(request.scope):
+        request.app.state.sizewise.serving.record_error(err.status)
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def _is_model_request(scope: Scope) -> bool:
+    """A request for a model route (not /health, /ready, /metrics, nor a path that is no route):
+    only these count in the error metric, which is about the models' answers."""
+    route = scope.get("route")
+    if route is None:  # not routed yet (the body limit) or no such path: find the route it is for
+        route = next((r for r in scope["app"].router.routes if r.matches(scope)[0] == Match.FULL), None)
+    return isinstance(route, _Route) and route.model_route
 
 
 class _Route(APIRoute):
     """Every failure inside a route (dependencies and validation included) -> OpenAI's format."""
+
+    model_route = True
 
     def get_route_handler(self) -> Callable:
         inner = super().get_route_handler()
@@ -137,12 +147,16 @@ class _Route(APIRoute):
         return handler
 
 
+class _OpsRoute(_Route):
+    model_route = False
+
+
 class _Edge:
     """Pure ASGI middleware (keeps streaming and disconnects untouched): an id per request, in
     `request.state.request_id`, the `x-request-id` header and server-side error logs; and an
     oversized body refused from its Content-Length before anything reads it (413, OpenAI format)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, on_error: Callable[[int], None],
+    def __init__(self, app: ASGIApp, max_body_bytes: int, on_error: Callable[[int, Scope], None],
                  stopping: Callable[[], bool] = lambda: False, loopback_only: bool = False) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
@@ -166,7 +180,7 @@ class _Edge:
         if self.loopback_only and not _is_loopback_host(headers.get(b"host", b"").decode("latin-1")):
             # DNS rebinding: a web page whose name resolves to 127.0.0.1 reaches a local server
             # with its own name as Host. A loopback server answers only to loopback names.
-            self.on_error(400)
+            self.on_error(400, scope)
             err = ApiError(400, "the Host header must name this machine (localhost, 127.0.0.1 or [::1]) on a "
                                 "server bound to a loopback address", code="invalid_host")
             await JSONResponse(err.body(), status_code=400)(scope, receive, send_with_id)
@@ -174,7 +188,7 @@ class _Edge:
         limit = self.max_body_bytes
         length = headers.get(b"content-length", b"0")
         if length.isdigit() and int(length) > limit:
-            self.on_error(413)
+            self.on_error(413, scope)
             await JSONResponse(_too_large(limit).body(), status_code=413)(scope, receive, send_with_id)
             return
         seen = 0
@@ -233,7 +247,7 @@ def create_app(
     keys += [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
     serving = Serving(metrics or Metrics(), ServingOptions(
         request_timeout_s=config.request_timeout_s, trust_request_chat_template=config.trust_request_chat_template,
-        chat_template_timeout_s=config.chat_template_timeout_s))
+        chat_template_timeout_s=config.chat_template_timeout_s, max_queued_deltas=config.max_queued_deltas))
     state = AppState(serving, tuple(keys), config.metrics_require_auth, loader, on_load_error,
                      owns_deployment=loader is not None)
     if deployment is not None:
@@ -259,7 +273,11 @@ def create_app(
         strict_content_type=True,
     )
     app.state.sizewise = state
-    app.add_middleware(_Edge, max_body_bytes=MAX_BODY_BYTES, on_error=serving.record_error,
+    def on_edge_error(status: int, scope: Scope) -> None:
+        if _is_model_request({**scope, "app": app}):
+            serving.record_error(status)
+
+    app.add_middleware(_Edge, max_body_bytes=MAX_BODY_BYTES, on_error=on_edge_error,
                        stopping=lambda: serving.stopping, loopback_only=_is_loopback_host(config.host))
 
     @app.exception_handler(RequestValidationError)
@@ -297,7 +315,7 @@ def create_app(
         """Liveness: the process answers; 503 once the engine worker died or loading failed."""
         if serving.load_error is not None:
             return JSONResponse({"status": "failed", "error": str(serving.load_error)}, status_code=503)
-        if serving.deployment is not None and not serving.deployment.engine.alive:
+        if serving.deployment is not None and not serving.deployment.alive:
             return JSONResponse({"status": "engine_dead"}, status_code=503)
         return JSONResponse({"status": "ok" if serving.deployment is not None else "loading"})
 
@@ -307,19 +325,23 @@ def create_app(
             serving.require()  # raises the 503 that says why (loading, failed)
             raise ApiError(503, "the inference engine is not running", type="service_unavailable_error",
                            code="engine_dead")
-        return JSONResponse({"status": "ready", "models": list(serving.deployment.cores)})
+        return JSONResponse({"status": "ready", "models": [m.name for m in serving.deployment.describe()]})
 
     async def metrics_endpoint() -> Response:
-        serving.refresh_gauges()
-        return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(serving.scrape(), media_type=CONTENT_TYPE_LATEST)
 
-    ops = dict(route_class_override=_Route, tags=["operations"])
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": __version__})
+
+    ops = dict(route_class_override=_OpsRoute, tags=["operations"])
     app.router.add_api_route("/health", health, methods=["GET"], summary="Liveness", **ops)
     app.router.add_api_route("/ready", ready, methods=["GET"], summary="Readiness (503 until models are loaded)",
                              responses={503: {"model": P.ErrorResponse}}, **ops)
     app.router.add_api_route("/metrics", metrics_endpoint, methods=["GET"], summary="Prometheus metrics",
                              dependencies=[Depends(metrics_key)], response_class=Response,
                              responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}}, **ops)
+    app.router.add_api_route("/version", version, methods=["GET"], summary="The server's version (vLLM's shape)",
+                             **ops)
     return app
 
 
@@ -339,6 +361,7 @@ def _load(state: AppState) -> None:
         deployment.shutdown()
         return
     state.serving.set_deployment(deployment)
-    for line in describe(deployment):
+    lines = describe(deployment)
+    for line in lines:
         log.info("loaded %s", line)
-    log.info("ready: %d model(s) resident", len(deployment.cores))
+    log.info("ready: %d model(s) resident", len(lines))

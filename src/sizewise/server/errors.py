@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from ..engine.async_engine import EngineDeadError
-from ..engine.core import QueueFullError
-from ..orchestrator.deployment import UnknownModelError
-from ..sampling_params import InvalidRequestError
+from ..errors import EngineDeadError, InvalidRequestError, QueueFullError, UnknownModelError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Native routes: /generate (SamplingParams by name), /tokenize and /detokenize (vLLM's shapes)."""
+"""Native routes: /generate (SamplingParams by name), /tokenize, /detokenize and /tokenizer_info (vLLM's shapes)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,15 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from ..sampling_params import InvalidRequestError, SamplingParams
+from ..errors import InvalidRequestError
+from ..orchestrator.types import Prompt
+from ..sampling_params import SamplingParams
 from . import protocol as P
 from .formatting import native_logprobs, sse
 from .openai_api import _ERRORS, chat_messages
-from .serving import Prompt, Run, Serving, collect_unless_disconnected, finished_outputs, param_names, routing_hints
+from .run import Run, collect_unless_disconnected, finished_outputs
+from .serving import param_names, routing_hints, serving_of
 from .streaming import EventStream, guarded
-
-
-def _serving(request: Request) -> Serving:
-    return request.app.state.sizewise.serving
 
 
 def _output_json(o, with_logprobs: bool) -> dict:
@@ -30,7 +29,7 @@ def _output_json(o, with_logprobs: bool) -> dict:
 
 
 async def generate(body: P.GenerateRequest, request: Request):
-    serving = _serving(request)
+    serving = serving_of(request)
     deadline = asyncio.get_running_loop().time() + serving.options.request_timeout_s
     if (body.prompt is None) == (body.input_ids is None):
         raise InvalidRequestError("give exactly one of prompt (text) and input_ids (token ids)", param="prompt")
@@ -68,9 +67,11 @@ async def generate(body: P.GenerateRequest, request: Request):
 
 
 async def _generate_stream(run: Run, rid: str, with_lp: bool) -> AsyncIterator[str]:
+    # Each delta says where it was routed; the probe and the objective come once, in the last event.
+    brief = run.decision.to_json(brief=True)
     async for job, delta in run.events():
         for o in delta.outputs:
-            event = {"id": rid, **_output_json(o, with_lp), "sizewise": job.decision.to_json()}
+            event = {"id": rid, **_output_json(o, with_lp), "sizewise": brief}
             if delta.prompt_logprobs is not None:
                 event["prompt_logprobs"] = native_logprobs(delta.prompt_logprobs)
             yield sse(event)
@@ -78,7 +79,7 @@ async def _generate_stream(run: Run, rid: str, with_lp: bool) -> AsyncIterator[s
 
 
 async def tokenize(body: P.TokenizeRequest, request: Request):
-    serving = _serving(request)
+    serving = serving_of(request)
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequestError("give exactly one of prompt and messages", param="prompt")
     tok = serving.tokenizer(body.model)
@@ -93,15 +94,49 @@ async def tokenize(body: P.TokenizeRequest, request: Request):
 
 
 async def detokenize(body: P.DetokenizeRequest, request: Request):
-    serving = _serving(request)
+    serving = serving_of(request)
     tok = serving.tokenizer(body.model)
-    dep = serving.require()
-    name = dep.resolve(body.model) if body.model and body.model != "auto" else next(iter(dep.cores))
-    vocab = dep.cores[name].vocab_size
+    vocab = serving.require().vocab_size(body.model)
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
     if bad is not None:
         raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
     return {"prompt": tok.decode(body.tokens)}
+
+
+# Loading details of this machine, not of the tokenizer: where its files were, how they were found.
+_LOCAL_KEYS = {"name_or_path", "is_local", "local_files_only", "cache_dir", "tokenizer_object"}
+
+
+def _jsonable(value):
+    if hasattr(value, "content"):  # AddedToken: its text, as tokenizer_config.json writes it
+        return value.content
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def tokenizer_config(tok) -> dict:
+    """vLLM's /tokenizer_info body: the tokenizer's configuration as tokenizer_config.json holds
+    it, its class and chat template (lm-evaluation-harness's remote tokenizer reads the special
+    tokens and the template from it), less the paths and loading flags of this machine."""
+    info = {k: _jsonable(v) for k, v in getattr(tok, "init_kwargs", {}).items()
+            if k not in _LOCAL_KEYS and not k.endswith("_file")}
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        value = getattr(tok, name, None)
+        if value is not None:
+            info[name] = _jsonable(value)
+    info["tokenizer_class"] = type(tok).__name__
+    if getattr(tok, "chat_template", None):
+        info["chat_template"] = tok.chat_template
+    return info
+
+
+async def tokenizer_info(request: Request, model: str | None = None):
+    return tokenizer_config(serving_of(request).tokenizer(model))
 
 
 def build_router(route_class, auth) -> APIRouter:
@@ -115,5 +150,8 @@ def build_router(route_class, auth) -> APIRouter:
                     response_model=P.TokenizeResponse, responses={400: _ERRORS[400], 404: _ERRORS[404]})
     r.add_api_route("/detokenize", detokenize, methods=["POST"], summary="Token ids -> text",
                     response_model=P.DetokenizeResponse, responses={400: _ERRORS[400], 404: _ERRORS[404]})
+    r.add_api_route("/tokenizer_info", tokenizer_info, methods=["GET"],
+                    summary="The tokenizer's configuration, class and chat template (vLLM's shape)",
+                    responses={404: _ERRORS[404]})
     return r
 

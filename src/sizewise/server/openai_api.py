@@ -9,10 +9,13 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from ..sampling_params import InvalidRequestError, SamplingParams
+from ..errors import InvalidRequestError
+from ..orchestrator.types import Prompt
+from ..sampling_params import SamplingParams
 from . import protocol as P
 from .formatting import CompletionLogprobs, TokenText, chat_logprobs, sse
-from .serving import Prompt, Run, Serving, collect_unless_disconnected, finished_outputs, param_names, routing_hints
+from .run import Run, collect_unless_disconnected, finished_outputs
+from .serving import Serving, param_names, routing_hints, serving_of
 from .streaming import EventStream, guarded
 
 _ERRORS = {
@@ -27,10 +30,6 @@ _ERRORS = {
 _OPENAI_SAMPLING = ("temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                     "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens",
                     "include_stop_str_in_output")
-
-
-def _serving(request: Request) -> Serving:
-    return request.app.state.sizewise.serving
 
 
 def _deadline(serving: Serving) -> float:
@@ -83,7 +82,7 @@ def _echo_text(serving: Serving, run: Run, prompt: Prompt) -> str:
 
 
 async def create_completion(body: P.CompletionRequest, request: Request):
-    serving = _serving(request)
+    serving = serving_of(request)
     deadline = _deadline(serving)
     model = body.model or "auto"
     params, drop = _completion_params(body)
@@ -121,6 +120,10 @@ async def _completion_stream(serving: Serving, run: Run, body: P.CompletionReque
     base = _chunk_base(rid, "text_completion", created, run)
     lps: dict[int, CompletionLogprobs] = {}
     started: set[int] = set()
+    # The routing decision goes out whole (probe, objective) in each prompt's first chunk and in
+    # the usage chunk; the chunks between say where it went and why.
+    sizewise = {job.index: job.decision.to_json() for job in run.jobs}
+    brief = {job.index: job.decision.to_json(brief=True) for job in run.jobs}
     async for job, delta in run.events():
         for o in delta.outputs:
             idx = job.index * params.n + o.index
@@ -139,7 +142,7 @@ async def _completion_stream(serving: Serving, run: Run, body: P.CompletionReque
                 continue  # text held back (stop-string window, incomplete UTF-8): nothing to say yet
             chunk = {**base, "choices": [{"index": idx, "text": out_text, "logprobs": lp,
                                           "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}],
-                     "sizewise": job.decision.to_json()}
+                     "sizewise": sizewise.pop(job.index, None) or brief[job.index]}
             if include_usage:
                 chunk["usage"] = None
             yield sse(chunk)
@@ -179,7 +182,7 @@ def _chat_params(body: P.ChatCompletionRequest) -> SamplingParams:
 
 
 async def create_chat_completion(body: P.ChatCompletionRequest, request: Request):
-    serving = _serving(request)
+    serving = serving_of(request)
     deadline = _deadline(serving)
     model = body.model or "auto"
     params = _chat_params(body)
@@ -213,10 +216,14 @@ async def _chat_stream(run: Run, body: P.ChatCompletionRequest, params: Sampling
                        tt: TokenText, top_n: int) -> AsyncIterator[str]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     base = _chunk_base(rid, "chat.completion.chunk", created, run)
-    job0 = run.jobs[0]
+    # The routing decision goes out whole (probe, objective) in the first chunk and in the usage
+    # chunk; the chunks between say where it went and why.
+    decision = run.jobs[0].decision
+    whole: list[dict] = [decision.to_json()]
+    brief = decision.to_json(brief=True)
 
     def chunk(choice: dict) -> str:
-        c = {**base, "choices": [choice], "sizewise": job0.decision.to_json()}
+        c = {**base, "choices": [choice], "sizewise": whole.pop() if whole else brief}
         if include_usage:
             c["usage"] = None
         return sse(c)
@@ -239,18 +246,19 @@ async def _chat_stream(run: Run, body: P.ChatCompletionRequest, params: Sampling
 def model_cards(serving: Serving) -> list[dict]:
     dep = serving.require()
     created = int(time.time())
+    infos = dep.describe()
     cards: dict[str, dict] = {}
-    for name, core in dep.cores.items():
-        cards[name] = {"id": name, "object": "model", "created": created, "owned_by": "sizewise",
-                       "root": name, "max_model_len": core.max_model_len,
-                       "sizewise": {"kind": "model", "tier": dep.model_to_tier[name]}}
-    for tier, name in dep.tier_to_model.items():
-        cards.setdefault(tier, {"id": tier, "object": "model", "created": created, "owned_by": "sizewise",
-                                "root": name, "max_model_len": dep.cores[name].max_model_len,
-                                "sizewise": {"kind": "alias", "tier": tier, "model": name}})
+    for m in infos:
+        cards[m.name] = {"id": m.name, "object": "model", "created": created, "owned_by": "sizewise",
+                         "root": m.name, "max_model_len": m.max_model_len,
+                         "sizewise": {"kind": "model", "tier": m.tier}}
+    for m in infos:
+        cards.setdefault(m.tier, {"id": m.tier, "object": "model", "created": created, "owned_by": "sizewise",
+                                  "root": m.name, "max_model_len": m.max_model_len,
+                                  "sizewise": {"kind": "alias", "tier": m.tier, "model": m.name}})
     cards.setdefault("auto", {"id": "auto", "object": "model", "created": created, "owned_by": "sizewise",
-                              "root": "auto", "max_model_len": serving.max_model_len("auto"),
-                              "sizewise": {"kind": "router", "tiers": list(dep.tier_to_model)}})
+                              "root": "auto", "max_model_len": dep.max_model_len("auto"),
+                              "sizewise": {"kind": "router", "tiers": [m.tier for m in infos]}})
     return list(cards.values())
 
 
@@ -268,10 +276,10 @@ def build_router(route_class, auth) -> APIRouter:
                    **_ERRORS})
 
     async def list_models(request: Request):
-        return {"object": "list", "data": model_cards(_serving(request))}
+        return {"object": "list", "data": model_cards(serving_of(request))}
 
     async def get_model(model_id: str, request: Request):
-        serving = _serving(request)
+        serving = serving_of(request)
         cards = {c["id"]: c for c in model_cards(serving)}
         if model_id not in cards:
             serving.require().resolve(model_id)  # raises UnknownModelError (404)

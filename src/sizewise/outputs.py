@@ -1,4 +1,5 @@
-"""What the engine hands back: vLLM-shaped request outputs (whole or as per-step deltas)."""
+"""What the engine hands back and the server sends on: vLLM-shaped request outputs (whole or as
+per-step deltas). Below both layers, so neither imports the other for them."""
 
 from __future__ import annotations
 

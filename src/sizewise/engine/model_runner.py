@@ -60,9 +60,15 @@ class ModelRunner:
         # asynchronous (the host goes on to the next launch) instead of a synchronous pageable copy.
         self._pin = platform.device_type != "cpu"
         self.graph_runner = None
+        blocker = None
         if not enforce_eager and platform.supports_graphs:
-            from .graph_runner import DecodeGraphRunner, decode_q_values
+            from .graph_runner import DecodeGraphRunner, capture_blocker, decode_q_values
 
+            blocker = capture_blocker(platform, dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size,
+                                      decode_q_values(verify_q - 1))
+            if blocker:
+                log.warning("decode graphs off, decoding eagerly: %s", blocker)
+        if not enforce_eager and platform.supports_graphs and blocker is None:
             self.graph_runner = DecodeGraphRunner(
                 platform=platform, fn=model.forward_paged_hidden, max_num_seqs=max_num_seqs,
                 max_blocks_per_seq=self.max_blocks_per_seq, out_dim=cfg.hidden_size,

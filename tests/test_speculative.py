@@ -260,6 +260,28 @@ def test_preemption_under_a_small_cache_keeps_results(llama_dir):
     assert small.engine.stats().num_preemptions > 0
 
 
+def test_verify_rows_are_scheduled_inside_the_token_budget(llama_dir):
+    """A verify row computes k+1 positions: the scheduler counts them against
+    max_num_batched_tokens (rows that do not fit decode plainly), and lists them in its output."""
+    prompts = [[5 + i, 17, 33, 8, 5 + i, 17, 33, 8] * 2 for i in range(4)]
+    sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    ref = tokens(LLM(llama_dir, **ENGINE).generate(prompts, sp))
+    llm = spec_llm(llama_dir, max_num_batched_tokens=9, spec_batching="split", prompt_lookup_min=1)
+    sched = llm.engine.scheduler
+    seen, schedule = [], sched.schedule
+
+    def spy():
+        out = schedule()
+        seen.append((out.num_tokens, len(out.verifies), len(out.decodes), out.verify_q))
+        return out
+    sched.schedule = spy
+    assert tokens(llm.generate(prompts, sp, strategy="pld")) == ref
+    assert all(n <= 9 for n, *_ in seen)
+    # four decoding rows leave room for one verify row (4 + 4 more positions), never two
+    assert max(v for _, v, _, _ in seen) == 1 and any(v == 1 and d == 3 for _, v, d, _ in seen)
+    assert all(q == 5 for *_, q in seen)
+
+
 # ----- copying: acceptance and exact stops inside accepted runs ---------------------------------
 def _perm(n: int, seed: int = 0) -> list[int]:
     g = torch.Generator().manual_seed(seed)

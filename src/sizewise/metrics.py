@@ -46,6 +46,12 @@ class Metrics:
                                   "objective (nats of predicted quality loss per GB streamed).", [], registry=r)
         self.spec_draft = Counter("sizewise_spec_decode_draft_tokens", "Speculative tokens proposed.", mt + ["strategy"], registry=r)
         self.spec_accepted = Counter("sizewise_spec_decode_accepted_tokens", "Speculative tokens accepted.", mt + ["strategy"], registry=r)
+        # Each model's own work, drafting for another model included; summed over models, at most
+        # the wall time (the engines step one at a time).
+        self.device_seconds = Counter("sizewise_device_seconds", "Seconds the device spent on this model's "
+                                      "forwards (drafting for another model included).", mt, registry=r)
+        self.device_bytes = Counter("sizewise_device_bytes", "Bytes this model's forwards read (weights once per "
+                                    "forward + KV).", mt, registry=r)
         self.preemptions = Counter("sizewise_num_preemptions", "Sequences preempted.", mt, registry=r)
         self.running = Gauge("sizewise_num_requests_running", "Sequences running.", mt, registry=r)
         self.waiting = Gauge("sizewise_num_requests_waiting", "Sequences waiting.", mt, registry=r)

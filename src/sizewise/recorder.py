@@ -24,7 +24,7 @@ ERROR_STATUSES = ("400", "401", "404", "413", "429", "500", "503", "504")
 class Recorder:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self._totals: dict[tuple[str, ...], int] = {}  # engine running totals at the last scrape
+        self._totals: dict[tuple[str, ...], float] = {}  # engine running totals at the last scrape
         for status in ERROR_STATUSES:
             metrics.errors.labels(status=status)
 
@@ -37,7 +37,7 @@ class Recorder:
             labels = {"model": info.name, "tier": info.tier}
             for reason in FINISH_REASONS:
                 m.requests.labels(finished_reason=reason, **labels)
-            for c in (m.prompt_tokens, m.generation_tokens, m.preemptions):
+            for c in (m.prompt_tokens, m.generation_tokens, m.preemptions, m.device_seconds, m.device_bytes):
                 c.labels(**labels)
             for h in (m.ttft, m.itl, m.e2e, m.queue_time):
                 h.labels(**labels)
@@ -105,6 +105,8 @@ class Recorder:
             if st.bandwidth_utilization is not None:
                 m.bandwidth_util.labels(**labels).set(st.bandwidth_utilization)
             self._follow(m.preemptions.labels(**labels), ("preempt", name), st.num_preemptions)
+            self._follow(m.device_seconds.labels(**labels), ("device_s", name), st.device_seconds_total)
+            self._follow(m.device_bytes.labels(**labels), ("device_b", name), st.device_bytes_total)
             for strategy, n in st.spec_draft_tokens.items():
                 self._follow(m.spec_draft.labels(strategy=strategy, **labels), ("draft", name, strategy), n)
             for strategy, n in st.spec_accepted_tokens.items():
@@ -115,7 +117,7 @@ class Recorder:
             m.device_memory.set(stats.device_memory_used_bytes)
         m.set_load(stats)
 
-    def _follow(self, counter, key: tuple[str, ...], total: int) -> None:
+    def _follow(self, counter, key: tuple[str, ...], total: float) -> None:
         """Make `counter` follow a running total the engine keeps: add the growth since the last
         scrape (a total that went down means the engine restarted its count)."""
         last = self._totals.get(key, 0)

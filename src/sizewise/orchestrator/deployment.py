@@ -439,6 +439,7 @@ class Deployment:
                 spec_accepted_tokens={p: n for p, n in st.spec_accepted_tokens.items() if p in runs},
                 achieved_bandwidth=achieved,
                 bandwidth_utilization=eng.bandwidth_utilization if eng is not None and snap.peak_bandwidth else None,
+                device_seconds_total=st.device_seconds_total, device_bytes_total=st.device_bytes_total,
             )
         return DeploymentStats(
             models=models, peak_bandwidth=snap.peak_bandwidth or None if snap is not None else None,

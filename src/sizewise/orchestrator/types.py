@@ -104,6 +104,9 @@ class ModelStats:
     spec_accepted_tokens: dict[str, int]
     achieved_bandwidth: float  # bytes / s while stepping (0 before any step)
     bandwidth_utilization: float | None  # achieved / device peak; None without a peak
+    # running totals of this model's own work (steps, and drafting for another model)
+    device_seconds_total: float = 0.0
+    device_bytes_total: int = 0
 
     @property
     def kv_usage(self) -> float:

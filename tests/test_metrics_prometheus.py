@@ -70,6 +70,8 @@ EXPECTED = {
     "sizewise_prompt_tokens_total": "counter",
     "sizewise_generation_tokens_total": "counter",
     "sizewise_route_decisions_total": "counter",
+    "sizewise_route_slo_promised_total": "counter",
+    "sizewise_route_slo_missed_total": "counter",
     "sizewise_spec_decode_draft_tokens_total": "counter",
     "sizewise_spec_decode_accepted_tokens_total": "counter",
     "sizewise_num_preemptions_total": "counter",

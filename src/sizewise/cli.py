@@ -180,6 +180,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+CALIBRATION_PROMPTS_PER_SIGNAL = 10  # the usual events-per-variable rule of thumb for a regression
+
+
 def _calibrate(args) -> int:
     from .orchestrator.deployment import Deployment, DeploymentConfig
     from .orchestrator.measure import calibrate_deployment, quality_yaml
@@ -201,6 +204,12 @@ def _calibrate(args) -> int:
         dep.shutdown()
     r = fit.report
     print(f"calibrated on {on}", file=sys.stderr)
+    # Forward selection picks among every measured signal: with few prompts per candidate it fits noise.
+    enough = CALIBRATION_PROMPTS_PER_SIGNAL * (len(r["single"]) + 1)
+    if r["requests"] < enough:
+        print(f"warning: fitted on {r['requests']} prompts while choosing among {len(r['single'])} signals; a fit "
+              f"this small can follow noise: give at least {enough} ({CALIBRATION_PROMPTS_PER_SIGNAL} per signal, "
+              f"--requests or more lines of --calibration-data)", file=sys.stderr)
     print(f"held-out squared error of the gap: mean only {r['mean_only']:.4f}; " + ", ".join(
         f"{k} alone {v:.4f}" for k, v in r["single"].items()) + f"; kept {fit.signals or 'none'} -> "
         f"{r['kept_error']:.4f}", file=sys.stderr)

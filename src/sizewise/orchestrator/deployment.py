@@ -317,6 +317,17 @@ class Deployment:
         _attach_drafts(config, cores)
         return cls(config, cores, router, plan)
 
+    def _refuse_self_draft(self, d: Decision) -> None:
+        """`draft` on the cheapest tier: it is the draft model itself (`_attach_drafts`)."""
+        tiers = sorted(self.tier_to_model, key=TIERS.index)
+        if d.strategy != "draft" or len(tiers) < 2 or d.tier != tiers[0]:
+            return
+        larger = " or ".join(tiers[1:])
+        raise InvalidRequestError(
+            f"strategy 'draft': {d.model} is the {d.tier} tier, which is the draft model of this deployment (it "
+            f"drafts for the larger tiers); ask for {larger} with strategy 'draft', or use 'pld' or 'plain' on "
+            f"{d.tier}", param="strategy")
+
     def resolve(self, requested: str) -> str:
         """A tier alias or a model name -> the resident model's name."""
         if requested in self.cores:
@@ -378,6 +389,7 @@ class Deployment:
         decisions: list[Decision] = routed  # type: ignore[assignment]
         for p, d in zip(prompts, decisions):
             core = self.cores[d.model]
+            self._refuse_self_draft(d)
             core.validate(p.ids, params, d.strategy)
             if params.n > core.config.max_waiting:  # never admissible: a 429 would mean "retry forever"
                 raise InvalidRequestError(

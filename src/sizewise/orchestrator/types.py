@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .explain import summary
+
 
 @dataclass(slots=True)
 class RoutingHints:
@@ -32,6 +34,7 @@ class Decision:
         d = {"model": self.model, "tier": self.tier, "strategy": self.strategy, "reason": self.reason}
         if brief:
             return d
+        d["summary"] = summary(self.tier, self.reason, self.explain, self.probe)
         if self.explain is not None:
             d["explain"] = self.explain
         if self.probe is not None:

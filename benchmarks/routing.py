@@ -94,6 +94,23 @@ class OracleRouter(AdaptiveRouter):
         return self.gaps[tuple(prompt_token_ids)]
 
 
+class StepTrace:
+    """A step listener: (cell, core, end, seconds, decode rows, prefill tokens, KV tokens) per step."""
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.steps: list[list] = []
+
+    def on_step(self, name, core, outs, seconds) -> None:
+        if self.key is None:
+            return
+        st = core.stats()
+        prefill = st.last_step_prefill_tokens
+        kv = (st.last_step_bytes - core.step_weight_bytes) // max(core.model_config.kv_bytes_per_token(core.dtype), 1)
+        self.steps.append([self.key, name, round(time.perf_counter(), 6), round(seconds, 6),
+                           st.last_step_num_tokens - prefill, prefill, int(kv)])
+
+
 # ----- one run ------------------------------------------------------------------------------------
 async def run_cell(base: str, items, times: list[float], max_tokens: int) -> list[Record]:
     import httpx
@@ -238,7 +255,8 @@ def main() -> None:
     try:
         # quality: each tier's NLL of every reference continuation
         async def quality() -> dict[str, list[float]]:
-            out = {}
+            out = {"difficulty": list(await asyncio.gather(*(  # the probe's difficulty: small's prompt NLL
+                _nll(dep.engine, dep.tier_to_model["small"], it.prompt, 1, f"d-{i}") for i, it in enumerate(items))))}
             for t in TIERS:
                 m = dep.tier_to_model[t]
                 out[t] = list(await asyncio.gather(*(
@@ -246,6 +264,7 @@ def main() -> None:
             return out
 
         nll = asyncio.run(quality())
+        difficulty = nll.pop("difficulty")
         gaps = {t: [a - b for a, b in zip(nll[t], nll["large"])] for t in TIERS}
         settings = cfg.policy.to_settings()
 
@@ -266,11 +285,21 @@ def main() -> None:
                 return OracleRouter(s, {tuple(it.prompt): {t: gaps[t][i] for t in TIERS} for i, it in enumerate(items)})
             return AdaptiveRouter(s)
 
-        def cell(policy: str, times: list[float], counts=None) -> list[Record]:
+        def cell(policy: str, times: list[float], counts=None, key: str | None = None) -> list[Record]:
             dep.router = router_for(policy, counts)
             reset_prefix_caches(dep)
             dep.telemetry.forget_latency()  # every run learns its latency bias from the same start
-            return asyncio.run(run_cell(base, items, times, args.max_tokens))
+            trace.key = key
+            recs = asyncio.run(run_cell(base, items, times, args.max_tokens))
+            if key is not None:
+                cells[key] = [[r.arrival, r.ttft, r.latency, r.tier] for r in recs]
+            return recs
+
+        # Every step's shape and wall time, and every request's times: what the virtual device
+        # (sizewise.sim) fits its measured step-cost model on and is validated against.
+        trace = StepTrace()
+        cells: dict[str, list] = {}
+        dep.engine.step_listeners.append(trace.on_step)
 
         # warm-up (allocator, HTTP stack, first kernels; gives the telemetry its first steps)
         slo_ms = None
@@ -281,7 +310,7 @@ def main() -> None:
         alone = [asyncio.run(run_cell(base, items[i:i + 1], [0.0], args.max_tokens))[0].latency for i in range(3)]
         slo_s = args.slo_mult * statistics.median(alone)
         slo_ms = slo_s * 1e3
-        burst = cell("static-large", [0.0] * len(items))
+        burst = cell("static-large", [0.0] * len(items), key="burst/static-large")
         cap = len(items) / max(r.arrival + r.latency for r in burst)
         print(f"static-large capacity {cap:.2f} req/s; one request alone on large {statistics.median(alone):.3f} s; "
               f"SLO {slo_s:.3f} s", file=sys.stderr, flush=True)
@@ -299,7 +328,7 @@ def main() -> None:
                 counts = None
                 if p == "random":
                     counts = {t: sum(r.tier == t for r in got["sizewise"][1]) for t in TIERS}
-                recs = cell(p, times, counts)
+                recs = cell(p, times, counts, key=f"{load:g}/{p}")
                 row = summarize(p, load, recs, nll, slo_s)
                 got[p] = (row, recs)
                 rows.append(row)
@@ -342,7 +371,10 @@ def main() -> None:
                     "static_large_capacity_req_s": cap, "slo_s": slo_s, "alone_large_s": alone,
                     "rows": rows, "offline": offline, "verdict": verdict,
                     "quality_per_tier": {t: statistics.fmean(nll[t]) for t in TIERS},
-                    "policy": cfg.policy.model_dump(mode="json")})
+                    "policy": cfg.policy.model_dump(mode="json"),
+                    "items": [{"prompt": it.prompt, "ref": it.ref, "difficulty": difficulty[i],
+                               "nll": {t: nll[t][i] for t in TIERS}} for i, it in enumerate(items)],
+                    "peak_bandwidth": dep.telemetry.peak_bandwidth, "cells": cells, "steps": trace.steps})
     plot(rows, out.with_suffix(".png"), slo_s)
 
 

@@ -87,7 +87,13 @@ class MeasuredCost:
 
     @classmethod
     def load(cls, path: str | Path, seed: int = 0) -> "MeasuredCost":
-        return cls.from_json(json.loads(Path(path).read_text()), seed)
+        """A fitted profile, or a routing.py result (fitted on its recorded steps now)."""
+        raw = json.loads(Path(path).read_text())
+        if "steps" in raw:
+            m = fit_measured(raw)
+            m.reseed(seed)
+            return m
+        return cls.from_json(raw, seed)
 
 
 class RooflineCost:
@@ -145,7 +151,9 @@ def fit_measured(run: dict, tier_of: dict[str, str] | None = None) -> MeasuredCo
         by_rows: dict[int, list[float]] = {}
         for r in own:
             by_rows.setdefault(r[2], []).append(r[1])
-        pts = [(b, statistics.median(v), len(v)) for b, v in by_rows.items()]
+        # batch sizes seen fewer than 3 times are left out: one stalled step at a rare size would tilt the line
+        pts = [(b, statistics.median(v), len(v)) for b, v in by_rows.items() if len(v) >= 3] or [
+            (b, statistics.median(v), len(v)) for b, v in by_rows.items()]
         wsum = sum(w for *_, w in pts)
         mx = sum(b * w for b, _, w in pts) / wsum
         my = sum(y * w for _, y, w in pts) / wsum

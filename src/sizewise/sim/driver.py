@@ -148,6 +148,11 @@ class SimSpec:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.config.models[0].path)
         self.plan = plan_memory(self.config, platform, self.model_configs)
 
+    def plan_tiers(self) -> list[str]:
+        """The resident tiers, smallest first."""
+        order = ("small", "medium", "large")
+        return sorted((m.tier for m in self.config.models), key=order.index)
+
 
 class Simulation:
     """One run of the real stack on a fresh deployment, driven by events on virtual time."""

@@ -141,11 +141,14 @@ class SimSpec:
         self.config.engine.num_speculative_tokens = 0
         self.cost = cost
         self.platform = platform
+        # The tokenizer comes from the config's own first model (the workload's); a shape has none.
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.config.models[0].path)
+        for m in self.config.models:  # a tier given a shape is named after it
+            if shapes and m.tier in shapes:
+                m.name = Path(shapes[m.tier]).name
         self.model_dirs = {m.name: Path(shapes[m.tier]) if shapes and m.tier in shapes else Path(m.path)
                            for m in self.config.models}
         self.model_configs = {n: ModelConfig.from_pretrained(d) for n, d in self.model_dirs.items()}
-        # One tokenizer for every tier (the workload's; a shape directory has none).
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.config.models[0].path)
         self.plan = plan_memory(self.config, platform, self.model_configs)
 
     def plan_tiers(self) -> list[str]:

@@ -468,6 +468,7 @@ class Deployment:
         return DeploymentStats(
             models=models, peak_bandwidth=snap.peak_bandwidth or None if snap is not None else None,
             device_memory_used_bytes=getattr(snap, "device_memory_used_bytes", None),
+            busy_fraction=getattr(snap, "busy_fraction", None), load_utilization=getattr(snap, "load_utilization", None),
         )
 
     @property

@@ -148,7 +148,7 @@ class AdaptiveRouter:
         strat, why = policy._strategy(hints.strategy, tier, snap.engines.get(model), probe, params.n,
                                       strategies.get(model, {"plain"}))
         choice = Choice(model=model, tier=tier, strategy=strat, reason=reason, slo_ms=slo, loss=loss, latency_ms=lat,
-                        strategy_reason=why, plan=plan.to_json() | {"replans": ctl.replans},
+                        strategy_reason=why, plan=plan.to_json() | {"replans": ctl.replans, "moves": self.moved},
                         placement=placement.to_json() if placement is not None else None)
         # The plan's latency without the measured bias is what the telemetry scores (bias = measured /
         # modelled): scoring a prediction that already holds the bias would make the bias oscillate.

@@ -100,21 +100,25 @@ def test_a_burst_from_idle_is_served_whole_and_spread_off_the_top_tier(config, i
     assert all(r.output_tokens == 32 for r in recs)
     assert recs[0].tier == "large"  # an idle device: quality first
     moved = [r for r in recs if r.tier != "large"]
-    assert moved and {r.reason for r in moved} <= {"slo", "slo:best_effort", "objective:price", "kv_pressure"}
+    assert moved and all(r.reason not in ("pinned", "static") for r in moved)
     sim.close()
 
 
 def test_a_tier_whose_engine_dies_mid_run_fails_its_requests_cleanly_and_nothing_hangs(config, items):
     spec = build_spec(config, "cpu-measured")
-    sim = Simulation(spec, items[:48], seed=0)
     arrivals = [0.05 * i for i in range(48)]
-    recs = sim.run(_adaptive(config, 1000), arrivals, 32, faults={"demo-medium": 0.6})
+    clean = Simulation(spec, items[:48], seed=0)  # first without the fault: which tier carries the most
+    used = [r.tier for r in clean.run(_adaptive(config, 1000), arrivals, 32)]
+    clean.close()
+    tier = max(("small", "medium", "large"), key=used.count)
+    sim = Simulation(spec, items[:48], seed=0)
+    recs = sim.run(_adaptive(config, 1000), arrivals, 32, faults={f"demo-{tier}": 0.6})
     assert all(r.done for r in recs)
     assert not [r for r in recs if r.error and r.error.startswith("hung")]
     failed = [r for r in recs if r.error]
     assert failed, "the fault hit no request: the test would prove nothing"
     for r in failed:  # only the dead tier's requests fail, each with the engine's error
-        assert r.tier == "medium" and "simulated device fault" in r.error
+        assert r.tier == tier and "simulated device fault" in r.error
     assert all(r.output_tokens == 32 for r in recs if r.error is None)  # every other request is whole
     assert sim.deployment.alive  # the worker survived: one core failed, the others serve
     sim.close()

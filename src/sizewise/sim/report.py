@@ -170,7 +170,7 @@ def targets(rows: list[dict], offline: list[dict]) -> dict:
     out["lines"] = lines
     return out
 
-def plot(rows: list[dict], path: Path, slo_s: float) -> None:
+def plot(rows: list[dict], path: Path, slo_s: float, title: str = "routing across the load sweep (demo family)") -> None:
     try:
         import matplotlib
 
@@ -188,7 +188,7 @@ def plot(rows: list[dict], path: Path, slo_s: float) -> None:
                 ax.annotate(f"{load:g}x", (g, q), fontsize=6, alpha=0.6)
     ax.set_xlabel(f"goodput (requests/s within the {slo_s:.2f} s SLO)")
     ax.set_ylabel("quality loss vs static large (% NLL)")
-    ax.set_title("routing across the load sweep (demo family)")
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -116,8 +116,8 @@ def run(args, config_path: str) -> int:
     g = gains(rows)
     if g:
         print("\nauto (sizewise) against the best static size at each load:")
-        print_table(g, ["load", "best_static", "best_attain", "auto_attain", "attain_gain", "goodput_ratio",
-                        "best_loss", "auto_loss", "dominated_by"])
+        print_table(g, ["load", "best_static", "best_attain", "auto_attain", "attain_gain", "best_loss", "auto_loss",
+                        "loss_saved", "goodput_ratio", "dominated_by"], width=120)
     verdict = targets(rows, offline)
     for line in verdict["lines"]:
         print(line)

@@ -210,9 +210,9 @@ class Simulation:
             self.engine._stop = True
 
     def _settle(self) -> None:
-        loop = self.loop
-        while loop._ready:  # noqa: SLF001 - the loop's own run queue: run until every task waits
-            loop.run_until_complete(asyncio.sleep(0))
+        """Run the event loop until every task waits (on the engine, or for an event)."""
+        if self.loop._ready:  # noqa: SLF001 - the loop's own run queue (checked, not changed)
+            self.loop.run_until_complete(_quiesce(self.loop))
 
     def _on_arrive(self, rec: SimRecord, t: float) -> None:
         self._tasks.append(self.loop.create_task(self._client(rec)))
@@ -311,6 +311,15 @@ class Simulation:
                 self._finish(rec, "hung: no engine will ever answer it")
             rec.arrival -= t0
         return self.records
+
+
+async def _quiesce(loop: asyncio.AbstractEventLoop) -> None:
+    # When this task runs with nothing else ready, every other callback of the iteration has run and
+    # none scheduled another: the loop would now block.
+    while True:
+        await asyncio.sleep(0)
+        if not loop._ready:  # noqa: SLF001
+            return
 
 
 def reset_prefix_caches(dep: Deployment) -> None:

@@ -217,3 +217,21 @@ def test_the_simulate_command_writes_the_sweep(tmp_path):
     assert d["shapes"] == {"small": "qwen2.5-0.5b", "medium": "qwen2.5-1.5b", "large": "qwen2.5-7b"}
     assert "qwen2.5-7b" in d["memory_plan"] and d["cost_model"] == "roofline"
     assert main(["simulate", "--config", str(DEMO), "--shapes", "nope", "--out", str(out)]) == 2  # a clear refusal
+
+
+def test_deadlines_and_client_aborts_are_events_that_free_the_kv(config, items):
+    """Under overload, clients that give up (a deadline) or disconnect (an abort) are aborted at that
+    virtual time: their KV blocks come back, and everyone else is answered in full."""
+    spec = build_spec(config, "cpu-measured")
+    sim = Simulation(spec, items[:40], seed=0)
+    recs = sim.run(StaticRouter("large"), [0.0] * 40, 32, timeout_s=2.0, aborts={3: 0.5, 4: 0.5})
+    assert recs[3].error == recs[4].error == "aborted by the client"
+    assert recs[3].latency == pytest.approx(0.5)  # the client's view: it left at 0.5 s
+    late = [r for r in recs if r.error and r.error.startswith("deadline")]
+    assert late, "nothing was late: the overload did not happen"
+    assert all(r.latency == pytest.approx(2.0) for r in late)
+    assert all(r.output_tokens == 32 for r in recs if r.error is None)
+    assert all(r.done for r in recs)
+    core = sim.deployment.cores["demo-large"]
+    assert not core.has_unfinished_requests() and core.block_manager.num_used_blocks == 0
+    sim.close()

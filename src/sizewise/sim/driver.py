@@ -221,16 +221,18 @@ class Simulation:
         if not rec.done:
             if rec.sub is not None:
                 rec.sub.abort()
-            self._finish(rec, "aborted by the client")
+            self._finish(rec, "aborted by the client", at=t)
 
     _on_deadline = None  # set in run(): abort with a reason naming the deadline
 
     def _on_fault(self, name: str, t: float) -> None:
         self.device.dead[name] = t
 
-    def _finish(self, rec: SimRecord, error: str | None = None) -> None:
+    def _finish(self, rec: SimRecord, error: str | None = None, at: float | None = None) -> None:
+        """`at`: when the client gave up (an abort or a deadline: the engine frees the request at its
+        next step boundary, the client stopped waiting at `at`)."""
         if not rec.done:
-            rec.latency = self.clock.now() - rec.arrival
+            rec.latency = (self.clock.now() if at is None else at) - rec.arrival
             rec.error = error
 
     # ----- clients -------------------------------------------------------------------------
@@ -293,7 +295,7 @@ class Simulation:
             if not rec.done:
                 if rec.sub is not None:
                     rec.sub.abort()
-                self._finish(rec, f"deadline: no answer within {timeout_s:g} s")
+                self._finish(rec, f"deadline: no answer within {timeout_s:g} s", at=t)
 
         self._on_deadline = deadline
         for rec in self.records:

@@ -26,6 +26,8 @@ def small_demo_config(tmp_path) -> Path:
     raw = yaml.safe_load(CONFIG.read_text())
     for m in raw["models"]:
         m["path"] = str((CONFIG.parent / m["path"]).resolve())
+    if raw["policy"].get("token_stats"):
+        raw["policy"]["token_stats"] = str((CONFIG.parent / raw["policy"]["token_stats"]).resolve())
     raw["memory_fraction"] = 0.05
     raw["engine"].update(max_num_seqs=8, max_model_len=256)
     path = tmp_path / "demo.yaml"
@@ -52,8 +54,15 @@ def test_calibrate_on_a_users_prompts_prints_a_predictor_that_round_trips(small_
     q = PolicyConfig.model_validate({"router": "adaptive", "quality": section}).quality
     assert set(q.tiers) == {"small", "medium"}
     assert all(f.mean >= 0 for f in q.tiers.values())
-    assert set(section["report"]["single"]) >= {"difficulty", "copyability", "prompt_gap"}
+    assert set(section["report"]["single"]) >= {"difficulty", "surprisal", "copyability", "prompt_gap"}
     assert "quality:" in cap.out
+    # the surprisal signal's token statistics: written next to the config, named in the YAML, loadable
+    stats = small_demo_config.with_name("demo.tokens.json")
+    assert yaml.safe_load(out.read_text())["token_stats"] == stats.name and stats.exists()
+    from sizewise.orchestrator.probe import TokenStats
+
+    ts = TokenStats.from_json(json.loads(stats.read_text()))
+    assert ts.tokens > 0 and ts.surprisal([1, 2, 3]) > 0
 
 
 @pytest.mark.parametrize("text,match", [

@@ -82,6 +82,13 @@ EXPECTED = {
     "sizewise_bandwidth_utilization_ratio": "gauge",
     "sizewise_peak_bandwidth_bytes_per_second": "gauge",
     "sizewise_device_memory_used_bytes": "gauge",
+    "sizewise_plan_share": "gauge",
+    "sizewise_plan_utilization_target": "gauge",
+    "sizewise_plan_utilization_predicted": "gauge",
+    "sizewise_device_load_utilization": "gauge",
+    "sizewise_device_busy_ratio": "gauge",
+    "sizewise_plan_replans_total": "counter",
+    "sizewise_plan_moves_total": "counter",
 }
 
 
@@ -425,6 +432,18 @@ def test_gauges_follow_the_engine(prometheus, traffic, deployment):
     for m, a in achieved.items():
         assert a > 0 and util[m] == pytest.approx(a / peak)
     assert scalar(prometheus, "sizewise_device_memory_used_bytes") > 0
+
+
+def test_the_capacity_plan_is_scraped_as_the_router_holds_it(prometheus, traffic, deployment):
+    plan = deployment.router.control.plan
+    wait_for("plan gauges", lambda: by_labels(prometheus, "sizewise_plan_share", "tier") != {})
+    shares = by_labels(prometheus, "sizewise_plan_share", "tier")
+    assert shares == pytest.approx({(t,): plan.shares.get(t, 0.0) for t in ("small", "large")})
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert scalar(prometheus, "sizewise_plan_utilization_target") == pytest.approx(plan.util_cap, abs=1e-4)
+    assert scalar(prometheus, "sizewise_plan_utilization_predicted") == pytest.approx(plan.utilization, abs=1e-4)
+    assert scalar(prometheus, "sizewise_plan_replans_total") == deployment.router.control.replans >= 1
+    assert 0 <= scalar(prometheus, "sizewise_device_load_utilization") <= scalar(prometheus, "sizewise_device_busy_ratio") <= 1
 
 
 def test_vllm_families_routers_read(prometheus, traffic, deployment):

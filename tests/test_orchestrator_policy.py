@@ -252,8 +252,11 @@ def test_fit_keeps_the_signals_that_predict_the_gap_and_drops_noise():
         nll["large"].append(base)
         nll["medium"].append(base + 0.1 * d + rng.gauss(0, 0.02))
         nll["small"].append(base + 0.3 * d - 0.2 + rng.gauss(0, 0.02))
-    fit = fit_quality(sigs, nll, candidates=("difficulty", "copyability", "log_prompt_tokens"))
+    fit = fit_quality(sigs, nll, candidates=("difficulty", "copyability", "log_prompt_tokens"), model_signals=True)
     assert fit.signals == ["difficulty"]
+    # by default a signal that needs the probe model's prefill (skipped under load) is reported, not kept
+    host = fit_quality(sigs, nll, candidates=("difficulty", "copyability", "log_prompt_tokens"))
+    assert host.signals == [] and host.report["single"]["difficulty"] == fit.report["single"]["difficulty"]
     assert fit.predictor.tiers["small"].coef["difficulty"] == pytest.approx(0.3, abs=0.02)
     assert fit.predictor.tiers["medium"].intercept == pytest.approx(0.0, abs=0.05)
     assert fit.report["kept_error"] < fit.report["mean_only"] / 10

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -175,19 +176,35 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--prompt-tokens", type=int, default=96, help="prompt window / cap in tokens (default: 96)")
     k.add_argument("--ref-tokens", type=int, default=32, help="reference continuation tokens (default: 32)")
     k.add_argument("--out", metavar="FILE", help="also write the policy.quality YAML to FILE (default: only printed)")
+    k.add_argument("--token-stats", metavar="FILE",
+                   help="where to write the family's token statistics (the surprisal signal; policy.token_stats "
+                        "names it); default: CONFIG_STEM.tokens.json next to the config")
     k.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="(default: %(default)s)")
+    from .sim.cli import add_parser as _add_simulate
+
+    _add_simulate(sub, DEFAULT_CONFIG)
     return p
 
 
 CALIBRATION_PROMPTS_PER_SIGNAL = 10  # the usual events-per-variable rule of thumb for a regression
 
 
+def _simulate(args) -> int:
+    from .sim.cli import run
+
+    try:
+        return run(args, _find_config(args.config))
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
 def _calibrate(args) -> int:
     from .orchestrator.deployment import Deployment, DeploymentConfig
     from .orchestrator.measure import calibrate_deployment, quality_yaml
 
-    cfg = DeploymentConfig.from_yaml(_find_config(args.config))
+    config_path = Path(_find_config(args.config))
+    cfg = DeploymentConfig.from_yaml(config_path)
     if len(cfg.models) < 2:
         raise CliError("calibration needs at least two tiers (it predicts each tier's gap to the top one)")
     cfg.policy.router = "adaptive"
@@ -196,7 +213,7 @@ def _calibrate(args) -> int:
         src = args.calibration_data or "the demo family's held-out split"
         print(f"calibrating on {src} ...", file=sys.stderr, flush=True)
         try:
-            fit, on, _ = calibrate_deployment(dep, args.calibration_data, args.requests, args.prompt_tokens,
+            fit, on, _, stats = calibrate_deployment(dep, args.calibration_data, args.requests, args.prompt_tokens,
                                               args.ref_tokens)
         except ValueError as e:
             raise CliError(str(e)) from None
@@ -213,7 +230,12 @@ def _calibrate(args) -> int:
     print(f"held-out squared error of the gap: mean only {r['mean_only']:.4f}; " + ", ".join(
         f"{k} alone {v:.4f}" for k, v in r["single"].items()) + f"; kept {fit.signals or 'none'} -> "
         f"{r['kept_error']:.4f}", file=sys.stderr)
-    text = "# under `policy:` in the deployment YAML\n" + quality_yaml(fit, on)
+    stats_path = Path(args.token_stats) if args.token_stats else config_path.with_name(
+        config_path.stem + ".tokens.json")
+    stats_path.write_text(json.dumps(stats.to_json()))
+    print(f"token statistics ({stats.tokens} tokens) written to {stats_path}", file=sys.stderr)
+    name = stats_path.name if stats_path.resolve().parent == config_path.resolve().parent else str(stats_path.resolve())
+    text = ("# under `policy:` in the deployment YAML\n" + f"token_stats: {name}\n" + quality_yaml(fit, on))
     print(text)
     if args.out:
         Path(args.out).write_text(text)
@@ -579,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         command = {"serve": _serve, "models": _models, "generate": _generate, "chat": _chat,
-                   "calibrate": _calibrate}[args.command]
+                   "calibrate": _calibrate, "simulate": _simulate}[args.command]
         return command(args)
     except CliError as e:
         print(f"sizewise: error: {e}", file=sys.stderr)

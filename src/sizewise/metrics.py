@@ -53,6 +53,20 @@ class Metrics:
                                     "meet their latency objective.", ["tier"], registry=r)
         self.slo_missed = Counter("sizewise_route_slo_missed", "Finished requests predicted to meet their latency "
                                   "objective whose measured end-to-end latency exceeded it.", ["tier"], registry=r)
+        # The capacity plan in force (orchestrator/plan.py), as of the last `auto` decision.
+        self.plan_share = Gauge("sizewise_plan_share", "Share of auto traffic the capacity plan gives a tier.",
+                                ["tier"], registry=r)
+        self.plan_util_target = Gauge("sizewise_plan_utilization_target", "Load utilisation the plan keeps under "
+                                      "(the lesser of policy.util_target and what the SLO allows).", [], registry=r)
+        self.plan_util = Gauge("sizewise_plan_utilization_predicted", "Load utilisation the plan predicts.", [],
+                               registry=r)
+        self.load_util = Gauge("sizewise_device_load_utilization", "Measured share of device time spent on "
+                               "per-token work over the last 2 s (the plan's utilisation, measured).", [], registry=r)
+        self.busy = Gauge("sizewise_device_busy_ratio", "Measured share of the last 2 s the device stepped.", [],
+                          registry=r)
+        self.replans = Counter("sizewise_plan_replans", "Capacity plans made.", [], registry=r)
+        self.plan_moves = Counter("sizewise_plan_moves", "Waiting auto requests moved off a tier the plan left.",
+                                  [], registry=r)
         self.spec_draft = Counter("sizewise_spec_decode_draft_tokens", "Speculative tokens proposed.", mt + ["strategy"], registry=r)
         self.spec_accepted = Counter("sizewise_spec_decode_accepted_tokens", "Speculative tokens accepted.", mt + ["strategy"], registry=r)
         # Each model's own work, drafting for another model included; summed over models, at most

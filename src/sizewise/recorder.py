@@ -36,6 +36,7 @@ class Recorder:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self._totals: dict[tuple[str, ...], float] = {}  # engine running totals at the last scrape
+        self._tiers: set[str] = set()
         for status in ERROR_STATUSES:
             metrics.errors.labels(status=status)
 
@@ -44,6 +45,7 @@ class Recorder:
         appears at its first event (an abort, a preemption) at 1 gives rate() no start. Speculative
         series exist only for the proposers a model can run (a small tier never has a draft)."""
         m = self.metrics
+        self._tiers = {info.tier for info in infos}
         for info in infos:
             labels = {"model": info.name, "tier": info.tier}
             for reason in FINISH_REASONS:
@@ -68,6 +70,14 @@ class Recorder:
         lam = (decision.explain or {}).get("lambda_nats_per_gb")
         if lam is not None:
             m.route_lambda.set(lam)
+        plan = (decision.explain or {}).get("plan")
+        if plan is not None:
+            for tier in self._tiers | set(plan["shares"]):
+                m.plan_share.labels(tier=tier).set(plan["shares"].get(tier, 0.0))
+            m.plan_util_target.set(plan["util_cap"])
+            m.plan_util.set(plan["utilization"])
+            self._follow(m.replans, ("replans",), plan.get("replans", 0))
+            self._follow(m.plan_moves, ("moves",), plan.get("moves", 0))
 
     def tokens(self, decision, gap_s: float, count: int) -> None:
         """`count` tokens arrived `gap_s` after the previous ones: one inter-token observation per
@@ -134,6 +144,9 @@ class Recorder:
             m.peak_bandwidth.set(stats.peak_bandwidth)
         if stats.device_memory_used_bytes is not None:
             m.device_memory.set(stats.device_memory_used_bytes)
+        if getattr(stats, "load_utilization", None) is not None:
+            m.load_util.set(stats.load_utilization)
+            m.busy.set(stats.busy_fraction)
         m.set_load(stats)
 
     def _follow(self, counter, key: tuple[str, ...], total: float) -> None:

@@ -14,10 +14,10 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
+from ..clock import Clock
 from ..errors import EngineDeadError, InvalidRequestError
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
@@ -37,11 +37,20 @@ class _Add:
     admitted: asyncio.Future
     loop: asyncio.AbstractEventLoop
     strategy: str = "plain"
+    movable: bool = False
 
 
 @dataclass(slots=True)
 class _Abort:
     request_id: str
+
+
+@dataclass(slots=True)
+class _Move:
+    """Move the movable requests still waiting (never prefilled) on one core to another."""
+
+    src: str
+    dst: str
 
 
 class RequestStream:
@@ -94,6 +103,8 @@ class _Route:
     core: str
     loop: asyncio.AbstractEventLoop
     stream: RequestStream
+    movable: bool = False
+    strategy: str = "plain"
 
 
 class FairShare:
@@ -125,10 +136,15 @@ class FairShare:
 
 
 class AsyncEngine:
-    def __init__(self, cores: dict[str, EngineCore] | EngineCore) -> None:
+    def __init__(self, cores: dict[str, EngineCore] | EngineCore, clock: Clock | None = None,
+                 start: bool = True) -> None:
+        """`clock`: what step times are read from (default: the first core's). `start=False`: no
+        worker thread; whoever built it runs `_run` itself (the virtual device, `sizewise.sim`,
+        drives it on virtual time)."""
         if isinstance(cores, EngineCore):
             cores = {cores.name: cores}
         self.cores = dict(cores)
+        self.clock = clock or next(iter(self.cores.values())).clock
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._routes: dict[str, _Route] = {}
@@ -143,21 +159,27 @@ class AsyncEngine:
         # device-time shares). The orchestrator sets it from its policy, whose latency model predicts it.
         self.discipline = "round_robin"
         self.step_listeners: list = []  # callables(core_name, core, outputs, seconds): telemetry hooks
+        # callables(request_id, from_core, to_core), run on the request's event loop after a move
+        self.move_listeners: list = []
         self._thread = threading.Thread(target=self._run, name="sizewise-engine", daemon=True)
-        self._thread.start()
+        if start:
+            self._thread.start()
 
     # ----- caller side (event loop) --------------------------------------------------------
     async def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
         core: str | None = None, prompt: str | None = None, strategy: str = "plain",
         sink: Callable[[RequestOutput | BaseException], None] | None = None, validated: bool = False,
+        movable: bool = False,
     ) -> RequestStream:
         """Queue a request; raises InvalidRequestError / QueueFullError before anything streams.
 
         `strategy`: plain | pld | draft | auto (see EngineCore.add_request). `sink`: see
         RequestStream. `validated`: the caller already ran the core's `validate` on these arguments
         (the orchestrator does, after routing); otherwise it runs here, on the caller's thread, so
-        the error comes back before anything is queued. The worker never validates again."""
+        the error comes back before anything is queued. The worker never validates again.
+        `movable`: `move_waiting` may move it to another core until it is first prefilled (the
+        cores share one tokenizer; an orchestrator's `auto` requests)."""
         self._check_running()
         name = core or next(iter(self.cores))
         if name not in self.cores:
@@ -170,7 +192,7 @@ class AsyncEngine:
         with self._closing:
             self._check_running()
             self._inbox.put(_Add(name, request_id, list(prompt_token_ids), params, prompt, stream, admitted, loop,
-                                 strategy))
+                                 strategy, movable))
         self._wake.set()
         try:
             await admitted  # re-raises the core's admission error
@@ -199,13 +221,22 @@ class AsyncEngine:
         self._inbox.put(_Abort(request_id))
         self._wake.set()
 
+    def move_waiting(self, src: str, dst: str) -> None:
+        """Move every movable request still waiting on `src` (nothing of it computed or generated) to
+        `dst`, in order; its stream carries on from `dst`, and `move_listeners` hear of it."""
+        if src not in self.cores or dst not in self.cores:
+            raise KeyError(src if src not in self.cores else dst)
+        self._inbox.put(_Move(src, dst))
+        self._wake.set()
+
     def stats(self) -> dict[str, EngineStats]:
         return {name: core.stats() for name, core in self.cores.items()}
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stop = True
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # started (start=False: whoever runs `_run` stops it)
+            self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:
@@ -240,12 +271,44 @@ class AsyncEngine:
                 except Exception as e:  # noqa: BLE001 - reported to the caller, engine carries on
                     cmd.loop.call_soon_threadsafe(_set_exc, cmd.admitted, e)
                     continue
-                self._routes[cmd.request_id] = _Route(cmd.core, cmd.loop, cmd.stream)
+                self._routes[cmd.request_id] = _Route(cmd.core, cmd.loop, cmd.stream, cmd.movable, cmd.strategy)
                 cmd.loop.call_soon_threadsafe(_set_result, cmd.admitted, None)
+            elif isinstance(cmd, _Move):
+                self._move(cmd.src, cmd.dst)
             else:
                 route = self._routes.pop(cmd.request_id, None)
                 if route is not None:
                     self.cores[route.core].abort_request(cmd.request_id)
+
+    def _move(self, src: str, dst: str) -> None:
+        a, b = self.cores[src], self.cores[dst]
+        for rid, route in list(self._routes.items()):
+            if route.core != src or not route.movable:
+                continue
+            req = a.requests.get(rid)
+            if req is None or any(seq.num_cached_tokens or seq.num_output_tokens or seq not in a.scheduler.waiting
+                                  for seq in req.seqs):
+                continue  # prefilled (or being prefilled): it stays
+            strategy = req.strategy
+            try:
+                b.validate(req.prompt_token_ids, req.params, strategy)
+            except Exception:  # noqa: BLE001 - e.g. no speculation there: plain decoding gives the same tokens
+                strategy = "plain"
+            try:
+                b.validate(req.prompt_token_ids, req.params, strategy)
+                if len(b.scheduler.waiting) + req.params.n > b.config.max_waiting:
+                    continue
+            except Exception:  # noqa: BLE001 - it cannot run there: it stays
+                continue
+            a.abort_request(rid)
+            b.add_request(rid, req.prompt_token_ids, req.params, req.prompt, arrival_time=req.metrics.arrival_time,
+                          strategy=strategy, validated=True)
+            route.core = dst
+            for listener in self.move_listeners:
+                try:
+                    route.loop.call_soon_threadsafe(listener, rid, src, dst)
+                except RuntimeError:
+                    pass
 
     def _run(self) -> None:
         names = list(self.cores)
@@ -308,14 +371,14 @@ class AsyncEngine:
     def _step_core(self, name: str) -> float:
         """One step of `name`; returns its wall seconds."""
         core = self.cores[name]
-        t0 = time.perf_counter()
+        t0 = self.clock.now()
         try:
             outs = core.step()
         except Exception as e:  # noqa: BLE001 - fail this core's requests, keep serving
             log.exception("step of %s failed; failing its in-flight requests", name)
             self._fail_core(name, e)
-            return time.perf_counter() - t0
-        dt = time.perf_counter() - t0
+            return self.clock.now() - t0
+        dt = self.clock.now() - t0
         for out in outs:
             route = self._routes.get(out.request_id)
             if route is None:

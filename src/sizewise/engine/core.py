@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..clock import WALL, Clock
 from ..errors import InvalidRequestError, QueueFullError
 from ..models import CheckpointError, ModelConfig, load_model, parse_dtype
 from ..models.loader import checkpoint_files, tokenizer_files
@@ -95,12 +96,19 @@ class EngineCore:
         platform: Platform | None = None,
         tokenizer=None,
         name: str | None = None,
+        clock: Clock | None = None,
+        runner_factory: Callable[["EngineCore", int], ModelRunner] | None = None,
     ) -> None:
+        """`clock`: where step times and request timestamps come from (default: the wall clock).
+        `runner_factory(core, num_blocks)`: builds the runner in place of loading the weights into a
+        ModelRunner (the virtual device's runner, `sizewise.sim`; nothing here imports it)."""
         self.config = config = config or EngineConfig()
+        self.clock = clock or WALL
         self.model_dir = Path(model_dir)
         self.name = name or self.model_dir.name
         self.model_config = cfg = ModelConfig.from_pretrained(self.model_dir)
-        checkpoint_files(self.model_dir)  # fail on missing weights before any slow loading
+        if runner_factory is None:
+            checkpoint_files(self.model_dir)  # fail on missing weights before any slow loading
         self.platform = platform or get_platform(config.device)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_dir)
         self.dtype = (
@@ -127,7 +135,8 @@ class EngineCore:
         )
         self.vocab_size = cfg.vocab_size
 
-        model = load_model(self.model_dir, cfg, self.platform, self.dtype, self.max_model_len)
+        model = None if runner_factory is not None else load_model(
+            self.model_dir, cfg, self.platform, self.dtype, self.max_model_len)
         num_blocks = self._plan_kv_blocks()
         # A sequence longer than the whole cache could never be (re)admitted: it would wait (or
         # preempt itself) forever. Cap the context at what the cache holds; validate() names it.
@@ -151,7 +160,7 @@ class EngineCore:
                             num_speculative_tokens=max(k, 0), spec_batching=config.spec_batching),
             self.block_manager,
         )
-        self.runner = ModelRunner(
+        self.runner = runner_factory(self, num_blocks) if runner_factory is not None else ModelRunner(
             model, cfg, self.platform, self.dtype, num_blocks, self.block_size, self.max_model_len,
             config.max_num_seqs, seed=config.seed, enforce_eager=config.enforce_eager,
             verify_q=k + 1 if k > 0 else 0, eos_token_ids=self.eos_token_ids,
@@ -252,8 +261,7 @@ class EngineCore:
         req = Request(request_id, list(prompt_token_ids), params, prompt, strategy=strat)
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]  # the first prompt token has no logprob (a 1-token prompt: only this)
-        if arrival_time is not None:
-            req.metrics.arrival_time = arrival_time
+        req.metrics.arrival_time = arrival_time if arrival_time is not None else self.clock.time()
         for i in range(params.n):
             seq = Sequence(next(self._seq_ids), req, i, prompt_token_ids)
             if self.spec is not None:
@@ -290,7 +298,7 @@ class EngineCore:
         sequence per item in this scheduler and cache (created at first use, caught up with the
         target's tokens), one catch-up forward then greedy or sampled decode forwards. Counted in
         this engine's device seconds and bytes, not in its steps."""
-        t0 = time.perf_counter()
+        t0 = self.clock.now()
         sched = self.scheduler
         kv_per_token = self.model_config.kv_bytes_per_token(self.dtype)
         active: list[tuple[DraftItem, Sequence]] = []
@@ -338,7 +346,7 @@ class EngineCore:
             del d.token_ids[len(it.token_ids):]  # proposals are not the draft's tokens until accepted
             q = probs[id(d)]
             out[it.key] = DraftProposal(toks[id(d)], torch.stack(q) if q else None)
-        self._charge(time.perf_counter() - t0, nbytes)
+        self._charge(self.clock.now() - t0, nbytes)
         return out
 
     def rollback_shadow(self, key: str, num_valid: int) -> None:
@@ -382,7 +390,7 @@ class EngineCore:
                 if self.spec is not None:
                     self.spec.release(seq)
                 outs.append(CompletionOutput(index=seq.index, finish_reason="abort"))
-        req.metrics.finished_time = time.time()
+        req.metrics.finished_time = self.clock.time()
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished=True,
                              metrics=self._metrics(req))
 
@@ -391,7 +399,7 @@ class EngineCore:
 
     # ----- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        t0 = time.perf_counter()
+        t0 = self.clock.now()
         draft_s = self.draft._device_seconds if self.draft is not None else 0.0
         # Proposals first: the scheduler decides which of them are verified this step.
         draft_probs = self.spec.propose(self.scheduler.running) if self.spec is not None else {}
@@ -400,7 +408,7 @@ class EngineCore:
             if self.spec is not None:
                 self.spec.end_step({})
             return []
-        now = time.time()
+        now = self.clock.time()
         for seq in sched.prefills + sched.decodes + sched.verifies:
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.metrics.first_scheduled_time = now
@@ -414,7 +422,7 @@ class EngineCore:
         out = self._postprocess(sched, result)
         # The draft model's proposals ran inside this step, as the draft engine's own work.
         drafted = (self.draft._device_seconds - draft_s) if self.draft is not None else 0.0
-        self._record_step(sched, result.num_forwards, kv_tokens, time.perf_counter() - t0 - drafted)
+        self._record_step(sched, result.num_forwards, kv_tokens, self.clock.now() - t0 - drafted)
         return out
 
     def _record_step(self, sched: SchedulerOutput, num_forwards: int, kv_tokens: int, seconds: float) -> None:
@@ -442,7 +450,7 @@ class EngineCore:
             for j, entry in enumerate(entries):  # a recomputed chunk (preemption) adds nothing twice
                 if first_pos + j == len(req.prompt_logprobs):
                     req.prompt_logprobs.append(entry)
-        now = time.time()
+        now = self.clock.time()
         for i, seq in enumerate(result.sampled):
             self._append_token(seq, result.samples.token_ids[i], result.samples.logprobs[i], now)
             touched[seq.request.request_id] = seq.request
@@ -533,7 +541,7 @@ class EngineCore:
             plp = req.prompt_logprobs
             req.prompt_logprobs_sent = True
         if finished:
-            req.metrics.finished_time = time.time()
+            req.metrics.finished_time = self.clock.time()
             self.requests.pop(req.request_id, None)
         return RequestOutput(
             req.request_id, req.prompt, req.prompt_token_ids, outs, finished=finished,

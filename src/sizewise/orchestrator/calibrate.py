@@ -20,6 +20,9 @@ from .policy import SIGNALS, QualityPredictor, TierFit
 
 # Signals the live probe cannot produce: measured and reported at calibration, never kept.
 OFFLINE_SIGNALS = ("prompt_gap",)
+# Signals that need the probe model's prefill, which is skipped when it would be late (under load,
+# exactly where placement matters): reported, kept only with `model_signals=True`.
+MODEL_SIGNALS = ("difficulty",)
 _MIN_GAIN = 0.02  # a signal is kept if it lowers the held-out squared error by at least 2%
 
 
@@ -62,7 +65,7 @@ def _cv_error(x: np.ndarray, gaps: dict[str, np.ndarray], folds: int) -> float:
 
 
 def fit_quality(signals: list[dict[str, float]], nll: dict[str, list[float]], folds: int = 5,
-                candidates: tuple[str, ...] = SIGNALS) -> QualityFit:
+                candidates: tuple[str, ...] = SIGNALS, model_signals: bool = False) -> QualityFit:
     """`signals[i]`: what the probe measured on request i; `nll[tier][i]`: the tier's reference NLL.
     The top tier is the last of small / medium / large present; every other tier gets a fit."""
     tiers = [t for t in ("small", "medium", "large") if t in nll]
@@ -86,7 +89,7 @@ def fit_quality(signals: list[dict[str, float]], nll: dict[str, list[float]], fo
         report["single"][c] = _cv_error(_design(signals, [c]), gaps, folds)
     kept: list[str] = []
     best = base
-    live = [c for c in present if c not in OFFLINE_SIGNALS]
+    live = [c for c in present if c not in OFFLINE_SIGNALS and (model_signals or c not in MODEL_SIGNALS)]
     while True:
         trial = {c: _cv_error(_design(signals, kept + [c]), gaps, folds) for c in live if c not in kept}
         if not trial:

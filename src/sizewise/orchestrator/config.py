@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .policy import DISCIPLINES, SIGNALS, TIER_ORDER, PolicySettings, QualityPredictor, TierFit
+from .policy import DISCIPLINES, PLACEMENTS, SIGNALS, TIER_ORDER, PolicySettings, QualityPredictor, TierFit
 
 _Finite = Annotated[float, Field(allow_inf_nan=False)]
 _Signal = Literal[SIGNALS]  # type: ignore[valid-type]
@@ -74,6 +74,12 @@ class PolicyConfig(BaseModel):
     price_deadband: float = Field(default=0.7, ge=0, lt=1)
     kv_high: float = Field(default=0.9, gt=0, le=1)
     discipline: Literal[DISCIPLINES] = "fair"  # type: ignore[valid-type]
+    # --- the capacity plan (placement: plan): tiers and shares of `auto` traffic from measured costs
+    placement: Literal[PLACEMENTS] = "plan"  # type: ignore[valid-type]
+    util_target: float = Field(default=0.85, gt=0, lt=1)  # the plan keeps predicted load utilisation under this
+    # unigram statistics of the family's text (JSON written by `sizewise calibrate`), for the surprisal
+    # signal; a relative path is read from the config file's directory
+    token_stats: str | None = None
     # --- decode strategy (for `auto`)
     pld_min_copyability: float = Field(default=0.3, ge=0, le=1)
     spec_max_batch: int = Field(default=8, ge=1)
@@ -114,4 +120,24 @@ class PolicyConfig(BaseModel):
             spec_max_batch=self.spec_max_batch,
             spec_min_acceptance=self.spec_min_acceptance,
             allow_draft=self.allow_draft,
+            placement=self.placement,
+            util_target=self.util_target,
+            token_stats=_load_token_stats(self.token_stats) if self.token_stats else None,
         )
+
+
+def _load_token_stats(path: str):
+    import json
+    from pathlib import Path
+
+    from .probe import TokenStats
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"policy.token_stats {path!r}: cannot read it ({e}); run `sizewise calibrate` to write "
+                         f"it, or remove the key") from None
+    try:
+        return TokenStats.from_json(data)
+    except ValueError as e:
+        raise ValueError(f"policy.token_stats {path!r}: {e}") from None

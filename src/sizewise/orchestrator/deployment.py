@@ -13,7 +13,7 @@ import copy
 import logging
 import sys
 from collections.abc import Callable
-from collections import Counter
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -36,6 +36,7 @@ from .telemetry import Telemetry
 from .types import Decision, DeploymentStats, ModelInfo, ModelStats, Prompt, RoutingHints, Submission
 
 log = logging.getLogger(__name__)
+_MOVABLE_TRACKED = 4096  # auto requests remembered for a move (finished ones age out)
 
 # Where a submission's deltas go: called on the submitting event loop with the prompt's index and
 # a RequestOutput delta (or the exception that failed it).
@@ -152,6 +153,9 @@ class DeploymentConfig(BaseModel):
             p = Path(m.path)
             if not p.is_absolute():
                 m.path = str((path.parent / p).resolve())
+        ts = cfg.policy.token_stats
+        if ts and not Path(ts).is_absolute():
+            cfg.policy.token_stats = str((path.parent / ts).resolve())
         return cfg
 
     @classmethod
@@ -239,8 +243,10 @@ class Deployment:
 
     def __init__(
         self, config: DeploymentConfig, cores: dict[str, EngineCore], router: Router | None = None,
-        plan: MemoryPlan | None = None,
+        plan: MemoryPlan | None = None, engine: AsyncEngine | None = None,
     ) -> None:
+        """`engine`: the AsyncEngine that drives `cores` (default: a new one with its worker thread;
+        the virtual device, `sizewise.sim`, hands in one it steps on virtual time)."""
         _check_one_tokenizer(cores)
         for w in config.policy_warnings():
             log.warning("%s", w)
@@ -259,8 +265,10 @@ class Deployment:
             cores, self.model_to_tier, ema_alpha=pol.ema_alpha,
             peak_bandwidth=pol.peak_bandwidth_gbps * 1e9 if pol.peak_bandwidth_gbps else None,
         )
-        self.engine = AsyncEngine(cores)
+        self.engine = engine if engine is not None else AsyncEngine(cores)
         self.telemetry.attach(self.engine)
+        self._movable: OrderedDict[str, Decision] = OrderedDict()  # auto requests the plan may move
+        self.engine.move_listeners.append(self._on_move)
         bind = getattr(self.router, "bind", None)
         if bind is not None:  # checks what the router names against the resident models, now
             try:
@@ -327,6 +335,20 @@ class Deployment:
             f"strategy 'draft': {d.model} is the {d.tier} tier, which is the draft model of this deployment (it "
             f"drafts for the larger tiers); ask for {larger} with strategy 'draft', or use 'pld' or 'plain' on "
             f"{d.tier}", param="strategy")
+
+    def _on_move(self, request_id: str, src: str, dst: str) -> None:
+        """A waiting `auto` request moved (the plan left its tier): its decision says where it runs now."""
+        d = self._movable.get(request_id)
+        if d is None:
+            return
+        moved = {"from": self.model_to_tier[src], "to": self.model_to_tier[dst],
+                 "why": "the capacity plan left its tier before it was prefilled"}
+        d.model, d.tier = dst, self.model_to_tier[dst]
+        if d.explain is not None:
+            d.explain["moved"] = moved
+        router = self.router
+        if hasattr(router, "moved"):
+            router.moved += 1
 
     def resolve(self, requested: str) -> str:
         """A tier alias or a model name -> the resident model's name."""
@@ -402,9 +424,14 @@ class Deployment:
             for i, (p, d) in enumerate(zip(prompts, decisions)):
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
                 to = (lambda item, i=i: sink(i, item)) if sink is not None else None
+                movable = requested == "auto" and d.reason.startswith("plan:")
+                if movable:
+                    self._movable[rid] = d
+                    while len(self._movable) > _MOVABLE_TRACKED:
+                        self._movable.popitem(last=False)
                 stream = await self.engine.add_request(
                     rid, p.ids, copy.copy(params), core=d.model, prompt=p.text, strategy=d.strategy, sink=to,
-                    validated=True)
+                    validated=True, movable=movable)
                 subs.append(Submission(i, rid, d, stream))
         except BaseException:
             for s in subs:
@@ -456,6 +483,7 @@ class Deployment:
         return DeploymentStats(
             models=models, peak_bandwidth=snap.peak_bandwidth or None if snap is not None else None,
             device_memory_used_bytes=getattr(snap, "device_memory_used_bytes", None),
+            busy_fraction=getattr(snap, "busy_fraction", None), load_utilization=getattr(snap, "load_utilization", None),
         )
 
     @property

@@ -104,6 +104,32 @@ def file_items(path: str | Path, tokenizer, max_prompt_tokens: int) -> list[Item
     return items
 
 
+def family_token_stats(tokenizer, items: list[Item] | None = None, max_tokens: int = 2_000_000):
+    """Unigram statistics of the family's text for the surprisal signal: the demo family's training
+    split (what its models were trained on; never the held-out split the benchmarks draw from), or
+    for a user's calibration data, its prompts and completions."""
+    from .probe import TokenStats
+
+    vocab = len(tokenizer)
+    if items is not None:
+        return TokenStats.count([it.prompt + (it.ref or []) for it in items], vocab)
+    from .. import demo
+
+    s = demo.split()
+    topics = demo.prose_topics()
+    texts = [topics[k] for k in s.train_prose] + [demo.read_code(r) for r in s.train_code]
+    lists, n = [], 0
+    for t in texts:
+        if not t:
+            continue
+        ids = tokenizer.encode(t, add_special_tokens=False)
+        lists.append(ids)
+        n += len(ids)
+        if n >= max_tokens:
+            break
+    return TokenStats.count(lists, vocab)
+
+
 async def _nll(engine, core: str, ids: list[int], start: int, rid: str) -> float:
     """Mean NLL of ids[start:] given what precedes each token, through the engine."""
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
@@ -149,12 +175,12 @@ async def measure(deployment, router, items: list[Item], ref_tokens: int = 32) -
 def calibrate_deployment(deployment, data: str | Path | None = None, requests: int = 256, prompt_tokens: int = 96,
                          ref_tokens: int = 32, seed: int = 1000, folds: int = 5):
     """Measure and fit on a loaded Deployment: the user's JSONL prompts (`data`) or `requests` windows
-    of the demo family's held-out split. Returns (QualityFit, what it calibrated on, samples)."""
+    of the demo family's held-out split. Returns (QualityFit, what it calibrated on, samples, the
+    TokenStats the surprisal signal was measured with)."""
     from .calibrate import fit_quality
     from .router import AdaptiveRouter
 
-    router = deployment.router if isinstance(deployment.router, AdaptiveRouter) else AdaptiveRouter(
-        deployment.config.policy.to_settings())
+    settings = deployment.config.policy.to_settings()
     tok = deployment.tokenizer()
     if data is not None:
         items = file_items(data, tok, prompt_tokens)
@@ -163,10 +189,12 @@ def calibrate_deployment(deployment, data: str | Path | None = None, requests: i
         items = held_out_items(tok, requests, prompt_tokens, ref_tokens, 0.5, seed)
         on = (f"demo family held-out split: {len(items)} windows of {prompt_tokens} prompt + {ref_tokens} "
               f"reference tokens (seed {seed})")
+    settings.token_stats = stats = family_token_stats(tok, items if data is not None else None)
+    router = AdaptiveRouter(settings)
     samples = asyncio.run(measure(deployment, router, items, ref_tokens))
     nll = {t: [s.nll[t] for s in samples] for t in samples[0].nll}
     fit = fit_quality([s.signals for s in samples], nll, folds=folds)
-    return fit, on, samples
+    return fit, on, samples, stats
 
 
 def quality_yaml(fit, calibrated_on: str) -> str:

@@ -53,9 +53,10 @@ TIER_ORDER = ("small", "medium", "large")
 # Signals the quality predictor may read: the probe's (difficulty only when its model prefill ran),
 # the intent class probabilities, and prompt_gap (small minus top tier prompt NLL: needs a prefill
 # through the top tier, measured at calibration to see whether it would pay).
-SIGNALS = ("difficulty", "copyability", "repeat_fraction", "log_prompt_tokens", *INTENTS, "prompt_gap")
+SIGNALS = ("difficulty", "surprisal", "copyability", "repeat_fraction", "log_prompt_tokens", *INTENTS, "prompt_gap")
 REASONS = ("objective:quality", "objective:price", "slo", "slo:best_effort", "kv_pressure", "pinned",
-           "single_model", "static")
+           "single_model", "static", "plan:idle", "plan:headroom", "plan:mix", "plan:single", "plan:overload")
+PLACEMENTS = ("plan", "objective")
 DISCIPLINES = ("fair", "round_robin")
 # Until a deployment is calibrated: the gap of each smaller tier to the top tier (nats/token), a
 # prior that keeps quality first; `sizewise calibrate` replaces it with a fitted predictor.
@@ -69,6 +70,8 @@ def signals_of(probe) -> dict[str, float]:
     s.update({i: float(probe.intent_scores.get(i, 0.0)) for i in INTENTS})
     if probe.difficulty is not None:
         s["difficulty"] = probe.difficulty
+    if getattr(probe, "surprisal", None) is not None:
+        s["surprisal"] = probe.surprisal
     return s
 
 
@@ -124,6 +127,11 @@ class PolicySettings:
     spec_max_batch: int = 8
     spec_min_acceptance: float = 0.4
     allow_draft: bool = False
+    # plan: a capacity plan sets the tiers and shares, requests fill them by predicted loss (control.py);
+    # objective: each request placed alone by loss + lam x bytes under predicted latency (the old design)
+    placement: str = "plan"
+    util_target: float = 0.85  # the plan keeps predicted load utilisation under this
+    token_stats: object | None = None  # probe.TokenStats: the surprisal signal's unigram table
 
 
 @dataclass(slots=True)
@@ -140,15 +148,25 @@ class Choice:
     cost_bytes: dict[str, float] = field(default_factory=dict)  # per tier
     kv_pressure: dict[str, float] = field(default_factory=dict)  # per tier, projected
     strategy_reason: str | None = None
+    plan: dict | None = None  # the capacity plan in force (placement: plan)
+    placement: dict | None = None  # where this request fell in it
 
     def to_json(self) -> dict:
-        return {
-            "lambda_nats_per_gb": round(self.lam, 6), "pressure": round(self.pressure, 4),
-            "slo_ms": self.slo_ms,
-            "tiers": {t: {"loss": round(self.loss.get(t, 0.0), 4), "latency_ms": round(self.latency_ms[t], 2),
-                          "cost_mb": round(self.cost_bytes[t] / 1e6, 3), "kv": round(self.kv_pressure[t], 4)}
-                      for t in self.latency_ms},
-        }
+        tiers = {}
+        for t in self.latency_ms:
+            row = {"loss": round(self.loss.get(t, 0.0), 4), "latency_ms": round(self.latency_ms[t], 2)}
+            if t in self.cost_bytes:
+                row["cost_mb"] = round(self.cost_bytes[t] / 1e6, 3)
+            if t in self.kv_pressure:
+                row["kv"] = round(self.kv_pressure[t], 4)
+            tiers[t] = row
+        d = {"lambda_nats_per_gb": round(self.lam, 6), "pressure": round(self.pressure, 4), "slo_ms": self.slo_ms,
+             "tiers": tiers}
+        if self.plan is not None:
+            d["plan"] = self.plan
+        if self.placement is not None:
+            d["placement"] = self.placement
+        return d
 
 
 class Policy:

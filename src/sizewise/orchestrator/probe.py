@@ -1,6 +1,11 @@
 """The request probe: what a request is, measured before it is routed (a few ms).
 
-Three signals:
+Four signals:
+  * surprisal: the prompt's mean -log p under the family's unigram token statistics (`TokenStats`,
+    counted at calibration time over the family's text), a host-side lookup of microseconds, so it
+    is present for every request at any load (the model probe below is skipped when it would be
+    late). On the demo family it predicts the per-tier gap better than the probe model's
+    difficulty does (docs/routing.md has the held-out numbers);
   * intent (`code` / `math` / `knowledge` / `chat`): from cheap text features (keywords,
     symbol and digit density, indentation, question words, pronouns), or zero-shot with the
     probe model when configured (a prompt template, the likelihood of each label word as its
@@ -20,7 +25,6 @@ import asyncio
 import itertools
 import math
 import re
-import time
 from dataclasses import dataclass, field
 
 from ..engine.spec.ngram import replay
@@ -72,6 +76,7 @@ class ProbeResult:
     ms: float = 0.0
     errors: list[str] = field(default_factory=list)
     skipped: str | None = None  # why the model probe (difficulty, zero-shot) did not run
+    surprisal: float | None = None  # mean -log p of the prompt under the family's unigram statistics
 
     def to_json(self) -> dict:
         d = {
@@ -82,6 +87,7 @@ class ProbeResult:
             "difficulty": None if self.difficulty is None else round(self.difficulty, 4),
             "difficulty_tokens": self.difficulty_tokens,
             "copyability": round(self.copyability, 4),
+            "surprisal": None if self.surprisal is None else round(self.surprisal, 4),
             "repeat_fraction": round(self.repeat_fraction, 4),
             "prompt_tokens": self.prompt_tokens,
             "probe_model": self.probe_model,
@@ -95,6 +101,56 @@ class ProbeResult:
 
 
 # ----- pure features ----------------------------------------------------------------------
+@dataclass(slots=True, frozen=True)
+class TokenStats:
+    """Unigram statistics of a family's text: log p of every token id (add-one smoothed counts)."""
+
+    logp: "np.ndarray"  # [vocab] float64
+    tokens: int  # how many tokens were counted
+
+    @classmethod
+    def count(cls, id_lists, vocab_size: int) -> "TokenStats":
+        import numpy as np
+
+        counts = np.zeros(vocab_size, dtype=np.float64)
+        n = 0
+        for ids in id_lists:
+            arr = np.asarray([t for t in ids if 0 <= t < vocab_size], dtype=np.int64)
+            counts += np.bincount(arr, minlength=vocab_size)[:vocab_size]
+            n += len(arr)
+        return cls(np.log((counts + 1.0) / (n + vocab_size)), n)
+
+    def surprisal(self, ids: list[int]) -> float | None:
+        """Mean -log p over the prompt's ids (ids outside the table count as unseen)."""
+        if not ids:
+            return None
+        floor = -math.log(self.tokens + len(self.logp))
+        v = len(self.logp)
+        return -sum(self.logp[t] if 0 <= t < v else floor for t in ids) / len(ids)
+
+    def to_json(self) -> dict:
+        import numpy as np
+
+        counts = np.rint(np.exp(self.logp) * (self.tokens + len(self.logp)) - 1.0).astype(np.int64)
+        nz = np.nonzero(counts)[0]
+        return {"vocab_size": len(self.logp), "tokens": self.tokens,
+                "counts": {str(int(i)): int(counts[i]) for i in nz}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TokenStats":
+        import numpy as np
+
+        try:
+            v, n = int(d["vocab_size"]), int(d["tokens"])
+            counts = np.zeros(v, dtype=np.float64)
+            for k, c in d["counts"].items():
+                counts[int(k)] = float(c)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"token statistics must be {{vocab_size, tokens, counts: {{id: count}}}} with ids "
+                             f"below vocab_size: {e}") from None
+        return cls(np.log((counts + 1.0) / (n + v)), n)
+
+
 def copyability(ids: list[int], max_n: int = 3, min_n: int = 2) -> tuple[float, float]:
     """(hit rate, repeat fraction) of the prompt-lookup proposer replayed over `ids`.
 
@@ -156,7 +212,8 @@ class Probe:
     async def run(self, engine, core, core_name: str, prompt_token_ids: list[int], *, full: bool = True) -> ProbeResult:
         """`engine`: the AsyncEngine; `core`: the probe model's EngineCore (tokenizer, limits).
         `full=False` computes the model-free signals only (pinned requests)."""
-        t0 = time.perf_counter()
+        clock = engine.clock  # the engines' (virtual on the simulated device)
+        t0 = clock.now()
         s = self.settings
         ids = list(prompt_token_ids)
         if len(ids) > _COPY_OFFLOAD_TOKENS:
@@ -172,6 +229,7 @@ class Probe:
             intent=max(scores, key=scores.get), intent_confidence=max(scores.values()), intent_scores=scores,
             intent_source="features", copyability=copy, repeat_fraction=repeat, prompt_tokens=len(ids),
             probe_model=core_name if full else None,
+            surprisal=s.token_stats.surprisal(ids[:_FEATURE_MAX_CHARS]) if s.token_stats is not None else None,
         )
         if full:
             jobs = []
@@ -181,7 +239,7 @@ class Probe:
                 jobs.append(self._zero_shot(engine, core, core_name, text, res))
             if jobs:
                 await asyncio.gather(*jobs)
-        res.ms = (time.perf_counter() - t0) * 1e3
+        res.ms = (clock.now() - t0) * 1e3
         return res
 
     def _rid(self) -> str:

@@ -1,29 +1,41 @@
-"""The adaptive router: probe the request, read the live telemetry, ask the policy.
+"""The adaptive router: probe the request, keep the capacity plan current, place the request in it.
 
-Implements the `Router` protocol of `deployment.py`. Per `auto` request: the probe's model-free
-signals (intent features, copyability, prompt length), the probe model's prefill (difficulty)
-only when the fitted predictor reads it, its answer could change the decision and it would not
-be late; a telemetry snapshot; then the policy's choice and its explanation. A pinned request
-(`model` names a tier or a model) skips the model probe and is never moved. Every decision is
-counted in `decisions[(tier, reason)]` for `sizewise_route_decisions_total`.
+Implements the `Router` protocol of `deployment.py`. Per `auto` request: the probe's host-side
+signals (surprisal under the family's token statistics, intent features, copyability, prompt
+length: microseconds, present at any load), the probe model's prefill (difficulty) only when the
+fitted predictor reads it, the plan has two tiers for it to choose between and it would not be
+late; then (`policy.placement: plan`, the default) the `PlanController` re-plans when due and
+places the request in the plan's shares by its predicted loss (control.py), or (`objective`, the
+per-request design the plan replaced) the policy's per-request choice. When a re-plan drops a tier,
+its `auto` requests not yet prefilled move to a tier the plan keeps (`AsyncEngine.move_waiting`).
+A pinned request (`model` names a tier or a model) skips the model probe and is never moved; it
+counts as load the plan must carry. Every decision is counted in `decisions[(tier, reason)]` for
+`sizewise_route_decisions_total`.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 from ..sampling_params import SamplingParams
-from .policy import TIER_ORDER, Choice, Policy, PolicySettings
+from .control import PlanController
+from .policy import TIER_ORDER, Choice, Policy, PolicySettings, signals_of
 from .probe import Probe
 from .types import Decision, RoutingHints
 
 
 class AdaptiveRouter:
-    def __init__(self, settings: PolicySettings | None = None) -> None:
+    def __init__(self, settings: PolicySettings | None = None, clock: Callable[[], float] | None = None) -> None:
         self.settings = settings or PolicySettings()
         self.probe = Probe(self.settings)
+        self.clock = clock  # the plan's time; None: the deployment's engine clock (virtual on the simulated device)
         self.decisions: Counter[tuple[str, str]] = Counter()
         self.lam = 0.0  # the price of the last `auto` decision (nats/GB), for the gauge
+        self.control: PlanController | None = None  # built at bind (placement: plan)
+        self.moved = 0  # waiting requests moved off a tier the plan left
+        self.auto_requests = 0
+        self.auto_with_signal = 0  # `auto` requests whose predictor inputs were all measured
         self._bound: tuple[object, Policy, str, dict[str, set[str]]] | None = None
 
     def bind(self, deployment) -> tuple[Policy, str, dict[str, set[str]]]:
@@ -31,6 +43,8 @@ class AdaptiveRouter:
         each engine accepts. `Deployment` binds its router when it is built, so a probe model it
         does not have fails there (ValueError naming it), not on every `auto` request."""
         if self._bound is None or self._bound[0] is not deployment:  # identity: an id() can be reused
+            if self.clock is None:  # the deployment's engine clock: wall, or the virtual device's
+                self.clock = deployment.engine.clock.now
             policy = Policy(self.settings, deployment.tier_to_model)
             if self.settings.probe_model is not None:
                 try:
@@ -44,6 +58,11 @@ class AdaptiveRouter:
             strategies = {name: _accepted_strategies(core) for name, core in deployment.cores.items()}
             deployment.engine.priority_core = probe_model  # probes wait one step, not a turn
             deployment.engine.discipline = self.settings.discipline  # what the latency model predicts
+            if self.settings.placement == "plan":
+                losses = {t: (policy.quality.tiers[t].mean if t in policy.quality.tiers else 0.0) for t in policy.tiers}
+                slo = self.settings.slo_ms / 1e3 if self.settings.slo_ms is not None else None
+                self.control = PlanController(policy.tiers, deployment.tier_to_model, losses, slo_s=slo,
+                                              util_target=self.settings.util_target)
             self._bound = (deployment, policy, probe_model, strategies)
         return self._bound[1:]
 
@@ -58,6 +77,10 @@ class AdaptiveRouter:
         probe_core = deployment.cores[probe_model]
         n_prompt = len(prompt_token_ids)
         max_new = params.max_tokens if params.max_tokens is not None else max(probe_core.max_model_len - n_prompt, 1)
+        ctl = self.control
+        if ctl is not None and not single:
+            return await self._route_plan(deployment, policy, probe_model, strategies, ctl, prompt_token_ids, params,
+                                          pinned, hints, n_prompt, max_new)
         skip = None if pinned is None else "pinned"
         if skip is None:
             skip = self._skip_model_probe(policy, deployment.telemetry.snapshot(), probe_model, n_prompt, max_new,
@@ -77,6 +100,9 @@ class AdaptiveRouter:
             choice.reason = "single_model"
         deployment.telemetry.note_routed(choice.model, params.n, prompt_token_ids,
                                          choice.latency_ms.get(choice.tier) if pinned is None else None)
+        return self._decision(choice, probe, pinned)
+
+    def _decision(self, choice: Choice, probe, pinned) -> Decision:
         self.decisions[(choice.tier, choice.reason)] += 1
         if pinned is None:
             self.lam = choice.lam
@@ -85,6 +111,80 @@ class AdaptiveRouter:
             explain["strategy_reason"] = choice.strategy_reason
         return Decision(model=choice.model, tier=choice.tier, strategy=choice.strategy, reason=choice.reason,
                         probe=probe.to_json(), explain=explain)
+
+    async def _route_plan(self, deployment, policy: Policy, probe_model: str, strategies, ctl: PlanController,
+                          prompt_token_ids: list[int], params: SamplingParams, pinned: str | None, hints: RoutingHints,
+                          n_prompt: int, max_new: int) -> Decision:
+        """Placement by the capacity plan (see the module docstring and control.py)."""
+        now = self.clock()
+        ctl.note_arrival(now, None if pinned is None else deployment.model_to_tier[pinned], n_prompt, max_new,
+                         params.n)
+        snap = deployment.telemetry.snapshot()
+        if ctl.due(now):
+            plan, old = ctl.replan(snap, now)
+            if old is not None and set(old.shares) - set(plan.shares):
+                self._move_off(deployment, old, plan)
+        plan = ctl.plan
+        probe_core = deployment.cores[probe_model]
+        skip = "pinned" if pinned is not None else self._skip_model_probe_plan(policy, snap, plan, probe_model, n_prompt)
+        probe = await self.probe.run(deployment.engine, probe_core, probe_model, prompt_token_ids, full=skip is None)
+        if skip is not None and pinned is None:
+            probe.skipped = skip
+        known = self.known_loss(prompt_token_ids)
+        sig = signals_of(probe)
+        loss = {t: known[t] if known is not None else policy.quality.loss(t, sig) for t in policy.tiers}
+        lat = {t: Policy.estimate_ms(snap, deployment.tier_to_model[t], n_prompt, max_new, params.n,
+                                     self.settings.discipline) for t in policy.tiers}
+        lat.update({t: v * 1e3 for t, v in plan.latency_s.items() if v < float("inf")})
+        slo = hints.max_latency_ms if hints.max_latency_ms is not None else self.settings.slo_ms
+        if pinned is not None:
+            tier, placement, reason = deployment.model_to_tier[pinned], None, "pinned"
+        else:
+            self.auto_requests += 1
+            if known is not None or all(c in sig for c in policy.quality.signals):
+                self.auto_with_signal += 1
+            placement = ctl.place(loss)
+            tier, reason = placement.tier, f"plan:{plan.reason}"
+        model = pinned if pinned is not None else deployment.tier_to_model[tier]
+        strat, why = policy._strategy(hints.strategy, tier, snap.engines.get(model), probe, params.n,
+                                      strategies.get(model, {"plain"}))
+        choice = Choice(model=model, tier=tier, strategy=strat, reason=reason, slo_ms=slo, loss=loss, latency_ms=lat,
+                        strategy_reason=why, plan=plan.to_json() | {"replans": ctl.replans, "moves": self.moved},
+                        placement=placement.to_json() if placement is not None else None)
+        # The plan's latency without the measured bias is what the telemetry scores (bias = measured /
+        # modelled): scoring a prediction that already holds the bias would make the bias oscillate.
+        modelled = plan.latency_s.get(tier, 0.0) / max(snap.engines[model].latency_bias, 1e-9) * 1e3
+        deployment.telemetry.note_routed(model, params.n, prompt_token_ids,
+                                         modelled if pinned is None and modelled < float("inf") else None)
+        return self._decision(choice, probe, pinned)
+
+    def _move_off(self, deployment, old, plan) -> None:
+        """The plan left tiers: their waiting `auto` requests go to the kept tier nearest in size
+        (the next cheaper one, else the cheapest), before they are prefilled."""
+        kept = plan.order
+        for t in set(old.shares) - set(plan.shares):
+            below = [k for k in kept if TIER_ORDER.index(k) < TIER_ORDER.index(t)]
+            to = below[-1] if below else kept[0]
+            move = getattr(deployment.engine, "move_waiting", None)
+            if move is not None:
+                move(deployment.tier_to_model[t], deployment.tier_to_model[to])
+
+    def _skip_model_probe_plan(self, policy: Policy, snap, plan, probe_model: str, n_prompt: int) -> str | None:
+        s = self.settings
+        if s.always_probe:
+            return None
+        if not (s.difficulty and "difficulty" in policy.quality.signals) and s.intent_mode != "zero_shot":
+            return "no signal the policy keeps needs the probe model"
+        if len(plan.order) < 2:
+            return "the plan has one tier for auto: no signal could move the request"
+        e = snap.engines[probe_model]
+        n_probe = min(n_prompt, s.probe_max_tokens)
+        in_progress = max((f.step_cost(min(f.num_running + f.num_waiting, f.max_num_seqs))
+                           for f in snap.engines.values() if f.busy), default=0.0)
+        late_ms = (in_progress + e.prefill_cost(n_probe)) * 1e3
+        if late_ms > s.probe_max_ms:
+            return f"its step would take ~{late_ms:.0f} ms, over probe_max_ms ({s.probe_max_ms:g})"
+        return None
 
     def known_loss(self, prompt_token_ids: list[int]) -> dict[str, float] | None:
         """Each tier's true loss on this prompt, where a subclass knows it (a benchmark's oracle)."""

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -51,7 +50,8 @@ _BIAS_CLAMP = 3.0  # measured / predicted latency ratios are read within [1 / 2,
 # A learned latency bias fades towards 1 without new evidence: a tier nothing is sent to any
 # more (because its bias made it look slow) is not locked out for ever.
 _BIAS_HALF_LIFE_S = 10.0
-_IN_FLIGHT_HORIZON_S = 30.0  # predictions older than this are dropped (an aborted request never finishes)
+_IN_FLIGHT_HORIZON_S = 30.0
+_BACK_TO_BACK_S = 0.005  # a step that starts within this of the previous one's end follows it directly  # predictions older than this are dropped (an aborted request never finishes)
 
 
 class _Ema:
@@ -99,6 +99,10 @@ class _EngineState:
     latency_bias: _Ema | None = None  # log of measured / predicted latency of finished requests
     bias_time: float = 0.0  # wall time of its last update
     routed: deque = field(default_factory=deque)  # (monotonic time, sequences) of the last _RATE_WINDOW_S
+    # residual of a step over the cost line, when the step before it was this engine's / another's:
+    # their difference is what interleaving costs a step here (caches, a second weight stream)
+    resid_same: _Ema | None = None
+    resid_switch: _Ema | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -132,6 +136,7 @@ class EngineTelemetry:
     arrival_rate: float = 0.0  # sequences/s routed here lately (they join the batch a request runs in)
     prefill_seconds_per_token: float | None = None  # per prompt token of a prefill; None: step_seconds_per_token
     own_step_seconds: float = 0.0  # EMA of this model's own seconds per step or drafting turn (bandwidth's divisor)
+    switch_seconds: float = 0.0  # measured extra per step when it follows another engine's step
 
     @property
     def kv_usage(self) -> float:
@@ -161,6 +166,8 @@ class TelemetrySnapshot:
     device_memory_total_bytes: int | None = None
     device_counters: dict[str, float] = field(default_factory=dict)  # NVML / npu-smi cross-check
     time: float = 0.0
+    busy_fraction: float = 0.0  # share of the last _RATE_WINDOW_S the worker spent stepping
+    load_utilization: float = 0.0  # share of it spent on per-token work (step time beyond the fixed part)
 
     def to_json(self) -> dict:
         return {
@@ -192,6 +199,7 @@ class Telemetry:
             raise ValueError(f"ema_alpha must be in (0, 1], got {ema_alpha}")
         self.cores = dict(cores)
         self.platform = platform or next(iter(cores.values())).platform
+        self.clock = next(iter(cores.values())).clock  # the engines' clock: wall, or the virtual device's
         # Measured once, before traffic: a copy during serving would compete with the engines.
         self.peak_bandwidth = float(peak_bandwidth) if peak_bandwidth else self.platform.peak_bandwidth()
         self.alpha = ema_alpha
@@ -212,6 +220,8 @@ class Telemetry:
         self._device_bytes = _Ema(ema_alpha)
         self._lock = threading.Lock()
         self._device_cache: tuple[float, dict[str, float]] = (-math.inf, {})
+        self._last_core: tuple[str, float] | None = None  # (engine, monotonic end) of the last step
+        self._window: deque = deque()  # (monotonic end, seconds, per-token seconds) of recent steps
 
     def attach(self, engine) -> None:
         """Register on an AsyncEngine (its worker thread calls `on_step`)."""
@@ -233,7 +243,7 @@ class Telemetry:
                 return
             st.core_steps = stats.num_steps
             st.num_steps += 1
-            st.last_step_time = time.monotonic()
+            st.last_step_time = self.clock.now()
             st.step_s.update(seconds)
             st.bytes.update(stats.last_step_bytes)
             st.own_s.update(stats.last_step_seconds)
@@ -242,6 +252,7 @@ class Telemetry:
             self._device_s.update(seconds)
             self._device_bytes.update(stats.last_step_bytes + drafted)
             prefill = min(stats.last_step_prefill_tokens, ntok)
+            self._note_interleave(name, st, core, prefill, ntok - prefill, seconds)
             if prefill == 0:
                 st.dec_x.update(ntok)
                 st.dec_y.update(seconds)
@@ -288,6 +299,31 @@ class Telemetry:
                 st.own_s.update(ds)
                 total += db
         return total
+    def _note_interleave(self, name: str, st: _EngineState, core: EngineCore, prefill: int, rows: int,
+                         seconds: float) -> None:
+        """The step's residual over its engine's cost line, filed by whether the step before it (within
+        a few ms: back to back) was another engine's; and the device-time window."""
+        now = self.clock.now()
+        fixed, per_row, per_prompt = self._cost_model(st, core)
+        line = fixed + per_row * rows + (per_row if per_prompt is None else per_prompt) * prefill
+        last = self._last_core
+        if last is not None and now - seconds - last[1] < _BACK_TO_BACK_S:
+            switched = last[0] != name
+            attr = "resid_switch" if switched else "resid_same"
+            if getattr(st, attr) is None:
+                setattr(st, attr, _Ema(self.alpha / 2))
+            getattr(st, attr).update(seconds - line)
+        self._last_core = (name, now)
+        self._window.append((now, seconds, max(seconds - fixed, 0.0)))
+        while self._window and self._window[0][0] < now - _RATE_WINDOW_S:
+            self._window.popleft()
+
+    @staticmethod
+    def _switch_seconds(st: _EngineState) -> float:
+        if st.resid_switch is None:
+            return 0.0
+        same = st.resid_same.get() if st.resid_same is not None else 0.0
+        return max(st.resid_switch.get() - same, 0.0)
 
     @staticmethod
     def _update_spec(st: _EngineState, stats: EngineStats) -> None:
@@ -350,11 +386,11 @@ class Telemetry:
         st = self._state.get(name)
         if st is not None:
             with self._lock:
-                now = time.monotonic()
+                now = self.clock.now()
                 st.pending.append((now, n))
                 st.routed.append((now, n))
                 if prompt_token_ids is not None and predicted_ms:
-                    st.predicted[tuple(prompt_token_ids)] = (time.time(), predicted_ms / 1e3)
+                    st.predicted[tuple(prompt_token_ids)] = (self.clock.time(), predicted_ms / 1e3)
                     st.predicted.move_to_end(tuple(prompt_token_ids))  # kept in the order routed
                     if len(st.predicted) > _TRACKED_REQUESTS:
                         st.predicted.popitem(last=False)
@@ -365,11 +401,14 @@ class Telemetry:
             for name, core in self.cores.items():
                 engines[name] = self._engine(name, core, self._state[name])
             dev_s, dev_b = self._device_s.get(), self._device_bytes.get()
+            cutoff = self.clock.now() - _RATE_WINDOW_S
+            busy = sum(x[1] for x in self._window if x[0] >= cutoff) / _RATE_WINDOW_S
+            load = sum(x[2] for x in self._window if x[0] >= cutoff) / _RATE_WINDOW_S
         achieved = dev_b / dev_s if dev_s > 0 else 0.0
         snap = dict(
             engines=engines, peak_bandwidth=self.peak_bandwidth, achieved_bandwidth=achieved,
             bandwidth_utilization=achieved / self.peak_bandwidth if self.peak_bandwidth else 0.0,
-            time=time.time(),
+            time=self.clock.time(), busy_fraction=min(busy, 1.0), load_utilization=min(load, 1.0),
         )
         if device:
             mem = self.platform.memory_info()
@@ -401,20 +440,19 @@ class Telemetry:
             avg_prompt_tokens=st.prompt_tokens.get(0.0), avg_output_tokens=st.output_tokens.get(0.0),
             spec_acceptance={k: e.get() for k, e in st.spec_rate.items()},
             calibrated=st.num_steps > 0,
-            latency_bias=self._bias(st, time.time()),
+            latency_bias=self._bias(st, self.clock.time()),
             arrival_rate=self._rate(st), prefill_seconds_per_token=per_prompt, own_step_seconds=own_s,
+            switch_seconds=self._switch_seconds(st),
         )
 
-    @staticmethod
-    def _rate(st: _EngineState) -> float:
-        cutoff = time.monotonic() - _RATE_WINDOW_S
+    def _rate(self, st: _EngineState) -> float:
+        cutoff = self.clock.now() - _RATE_WINDOW_S
         while st.routed and st.routed[0][0] < cutoff:
             st.routed.popleft()
         return sum(n for _, n in st.routed) / _RATE_WINDOW_S
 
-    @staticmethod
-    def _pending(st: _EngineState) -> int:
-        cutoff = time.monotonic() - _PENDING_TTL_S
+    def _pending(self, st: _EngineState) -> int:
+        cutoff = self.clock.now() - _PENDING_TTL_S
         st.pending[:] = [p for p in st.pending if p[0] >= cutoff]
         return sum(n for _, n in st.pending)
 
@@ -446,7 +484,7 @@ class Telemetry:
 
     def _device_counters(self) -> dict[str, float]:
         t, cached = self._device_cache
-        now = time.monotonic()
+        now = self.clock.now()
         if now - t >= _DEVICE_REFRESH_S:
             try:
                 cached = dict(self.platform.device_counters())

@@ -121,6 +121,8 @@ class DeploymentStats:
     models: dict[str, ModelStats]
     peak_bandwidth: float | None = None
     device_memory_used_bytes: int | None = None
+    busy_fraction: float | None = None  # share of the last 2 s the device spent stepping (telemetry)
+    load_utilization: float | None = None  # share of it spent on per-token work (the plan's utilisation)
 
     @property
     def num_running(self) -> int:

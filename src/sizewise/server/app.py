@@ -37,6 +37,7 @@ from ..text import clip
 from . import native_api, openai_api
 from . import protocol as P
 from .errors import ApiError, to_api_error
+from .memory import TRIM_AFTER_BYTES, release_free_memory
 from .run import ClientGone
 from .serving import Serving, ServingOptions
 
@@ -205,6 +206,8 @@ class _Edge:
 
         try:
             await self.app(scope, receive_bounded, send_with_id)
+            if seen >= TRIM_AFTER_BYTES:  # the body, its JSON and its text are garbage now: give them back
+                await asyncio.to_thread(release_free_memory)
         except asyncio.CancelledError:
             if not self.stopping():
                 raise

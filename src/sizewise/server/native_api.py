@@ -96,6 +96,10 @@ async def tokenize(body: P.TokenizeRequest, request: Request):
 async def detokenize(body: P.DetokenizeRequest, request: Request):
     serving = serving_of(request)
     tok = serving.tokenizer(body.model)
+    _, context, _ = serving.char_limit()
+    if len(body.tokens) > context:  # no prompt or output of this server is longer: bounds the decode's work
+        raise InvalidRequestError(f"tokens has {len(body.tokens)} ids, more than the longest context served here "
+                                  f"({context} tokens)", param="tokens")
     vocab = serving.require().vocab_size(body.model)
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
     if bad is not None:

@@ -94,3 +94,86 @@ def test_detokenize_is_bounded_by_the_context(http):
     r = http.post("/detokenize", json={"tokens": [5] * (MAX_MODEL_LEN + 1)})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens", r.text
     assert str(MAX_MODEL_LEN) in r.json()["error"]["message"]
+
+
+# ----- 4: slow and idle connections are released; open connections are bounded ---------------------
+def _limited_server(deployment, **limits):
+    from sizewise.orchestrator.deployment import ServerSection
+
+    return ServerThread(create_app(deployment, ServerSection(**limits)))
+
+
+def _connect(url: str):
+    import socket
+
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=30)
+    return s
+
+
+def _read_until_closed(s, patience_s: float = 30.0) -> bytes:
+    """Everything the server sends until it closes the connection (b'' if it never does in `patience_s`)."""
+    import socket
+
+    s.settimeout(patience_s)
+    data = b""
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+    except socket.timeout:
+        return b"<still open>" + data
+    return data
+
+
+def test_slow_loris_header_trickle_gets_408_and_is_closed(deployment):
+    """uvicorn's keep-alive timeout is disarmed by the first byte: on main a header trickle held its
+    connection for as long as it went on."""
+    with _limited_server(deployment, read_timeout_s=1.0, keep_alive_s=1.0) as url:
+        s = _connect(url)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        s.settimeout(0.2)
+        got = b""
+        for _ in range(300):  # one header byte per 0.2 s (for up to 60 s): never a whole request
+            try:
+                s.sendall(b"y")
+                chunk = s.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:  # the server closed and reset the socket
+                break
+            if not chunk:
+                break
+            got += chunk
+        s.close()
+        assert got.startswith(b"HTTP/1.1 408"), got[:200]
+        assert b"request_read_timeout" in got
+
+
+def test_a_body_that_never_ends_gets_408(deployment):
+    with _limited_server(deployment, read_timeout_s=1.0) as url:
+        s = _connect(url)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
+        got = _read_until_closed(s)
+        s.close()
+        assert got.startswith(b"HTTP/1.1 408"), got[:200]
+
+
+def test_idle_connections_are_closed_and_bounded(deployment, http):
+    with _limited_server(deployment, keep_alive_s=1.0, max_connections=4) as url:
+        idle = [_connect(url) for _ in range(4)]
+        with httpx.Client(base_url=url, timeout=30) as c:  # one more connection: refused at once
+            over = c.get("/health")
+        assert over.status_code == 503 and over.json()["error"]["code"] == "too_many_connections"
+        assert over.headers["retry-after"] == "1"
+        for s in idle:  # never sent a byte: closed after the keep-alive timeout, without a response
+            assert _read_until_closed(s) == b""
+            s.close()
+        # kept alive after a response: closed after the keep-alive timeout too
+        s = _connect(url)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        got = _read_until_closed(s)
+        s.close()
+        assert got.startswith(b"HTTP/1.1 200") and b'"ok"' in got
+        with httpx.Client(base_url=url, timeout=30) as c:  # the bound counts open connections only
+            assert c.get("/health").status_code == 200

@@ -57,6 +57,7 @@ class AppState:
     owns_deployment: bool = False
     closed: bool = False
     loader_thread: threading.Thread | None = None
+    config: ServerSection | None = None
 
 
 def describe(deployment: Deployment) -> list[str]:
@@ -252,7 +253,7 @@ def create_app(
         request_timeout_s=config.request_timeout_s, trust_request_chat_template=config.trust_request_chat_template,
         chat_template_timeout_s=config.chat_template_timeout_s, max_queued_deltas=config.max_queued_deltas))
     state = AppState(serving, tuple(keys), config.metrics_require_auth, loader, on_load_error,
-                     owns_deployment=loader is not None)
+                     owns_deployment=loader is not None, config=config)
     if deployment is not None:
         serving.set_deployment(deployment)
 

@@ -177,3 +177,50 @@ def test_idle_connections_are_closed_and_bounded(deployment, http):
         assert got.startswith(b"HTTP/1.1 200") and b'"ok"' in got
         with httpx.Client(base_url=url, timeout=30) as c:  # the bound counts open connections only
             assert c.get("/health").status_code == 200
+
+
+# ----- 3: a request that cannot start before its deadline is refused, not left to time out ----------
+@pytest.fixture(scope="module")
+def one_seat():
+    """The demo family's small model alone, one sequence at a time: a second request must queue."""
+    cfg = DeploymentConfig.from_yaml(CONFIG)
+    cfg = cfg.model_copy(update={"memory_fraction": 0.05, "models": [m for m in cfg.models if m.tier == "small"],
+                                 "engine": cfg.engine.model_copy(update={"max_num_seqs": 1})})
+    dep = Deployment.load(cfg, echo_plan=False)
+    try:
+        with ServerThread(create_app(dep)) as url:
+            yield url
+    finally:
+        dep.shutdown()
+
+
+LONG = {"model": "small", "prompt": "def add(a, b):", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+
+
+def test_a_request_that_cannot_start_in_time_is_refused_at_admission(one_seat):
+    with httpx.Client(base_url=one_seat, timeout=120) as c, \
+            c.stream("POST", "/v1/completions", json=LONG) as running, \
+            c.stream("POST", "/v1/completions", json=LONG) as queued:
+        # Both are admitted (their headers came back): the first runs, the second waits for its seat.
+        assert running.status_code == 200 and queued.status_code == 200
+        # A request that must start within 1 microsecond, behind one that has waited longer: refused now.
+        r = c.post("/v1/completions", json={"model": "small", "prompt": "hi", "max_tokens": 2,
+                                             "sizewise": {"max_latency_ms": 0.001}})
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "overloaded" and "sizewise.max_latency_ms" in r.json()["error"]["message"]
+        assert int(r.headers["retry-after"]) >= 1
+
+
+def test_a_queued_request_not_started_by_its_deadline_is_dropped_with_retry_after(one_seat):
+    with httpx.Client(base_url=one_seat, timeout=120) as c, \
+            c.stream("POST", "/v1/completions", json=LONG) as running:
+        assert running.status_code == 200
+        # Admitted (nothing waits before it), but the seat stays taken past its 100 ms: a 503 it can retry.
+        r = c.post("/v1/completions", json={"model": "small", "prompt": "hi", "max_tokens": 2,
+                                             "sizewise": {"max_latency_ms": 100}})
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "queue_timeout" and r.headers["retry-after"] == "1"
+    with httpx.Client(base_url=one_seat, timeout=120) as c:  # the seat is free again: served
+        ok = c.post("/v1/completions", json={"model": "small", "prompt": "hi", "max_tokens": 2,
+                                              "sizewise": {"max_latency_ms": 60_000}})
+        assert ok.status_code == 200, ok.text

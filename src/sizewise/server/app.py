@@ -251,7 +251,8 @@ def create_app(
     keys += [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
     serving = Serving(metrics or Metrics(), ServingOptions(
         request_timeout_s=config.request_timeout_s, trust_request_chat_template=config.trust_request_chat_template,
-        chat_template_timeout_s=config.chat_template_timeout_s, max_queued_deltas=config.max_queued_deltas))
+        chat_template_timeout_s=config.chat_template_timeout_s, max_queued_deltas=config.max_queued_deltas,
+        max_queue_delay_s=config.max_queue_delay_s))
     state = AppState(serving, tuple(keys), config.metrics_require_auth, loader, on_load_error,
                      owns_deployment=loader is not None, config=config)
     if deployment is not None:

@@ -23,7 +23,7 @@ from ..orchestrator.deployment import Deployment
 from ..orchestrator.types import Prompt, RoutingHints
 from ..recorder import Recorder
 from ..sampling_params import SamplingParams
-from .errors import ApiError, not_ready, request_timeout, shutting_down
+from .errors import ApiError, not_ready, overloaded, queue_timeout, request_timeout, shutting_down
 from .run import Job, Run
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,9 @@ class ServingOptions:
     # Deltas one request may have waiting for its client (0: unbounded); a client that falls
     # further behind has its request aborted with a 503 (code slow_client).
     max_queued_deltas: int = 0
+    # A request that cannot start within this many seconds (or its own sizewise.max_latency_ms, if
+    # shorter) is refused with a 503 and Retry-After (0: no server-wide limit).
+    max_queue_delay_s: float = 0.0
 
 
 class Serving:
@@ -88,6 +91,9 @@ class Serving:
         self._runs: weakref.WeakSet[Run] = weakref.WeakSet()  # in flight, for a graceful shutdown
         self.stopping = False
         self._char_limit: tuple[int, int, int] | None = None  # (limit, context tokens, chars per token)
+        # Jobs queued on each model that the engine has not started yet: request id -> loop time of
+        # submission, oldest first (the head of that model's FIFO queue).
+        self._unstarted: dict[str, dict[str, float]] = {}
 
     # ----- state ---------------------------------------------------------------------------
     def set_deployment(self, deployment: Deployment) -> None:
@@ -195,7 +201,8 @@ class Serving:
         """Route, validate and queue every prompt; nothing is queued unless all are valid."""
         dep = self.require()
         jobs = [Job(i, p, params, drop_output=drop_output) for i, p in enumerate(prompts)]
-        run = Run(self.recorder, jobs, deadline, self.options.max_queued_deltas, on_close=self._runs.discard)
+        run = Run(self.recorder, jobs, deadline, self.options.max_queued_deltas, on_close=self._closed,
+                  on_begin=self._begun)
         def still_serving() -> None:  # the server may have begun to stop while this request was routed
             if self.stopping:
                 raise shutting_down()
@@ -209,10 +216,55 @@ class Serving:
         except BaseException:
             self._runs.discard(run)
             raise
+        limit = self._start_limit(hints)
+        if limit is not None:
+            limit_s, name = limit
+            now = asyncio.get_running_loop().time()
+            waited = max(self.queue_delay(sub.decision.model, now) for sub in subs)
+            if waited > limit_s:  # the queue ahead has waited longer than this request may: refuse it now
+                for sub in subs:
+                    sub.abort()
+                self._runs.discard(run)
+                raise overloaded(waited, limit_s, name)
+            for job, sub in zip(jobs, subs):
+                if not job.begun:  # (a multi-prompt request's first prompts may have started already)
+                    self._unstarted.setdefault(sub.decision.model, {})[sub.request_id] = now
         run.admitted(subs, lambda: request_timeout(self.options.request_timeout_s))
+        if limit is not None:
+            run.start_by(now + limit_s, lambda: queue_timeout(limit_s, name))
         for sub in subs:
             self.recorder.routed(sub.decision)
         return run
+
+    # ----- the overload floor ----------------------------------------------------------------
+    def _start_limit(self, hints: RoutingHints) -> tuple[float, str] | None:
+        """(seconds within which the request must start, the setting that says so), or None."""
+        limits = []
+        if self.options.max_queue_delay_s > 0:
+            limits.append((self.options.max_queue_delay_s, "the server's max_queue_delay"))
+        if hints.max_latency_ms is not None:
+            limits.append((hints.max_latency_ms / 1000, "sizewise.max_latency_ms"))
+        return min(limits) if limits else None
+
+    def queue_delay(self, model: str, now: float) -> float:
+        """How long the oldest request queued on `model` and not started yet has waited: in a FIFO
+        queue, about what a request joining it now will wait (CoDel's sojourn time). Counts only
+        requests admitted with a start limit (all, when the server has one)."""
+        waiting = self._unstarted.get(model)
+        return now - next(iter(waiting.values())) if waiting else 0.0
+
+    def _begun(self, job: Job) -> None:
+        if job.sub is None:  # started before its request was wholly queued: never counted as waiting
+            return
+        waiting = self._unstarted.get(job.decision.model)
+        if waiting is not None:
+            waiting.pop(job.request_id, None)
+
+    def _closed(self, run: Run) -> None:
+        self._runs.discard(run)
+        for job in run.jobs:
+            if job.sub is not None:
+                self._begun(job)
 
     def record_error(self, status: int) -> None:
         self.recorder.error(status)

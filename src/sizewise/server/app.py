@@ -338,6 +338,10 @@ def create_app(
     async def version() -> JSONResponse:
         return JSONResponse({"version": __version__})
 
+    if not state.api_keys:
+        # No key is checked: the schema must not say a bearer token is required.
+        _document_no_auth(app)
+
     ops = dict(route_class_override=_OpsRoute, tags=["operations"])
     app.router.add_api_route("/health", health, methods=["GET"], summary="Liveness", **ops)
     app.router.add_api_route("/ready", ready, methods=["GET"], summary="Readiness (503 until models are loaded)",
@@ -348,6 +352,23 @@ def create_app(
     app.router.add_api_route("/version", version, methods=["GET"], summary="The server's version (vLLM's shape)",
                              **ops)
     return app
+
+
+def _document_no_auth(app: FastAPI) -> None:
+    make = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = make()
+            for ops in schema.get("paths", {}).values():
+                for op in ops.values():
+                    op.pop("security", None)
+                    op.get("responses", {}).pop("401", None)
+            schema.get("components", {}).pop("securitySchemes", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _load(state: AppState) -> None:

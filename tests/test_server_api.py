@@ -234,7 +234,9 @@ def test_errors_are_the_sdks_typed_exceptions(client):
 
 
 def test_context_length_error_states_both_counts(http, tok):
-    text = "The quick brown fox jumps over the lazy dog. " * 80
+    # Over the context in tokens but under the character bound (512 tokens x 7 characters at most
+    # per token of this tokenizer), which a longer text would meet first (its message: characters).
+    text = "The quick brown fox jumps over the lazy dog. " * 60
     n = len(tok.encode(text))
     assert n >= MAX_LEN
     r = http.post("/v1/completions", json={"model": "small", "prompt": text, "max_tokens": 4})
@@ -249,8 +251,11 @@ def test_context_length_error_states_both_counts(http, tok):
 def test_long_prompts_are_tokenized_off_the_event_loop(http, tok, deployment, monkeypatch):
     """A long text is tokenized in a worker thread (the event loop keeps serving the other
     streams meanwhile); a short one on the loop. Same tokens either way, same errors."""
-    from sizewise.server.serving import OFFLOAD_CHARS
+    from sizewise.server import serving
 
+    # This tokenizer's character bound (512 tokens x 7 characters) is below the real threshold: lower it.
+    monkeypatch.setattr(serving, "OFFLOAD_CHARS", 1024)
+    OFFLOAD_CHARS = serving.OFFLOAD_CHARS
     hf_tok = deployment.tokenizer("tiny-small")
     threads: list[str] = []
     real_encode = hf_tok.encode

@@ -125,6 +125,15 @@ def _parser() -> argparse.ArgumentParser:
                         "code every client may run on the server; only for trusted clients (default: off)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="(default: %(default)s)")
+    # Reliability limits (the config's server.* keys; defaults there): see server/connections.py.
+    for flag, key, kind, what in (
+            ("--max-queue-delay", "max_queue_delay_s", float, "refuse (503, Retry-After) a request that cannot start "
+             "within this many seconds; 0: never (default: 30)"),
+            ("--read-timeout", "read_timeout_s", float, "seconds a client has to send a whole request, headers and "
+             "body, from its first byte; then 408 and closed (default: 30)"),
+            ("--keep-alive-timeout", "keep_alive_s", float, "seconds an idle connection is kept open (default: 5)"),
+            ("--max-connections", "max_connections", int, "open connections; more are refused with 503 (default: 1024)")):
+        s.add_argument(flag, dest=key, type=kind, metavar="S" if kind is float else "N", help=what)
 
     s.add_argument("--ray", action="store_true",
                    help="serve on Ray Serve: --replicas copies of the whole deployment behind a KV-aware "
@@ -357,8 +366,13 @@ def _run_server(args) -> int:
     from .server.app import API_KEYS_ENV
     from .server.runner import Server, base_url, bind_socket, shutdown_hook, uvicorn_config
 
-    server_cfg = cfg.server.model_copy(update={
-        k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None})
+    given = {k: getattr(args, k) for k in ("host", "port", "max_queue_delay_s", "read_timeout_s", "keep_alive_s",
+                                           "max_connections")}
+    try:  # validated as the config's keys are
+        server_cfg = type(cfg.server).model_validate({**cfg.server.model_dump(),
+                                                      **{k: v for k, v in given.items() if v is not None}})
+    except ValueError as e:
+        raise CliError(" ".join(str(e).split())) from None
     server_cfg.api_keys = [*server_cfg.api_keys, *args.api_key]
     if args.trust_request_chat_template:
         server_cfg.trust_request_chat_template = True

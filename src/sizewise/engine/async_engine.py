@@ -108,28 +108,38 @@ class _Route:
 
 
 class FairShare:
-    """Start-time fair queueing over device time: the busy core that has used the least device time
-    steps next, so every busy core gets an equal share of the device and a cheap model's requests
-    advance as often as its own steps allow, not at the pace of the dearest model's steps. A core
-    that wakes starts at the least of those already busy: an idle spell banks no credit."""
+    """Start-time fair queueing (SFQ) over device time: the busy core with the least virtual time
+    (`used`: device seconds it has been charged) steps next, so every busy core gets an equal share
+    of the device and a cheap model's requests advance as often as its own steps allow, not at the
+    pace of the dearest model's steps.
+
+    A core that becomes busy again starts at max(its own virtual time, the system's), as SFQ tags a
+    flow's first packet after an idle spell: an idle spell banks no credit, and a spell of heavy
+    work does not leave a debt either. The system's virtual time is the start tag of the core in
+    service, and across an idle device the largest tag reached (the last finish tag)."""
 
     def __init__(self, names: list[str]) -> None:
-        self.used = dict.fromkeys(names, 0.0)  # device seconds per core
+        self.used = dict.fromkeys(names, 0.0)  # virtual time (device seconds charged) per core
+        self.vtime = 0.0  # the system's virtual time
         self._busy: set[str] = set()
 
     def idle(self) -> None:
+        if self._busy:  # everything was served: the system's clock stands at the last finish tag
+            self.vtime = max(self.vtime, *(self.used[n] for n in self._busy))
         self._busy.clear()
 
     def wake(self, busy: list[str]) -> None:
         if self._busy:
-            floor = min(self.used[m] for m in self._busy)
-            for n in busy:
-                if n not in self._busy:
-                    self.used[n] = max(self.used[n], floor)
+            self.vtime = max(self.vtime, min(self.used[n] for n in self._busy))
+        for n in busy:
+            if n not in self._busy:
+                self.used[n] = max(self.used[n], self.vtime)
         self._busy = set(busy)
 
     def pick(self, busy: list[str]) -> str:
-        return min(busy, key=lambda n: self.used[n])
+        name = min(busy, key=lambda n: self.used[n])
+        self.vtime = max(self.vtime, self.used[name])
+        return name
 
     def charge(self, name: str, seconds: float) -> None:
         self.used[name] += seconds

@@ -83,6 +83,14 @@ class ServerSection(BaseModel):
     # unless the operator trusts every client (as vLLM after CVE-2025-61620).
     trust_request_chat_template: bool = False
     chat_template_timeout_s: float = Field(default=5.0, gt=0)  # a template rendering longer is a 400
+    # Reliability (server/connections.py, server/serving.py): a request that cannot start within
+    # max_queue_delay_s (or its own sizewise.max_latency_ms) is refused with a 503 and Retry-After
+    # (0: never); a request must arrive whole within read_timeout_s of its first byte; a connection
+    # idle for keep_alive_s is closed; connections beyond max_connections are refused.
+    max_queue_delay_s: float = Field(default=30.0, ge=0)
+    read_timeout_s: float = Field(default=30.0, gt=0)
+    keep_alive_s: float = Field(default=5.0, gt=0)
+    max_connections: int = Field(default=1024, ge=1)
 
 
 class DeploymentConfig(BaseModel):

@@ -37,6 +37,7 @@ from ..text import clip
 from . import native_api, openai_api
 from . import protocol as P
 from .errors import ApiError, to_api_error
+from .memory import TRIM_AFTER_BYTES, release_free_memory
 from .run import ClientGone
 from .serving import Serving, ServingOptions
 
@@ -56,6 +57,7 @@ class AppState:
     owns_deployment: bool = False
     closed: bool = False
     loader_thread: threading.Thread | None = None
+    config: ServerSection | None = None
 
 
 def describe(deployment: Deployment) -> list[str]:
@@ -205,6 +207,8 @@ class _Edge:
 
         try:
             await self.app(scope, receive_bounded, send_with_id)
+            if seen >= TRIM_AFTER_BYTES:  # the body, its JSON and its text are garbage now: give them back
+                await asyncio.to_thread(release_free_memory)
         except asyncio.CancelledError:
             if not self.stopping():
                 raise
@@ -247,9 +251,10 @@ def create_app(
     keys += [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
     serving = Serving(metrics or Metrics(), ServingOptions(
         request_timeout_s=config.request_timeout_s, trust_request_chat_template=config.trust_request_chat_template,
-        chat_template_timeout_s=config.chat_template_timeout_s, max_queued_deltas=config.max_queued_deltas))
+        chat_template_timeout_s=config.chat_template_timeout_s, max_queued_deltas=config.max_queued_deltas,
+        max_queue_delay_s=config.max_queue_delay_s))
     state = AppState(serving, tuple(keys), config.metrics_require_auth, loader, on_load_error,
-                     owns_deployment=loader is not None)
+                     owns_deployment=loader is not None, config=config)
     if deployment is not None:
         serving.set_deployment(deployment)
 
@@ -333,6 +338,10 @@ def create_app(
     async def version() -> JSONResponse:
         return JSONResponse({"version": __version__})
 
+    if not state.api_keys:
+        # No key is checked: the schema must not say a bearer token is required.
+        _document_no_auth(app)
+
     ops = dict(route_class_override=_OpsRoute, tags=["operations"])
     app.router.add_api_route("/health", health, methods=["GET"], summary="Liveness", **ops)
     app.router.add_api_route("/ready", ready, methods=["GET"], summary="Readiness (503 until models are loaded)",
@@ -343,6 +352,23 @@ def create_app(
     app.router.add_api_route("/version", version, methods=["GET"], summary="The server's version (vLLM's shape)",
                              **ops)
     return app
+
+
+def _document_no_auth(app: FastAPI) -> None:
+    make = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = make()
+            for ops in schema.get("paths", {}).values():
+                for op in ops.values():
+                    op.pop("security", None)
+                    op.get("responses", {}).pop("401", None)
+            schema.get("components", {}).pop("securitySchemes", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _load(state: AppState) -> None:

@@ -42,6 +42,21 @@ def request_timeout(seconds: float) -> ApiError:
                          "and was aborted", type="timeout_error", code="request_timeout")
 
 
+def overloaded(waited_s: float, limit_s: float, limit: str) -> ApiError:
+    """A request that cannot start within its limit: refused at admission, with the wait seen now."""
+    retry = min(60, max(RETRY_AFTER_S, round(waited_s)))
+    return ApiError(503, f"the server is overloaded: requests for this model have waited {waited_s:.1f} s to start, "
+                         f"more than the limit of {limit_s:g} s ({limit}); retry after {retry} s",
+                    type="service_unavailable_error", code="overloaded", headers={"Retry-After": str(retry)})
+
+
+def queue_timeout(limit_s: float, limit: str) -> ApiError:
+    """A queued request that did not start within its limit: aborted before it ran."""
+    return ApiError(503, f"the request did not start within the limit of {limit_s:g} s ({limit}) and was "
+                         f"dropped from the queue; retry after {RETRY_AFTER_S} s", type="service_unavailable_error",
+                    code="queue_timeout", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 def shutting_down() -> ApiError:
     return ApiError(503, "the server is shutting down; the request was aborted", type="service_unavailable_error",
                     code="server_shutdown")

@@ -13,7 +13,7 @@ from ..orchestrator.types import Prompt
 from ..sampling_params import SamplingParams
 from . import protocol as P
 from .formatting import native_logprobs, sse
-from .openai_api import _ERRORS, chat_messages
+from .openai_api import _ERRORS, SSE_CONTENT, chat_messages
 from .run import Run, collect_unless_disconnected, finished_outputs
 from .serving import param_names, routing_hints, serving_of
 from .streaming import EventStream, guarded
@@ -96,6 +96,10 @@ async def tokenize(body: P.TokenizeRequest, request: Request):
 async def detokenize(body: P.DetokenizeRequest, request: Request):
     serving = serving_of(request)
     tok = serving.tokenizer(body.model)
+    _, context, _ = serving.char_limit()
+    if len(body.tokens) > context:  # no prompt or output of this server is longer: bounds the decode's work
+        raise InvalidRequestError(f"tokens has {len(body.tokens)} ids, more than the longest context served here "
+                                  f"({context} tokens)", param="tokens")
     vocab = serving.require().vocab_size(body.model)
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
     if bad is not None:
@@ -143,7 +147,7 @@ def build_router(route_class, auth) -> APIRouter:
     r = APIRouter(route_class=route_class, dependencies=[auth], tags=["native"])
     r.add_api_route(
         "/generate", generate, methods=["POST"], summary="Generate (native API: SamplingParams by name)",
-        responses={200: {"model": P.GenerateResponse,
+        responses={200: {"model": P.GenerateResponse, "content": SSE_CONTENT,
                          "description": "The outputs; with `stream: true`, Server-Sent Events of deltas"},
                    **_ERRORS})
     r.add_api_route("/tokenize", tokenize, methods=["POST"], summary="Text or chat messages -> token ids",

@@ -27,6 +27,10 @@ _ERRORS = {
     504: {"model": P.ErrorResponse, "description": "Request timeout"},
 }
 
+# With `stream: true` the 200 is Server-Sent Events, documented beside the JSON body.
+SSE_CONTENT = {"text/event-stream": {"schema": {"type": "string", "description": "`data: {chunk}` events, then "
+                                                                                  "`data: [DONE]`"}}}
+
 _OPENAI_SAMPLING = ("temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                     "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens",
                     "include_stop_str_in_output")
@@ -266,12 +270,12 @@ def build_router(route_class, auth) -> APIRouter:
     r = APIRouter(route_class=route_class, dependencies=[auth], tags=["OpenAI-compatible"])
     r.add_api_route(
         "/v1/completions", create_completion, methods=["POST"], summary="Create a completion",
-        responses={200: {"model": P.CompletionResponse,
+        responses={200: {"model": P.CompletionResponse, "content": SSE_CONTENT,
                          "description": "The completion; with `stream: true`, Server-Sent Events of chunks"},
                    **_ERRORS})
     r.add_api_route(
         "/v1/chat/completions", create_chat_completion, methods=["POST"], summary="Create a chat completion",
-        responses={200: {"model": P.ChatCompletionResponse,
+        responses={200: {"model": P.ChatCompletionResponse, "content": SSE_CONTENT,
                          "description": "The completion; with `stream: true`, Server-Sent Events of chunks"},
                    **_ERRORS})
 

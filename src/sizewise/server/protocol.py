@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from ..sampling_params import SamplingParams
 
@@ -109,8 +109,16 @@ _OpenAISampling = _SamplingFields  # the name the route modules use
 
 
 # ----- /v1/completions ------------------------------------------------------------------------
+_IDS = {"type": "array", "items": {"type": "integer"}, "minItems": 1}
+# What `_normalize_prompt` accepts, for /openapi.json (the field is `Any` so that the validator sees it raw).
+PROMPT_SCHEMA = {"anyOf": [
+    {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": MAX_PROMPTS}, _IDS,
+    {"type": "array", "items": _IDS, "minItems": 1, "maxItems": MAX_PROMPTS}]}
+
+
 class CompletionRequest(_SamplingFields):
-    prompt: Any = Field(description="a string, a list of strings, a list of token ids or a list of token-id lists")
+    prompt: Annotated[Any, WithJsonSchema(PROMPT_SCHEMA)] = Field(
+        description="a string, a list of strings, a list of token ids or a list of token-id lists")
     max_tokens: int | None = Field(default=16, le=INT32_MAX)
     logprobs: int | None = None
     echo: bool | None = False
@@ -128,7 +136,11 @@ class ChatMessage(BaseModel):
     # Extra keys (name, tool_call_id, ...) pass through to the chat template.
     model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Any = None
+    # What `_content` accepts, for /openapi.json.
+    content: Annotated[Any, WithJsonSchema({"anyOf": [
+        {"type": "string"}, {"type": "null"},
+        {"type": "array", "items": {"type": "object", "required": ["type", "text"], "properties": {
+            "type": {"const": "text"}, "text": {"type": "string"}}}}]})] = None
 
     @field_validator("content", mode="before")
     @classmethod

@@ -41,6 +41,7 @@ class Job:
     first_delta: float | None = None
     finished: bool = False
     recorded: bool = False
+    begun: bool = False  # its first delta arrived: the engine has started it
 
     @property
     def decision(self) -> Decision:
@@ -88,13 +89,16 @@ class Run:
     """The engine requests of one HTTP request."""
 
     def __init__(self, recorder: Recorder, jobs: list[Job], deadline: float, max_queued: int = 0,
-                 on_close: Callable[["Run"], None] | None = None) -> None:
+                 on_close: Callable[["Run"], None] | None = None,
+                 on_begin: Callable[[Job], None] | None = None) -> None:
         self.recorder = recorder
         self.jobs = jobs
         self.deadline = deadline  # loop.time() by which everything must have finished
         self.max_queued = max_queued
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(max_queued)
         self._on_close = on_close
+        self._on_begin = on_begin
+        self._start_timer: asyncio.TimerHandle | None = None
         self._open = 0
         self._closed = False
         self._error: ApiError | None = None  # the run ended: raised once the queue is drained
@@ -126,8 +130,13 @@ class Run:
     def deliver(self, index: int, delta: RequestOutput | BaseException) -> None:
         if self._closed or self._error is not None:
             return
+        job = self.jobs[index]
+        if not job.begun:  # on arrival, not when the client reads it: a slow reader does not look queued
+            job.begun = True
+            if self._on_begin is not None:
+                self._on_begin(job)
         try:
-            self._queue.put_nowait(_Item(self.jobs[index], delta, time.perf_counter()))
+            self._queue.put_nowait(_Item(job, delta, time.perf_counter()))
         except asyncio.QueueFull:
             self._end(slow_client(self.max_queued))
 
@@ -155,6 +164,18 @@ class Run:
             self._timer.cancel()
         self._fail_time = when
         self._timer = asyncio.get_running_loop().call_at(when, self._fail, error)
+
+    def start_by(self, when: float, error: Callable[[], ApiError]) -> None:
+        """At loop time `when`, a run with a job the engine has not started yet ends with `error`
+        (what is queued is aborted): a request that cannot start in time is refused, not left to
+        time out."""
+        def check() -> None:
+            self._start_timer = None
+            if not self._closed and self._error is None and any(
+                    j.sub is not None and not j.begun and not j.finished for j in self.jobs):
+                self._end(error())
+
+        self._start_timer = asyncio.get_running_loop().call_at(when, check)
 
     def _fail(self, error: Callable[[], ApiError]) -> None:
         self._timer = None
@@ -248,9 +269,10 @@ class Run:
         if self._closed:
             return
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._start_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._start_timer = None
         if self._on_close is not None:
             self._on_close(self)
         for job in self.jobs:

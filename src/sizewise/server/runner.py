@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import uvicorn
 
+from .connections import ConnectionLimits, guarded_protocol
+
 log = logging.getLogger(__name__)
 
 
@@ -42,12 +44,27 @@ def base_url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def uvicorn_config(app, log_level: str = "info", access_log: bool = True) -> uvicorn.Config:
+def uvicorn_config(app, log_level: str = "info", access_log: bool = True,
+                   limits: ConnectionLimits | None = None) -> uvicorn.Config:
+    """`limits`: the connection limits (default: those of the sizewise app's config)."""
+    limits = limits or connection_limits(app)
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol  # httptools where installed, else h11
+
     return uvicorn.Config(
         app, log_config=None, log_level=log_level, access_log=access_log, lifespan="on",
         # Streams end by themselves; a bounded grace keeps Ctrl-C from waiting on a long one.
-        timeout_graceful_shutdown=5, timeout_keep_alive=30,
+        timeout_graceful_shutdown=5, timeout_keep_alive=limits.keep_alive_s,
+        http=guarded_protocol(AutoHTTPProtocol, limits),
     )
+
+
+def connection_limits(app) -> ConnectionLimits:
+    """The sizewise app's connection limits, from its ServerSection (defaults for another app)."""
+    cfg = getattr(getattr(getattr(app, "state", None), "sizewise", None), "config", None)
+    if cfg is None:
+        return ConnectionLimits()
+    return ConnectionLimits(read_timeout_s=cfg.read_timeout_s, keep_alive_s=cfg.keep_alive_s,
+                            max_connections=cfg.max_connections)
 
 
 # How much of uvicorn's graceful-shutdown window is left for the last responses to be written after

@@ -1,0 +1,102 @@
+"""Slow and idle connections are released; the number held open is bounded.
+
+What covers what (uvicorn 0.3x-0.5x, h11 and httptools protocols alike):
+- `timeout_keep_alive` (uvicorn): a connection idle *after a response* is closed. It is disarmed by
+  the first byte of the next request, so it does not cover a request sent slowly.
+- A request sent slowly (a slow-loris header trickle, a body that never ends) and a connection that
+  never sends anything: nothing in uvicorn. `guarded_protocol` wraps its HTTP protocol: a fresh
+  connection must start a request within the keep-alive timeout (closed silently otherwise); from a
+  request's first byte, its headers and whole body must arrive within `read_timeout_s`, or it is
+  answered 408 and closed (the app, if it already runs, sees `http.disconnect`).
+- `limit_concurrency` (uvicorn) answers 503 to *requests* over a bound but keeps every connection
+  open, idle ones included: `max_connections` here refuses a connection over the bound at once
+  (503 with Retry-After, then closed), so held sockets never exceed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, frozen=True)
+class ConnectionLimits:
+    read_timeout_s: float = 30.0  # from a request's first byte to its last (headers and body)
+    keep_alive_s: float = 5.0  # idle time allowed between requests, and before the first
+    max_connections: int = 1024  # open connections; one more is refused with a 503
+
+
+def _raw_response(status: str, message: str, code: str, extra: str = "") -> bytes:
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error" if status.startswith("4")
+                                 else "service_unavailable_error", "param": None, "code": code}}).encode()
+    head = (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            f"{extra}connection: close\r\n\r\n")
+    return head.encode("latin-1") + body
+
+
+def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> type[asyncio.Protocol]:
+    """`base` (uvicorn's H11Protocol or HttpToolsProtocol) with the read deadline, the idle timeout of
+    fresh connections and the bound on open connections."""
+    timeout_408 = _raw_response(
+        "408 Request Timeout", f"the request was not received within the server's read timeout of "
+        f"{limits.read_timeout_s:g} s", "request_read_timeout")
+    full_503 = _raw_response(
+        "503 Service Unavailable", f"the server holds its maximum of {limits.max_connections} open connections; "
+        "retry shortly", "too_many_connections", "retry-after: 1\r\n")
+
+    class Guarded(base):  # type: ignore[misc, valid-type]
+        _timer: asyncio.TimerHandle | None = None
+        _idle = False  # the timer running is the fresh connection's idle timeout, not a read deadline
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > limits.max_connections:
+                transport.write(full_503)
+                transport.close()
+                return
+            self._arm(limits.keep_alive_s, idle=True)
+
+        def data_received(self, data: bytes) -> None:
+            if self._awaiting_request() and (self._timer is None or self._idle):
+                self._arm(limits.read_timeout_s, idle=False)  # a request begins: its deadline starts
+            super().data_received(data)
+            if self._timer is not None and not self._idle and not self._reading():
+                self._disarm()  # received whole (or already answered): the app's time is not ours to bound
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _awaiting_request(self) -> bool:
+            cycle = self.cycle
+            return cycle is None or cycle.response_complete
+
+        def _reading(self) -> bool:
+            """A request is arriving: its headers (no new cycle yet), or its body before any answer."""
+            cycle = self.cycle
+            return self._awaiting_request() or (cycle.more_body and not cycle.response_started)
+
+        def _arm(self, seconds: float, idle: bool) -> None:
+            self._disarm()
+            self._idle = idle
+            self._timer = self.loop.call_later(seconds, self._expired)
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _expired(self) -> None:
+            self._timer = None
+            if self.transport.is_closing() or not self._reading():
+                return
+            if not self._idle:
+                self.transport.write(timeout_408)
+            self.transport.close()
+
+    Guarded.__name__ = Guarded.__qualname__ = f"Guarded{base.__name__}"
+    return Guarded

@@ -1,0 +1,226 @@
+"""Reliability (issue 26): no request can exhaust the server. Run against the demo family on a real
+uvicorn server with httpx and raw sockets on loopback; every check is of behaviour (status, the
+limit named, which connection was closed), never of a duration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from sizewise.orchestrator.deployment import Deployment, DeploymentConfig
+from sizewise.server import ServerThread, create_app
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+MAX_MODEL_LEN = 256
+
+
+@pytest.fixture(scope="module")
+def deployment():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg = DeploymentConfig.from_yaml(CONFIG)
+    cfg = cfg.model_copy(update={"memory_fraction": 0.05, "engine": cfg.engine.model_copy(
+        update={"max_num_seqs": 8, "max_model_len": MAX_MODEL_LEN})})
+    dep = Deployment.load(cfg, echo_plan=False)
+    try:
+        yield dep
+    finally:
+        dep.shutdown()
+        torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="module")
+def server(deployment):
+    with ServerThread(create_app(deployment)) as url:
+        yield url
+
+
+# ----- 1: a prompt too long to fit is refused by its length in characters, before tokenizing ------
+@pytest.fixture(scope="module")
+def char_limit(deployment) -> int:
+    # The reference: the tokenizer's longest vocabulary entry bounds the characters of one token.
+    vocab = deployment.tokenizer().get_vocab()
+    return MAX_MODEL_LEN * max(len(t) for t in vocab)
+
+
+def _refused(r: httpx.Response, param: str, limit: int) -> None:
+    assert r.status_code == 400, r.text[:300]
+    err = r.json()["error"]
+    assert err["param"] == param, err
+    assert f"limit of {limit} characters" in err["message"], err
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", lambda t: {"prompt": t, "max_tokens": 4}, "prompt"),
+    ("/v1/completions", lambda t: {"prompt": ["hi", t], "max_tokens": 4}, "prompt"),
+    ("/v1/chat/completions", lambda t: {"messages": [{"role": "user", "content": t}], "max_tokens": 4}, "messages"),
+    ("/v1/chat/completions", lambda t: {"messages": [{"role": "user", "content": t[: len(t) // 2]}] * 2 + [
+        {"role": "user", "content": [{"type": "text", "text": "x"}]}], "max_tokens": 4}, "messages"),
+    ("/generate", lambda t: {"prompt": t, "params": {"max_tokens": 4}}, "prompt"),
+    ("/tokenize", lambda t: {"prompt": t}, "prompt"),
+    ("/tokenize", lambda t: {"messages": [{"role": "user", "content": t}]}, "messages"),
+])
+def test_text_longer_than_any_context_is_refused_naming_the_character_limit(http, deployment, char_limit,
+                                                                             path, body, param):
+    text = "y " * (char_limit // 2 + 1)  # just over the limit: ~limit/2 tokens, far over the context
+    assert len(deployment.tokenizer().encode(text)) > MAX_MODEL_LEN  # so it could never have been served
+    _refused(http.post(path, json=body(text)), param, char_limit)
+
+
+def test_a_huge_prompt_is_refused_without_being_tokenized(http, char_limit):
+    """A 4 MB prompt: main tokenized it whole (seconds, gigabytes for 50 MB) before its length was
+    checked. The message names the character count only the pre-tokenizing check knows."""
+    text = "y " * 2_000_000
+    r = http.post("/v1/completions", json={"prompt": text, "max_tokens": 4})
+    _refused(r, "prompt", char_limit)
+    assert f"has {len(text)} characters" in r.json()["error"]["message"]
+
+
+def test_text_within_the_character_limit_is_still_served(http, deployment):
+    ok = http.post("/v1/completions", json={"prompt": "def add(a, b):", "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+    # long in characters but few tokens (runs of spaces merge): under the bound, so it is tokenized and served
+    text = "x" + " " * 40 * 100
+    n = len(deployment.tokenizer().encode(text))
+    assert len(text) > MAX_MODEL_LEN and n < MAX_MODEL_LEN
+    r = http.post("/tokenize", json={"prompt": text})
+    assert r.status_code == 200 and r.json()["count"] == n
+
+
+def test_detokenize_is_bounded_by_the_context(http):
+    r = http.post("/detokenize", json={"tokens": [5] * (MAX_MODEL_LEN + 1)})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens", r.text
+    assert str(MAX_MODEL_LEN) in r.json()["error"]["message"]
+
+
+# ----- 4: slow and idle connections are released; open connections are bounded ---------------------
+def _limited_server(deployment, **limits):
+    from sizewise.orchestrator.deployment import ServerSection
+
+    return ServerThread(create_app(deployment, ServerSection(**limits)))
+
+
+def _connect(url: str):
+    import socket
+
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=30)
+    return s
+
+
+def _read_until_closed(s, patience_s: float = 30.0) -> bytes:
+    """Everything the server sends until it closes the connection (b'' if it never does in `patience_s`)."""
+    import socket
+
+    s.settimeout(patience_s)
+    data = b""
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+    except socket.timeout:
+        return b"<still open>" + data
+    return data
+
+
+def test_slow_loris_header_trickle_gets_408_and_is_closed(deployment):
+    """uvicorn's keep-alive timeout is disarmed by the first byte: on main a header trickle held its
+    connection for as long as it went on."""
+    with _limited_server(deployment, read_timeout_s=1.0, keep_alive_s=1.0) as url:
+        s = _connect(url)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        s.settimeout(0.2)
+        got = b""
+        for _ in range(300):  # one header byte per 0.2 s (for up to 60 s): never a whole request
+            try:
+                s.sendall(b"y")
+                chunk = s.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:  # the server closed and reset the socket
+                break
+            if not chunk:
+                break
+            got += chunk
+        s.close()
+        assert got.startswith(b"HTTP/1.1 408"), got[:200]
+        assert b"request_read_timeout" in got
+
+
+def test_a_body_that_never_ends_gets_408(deployment):
+    with _limited_server(deployment, read_timeout_s=1.0) as url:
+        s = _connect(url)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
+        got = _read_until_closed(s)
+        s.close()
+        assert got.startswith(b"HTTP/1.1 408"), got[:200]
+
+
+def test_idle_connections_are_closed_and_bounded(deployment, http):
+    with _limited_server(deployment, keep_alive_s=1.0, max_connections=4) as url:
+        idle = [_connect(url) for _ in range(4)]
+        with httpx.Client(base_url=url, timeout=30) as c:  # one more connection: refused at once
+            over = c.get("/health")
+        assert over.status_code == 503 and over.json()["error"]["code"] == "too_many_connections"
+        assert over.headers["retry-after"] == "1"
+        for s in idle:  # never sent a byte: closed after the keep-alive timeout, without a response
+            assert _read_until_closed(s) == b""
+            s.close()
+        # kept alive after a response: closed after the keep-alive timeout too
+        s = _connect(url)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        got = _read_until_closed(s)
+        s.close()
+        assert got.startswith(b"HTTP/1.1 200") and b'"ok"' in got
+        with httpx.Client(base_url=url, timeout=30) as c:  # the bound counts open connections only
+            assert c.get("/health").status_code == 200
+
+
+# ----- 3: a request that cannot start before its deadline is refused, not left to time out ----------
+@pytest.fixture(scope="module")
+def one_seat():
+    """The demo family's small model alone, one sequence at a time: a second request must queue."""
+    cfg = DeploymentConfig.from_yaml(CONFIG)
+    cfg = cfg.model_copy(update={"memory_fraction": 0.05, "models": [m for m in cfg.models if m.tier == "small"],
+                                 "engine": cfg.engine.model_copy(update={"max_num_seqs": 1})})
+    dep = Deployment.load(cfg, echo_plan=False)
+    try:
+        with ServerThread(create_app(dep)) as url:
+            yield url
+    finally:
+        dep.shutdown()
+
+
+LONG = {"model": "small", "prompt": "def add(a, b):", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+
+
+def test_a_request_that_cannot_start_in_time_is_refused_at_admission(one_seat):
+    with httpx.Client(base_url=one_seat, timeout=120) as c, \
+            c.stream("POST", "/v1/completions", json=LONG) as running, \
+            c.stream("POST", "/v1/completions", json=LONG) as queued:
+        # Both are admitted (their headers came back): the first runs, the second waits for its seat.
+        assert running.status_code == 200 and queued.status_code == 200
+        # A request that must start within 1 microsecond, behind one that has waited longer: refused now.
+        r = c.post("/v1/completions", json={"model": "small", "prompt": "hi", "max_tokens": 2,
+                                             "sizewise": {"max_latency_ms": 0.001}})
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "overloaded" and "sizewise.max_latency_ms" in r.json()["error"]["message"]
+        assert int(r.headers["retry-after"]) >= 1
+
+
+def test_a_queued_request_not_started_by_its_deadline_is_dropped_with_retry_after(one_seat):
+    with httpx.Client(base_url=one_seat, timeout=120) as c, \
+            c.stream("POST", "/v1/completions", json=LONG) as running:
+        assert running.status_code == 200
+        # Admitted (nothing waits before it), but the seat stays taken past its 100 ms: a 503 it can retry.
+        r = c.post("/v1/completions", json={"model": "small", "prompt": "hi", "max_tokens": 2,
+                                             "sizewise": {"max_latency_ms": 100}})
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "queue_timeout" and r.headers["retry-after"] == "1"
+    with httpx.Client(base_url=one_seat, timeout=120) as c:  # the seat is free again: served
+        ok = c.post("/v1/completions", json={"model": "small", "prompt": "hi", "max_tokens": 2,
+                                              "sizewise": {"max_latency_ms": 60_000}})
+        assert ok.status_code == 200, ok.text

@@ -282,6 +282,40 @@ def test_verify_rows_are_scheduled_inside_the_token_budget(llama_dir):
     assert all(q == 5 for *_, q in seen)
 
 
+def test_draft_shadows_give_way_to_the_draft_models_own_requests(llama_dir):
+    """The draft model's cache holds shadows of the target's sequences; when its own requests need
+    the blocks, shadows are evicted (and re-prefilled later), never its own requests preempted.
+    The target drafts for itself here, so every proposal of a correct (re-prefilled) shadow is
+    accepted."""
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    long = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    own = [[30 + i, 31, 32, 33] * 12 for i in range(2)]  # 6 blocks each at the end: 12 of 14
+    ref_target = tokens(LLM(llama_dir, **ENGINE).generate(PROMPTS, long))
+    ref_draft = tokens(LLM(llama_dir, **ENGINE).generate(own, sp))
+    target = EngineCore(llama_dir, EngineConfig(**ENGINE), name="target")
+    draft = EngineCore(llama_dir, EngineConfig(**{**ENGINE, "kv_cache_bytes": 14 * 16 * 512}), name="draft")
+    target.attach_draft(draft)
+    got: dict[str, list[int]] = {}
+
+    def step(core):
+        for out in core.step():
+            got.setdefault(out.request_id, []).extend(out.outputs[0].token_ids if out.outputs else [])
+    for i, p in enumerate(PROMPTS):
+        target.add_request(f"t{i}", p, long, strategy="draft")
+    for _ in range(3):  # shadows take their blocks first
+        step(target)
+    for i, p in enumerate(own):
+        draft.add_request(f"d{i}", p, sp)
+    while target.has_unfinished_requests() or draft.has_unfinished_requests():
+        step(target)
+        step(draft)
+    assert [got[f"t{i}"] for i in range(3)] == ref_target and [got[f"d{i}"] for i in range(2)] == ref_draft
+    assert draft.scheduler.num_shadow_evictions > 0 and draft.stats().num_preemptions == 0
+    st = target.stats()
+    assert 0 < st.spec_accepted_tokens["draft"] == st.spec_draft_tokens["draft"]
+    assert draft.block_manager.num_used_blocks == 0 and not draft.scheduler.shadows
+
+
 # ----- copying: acceptance and exact stops inside accepted runs ---------------------------------
 def _perm(n: int, seed: int = 0) -> list[int]:
     g = torch.Generator().manual_seed(seed)

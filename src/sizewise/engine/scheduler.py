@@ -56,6 +56,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order: the last is preempted first
         self.num_preemptions = 0
         self.shadows: dict[str, Sequence] = {}  # a target engine's draft shadows (see engine/spec/draft.py)
+        self.num_shadow_evictions = 0
 
     # ----- queue management ------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -138,7 +139,9 @@ class Scheduler:
             if seq in out.preempted:
                 break
             # While anything decodes, keep one block spare so this admission does not force a
-            # preemption on the next step.
+            # preemption on the next step. A target's draft shadows give way to this engine's own.
+            while not bm.can_allocate(seq, reserve=len(out.decodes) and 1) and self._evict_shadow():
+                pass
             if not bm.can_allocate(seq, reserve=len(out.decodes) and 1):
                 break
             self.waiting.popleft()
@@ -186,6 +189,7 @@ class Scheduler:
         for shadow in reversed(self.shadows.values()):
             if shadow.block_table:
                 self.block_manager.free_seq(shadow)
+                self.num_shadow_evictions += 1
                 return True
         return False
 

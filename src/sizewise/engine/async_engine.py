@@ -157,7 +157,7 @@ class AsyncEngine:
     ) -> RequestStream:
         """Queue a request; raises InvalidRequestError / QueueFullError before anything streams.
 
-        `strategy`: plain | pld | draft | auto (see EngineCore.add_request). `sink`: see
+        `strategy`: plain | pld | pld_adaptive | draft (see EngineCore.add_request). `sink`: see
         RequestStream. `validated`: the caller already ran the core's `validate` on these arguments
         (the orchestrator does, after routing); otherwise it runs here, on the caller's thread, so
         the error comes back before anything is queued. The worker never validates again."""

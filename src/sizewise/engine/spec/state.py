@@ -19,4 +19,3 @@ class SpecState:
     accept_ema: float = 1.0
     skip: int = 0
     backoff: int = 1
-    proposed_at: int = 0  # the sequence's length when this step's proposal was made

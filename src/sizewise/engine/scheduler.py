@@ -140,9 +140,10 @@ class Scheduler:
                 break
             # While anything decodes, keep one block spare so this admission does not force a
             # preemption on the next step. A target's draft shadows give way to this engine's own.
-            while not bm.can_allocate(seq, reserve=len(out.decodes) and 1) and self._evict_shadow():
+            reserve = 1 if out.decodes or out.verifies else 0
+            while not bm.can_allocate(seq, reserve=reserve) and self._evict_shadow():
                 pass
-            if not bm.can_allocate(seq, reserve=len(out.decodes) and 1):
+            if not bm.can_allocate(seq, reserve=reserve):
                 break
             self.waiting.popleft()
             use_cache = seq.request.params.prompt_logprobs is None

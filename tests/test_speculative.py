@@ -182,6 +182,21 @@ def test_incremental_index_proposes_what_a_fresh_lookup_does():
             n += int(rng.integers(1, 4))
 
 
+def test_probe_copyability_replays_the_proposer():
+    """The probe's copyability is the prompt-lookup proposer run at every position: a hit is a
+    position whose next token is the proposer's first proposal from the text before it."""
+    from sizewise.orchestrator.probe import copyability
+
+    rng = np.random.default_rng(2)
+    for trial in range(30):
+        ids = rng.integers(0, 3 + trial % 6, size=int(rng.integers(3, 80))).tolist()
+        proposals = [prompt_lookup(ids[:i], 1, 2, 3) for i in range(2, len(ids))]
+        hits = sum(p == [ids[i]] for i, p in zip(range(2, len(ids)), proposals))
+        matched = sum(bool(p) for p in proposals)
+        n = len(ids) - 2
+        assert copyability(ids, max_n=3, min_n=2) == (hits / n, matched / n)
+
+
 # ----- greedy exactness -------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_identical_for_every_strategy_and_mixed_batches(checkpoints, drafts, family):

@@ -18,10 +18,14 @@ same for every strategy, is excluded), end-to-end tokens/s, speedup vs plain, ac
 and step_bound = plain's decode steps / this strategy's: the speedup if a verify step cost no more
 than a plain one, i.e. the most these proposals could give (steps with no proposal decode plainly).
 
-A second section compares how plain and speculative sequences share a step (EngineConfig.
-spec_batching): "split" (verify rows in a Q=k+1 forward, plain rows in a Q=1 forward) vs
-"padded" (one Q=k+1 forward, plain rows padded with m=0) on batches that mix both.
+A second section runs mixed batches: plain free-generation rows plus edit-code rows that speculate
+(prompt lookup under each spec_batching mode, and the draft model), against the same batch decoded
+all plain in the same run ("speedup"). spec_batching: "split" (verify rows in a Q=k+1 forward, plain
+rows in a Q=1 forward) vs "padded" (one Q=k+1 forward, plain rows padded with m=0) vs "auto".
 Writes benchmarks/results/speculative.json.
+
+The script runs against any checkout (PYTHONPATH=<checkout>/src), so a change is measured before and
+after with the same workloads. On a shared host timings are noisy: run it twice and read ratios.
 """
 
 from __future__ import annotations
@@ -42,6 +46,12 @@ from sizewise.engine.config import EngineConfig  # noqa: E402
 from sizewise.engine.core import EngineCore  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+try:  # the engine's adaptive prompt lookup; checkouts before engine/spec/ called it "auto"
+    from sizewise.engine.spec.strategy import Strategy  # noqa: E402
+
+    ADAPTIVE = Strategy.PLD_ADAPTIVE.value
+except ImportError:
+    ADAPTIVE = "auto"
 
 
 # ----- workloads --------------------------------------------------------------------------------
@@ -167,29 +177,40 @@ def bench_workloads(llm: LLM, prompts: dict[str, list[list[int]]], strategies: l
 
 
 def bench_mixed(model: Path, cfg: dict, prompts: dict[str, list[list[int]]], max_tokens: int, repeats: int,
-                batches: list[int]) -> list[dict]:
-    """Batches of plain free-generation rows plus prompt-lookup edit-code rows: split vs padded vs auto."""
+                batches: list[int], draft: Path | None) -> list[dict]:
+    """Batches of plain free-generation rows plus speculating edit-code rows, against the same batch
+    all plain: pld under split / padded / auto batching, and draft (auto batching)."""
     sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     free, edit = prompts["free"], prompts["edit-code"]
     engines = {mode: LLM(model, **{**cfg, "spec_batching": mode}) for mode in ("split", "padded", "auto")}
+    # (engine, strategy of the speculating rows) per variant; "plain" decodes the whole batch plainly
+    variants = {"plain": ("auto", "plain"), "pld-split": ("split", "pld"), "pld-padded": ("padded", "pld"),
+                "pld-auto": ("auto", "pld")}
+    if draft is not None:
+        ecfg = {k: v for k, v in cfg.items() if k not in ("prompt_lookup_min", "prompt_lookup_max")}
+        engines["auto"].engine.attach_draft(EngineCore(draft, EngineConfig(**ecfg), name="draft"))
+        variants["draft-auto"] = ("auto", "draft")
     for llm in engines.values():
         llm.generate(free[:1], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
     rows = []
     for batch, n_spec in [(b, n) for b in batches for n in sorted({1, b // 2})]:
         plist = [free[i % len(free)] for i in range(batch - n_spec)] + [edit[i % len(edit)] for i in range(n_spec)]
-        strategies = ["plain"] * (batch - n_spec) + ["pld"] * n_spec
-        best = {mode: float("inf") for mode in engines}
-        ntok = {}
-        modes = list(engines)
+        best = {v: float("inf") for v in variants}
+        ntok, outs_by = {}, {}
+        names = list(variants)
         for r in range(repeats):
-            for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
+            for v in names[r % len(names):] + names[: r % len(names)]:
+                mode, strat = variants[v]
+                strategies = ["plain"] * (batch - n_spec) + [strat] * n_spec
                 t0 = time.perf_counter()
                 outs = engines[mode].generate(plist, sp, strategy=strategies, use_tqdm=False)
-                best[mode] = min(best[mode], time.perf_counter() - t0)
-                ntok[mode] = sum(len(o.outputs[0].token_ids) for o in outs)
-        for mode in engines:
-            rows.append({"batch": batch, "pld_rows": n_spec, "mode": mode, "tokens": ntok[mode],
-                         "tok_s": ntok[mode] / best[mode], "vs_split": best["split"] / best[mode]})
+                best[v] = min(best[v], time.perf_counter() - t0)
+                ntok[v] = sum(len(o.outputs[0].token_ids) for o in outs)
+                outs_by[v] = [o.outputs[0].token_ids for o in outs]
+        for v in variants:
+            rows.append({"batch": batch, "spec_rows": n_spec, "variant": v, "tokens": ntok[v],
+                         "tok_s": ntok[v] / best[v], "speedup": best["plain"] / best[v],
+                         "identical": outs_by[v] == outs_by["plain"]})
     return rows
 
 
@@ -220,7 +241,7 @@ def main() -> None:
     cfg = dict(device=args.device, max_model_len=1024, max_num_seqs=16, kv_cache_bytes=256 << 20,
                num_speculative_tokens=args.k, prompt_lookup_min=args.lookup_min, prompt_lookup_max=args.lookup_max)
     llm = LLM(args.model, **cfg)
-    strategies = ["plain", "pld", "auto"]
+    strategies = ["plain", "pld", ADAPTIVE]
     draft_name = None
     if args.draft and (args.draft / "config.json").is_file() and args.draft.resolve() != args.model.resolve():
         ecfg = {k: v for k, v in cfg.items() if k not in ("prompt_lookup_min", "prompt_lookup_max")}
@@ -246,9 +267,9 @@ def main() -> None:
     mixed = []
     if args.mixed_batch:
         mixed = bench_mixed(args.model, cfg, prompts, args.max_tokens // 2, args.mixed_repeats or args.repeats,
-                            args.mixed_batch)
+                            args.mixed_batch, args.draft if draft_name else None)
         print()
-        print_table(mixed, ["batch", "pld_rows", "mode", "tokens", "tok_s", "vs_split"])
+        print_table(mixed, ["batch", "spec_rows", "variant", "speedup", "identical", "tokens", "tok_s"])
     save_json(args.out, {
         "model": str(args.model), "draft": draft_name, "device": args.device, "threads": torch.get_num_threads(),
         "k": args.k, "prompt_lookup": [args.lookup_min, args.lookup_max], "max_tokens": args.max_tokens,

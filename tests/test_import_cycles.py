@@ -5,7 +5,6 @@ read (and one refactor away from an ImportError at start-up)."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest

@@ -182,6 +182,21 @@ def test_incremental_index_proposes_what_a_fresh_lookup_does():
             n += int(rng.integers(1, 4))
 
 
+def test_probe_copyability_replays_the_proposer():
+    """The probe's copyability is the prompt-lookup proposer run at every position: a hit is a
+    position whose next token is the proposer's first proposal from the text before it."""
+    from sizewise.orchestrator.probe import copyability
+
+    rng = np.random.default_rng(2)
+    for trial in range(30):
+        ids = rng.integers(0, 3 + trial % 6, size=int(rng.integers(3, 80))).tolist()
+        proposals = [prompt_lookup(ids[:i], 1, 2, 3) for i in range(2, len(ids))]
+        hits = sum(p == [ids[i]] for i, p in zip(range(2, len(ids)), proposals))
+        matched = sum(bool(p) for p in proposals)
+        n = len(ids) - 2
+        assert copyability(ids, max_n=3, min_n=2) == (hits / n, matched / n)
+
+
 # ----- greedy exactness -------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_identical_for_every_strategy_and_mixed_batches(checkpoints, drafts, family):
@@ -280,6 +295,40 @@ def test_verify_rows_are_scheduled_inside_the_token_budget(llama_dir):
     # four decoding rows leave room for one verify row (4 + 4 more positions), never two
     assert max(v for _, v, _, _ in seen) == 1 and any(v == 1 and d == 3 for _, v, d, _ in seen)
     assert all(q == 5 for *_, q in seen)
+
+
+def test_draft_shadows_give_way_to_the_draft_models_own_requests(llama_dir):
+    """The draft model's cache holds shadows of the target's sequences; when its own requests need
+    the blocks, shadows are evicted (and re-prefilled later), never its own requests preempted.
+    The target drafts for itself here, so every proposal of a correct (re-prefilled) shadow is
+    accepted."""
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    long = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    own = [[30 + i, 31, 32, 33] * 12 for i in range(2)]  # 6 blocks each at the end: 12 of 14
+    ref_target = tokens(LLM(llama_dir, **ENGINE).generate(PROMPTS, long))
+    ref_draft = tokens(LLM(llama_dir, **ENGINE).generate(own, sp))
+    target = EngineCore(llama_dir, EngineConfig(**ENGINE), name="target")
+    draft = EngineCore(llama_dir, EngineConfig(**{**ENGINE, "kv_cache_bytes": 14 * 16 * 512}), name="draft")
+    target.attach_draft(draft)
+    got: dict[str, list[int]] = {}
+
+    def step(core):
+        for out in core.step():
+            got.setdefault(out.request_id, []).extend(out.outputs[0].token_ids if out.outputs else [])
+    for i, p in enumerate(PROMPTS):
+        target.add_request(f"t{i}", p, long, strategy="draft")
+    for _ in range(3):  # shadows take their blocks first
+        step(target)
+    for i, p in enumerate(own):
+        draft.add_request(f"d{i}", p, sp)
+    while target.has_unfinished_requests() or draft.has_unfinished_requests():
+        step(target)
+        step(draft)
+    assert [got[f"t{i}"] for i in range(3)] == ref_target and [got[f"d{i}"] for i in range(2)] == ref_draft
+    assert draft.scheduler.num_shadow_evictions > 0 and draft.stats().num_preemptions == 0
+    st = target.stats()
+    assert 0 < st.spec_accepted_tokens["draft"] == st.spec_draft_tokens["draft"]
+    assert draft.block_manager.num_used_blocks == 0 and not draft.scheduler.shadows
 
 
 # ----- copying: acceptance and exact stops inside accepted runs ---------------------------------

@@ -68,7 +68,7 @@ class LLM:
         `prompts`: one prompt or a list; a prompt is a string, a list of token ids, `{"prompt": str}`
         or `{"prompt_token_ids": [...]}`. `sampling_params`: one for all or one per prompt (default
         `SamplingParams()`). `use_tqdm`: a progress bar on stderr (or a tqdm-like factory).
-        `strategy`: decode strategy per prompt (or one for all): plain | pld | draft | auto."""
+        `strategy`: decode strategy per prompt (or one for all): plain | pld | pld_adaptive | draft."""
         if isinstance(prompts, (str, dict)) or _is_token_ids(prompts):
             prompts = [prompts]
         elif not isinstance(prompts, Iterable):

@@ -1,9 +1,12 @@
 """Async front of one or more EngineCores, for the server.
 
 One worker thread owns every core it drives and steps them one at a time, one batched step each:
-round robin (one step per busy core per turn) or fair (equal device-time shares; `discipline`). Why one thread for all co-resident models: their steps would contend for the
-same memory bandwidth anyway, sequential steps keep each step's time attributable to one model
-(the telemetry reads achieved bandwidth from it), and it never oversubscribes the host cores.
+round robin (one step per busy core per turn; the default here) or fair (equal device-time shares;
+`discipline`, which a deployment's adaptive router sets from its policy, `fair` by default). Why
+one thread for all co-resident models: their steps would contend for the same memory bandwidth
+anyway, sequential steps keep each step's time attributable (to the stepped model, and to a draft
+model for the proposals it made inside the step: its engine counts them as its own work, and the
+telemetry reads achieved bandwidth from both), and it never oversubscribes the host cores.
 Requests and aborts reach the worker through a queue; outputs come back to the caller's event
 loop with `call_soon_threadsafe`. Nothing here is process-global: two AsyncEngines coexist.
 """
@@ -184,7 +187,7 @@ class AsyncEngine:
     ) -> RequestStream:
         """Queue a request; raises InvalidRequestError / QueueFullError before anything streams.
 
-        `strategy`: plain | pld | draft | auto (see EngineCore.add_request). `sink`: see
+        `strategy`: plain | pld | pld_adaptive | draft (see EngineCore.add_request). `sink`: see
         RequestStream. `validated`: the caller already ran the core's `validate` on these arguments
         (the orchestrator does, after routing); otherwise it runs here, on the caller's thread, so
         the error comes back before anything is queued. The worker never validates again.

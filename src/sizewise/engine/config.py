@@ -19,7 +19,7 @@ class EngineConfig:
     enforce_eager: bool = False  # no graph capture even where the platform supports it
     seed: int = 0
     max_waiting: int = 1024  # bounded waiting queue; beyond it add_request raises QueueFullError
-    # Speculative decoding (engine/speculative.py), chosen per request ("pld" / "draft" / "auto").
+    # Speculative decoding (engine/spec/), chosen per request ("pld" / "pld_adaptive" / "draft").
     num_speculative_tokens: int = 4  # k, fixed per step (static verify shape Q = k+1); 0 disables
     prompt_lookup_max: int = 3  # longest suffix n-gram looked up in prompt + output
     prompt_lookup_min: int = 2  # shortest

@@ -400,7 +400,7 @@ class EngineCore:
     # ----- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         t0 = self.clock.now()
-        draft_s = self.draft._device_seconds if self.draft is not None else 0.0
+        draft_s = self.draft.work_totals()[0] if self.draft is not None else 0.0
         # Proposals first: the scheduler decides which of them are verified this step.
         draft_probs = self.spec.propose(self.scheduler.running) if self.spec is not None else {}
         sched = self.scheduler.schedule()
@@ -421,7 +421,7 @@ class EngineCore:
         result = self.runner.execute(sched, draft_probs)
         out = self._postprocess(sched, result)
         # The draft model's proposals ran inside this step, as the draft engine's own work.
-        drafted = (self.draft._device_seconds - draft_s) if self.draft is not None else 0.0
+        drafted = (self.draft.work_totals()[0] - draft_s) if self.draft is not None else 0.0
         self._record_step(sched, result.num_forwards, kv_tokens, self.clock.now() - t0 - drafted)
         return out
 

@@ -56,6 +56,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order: the last is preempted first
         self.num_preemptions = 0
         self.shadows: dict[str, Sequence] = {}  # a target engine's draft shadows (see engine/spec/draft.py)
+        self.num_shadow_evictions = 0
 
     # ----- queue management ------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -138,8 +139,11 @@ class Scheduler:
             if seq in out.preempted:
                 break
             # While anything decodes, keep one block spare so this admission does not force a
-            # preemption on the next step.
-            if not bm.can_allocate(seq, reserve=len(out.decodes) and 1):
+            # preemption on the next step. A target's draft shadows give way to this engine's own.
+            reserve = 1 if out.decodes or out.verifies else 0
+            while not bm.can_allocate(seq, reserve=reserve) and self._evict_shadow():
+                pass
+            if not bm.can_allocate(seq, reserve=reserve):
                 break
             self.waiting.popleft()
             use_cache = seq.request.params.prompt_logprobs is None
@@ -186,6 +190,7 @@ class Scheduler:
         for shadow in reversed(self.shadows.values()):
             if shadow.block_table:
                 self.block_manager.free_seq(shadow)
+                self.num_shadow_evictions += 1
                 return True
         return False
 

@@ -4,6 +4,11 @@
 queue; deltas stream back), `abort` (on the returned submissions), `describe` and `stats`, the
 tokenizer and context lengths, `alive` and `shutdown`. The server knows nothing about KV blocks
 or engines; the engines know nothing about HTTP.
+
+One worker thread steps all engines (`AsyncEngine`). Its discipline is `policy.discipline`, by
+default `fair` (equal device-time shares between busy engines), set by the adaptive router; with
+the static router the worker keeps AsyncEngine's own default, `round_robin` (one step per busy
+engine per turn).
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ class EngineSection(BaseModel):
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
     max_waiting: int = Field(default=1024, ge=1)
-    # speculative decoding (engine/speculative.py): k fixed per step, 0 turns it off
+    # speculative decoding (engine/spec/): k fixed per step, 0 turns it off
     num_speculative_tokens: int = Field(default=4, ge=0, le=15)
     prompt_lookup_max: int = Field(default=3, ge=1)
     prompt_lookup_min: int = Field(default=2, ge=1)

@@ -99,6 +99,21 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+@dataclass(slots=True, frozen=True)
+class _ModelNeeds:
+    """What one model of the config needs, before the KV budget is shared out."""
+
+    entry: object  # the deployment config's ModelEntry (name, tier, kv_share)
+    cfg: ModelConfig
+    dtype: torch.dtype
+    weight_bytes: int
+    workspace_bytes: int
+    kv_bytes_per_block: int
+    min_kv_bytes: int  # one sequence at max_model_len
+    max_kv_bytes: int  # max_num_seqs sequences at max_model_len (more is waste)
+    share: float  # of the KV budget, normalised over the models
+
+
 def _resolve_dtype(name: str | None, default: str, cfg: ModelConfig, platform: Platform) -> torch.dtype:
     name = name or default
     return platform.default_dtype(cfg.torch_dtype) if name == "auto" else parse_dtype(name)
@@ -114,7 +129,7 @@ def plan_memory(config, platform: Platform, model_configs: dict[str, ModelConfig
                                                                  mem.free_bytes)
     shares_sum = sum(m.kv_share for m in config.models)
     block_size = eng.block_size or platform.preferred_block_size
-    rows = []  # (entry, cfg, dtype, weights, workspace, per_block, min_kv, max_kv, share)
+    rows: list[_ModelNeeds] = []
     for m in config.models:
         cfg = (model_configs or {}).get(m.name) or ModelConfig.from_pretrained(Path(m.path))
         dtype = _resolve_dtype(m.dtype, config.dtype, cfg, platform)
@@ -133,15 +148,16 @@ def plan_memory(config, platform: Platform, model_configs: dict[str, ModelConfig
             # (logits are computed outside the graph; see engine/graph_runner.py). The runner
             # captures under the same condition (ModelRunner: capture_blocker).
             workspace += graph_held_bytes(default_buckets(eng.max_num_seqs), q_values, cfg.hidden_size, elt)
-        rows.append((m, cfg, dtype, cfg.num_params * elt, workspace, per_block,
-                     blocks_per_seq * per_block, eng.max_num_seqs * blocks_per_seq * per_block,
-                     m.kv_share / shares_sum))
+        rows.append(_ModelNeeds(m, cfg, dtype, cfg.num_params * elt, workspace, per_block,
+                                blocks_per_seq * per_block, eng.max_num_seqs * blocks_per_seq * per_block,
+                                m.kv_share / shares_sum))
 
     fixed = 0
-    for m, _, _, weights, workspace, *_ in rows:
-        fixed += weights + workspace
+    for r in rows:
+        m = r.entry
+        fixed += r.weight_bytes + r.workspace_bytes
         if fixed > budget:
-            total_fixed = sum(r[3] + r[4] for r in rows)
+            total_fixed = sum(x.weight_bytes + x.workspace_bytes for x in rows)
             of = (f"the {mem.free_bytes} free device bytes" if kv_explicit is not None else
                   f"the budget of {budget} bytes ({config.memory_fraction:g} x {mem.total_bytes} device bytes, "
                   f"{mem.free_bytes} free)")
@@ -159,30 +175,31 @@ def plan_memory(config, platform: Platform, model_configs: dict[str, ModelConfig
                 f"kv_cache_bytes {kv_explicit} and the weights and workspace ({fixed} bytes) need "
                 f"{fixed + kv_explicit} bytes, but {mem.free_bytes} are free; short by "
                 f"{fixed + kv_explicit - budget} bytes. Lower kv_cache_bytes (--kv-cache-bytes).",
-                model=rows[-1][0].name, short_bytes=fixed + kv_explicit - budget,
+                model=rows[-1].entry.name, short_bytes=fixed + kv_explicit - budget,
             )
         budget = fixed + kv_explicit
 
     # Water-filling: each model gets its share of the KV budget, capped at what it can use;
     # what a capped model leaves goes to the others by their shares.
     kv_budget = budget - fixed
-    alloc = {r[0].name: 0 for r in rows}
+    alloc = {r.entry.name: 0 for r in rows}
     open_rows = list(rows)
     left = kv_budget
     while open_rows and left > 0:
-        share_sum = sum(r[8] for r in open_rows)
-        capped = [r for r in open_rows if left * r[8] / share_sum >= r[7]]
+        share_sum = sum(r.share for r in open_rows)
+        capped = [r for r in open_rows if left * r.share / share_sum >= r.max_kv_bytes]
         if not capped:
             for r in open_rows:
-                alloc[r[0].name] = int(left * r[8] / share_sum)
+                alloc[r.entry.name] = int(left * r.share / share_sum)
             break
         for r in capped:
-            alloc[r[0].name] = r[7]
-            left -= r[7]
+            alloc[r.entry.name] = r.max_kv_bytes
+            left -= r.max_kv_bytes
             open_rows.remove(r)
 
     plans = []
-    for m, cfg, dtype, weights, workspace, per_block, min_kv, max_kv, share in rows:
+    for r in rows:
+        m, cfg, share, min_kv, per_block = r.entry, r.cfg, r.share, r.min_kv_bytes, r.kv_bytes_per_block
         kv = alloc[m.name]
         if kv < min_kv:
             raise MemoryPlanError(
@@ -195,8 +212,8 @@ def plan_memory(config, platform: Platform, model_configs: dict[str, ModelConfig
             )
         blocks = kv // per_block
         plans.append(ModelPlan(
-            name=m.name, tier=m.tier, params=cfg.num_params, dtype=dtype, weight_bytes=weights,
-            workspace_bytes=workspace, kv_bytes=blocks * per_block, kv_bytes_per_block=per_block,
+            name=m.name, tier=m.tier, params=cfg.num_params, dtype=r.dtype, weight_bytes=r.weight_bytes,
+            workspace_bytes=r.workspace_bytes, kv_bytes=blocks * per_block, kv_bytes_per_block=per_block,
             num_blocks=blocks, block_size=block_size, max_model_len=_max_len(eng, cfg), kv_share=share,
         ))
     return MemoryPlan(

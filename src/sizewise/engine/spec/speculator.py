@@ -109,8 +109,9 @@ class Speculator:
                 seq.spec_token_ids = self.pld.propose(seq, limit)
         probs: dict = {}
         if want_draft and self.draft is not None:
+            by_id = {s.seq_id: s for s, _ in want_draft}
             for seq_id, prop in self.draft.propose(want_draft, self.k).items():
-                seq = next(s for s, _ in want_draft if s.seq_id == seq_id)
+                seq = by_id[seq_id]
                 seq.spec_token_ids = prop.tokens
                 if prop.probs is not None and not seq.params.greedy:
                     probs[seq_id] = prop.probs

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .ngram import NgramIndex
 from .strategy import Strategy
@@ -19,4 +19,3 @@ class SpecState:
     accept_ema: float = 1.0
     skip: int = 0
     backoff: int = 1
-    proposed_at: int = 0  # the sequence's length when this step's proposal was made

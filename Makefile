@@ -40,8 +40,11 @@ prometheus:
 test: venv-test prometheus
 	$(PY) -m pytest -q tests
 
+# Flags for `sizewise serve`, e.g. make serve ARGS="--port 18777"
+ARGS ?=
+
 serve: venv
-	$(VENV)/bin/sizewise serve
+	$(VENV)/bin/sizewise serve $(ARGS)
 
 bench: venv
 	$(PY) benchmarks/decode.py

@@ -37,11 +37,17 @@ prometheus:
 	@if [ "$$(id -u)" = 0 ]; then sh scripts/ensure_prometheus.sh; \
 	else sh scripts/ensure_prometheus.sh || echo "make: continuing without Prometheus (its tests will be listed as not run)"; fi
 
+# What pytest runs, e.g. make test TESTS=tests/test_llm_api.py
+TESTS ?= tests
+
 test: venv-test prometheus
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(TESTS)
+
+# Flags for `sizewise serve`, e.g. make serve ARGS="--port 18777"
+ARGS ?=
 
 serve: venv
-	$(VENV)/bin/sizewise serve
+	$(VENV)/bin/sizewise serve $(ARGS)
 
 bench: venv
 	$(PY) benchmarks/decode.py

@@ -234,8 +234,8 @@ def _calibrate(args) -> int:
     enough = CALIBRATION_PROMPTS_PER_SIGNAL * (len(r["single"]) + 1)
     if r["requests"] < enough:
         print(f"warning: fitted on {r['requests']} prompts while choosing among {len(r['single'])} signals; a fit "
-              f"this small can follow noise: give at least {enough} ({CALIBRATION_PROMPTS_PER_SIGNAL} per signal, "
-              f"--requests or more lines of --calibration-data)", file=sys.stderr)
+              f"this small can follow noise: give at least {enough} (about {CALIBRATION_PROMPTS_PER_SIGNAL} per "
+              f"coefficient: --requests, or more lines of --calibration-data)", file=sys.stderr)
     print(f"held-out squared error of the gap: mean only {r['mean_only']:.4f}; " + ", ".join(
         f"{k} alone {v:.4f}" for k, v in r["single"].items()) + f"; kept {fit.signals or 'none'} -> "
         f"{r['kept_error']:.4f}", file=sys.stderr)

@@ -15,15 +15,18 @@ times one request's unloaded latency on large (measured in the run; stated in th
 adaptive policies get it as `policy.slo_ms`.
 
 Policies: static-small / static-medium / static-large; random (tiers dealt at sizewise's shares
-at the same load); load-only (the same objective and SLO logic with no probe: each tier's loss is
-its mean gap); sizewise (the deployment's policy); oracle (the same objective, knowing every
-tier's true loss on every request).
+at the same load); load-only (the same capacity plan with no quality signal: each tier's loss is
+its mean gap, so who moves down is a seeded draw); sizewise (the deployment's policy: the plan,
+requests filling its shares by predicted loss); oracle (the same plan, knowing every tier's true
+loss on every request). `--loads` takes multiples of static large's capacity and `burst` (every
+request within --burst-s of an idle start).
 
 Per cell: SLO attainment, goodput (requests within the SLO per second of the run), p50/p95/p99
 latency and TTFT, tier shares, mean quality loss vs static large (mean NLL of the reference under
 the serving tier, relative), probe time p50/p95, predicted vs measured latency per tier. Offline
 from the per-request quality: the loss of random and of an oracle at sizewise's own shares, and
-the fraction of the random-to-oracle gap sizewise closes. Table on stdout, details in
+the fraction of the random-to-oracle gap sizewise closes; the share of requests the quality signal
+was measured for, requests moved after placement, the plan's tier sets. Table on stdout, details in
 benchmarks/results/routing.json, a quality-vs-goodput plot in benchmarks/results/routing.png.
 """
 
@@ -66,6 +69,7 @@ class Record:
     probe_ms: float | None
     predicted_ms: float | None
     explain: dict = field(default_factory=dict)
+    signal: bool = False  # the host-side quality signal (surprisal) was measured for it
 
 
 # ----- routers only the benchmark needs ---------------------------------------------------------
@@ -126,7 +130,7 @@ async def run_cell(base: str, items, times: list[float], max_tokens: int) -> lis
             ex = sw.get("explain") or {}
             pred = ex.get("tiers", {}).get(sw["tier"], {}).get("latency_ms")
             records[i] = Record(i, at, ttft if ttft is not None else latency, latency, sw["tier"], sw["reason"],
-                                ntok, probe.get("ms"), pred, ex)
+                                ntok, probe.get("ms"), pred, ex, probe.get("surprisal") is not None)
 
         await asyncio.gather(*(one(i, it, at) for i, (it, at) in enumerate(zip(items, times))))
     return records  # type: ignore[return-value]
@@ -166,7 +170,12 @@ def summarize(policy: str, load: float, recs: list[Record], nll: dict[str, list[
             pred[t] = {"n": len(mine), "predicted_ms": statistics.fmean(r.predicted_ms for r in mine),
                        "measured_ms": statistics.fmean(r.latency * 1e3 for r in mine)}
     lams = [r.explain.get("lambda_nats_per_gb", 0.0) for r in recs if r.explain]
+    plans = [r.explain["plan"] for r in recs if r.explain and "plan" in r.explain]
     return {
+        "signal_frac": sum(r.signal for r in recs) / len(recs),
+        "moved": sum(1 for r in recs if r.explain and "moved" in r.explain),
+        "plan_tier_sets": sorted({",".join(sorted(p["shares"], key=TIERS.index)) for p in plans}),
+        "replans": max((p.get("replans", 0) for p in plans), default=0),
         "policy": policy, "load": load, "requests": len(recs),
         "slo_attain": ok / len(recs), "goodput": ok / span, "req_s": len(recs) / span,
         "p50_s": pct(lat, 50), "p95_s": pct(lat, 95), "p99_s": pct(lat, 99),
@@ -205,7 +214,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=96)
     ap.add_argument("--max-tokens", type=int, default=32, help="generated and reference tokens per request")
     ap.add_argument("--code-frac", type=float, default=0.5)
-    ap.add_argument("--loads", default="0.25,0.5,1,1.5,2,3", help="multiples of static large's capacity")
+    ap.add_argument("--loads", default="0.25,0.5,1,1.5,2,3,burst",
+                    help="multiples of static large's capacity; `burst`: every request within --burst-s from idle")
+    ap.add_argument("--burst-s", type=float, default=2.0, help="the burst's span in seconds (default: 2)")
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--slo-mult", type=float, default=3.0, help="SLO = this x one unloaded request on large")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared CPU)")
@@ -218,7 +229,7 @@ def main() -> None:
             raise SystemExit(f"unknown policy {p!r}; choose from {', '.join(POLICIES)}")
     if "random" in policies and "sizewise" not in policies:
         raise SystemExit("random copies sizewise's tier shares: include sizewise")
-    loads = [float(x) for x in args.loads.split(",") if x]
+    loads = [x if x == "burst" else float(x) for x in args.loads.split(",") if x]
 
     import torch
 
@@ -276,6 +287,10 @@ def main() -> None:
         slo_ms = None
         for p in ("static-small", "static-medium", "static-large"):
             cell(p, [0.0] * min(8, len(items)))
+        # and the tiers interleaved: the telemetry measures what a step costs after another tier's
+        # (the plan reads it; on this CPU it is far more than a second weight stream)
+        k = min(4, len(items) // 3)
+        cell("random", [0.0] * (3 * k), {t: k for t in TIERS})
         # one request alone on large, three times: the SLO's unit
         dep.router = StaticRouter("large")
         alone = [asyncio.run(run_cell(base, items[i:i + 1], [0.0], args.max_tokens))[0].latency for i in range(3)]
@@ -292,8 +307,10 @@ def main() -> None:
             t += rng.expovariate(1.0)
         offline = []
         order = [p for p in policies if p != "random"] + (["random"] if "random" in policies else [])
+        burst_rng = random.Random(args.seed + 2)
+        burst_times = sorted(burst_rng.uniform(0.0, args.burst_s) for _ in items)
         for load in loads:
-            times = [x / (load * cap) for x in unit]
+            times = burst_times if load == "burst" else [x / (load * cap) for x in unit]
             got = {}
             for p in order:
                 counts = None
@@ -303,7 +320,7 @@ def main() -> None:
                 row = summarize(p, load, recs, nll, slo_s)
                 got[p] = (row, recs)
                 rows.append(row)
-                print(f"  {load:4g}x {p:13s} attain {row['slo_attain']:.2f} goodput {row['goodput']:6.1f}/s "
+                print(f"  {load!s:>5}x {p:13s} attain {row['slo_attain']:.2f} goodput {row['goodput']:6.1f}/s "
                       f"p95 {row['p95_s']:.2f}s loss {row['loss']:+.2%} large {row['large']:.2f}",
                       file=sys.stderr, flush=True)
             if "sizewise" in got:
@@ -326,8 +343,8 @@ def main() -> None:
     print(f"\nrouting: {args.requests} requests/cell ({args.code_frac:.0%} code), prompt {args.prompt_tokens}, "
           f"{args.max_tokens} generated (greedy, ignore_eos, streamed over HTTP); static-large capacity "
           f"{cap:.2f} req/s; SLO {slo_s:.3f} s ({args.slo_mult:g}x one request alone on large); {bench_s:.0f} s")
-    cols = ["load", "policy", "slo_attain", "goodput", "p50_s", "p95_s", "p99_s", "ttft_p50_s", "ttft_p95_s",
-            "small", "medium", "large", "loss", "probe_p50_ms", "probe_p95_ms"]
+    cols = ["load", "policy", "slo_attain", "goodput", "p50_s", "p95_s", "ttft_p50_s", "ttft_p95_s",
+            "small", "medium", "large", "loss", "probe_p50_ms", "moved", "signal_frac"]
     print_table(rows, cols)
     print("\noffline at sizewise's shares (quality loss vs large):")
     print_table(offline, ["load", "off_top", "sizewise_loss", "random_loss", "oracle_loss", "gap_closed"])
@@ -347,59 +364,52 @@ def main() -> None:
 
 
 def targets(rows: list[dict], offline: list[dict]) -> dict:
-    """Issue 13's targets, read off the table (reported, not asserted)."""
+    """Issue 22's targets, read off the table (reported, not asserted)."""
     by = {(r["load"], r["policy"]): r for r in rows}
     lines, out = ["\ntargets:"], {}
-
-    def get(load, p):
-        return by.get((load, p))
-
+    loads = sorted({r["load"] for r in rows}, key=lambda x: (isinstance(x, str), x if not isinstance(x, str) else 0))
+    statics = [p for p in POLICIES if p.startswith("static-")]
+    dominated, held = [], []
+    for load in loads:
+        sw = by.get((load, "sizewise"))
+        if sw is None:
+            continue
+        st = [by[(load, p)] for p in statics if (load, p) in by]
+        for r in st:  # >= 5 points more requests within the SLO at no more loss
+            if r["slo_attain"] >= sw["slo_attain"] + 0.05 and r["loss"] <= sw["loss"] + 1e-9:
+                dominated.append(f"{r['policy']}@{load}x ({r['slo_attain']:.2f}/{r['loss']:+.1%} vs "
+                                 f"{sw['slo_attain']:.2f}/{sw['loss']:+.1%})")
+        good = [r for r in st if r["slo_attain"] >= 0.9]
+        if good:
+            best = min(r["loss"] for r in good)
+            ok = sw["slo_attain"] >= 0.9 and sw["loss"] <= best + 1e-9
+            held.append(ok)
+            lines.append(f"  {load}x SLO held: sizewise {sw['slo_attain']:.2f} / {sw['loss']:+.2%}; best static holding "
+                         f"0.9: {min(good, key=lambda r: r['loss'])['policy']} {best:+.2%}: {'met' if ok else 'NOT met'}")
+    out["never_dominated"] = not dominated
+    out["slo_held"] = all(held) if held else None
+    lines.append("  never dominated (no static tier >= 5 points more attainment at no more loss): "
+                 + ("met" if not dominated else "NOT met: " + "; ".join(dominated)))
     for load in (0.25, 0.5):
-        sw, lg = get(load, "sizewise"), get(load, "static-large")
+        sw, lg = by.get((load, "sizewise")), by.get((load, "static-large"))
         if sw and lg:
             ok = sw["loss"] <= 0.005 and sw["p95_s"] <= 1.1 * lg["p95_s"]
             out[f"headroom_{load}"] = ok
             lines.append(f"  {load}x headroom: loss {sw['loss']:+.2%} (<= 0.5%), p95 {sw['p95_s']:.2f} vs large "
                          f"{lg['p95_s']:.2f} s = {sw['p95_s'] / lg['p95_s']:.2f}x (<= 1.1x): {'met' if ok else 'NOT met'}")
-    sw, lg = get(2.0, "sizewise"), get(2.0, "static-large")
-    if sw and lg:
-        ok = sw["slo_attain"] >= 0.9 and lg["slo_attain"] < 0.5 and sw["goodput"] >= 2 * lg["goodput"]
-        out["overload_2x"] = ok
-        lines.append(f"  2x: attainment {sw['slo_attain']:.2f} (>= 0.9) vs large {lg['slo_attain']:.2f} (< 0.5), goodput "
-                     f"{sw['goodput']:.1f} vs {lg['goodput']:.1f} = {sw['goodput'] / max(lg['goodput'], 1e-9):.2f}x "
-                     f"(>= 2x): {'met' if ok else 'NOT met'}")
-    sw = get(3.0, "sizewise")
-    if sw:
-        out["overload_3x"] = sw["slo_attain"] >= 0.8
-        lines.append(f"  3x: attainment {sw['slo_attain']:.2f} (>= 0.8): {'met' if out['overload_3x'] else 'NOT met'}")
     for o in offline:
-        if o["off_top"] < 0.1:
+        mixed = sum(v > 0 for v in o["shares"].values()) >= 2
+        if not mixed or o["off_top"] < 0.1:
             continue
-        lo = get(o["load"], "load-only")
-        rd = get(o["load"], "random")
-        sw = get(o["load"], "sizewise")
-        below = (lo is None or sw["loss"] < lo["loss"]) and sw["loss"] < o["random_loss"] and (rd is None or sw["loss"] < rd["loss"])
-        closed = o["gap_closed"] is not None and o["gap_closed"] >= 0.5
-        out[f"probe_{o['load']}"] = below and closed
-        lines.append(f"  {o['load']}x probe ({o['off_top']:.0%} off top): loss {sw['loss']:+.2%} vs load-only "
-                     f"{lo['loss'] if lo else float('nan'):+.2%}, random {rd['loss'] if rd else float('nan'):+.2%} "
-                     f"(offline {o['random_loss']:+.2%}), oracle at these shares {o['oracle_loss']:+.2%}; gap closed "
-                     f"{o['gap_closed'] if o['gap_closed'] is not None else float('nan'):.0%} (>= 50%): "
-                     f"{'met' if below and closed else 'NOT met'}")
-    dominated = []
-    for r in rows:
-        if r["policy"].startswith("static-"):
-            sw = get(r["load"], "sizewise")
-            if sw and r["slo_attain"] > sw["slo_attain"] and r["loss"] < sw["loss"]:
-                dominated.append(f"{r['policy']}@{r['load']}x")
-    out["never_dominated"] = not dominated
-    lines.append(f"  never dominated by a static size: {'met' if not dominated else 'NOT met: ' + ', '.join(dominated)}")
-    probe_ok = all((r["probe_p50_ms"] or 0) <= 2 and (r["probe_p95_ms"] or 0) <= 10
-                   for r in rows if r["policy"] == "sizewise" and r["load"] <= 1)
-    out["probe_time"] = probe_ok
-    lines.append("  probe p50 <= 2 ms, p95 <= 10 ms at <= 1x: " + ("met" if probe_ok else "NOT met") + " (" + ", ".join(
-        f"{r['load']}x {r['probe_p50_ms'] or 0:.1f}/{r['probe_p95_ms'] or 0:.1f} ms" for r in rows
-        if r["policy"] == "sizewise" and r["load"] <= 1) + ")")
+        ok = o["gap_closed"] is not None and o["gap_closed"] >= 0.3
+        out[f"signal_{o['load']}"] = ok
+        lines.append(f"  {o['load']}x signal ({o['off_top']:.0%} off top): sizewise {o['sizewise_loss']:+.2%}, random at "
+                     f"these shares {o['random_loss']:+.2%}, oracle {o['oracle_loss']:+.2%}; gap closed "
+                     f"{o['gap_closed'] if o['gap_closed'] is not None else float('nan'):.0%} (>= 30%): "
+                     f"{'met' if ok else 'NOT met'}")
+    sig = [r["signal_frac"] for r in rows if r["policy"] == "sizewise"]
+    if sig:
+        lines.append(f"  quality signal measured on {min(sig):.0%} (least cell) of sizewise's auto requests")
     out["lines"] = lines
     return out
 
@@ -415,7 +425,7 @@ def plot(rows: list[dict], path: Path, slo_s: float) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for p in POLICIES:
-        pts = sorted((r["load"], r["goodput"], r["loss"] * 100) for r in rows if r["policy"] == p)
+        pts = sorted(((r["load"], r["goodput"], r["loss"] * 100) for r in rows if r["policy"] == p and r["load"] != "burst"))
         if pts:
             ax.plot([g for _, g, _ in pts], [q for _, _, q in pts], marker="o", label=p)
             for load, g, q in pts:

@@ -16,6 +16,12 @@ arrival rate) corrected by two measured *feedback* terms, never by a per-request
     10 s half-life), multiplied into the plan's latency model. This is the integral-like part: it
     learns what the device model leaves out (the host, the HTTP stack, a loaded machine) and
     tightens the SLO constraint where the model is optimistic.
+  * hysteresis, asymmetric: a plan of *higher* expected loss (the load rose) is taken at once; one of
+    lower loss (the load fell) only if it would still hold at `up_margin` (25%) more load and the
+    plan has not changed for `hold_s`. The rate counted over a few seconds of Poisson arrivals is
+    noisy by tens of percent, and every change of tiers leaves work running on the old ones (two
+    weight streams, on a CPU two working sets, for a while): without it the plan flaps between
+    tiers and pays that on every flap.
 Requests fill the plan's shares by predicted loss: among recent `auto` requests, those whose
 predicted loss on the cheaper of the plan's two tiers (over the dearer) is lowest go to the cheaper
 tier, up to its share (a quantile threshold over a window of recent predictions; ties broken by a
@@ -27,7 +33,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .plan import Plan, PlanInputs, TierCost, assign, make_plan
 from .telemetry import TelemetrySnapshot
@@ -48,7 +54,8 @@ class Placement:
 class PlanController:
     def __init__(self, tiers: list[str], tier_to_model: dict[str, str], losses: dict[str, float], *,
                  slo_s: float | None, util_target: float = 0.85, replan_s: float = 0.1, replan_arrivals: int = 4,
-                 rate_window_s: float = 2.0, window: int = 256, seed: int = 0) -> None:
+                 rate_window_s: float = 3.0, window: int = 256, seed: int = 0, up_margin: float = 0.25,
+                 hold_s: float = 2.0) -> None:
         self.tiers = list(tiers)  # cheapest first
         self.tier_to_model = dict(tier_to_model)
         self.losses = dict(losses)  # calibrated mean loss per tier (the top tier 0)
@@ -57,6 +64,9 @@ class PlanController:
         self.replan_s = replan_s
         self.replan_arrivals = replan_arrivals
         self.rate_window_s = rate_window_s
+        self.up_margin = up_margin
+        self.hold_s = hold_s
+        self._changed_at = -float("inf")
         self.plan: Plan | None = None
         self.replans = 0
         self.changes = 0  # re-plans that changed the set of tiers with a share
@@ -115,11 +125,20 @@ class PlanController:
     def replan(self, snap: TelemetrySnapshot, now: float) -> tuple[Plan, Plan | None]:
         """(the new plan, the one it replaced)."""
         old = self.plan
-        self.plan = make_plan(self.inputs(snap, now), now)
+        inp = self.inputs(snap, now)
+        new = make_plan(inp, now)
+        if old is not None and new.loss < old.loss - 1e-12:  # the load fell: up only with a margin, after a hold
+            cautious = make_plan(replace(inp, auto_rate=inp.auto_rate * (1.0 + self.up_margin)), now)
+            if now - self._changed_at >= self.hold_s and cautious.loss < old.loss - 1e-12:
+                new = cautious
+            else:
+                new = replace(old, time=now, auto_rate=inp.auto_rate)
+        self.plan = new
         self.replans += 1
         self._since = 0
-        if old is None or set(old.shares) != set(self.plan.shares):
+        if old is None or set(old.shares) != set(new.shares):
             self.changes += 1
+            self._changed_at = now
         return self.plan, old
 
     # ----- placement --------------------------------------------------------------------------

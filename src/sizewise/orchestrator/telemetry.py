@@ -240,13 +240,17 @@ class Telemetry:
             self._device_s.update(seconds)
             self._device_bytes.update(stats.last_step_bytes)
             prefill = min(stats.last_step_prefill_tokens, ntok)
-            self._note_interleave(name, st, core, prefill, ntok - prefill, seconds)
-            if prefill == 0:
+            switched = self._note_interleave(name, st, core, prefill, ntok - prefill, seconds)
+            # The cost line is the engine's own (steps that did not follow another engine's), so what
+            # interleaving adds is measured against it, not folded into it; until it has such steps,
+            # every step counts.
+            own = not switched or (st.dec_x.value if prefill == 0 else st.pre_t.value) is None
+            if own and prefill == 0:
                 st.dec_x.update(ntok)
                 st.dec_y.update(seconds)
                 st.dec_xx.update(ntok * ntok)
                 st.dec_xy.update(ntok * seconds)
-            else:
+            elif own:
                 st.pre_t.update(prefill)
                 st.pre_d.update(ntok - prefill)
                 st.pre_y.update(seconds)
@@ -271,13 +275,15 @@ class Telemetry:
             self._update_spec(st, stats)
 
     def _note_interleave(self, name: str, st: _EngineState, core: EngineCore, prefill: int, rows: int,
-                         seconds: float) -> None:
+                         seconds: float) -> bool:
         """The step's residual over its engine's cost line, filed by whether the step before it (within
-        a few ms: back to back) was another engine's; and the device-time window."""
+        a few ms: back to back) was another engine's; and the device-time window. True: it followed
+        another engine's step."""
         now = time.monotonic()
         fixed, per_row, per_prompt = self._cost_model(st, core)
         line = fixed + per_row * rows + (per_row if per_prompt is None else per_prompt) * prefill
         last = self._last_core
+        switched = False
         if last is not None and now - seconds - last[1] < _BACK_TO_BACK_S:
             switched = last[0] != name
             attr = "resid_switch" if switched else "resid_same"
@@ -288,6 +294,7 @@ class Telemetry:
         self._window.append((now, seconds, max(seconds - fixed, 0.0)))
         while self._window and self._window[0][0] < now - _RATE_WINDOW_S:
             self._window.popleft()
+        return switched
 
     @staticmethod
     def _switch_seconds(st: _EngineState) -> float:

@@ -415,6 +415,7 @@ def targets(rows: list[dict], offline: list[dict]) -> dict:
 
 
 def plot(rows: list[dict], path: Path, slo_s: float) -> None:
+    """SLO attainment and quality loss against load per policy, and sizewise's tier shares."""
     try:
         import matplotlib
 
@@ -423,19 +424,34 @@ def plot(rows: list[dict], path: Path, slo_s: float) -> None:
     except ImportError:
         print("matplotlib missing (pip install -e '.[bench]'): no plot", file=sys.stderr)
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    loads = sorted({r["load"] for r in rows if r["load"] != "burst"})
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    styles = {"static-small": ":", "static-medium": ":", "static-large": ":", "sizewise": "-", "oracle": "--",
+              "random": "-.", "load-only": "-."}
     for p in POLICIES:
-        pts = sorted(((r["load"], r["goodput"], r["loss"] * 100) for r in rows if r["policy"] == p and r["load"] != "burst"))
-        if pts:
-            ax.plot([g for _, g, _ in pts], [q for _, _, q in pts], marker="o", label=p)
-            for load, g, q in pts:
-                ax.annotate(f"{load:g}x", (g, q), fontsize=6, alpha=0.6)
-    ax.set_xlabel(f"goodput (requests/s within the {slo_s:.2f} s SLO)")
-    ax.set_ylabel("quality loss vs static large (% NLL)")
-    ax.set_title("routing across the load sweep (demo family)")
-    ax.legend(fontsize=8)
+        pts = sorted((r["load"], r["slo_attain"], r["loss"] * 100) for r in rows if r["policy"] == p and r["load"] != "burst")
+        if not pts:
+            continue
+        lw = 2.5 if p == "sizewise" else 1.2
+        axes[0].plot([x for x, _, _ in pts], [a for _, a, _ in pts], styles.get(p, "-"), marker="o", lw=lw, label=p)
+        axes[1].plot([x for x, _, _ in pts], [q for _, _, q in pts], styles.get(p, "-"), marker="o", lw=lw, label=p)
+    axes[0].set_ylabel(f"SLO attainment ({slo_s:.2f} s)")
+    axes[1].set_ylabel("quality loss vs static large (% NLL)")
+    sw = {r["load"]: r for r in rows if r["policy"] == "sizewise" and r["load"] != "burst"}
+    bottom = [0.0] * len(loads)
+    for t in TIERS:
+        vals = [sw[x][t] if x in sw else 0.0 for x in loads]
+        axes[2].bar([str(x) for x in loads], vals, bottom=bottom, label=t)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    axes[2].set_ylabel("sizewise: share of requests per tier")
+    for ax in axes[:2]:
+        ax.set_xlabel("load (x static large's capacity)")
+    axes[2].set_xlabel("load (x static large's capacity)")
+    axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
+    fig.suptitle("routing sweep, demo family on a shared 2-core CPU (timings noisy)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     print(f"wrote {path}")
 
 

@@ -95,9 +95,14 @@ class PlanController:
                 self._pinned[tier].append(now)
 
     def _rate(self, q: deque, now: float) -> float:
+        """Arrivals per second over the window; over the time since the oldest arrival in it when
+        that is shorter (a start from idle), but never less than a third of the window (a clump of
+        two or three Poisson arrivals is not a rate)."""
         while q and q[0] < now - self.rate_window_s:
             q.popleft()
-        return len(q) / self.rate_window_s
+        if not q:
+            return 0.0
+        return len(q) / min(max(now - q[0], self.rate_window_s / 3), self.rate_window_s)
 
     # ----- the plan ---------------------------------------------------------------------------
     def due(self, now: float) -> bool:

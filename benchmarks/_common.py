@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import platform as _pyplatform
-import textwrap
 import time
 from pathlib import Path
 
@@ -78,30 +77,7 @@ def _byte_tokenizer(path: Path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=None).save_pretrained(path)
 
 
-TABLE_WIDTH = 100  # a terminal; columns past it are named under the table and kept in the JSON
-
-
-def print_table(rows: list[dict], cols: list[str], width: int = TABLE_WIDTH) -> None:
-    """Columns in the order given (most telling first), as many as fit `width` characters."""
-    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
-    shown, used = [], -2
-    for c in cols:
-        if used + 2 + widths[c] > width and shown:
-            break
-        shown.append(c)
-        used += 2 + widths[c]
-    print("  ".join(c.ljust(widths[c]) for c in shown).rstrip())
-    print("  ".join("-" * widths[c] for c in shown))
-    for r in rows:
-        print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in shown).rstrip())
-    if len(shown) < len(cols):
-        print(textwrap.fill(f"(also in the JSON: {', '.join(cols[len(shown):])})", width))
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-    return "" if v is None else str(v)
+from sizewise.sim.report import print_table  # noqa: E402,F401 - the benchmarks' one table format
 
 
 def save_json(path: Path, payload: dict) -> None:

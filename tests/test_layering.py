@@ -5,7 +5,8 @@
 A layer imports only layers below it, and the server only the orchestrator ("the server talks
 to the orchestrator only; it knows nothing about KV blocks"). The modules both sides share
 (errors, outputs, sampling parameters, chat rendering, metrics and their recorder) sit below
-every layer and import none. Every import counts, including those inside functions and
+every layer and import none. The virtual device (`sim/`) sits above the orchestrator, beside the
+server, and nothing in the production path imports it. Every import counts, including those inside functions and
 TYPE_CHECKING blocks: each one is a dependency a reader has to follow.
 """
 
@@ -18,7 +19,8 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "sizewise"
 LAYERS = ("server", "orchestrator", "engine", "models", "platform")  # top to bottom
-SHARED = ("errors", "outputs", "sampling_params", "chat", "text", "metrics", "recorder")
+SHARED = ("errors", "outputs", "sampling_params", "chat", "text", "metrics", "recorder", "clock")
+SIM = "sim"  # the virtual device: may use every layer, used by none
 # What the server may use of the layers below it.
 SERVER_MAY_IMPORT = ("orchestrator",)
 # The deployment's insides: server code reading these has gone around the orchestrator's API.
@@ -56,6 +58,9 @@ def violations(source: str, module: tuple[str, ...], is_package: bool = False) -
     bad = []
     for target, line in imports(source, module, is_package):
         to = target[1] if len(target) > 1 else None
+        if to == SIM and (own in LAYERS or own in SHARED):
+            bad.append(f"{'.'.join(module)}:{line} imports {'.'.join(target)}: the virtual device is not in the "
+                       "production path")
         if own in SHARED and to in LAYERS:
             bad.append(f"{'.'.join(module)}:{line} imports {'.'.join(target)}: shared modules import no layer")
         if own in LAYERS and to in LAYERS and to != own:
@@ -100,6 +105,8 @@ def test_layers_and_shared_modules_exist():
     ("from ..server.errors import ApiError", ("sizewise", "orchestrator", "deployment"), "a layer above it"),
     ("from ..orchestrator import types", ("sizewise", "engine", "core"), "a layer above it"),
     ("from .engine.core import EngineCore", ("sizewise", "outputs"), "shared modules import no layer"),
+    ("from ..sim.runner import SimRunner", ("sizewise", "engine", "core"), "the virtual device is not in"),
+    ("from .engine.core import EngineCore", ("sizewise", "clock"), "shared modules import no layer"),
 ])
 def test_the_checker_finds_each_kind_of_violation(source, module, expected):
     found = violations(source, module)
@@ -112,6 +119,7 @@ def test_the_checker_finds_each_kind_of_violation(source, module, expected):
     ("from ..engine.core import EngineCore\nfrom ..platform import get_platform",
      ("sizewise", "orchestrator", "deployment")),
     ("from .errors import InvalidRequestError", ("sizewise", "sampling_params")),
+    ("from ..orchestrator.deployment import Deployment\nfrom ..engine.core import EngineCore", ("sizewise", "sim", "driver")),
 ])
 def test_the_checker_allows_what_the_design_allows(source, module):
     assert violations(source, module) == []

@@ -169,7 +169,19 @@ def _parser() -> argparse.ArgumentParser:
                         "names it); default: CONFIG_STEM.tokens.json next to the config")
     k.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="(default: %(default)s)")
+    from .sim.cli import add_parser as _add_simulate
+
+    _add_simulate(sub, DEFAULT_CONFIG)
     return p
+
+
+def _simulate(args) -> int:
+    from .sim.cli import run
+
+    try:
+        return run(args, _find_config(args.config))
+    except ValueError as e:
+        raise CliError(str(e)) from None
 
 
 def _calibrate(args) -> int:
@@ -536,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         command = {"serve": _serve, "models": _models, "generate": _generate, "chat": _chat,
-                   "calibrate": _calibrate}[args.command]
+                   "calibrate": _calibrate, "simulate": _simulate}[args.command]
         return command(args)
     except CliError as e:
         print(f"sizewise: error: {e}", file=sys.stderr)

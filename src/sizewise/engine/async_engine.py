@@ -14,10 +14,10 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
+from ..clock import Clock
 from ..errors import EngineDeadError, InvalidRequestError
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
@@ -136,10 +136,15 @@ class FairShare:
 
 
 class AsyncEngine:
-    def __init__(self, cores: dict[str, EngineCore] | EngineCore) -> None:
+    def __init__(self, cores: dict[str, EngineCore] | EngineCore, clock: Clock | None = None,
+                 start: bool = True) -> None:
+        """`clock`: what step times are read from (default: the first core's). `start=False`: no
+        worker thread; whoever built it runs `_run` itself (the virtual device, `sizewise.sim`,
+        drives it on virtual time)."""
         if isinstance(cores, EngineCore):
             cores = {cores.name: cores}
         self.cores = dict(cores)
+        self.clock = clock or next(iter(self.cores.values())).clock
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._routes: dict[str, _Route] = {}
@@ -157,7 +162,8 @@ class AsyncEngine:
         # callables(request_id, from_core, to_core), run on the request's event loop after a move
         self.move_listeners: list = []
         self._thread = threading.Thread(target=self._run, name="sizewise-engine", daemon=True)
-        self._thread.start()
+        if start:
+            self._thread.start()
 
     # ----- caller side (event loop) --------------------------------------------------------
     async def add_request(
@@ -364,14 +370,14 @@ class AsyncEngine:
     def _step_core(self, name: str) -> float:
         """One step of `name`; returns its wall seconds."""
         core = self.cores[name]
-        t0 = time.perf_counter()
+        t0 = self.clock.now()
         try:
             outs = core.step()
         except Exception as e:  # noqa: BLE001 - fail this core's requests, keep serving
             log.exception("step of %s failed; failing its in-flight requests", name)
             self._fail_core(name, e)
-            return time.perf_counter() - t0
-        dt = time.perf_counter() - t0
+            return self.clock.now() - t0
+        dt = self.clock.now() - t0
         for out in outs:
             route = self._routes.get(out.request_id)
             if route is None:

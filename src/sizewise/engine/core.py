@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..clock import WALL, Clock
 from ..errors import InvalidRequestError, QueueFullError
 from ..models import CheckpointError, ModelConfig, load_model, parse_dtype
 from ..models.loader import checkpoint_files, tokenizer_files
@@ -73,12 +74,19 @@ class EngineCore:
         platform: Platform | None = None,
         tokenizer=None,
         name: str | None = None,
+        clock: Clock | None = None,
+        runner_factory: Callable[["EngineCore", int], ModelRunner] | None = None,
     ) -> None:
+        """`clock`: where step times and request timestamps come from (default: the wall clock).
+        `runner_factory(core, num_blocks)`: builds the runner in place of loading the weights into a
+        ModelRunner (the virtual device's runner, `sizewise.sim`; nothing here imports it)."""
         self.config = config = config or EngineConfig()
+        self.clock = clock or WALL
         self.model_dir = Path(model_dir)
         self.name = name or self.model_dir.name
         self.model_config = cfg = ModelConfig.from_pretrained(self.model_dir)
-        checkpoint_files(self.model_dir)  # fail on missing weights before any slow loading
+        if runner_factory is None:
+            checkpoint_files(self.model_dir)  # fail on missing weights before any slow loading
         self.platform = platform or get_platform(config.device)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_dir)
         self.dtype = (
@@ -105,7 +113,8 @@ class EngineCore:
         )
         self.vocab_size = cfg.vocab_size
 
-        model = load_model(self.model_dir, cfg, self.platform, self.dtype, self.max_model_len)
+        model = None if runner_factory is not None else load_model(
+            self.model_dir, cfg, self.platform, self.dtype, self.max_model_len)
         num_blocks = self._plan_kv_blocks()
         # A sequence longer than the whole cache could never be (re)admitted: it would wait (or
         # preempt itself) forever. Cap the context at what the cache holds; validate() names it.
@@ -123,7 +132,7 @@ class EngineCore:
             SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), self.max_model_len),
             self.block_manager,
         )
-        self.runner = ModelRunner(
+        self.runner = runner_factory(self, num_blocks) if runner_factory is not None else ModelRunner(
             model, cfg, self.platform, self.dtype, num_blocks, self.block_size, self.max_model_len,
             config.max_num_seqs, seed=config.seed, enforce_eager=config.enforce_eager,
             verify_q=config.num_speculative_tokens + 1 if config.num_speculative_tokens > 0 else 0,
@@ -223,8 +232,7 @@ class EngineCore:
         req = Request(request_id, list(prompt_token_ids), params, prompt, strategy=strategy)
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]  # the first prompt token has no logprob (a 1-token prompt: only this)
-        if arrival_time is not None:
-            req.metrics.arrival_time = arrival_time
+        req.metrics.arrival_time = arrival_time if arrival_time is not None else self.clock.time()
         for i in range(params.n):
             seq = Sequence(next(self._seq_ids), req, i, prompt_token_ids)
             if self.spec is not None:
@@ -253,7 +261,7 @@ class EngineCore:
                 if self.spec is not None:
                     self.spec.release(seq)
                 outs.append(CompletionOutput(index=seq.index, finish_reason="abort"))
-        req.metrics.finished_time = time.time()
+        req.metrics.finished_time = self.clock.time()
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished=True,
                              metrics=self._metrics(req))
 
@@ -265,8 +273,8 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        t0 = time.perf_counter()
-        now = time.time()
+        t0 = self.clock.now()
+        now = self.clock.time()
         for seq in sched.prefills + sched.decodes:
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.metrics.first_scheduled_time = now
@@ -279,7 +287,7 @@ class EngineCore:
             s.num_cached_tokens + n for s, n in zip(sched.prefills, sched.prefill_chunks)
         )
         out = self._postprocess(sched, result, spec_results)
-        self._record_step(sched, kv_tokens, time.perf_counter() - t0)
+        self._record_step(sched, kv_tokens, self.clock.now() - t0)
         return out
 
     def _record_step(self, sched: SchedulerOutput, kv_tokens: int, seconds: float) -> None:
@@ -313,7 +321,7 @@ class EngineCore:
             for j, entry in enumerate(entries):  # a recomputed chunk (preemption) adds nothing twice
                 if first_pos + j == len(req.prompt_logprobs):
                     req.prompt_logprobs.append(entry)
-        now = time.time()
+        now = self.clock.time()
         for i, seq in enumerate(result.sampled):
             self._append_token(seq, result.samples.token_ids[i], result.samples.logprobs[i], now)
             touched[seq.request.request_id] = seq.request
@@ -401,7 +409,7 @@ class EngineCore:
             plp = req.prompt_logprobs
             req.prompt_logprobs_sent = True
         if finished:
-            req.metrics.finished_time = time.time()
+            req.metrics.finished_time = self.clock.time()
             self.requests.pop(req.request_id, None)
         return RequestOutput(
             req.request_id, req.prompt, req.prompt_token_ids, outs, finished=finished,

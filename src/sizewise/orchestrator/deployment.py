@@ -243,8 +243,10 @@ class Deployment:
 
     def __init__(
         self, config: DeploymentConfig, cores: dict[str, EngineCore], router: Router | None = None,
-        plan: MemoryPlan | None = None,
+        plan: MemoryPlan | None = None, engine: AsyncEngine | None = None,
     ) -> None:
+        """`engine`: the AsyncEngine that drives `cores` (default: a new one with its worker thread;
+        the virtual device, `sizewise.sim`, hands in one it steps on virtual time)."""
         _check_one_tokenizer(cores)
         for w in config.policy_warnings():
             log.warning("%s", w)
@@ -263,7 +265,7 @@ class Deployment:
             cores, self.model_to_tier, ema_alpha=pol.ema_alpha,
             peak_bandwidth=pol.peak_bandwidth_gbps * 1e9 if pol.peak_bandwidth_gbps else None,
         )
-        self.engine = AsyncEngine(cores)
+        self.engine = engine if engine is not None else AsyncEngine(cores)
         self.telemetry.attach(self.engine)
         self._movable: OrderedDict[str, Decision] = OrderedDict()  # auto requests the plan may move
         self.engine.move_listeners.append(self._on_move)

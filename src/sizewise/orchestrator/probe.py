@@ -25,7 +25,6 @@ import asyncio
 import itertools
 import math
 import re
-import time
 from dataclasses import dataclass, field
 
 from ..sampling_params import SamplingParams
@@ -224,7 +223,8 @@ class Probe:
     async def run(self, engine, core, core_name: str, prompt_token_ids: list[int], *, full: bool = True) -> ProbeResult:
         """`engine`: the AsyncEngine; `core`: the probe model's EngineCore (tokenizer, limits).
         `full=False` computes the model-free signals only (pinned requests)."""
-        t0 = time.perf_counter()
+        clock = engine.clock  # the engines' (virtual on the simulated device)
+        t0 = clock.now()
         s = self.settings
         ids = list(prompt_token_ids)
         if len(ids) > _COPY_OFFLOAD_TOKENS:
@@ -250,7 +250,7 @@ class Probe:
                 jobs.append(self._zero_shot(engine, core, core_name, text, res))
             if jobs:
                 await asyncio.gather(*jobs)
-        res.ms = (time.perf_counter() - t0) * 1e3
+        res.ms = (clock.now() - t0) * 1e3
         return res
 
     def _rid(self) -> str:

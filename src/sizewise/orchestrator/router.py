@@ -15,7 +15,6 @@ counts as load the plan must carry. Every decision is counted in `decisions[(tie
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -27,10 +26,10 @@ from .types import Decision, RoutingHints
 
 
 class AdaptiveRouter:
-    def __init__(self, settings: PolicySettings | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, settings: PolicySettings | None = None, clock: Callable[[], float] | None = None) -> None:
         self.settings = settings or PolicySettings()
         self.probe = Probe(self.settings)
-        self.clock = clock  # the plan's time (a virtual device injects its own)
+        self.clock = clock  # the plan's time; None: the deployment's engine clock (virtual on the simulated device)
         self.decisions: Counter[tuple[str, str]] = Counter()
         self.lam = 0.0  # the price of the last `auto` decision (nats/GB), for the gauge
         self.control: PlanController | None = None  # built at bind (placement: plan)
@@ -44,6 +43,8 @@ class AdaptiveRouter:
         each engine accepts. `Deployment` binds its router when it is built, so a probe model it
         does not have fails there (ValueError naming it), not on every `auto` request."""
         if self._bound is None or self._bound[0] is not deployment:  # identity: an id() can be reused
+            if self.clock is None:  # the deployment's engine clock: wall, or the virtual device's
+                self.clock = deployment.engine.clock.now
             policy = Policy(self.settings, deployment.tier_to_model)
             if self.settings.probe_model is not None:
                 try:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -193,6 +192,7 @@ class Telemetry:
             raise ValueError(f"ema_alpha must be in (0, 1], got {ema_alpha}")
         self.cores = dict(cores)
         self.platform = platform or next(iter(cores.values())).platform
+        self.clock = next(iter(cores.values())).clock  # the engines' clock: wall, or the virtual device's
         # Measured once, before traffic: a copy during serving would compete with the engines.
         self.peak_bandwidth = float(peak_bandwidth) if peak_bandwidth else self.platform.peak_bandwidth()
         self.alpha = ema_alpha
@@ -234,7 +234,7 @@ class Telemetry:
                 return
             st.core_steps = stats.num_steps
             st.num_steps += 1
-            st.last_step_time = time.monotonic()
+            st.last_step_time = self.clock.now()
             st.step_s.update(seconds)
             st.bytes.update(stats.last_step_bytes)
             self._device_s.update(seconds)
@@ -279,7 +279,7 @@ class Telemetry:
         """The step's residual over its engine's cost line, filed by whether the step before it (within
         a few ms: back to back) was another engine's; and the device-time window. True: it followed
         another engine's step."""
-        now = time.monotonic()
+        now = self.clock.now()
         fixed, per_row, per_prompt = self._cost_model(st, core)
         line = fixed + per_row * rows + (per_row if per_prompt is None else per_prompt) * prefill
         last = self._last_core
@@ -364,11 +364,11 @@ class Telemetry:
         st = self._state.get(name)
         if st is not None:
             with self._lock:
-                now = time.monotonic()
+                now = self.clock.now()
                 st.pending.append((now, n))
                 st.routed.append((now, n))
                 if prompt_token_ids is not None and predicted_ms:
-                    st.predicted[tuple(prompt_token_ids)] = (time.time(), predicted_ms / 1e3)
+                    st.predicted[tuple(prompt_token_ids)] = (self.clock.time(), predicted_ms / 1e3)
                     st.predicted.move_to_end(tuple(prompt_token_ids))  # kept in the order routed
                     if len(st.predicted) > _TRACKED_REQUESTS:
                         st.predicted.popitem(last=False)
@@ -379,14 +379,14 @@ class Telemetry:
             for name, core in self.cores.items():
                 engines[name] = self._engine(name, core, self._state[name])
             dev_s, dev_b = self._device_s.get(), self._device_bytes.get()
-            cutoff = time.monotonic() - _RATE_WINDOW_S
+            cutoff = self.clock.now() - _RATE_WINDOW_S
             busy = sum(x[1] for x in self._window if x[0] >= cutoff) / _RATE_WINDOW_S
             load = sum(x[2] for x in self._window if x[0] >= cutoff) / _RATE_WINDOW_S
         achieved = dev_b / dev_s if dev_s > 0 else 0.0
         snap = dict(
             engines=engines, peak_bandwidth=self.peak_bandwidth, achieved_bandwidth=achieved,
             bandwidth_utilization=achieved / self.peak_bandwidth if self.peak_bandwidth else 0.0,
-            time=time.time(), busy_fraction=min(busy, 1.0), load_utilization=min(load, 1.0),
+            time=self.clock.time(), busy_fraction=min(busy, 1.0), load_utilization=min(load, 1.0),
         )
         if device:
             mem = self.platform.memory_info()
@@ -417,21 +417,19 @@ class Telemetry:
             avg_prompt_tokens=st.prompt_tokens.get(0.0), avg_output_tokens=st.output_tokens.get(0.0),
             spec_acceptance={k: e.get() for k, e in st.spec_rate.items()},
             calibrated=st.num_steps > 0,
-            latency_bias=self._bias(st, time.time()),
+            latency_bias=self._bias(st, self.clock.time()),
             arrival_rate=self._rate(st), prefill_seconds_per_token=per_prompt,
             switch_seconds=self._switch_seconds(st),
         )
 
-    @staticmethod
-    def _rate(st: _EngineState) -> float:
-        cutoff = time.monotonic() - _RATE_WINDOW_S
+    def _rate(self, st: _EngineState) -> float:
+        cutoff = self.clock.now() - _RATE_WINDOW_S
         while st.routed and st.routed[0][0] < cutoff:
             st.routed.popleft()
         return sum(n for _, n in st.routed) / _RATE_WINDOW_S
 
-    @staticmethod
-    def _pending(st: _EngineState) -> int:
-        cutoff = time.monotonic() - _PENDING_TTL_S
+    def _pending(self, st: _EngineState) -> int:
+        cutoff = self.clock.now() - _PENDING_TTL_S
         st.pending[:] = [p for p in st.pending if p[0] >= cutoff]
         return sum(n for _, n in st.pending)
 
@@ -463,7 +461,7 @@ class Telemetry:
 
     def _device_counters(self) -> dict[str, float]:
         t, cached = self._device_cache
-        now = time.monotonic()
+        now = self.clock.now()
         if now - t >= _DEVICE_REFRESH_S:
             try:
                 cached = dict(self.platform.device_counters())

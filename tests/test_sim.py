@@ -1,0 +1,147 @@
+"""The virtual device (sizewise.sim): the real serving stack on virtual time.
+
+Everything asserted here is behaviour under load on *virtual* time (never wall time): the
+Deployment, router, policy, telemetry, the worker's discipline, Scheduler and BlockManager are the
+real ones; only the forward is a step-cost model. Each test takes seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sizewise.orchestrator.deployment import DeploymentConfig, StaticRouter
+from sizewise.orchestrator.router import AdaptiveRouter
+from sizewise.sim.cli import build_spec
+from sizewise.sim.driver import Simulation, WorkItem
+from sizewise.sim.sweep import Sweep
+from sizewise.sim.workload import load_workload
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo.yaml"
+QWEN = ["qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"]
+LOADS = [0.25, 0.5, 1.0, 2.0, 3.0]
+
+pytestmark = pytest.mark.skipif(not (REPO / "models" / "demo" / "small" / "tokenizer.json").is_file(),
+                                reason="the demo family's tokenizer (models/demo) is not built")
+
+
+@pytest.fixture(scope="module")
+def config():
+    return DeploymentConfig.from_yaml(DEMO)
+
+
+@pytest.fixture(scope="module")
+def items():
+    return load_workload()
+
+
+def _adaptive(config, slo_ms: float) -> AdaptiveRouter:
+    s = config.policy.to_settings()
+    s.slo_ms = slo_ms
+    return AdaptiveRouter(s)
+
+
+def test_a_run_is_deterministic_for_a_seed_and_runs_the_real_stack(config, items):
+    spec = build_spec(config, "cpu-measured")
+    arrivals = [0.02 * i for i in range(48)]
+    runs = []
+    for _ in range(2):
+        sim = Simulation(spec, items[:48], seed=3)
+        other = Simulation(spec, items[:48], seed=3)  # a second deployment in the process: its own clock
+        recs = sim.run(_adaptive(config, 1000), arrivals, 16)
+        assert other.clock.now() == 0.0
+        runs.append([(r.tier, r.reason, r.latency, r.ttft, r.output_tokens) for r in recs])
+        snap = sim.deployment.telemetry.snapshot()
+        assert sum(e.num_steps for e in snap.engines.values()) == sim.device.steps  # every step reached the telemetry
+        sim.close()
+        other.close()
+    assert runs[0] == runs[1]
+    assert all(n == 16 for *_, n in runs[0])  # ignore_eos: every request ran to max_tokens
+    assert len({t for t, *_ in runs[0]}) >= 2  # the adaptive router moved load across tiers
+
+
+def _domination(config, items, hardware, shapes=None):
+    spec = build_spec(config, hardware, shapes)
+    sw = Sweep(spec, items[:48], max_tokens=32, seed=0, progress=False)
+    cap, _, slo_s = sw.calibrate()
+    rows, _, _ = sw.run(LOADS, ["static-small", "static-medium", "static-large", "sizewise"], cap, slo_s)
+    by = {(r["load"], r["policy"]): r for r in rows}
+    dominated = []
+    for load in LOADS:
+        auto = by[(load, "sizewise")]
+        for tier in ("small", "medium", "large"):
+            st = by[(load, f"static-{tier}")]
+            if st["slo_attain"] > auto["slo_attain"] and st["loss"] < auto["loss"]:
+                dominated.append((load, tier, st["slo_attain"], auto["slo_attain"], st["loss"], auto["loss"]))
+    return dominated, rows
+
+
+def test_auto_is_never_dominated_by_a_static_tier_on_the_demo_profile(config, items):
+    """Domination: a static size with both higher SLO attainment and lower quality loss at one load."""
+    dominated, _ = _domination(config, items, "cpu-measured")
+    assert dominated == []
+
+
+def test_auto_is_never_dominated_on_the_910b_qwen25_profile(config, items):
+    dominated, _ = _domination(config, items, "ascend-910b", QWEN)
+    assert dominated == []
+
+
+def test_a_burst_from_idle_is_served_whole_and_spread_off_the_top_tier(config, items):
+    """96 requests at once on an idle Qwen2.5 910B deployment: every one completes, the first
+    ones are batched on the top tier, and the backlog (seen before any step ran: the router counts
+    what it routed) moves later ones to cheaper tiers."""
+    spec = build_spec(config, "ascend-910b", QWEN)
+    sim = Simulation(spec, items, seed=0)
+    recs = sim.run(_adaptive(config, 1500), [0.0] * len(items), 32)
+    assert [r.error for r in recs if r.error] == []
+    assert all(r.output_tokens == 32 for r in recs)
+    assert recs[0].tier == "large"  # an idle device: quality first
+    moved = [r for r in recs if r.tier != "large"]
+    assert moved and all(r.reason not in ("pinned", "static") for r in moved)
+    sim.close()
+
+
+def test_a_tier_whose_engine_dies_mid_run_fails_its_requests_cleanly_and_nothing_hangs(config, items):
+    spec = build_spec(config, "cpu-measured")
+    arrivals = [0.05 * i for i in range(48)]
+    clean = Simulation(spec, items[:48], seed=0)  # first without the fault: which tier carries the most
+    used = [r.tier for r in clean.run(_adaptive(config, 1000), arrivals, 32)]
+    clean.close()
+    tier = max(("small", "medium", "large"), key=used.count)
+    sim = Simulation(spec, items[:48], seed=0)
+    recs = sim.run(_adaptive(config, 1000), arrivals, 32, faults={f"demo-{tier}": 0.6})
+    assert all(r.done for r in recs)
+    assert not [r for r in recs if r.error and r.error.startswith("hung")]
+    failed = [r for r in recs if r.error]
+    assert failed, "the fault hit no request: the test would prove nothing"
+    for r in failed:  # only the dead tier's requests fail, each with the engine's error
+        assert r.tier == tier and "simulated device fault" in r.error
+    assert all(r.output_tokens == 32 for r in recs if r.error is None)  # every other request is whole
+    assert sim.deployment.alive  # the worker survived: one core failed, the others serve
+    sim.close()
+
+
+def test_kv_exhaustion_under_a_long_prompt_flood_preempts_and_still_answers_everything(config):
+    """Long prompts flood a KV cache that holds about three of them: the scheduler preempts and
+    recomputes, and every request still ends with exactly its reference continuation's length."""
+    cfg = config.model_copy(deep=True)
+    spec = build_spec(cfg, "cpu-measured")
+    per_block = spec.plan.model("demo-large").kv_bytes_per_block
+    cfg.kv_cache_bytes = int(120 * per_block / 0.5)  # all tiers' KV (large's kv_share is 0.5): 120 blocks on large
+    spec = build_spec(cfg, "cpu-measured")
+    large = spec.plan.model("demo-large")
+    assert large.num_blocks == 120 and large.block_size == 16
+    # 900-token prompts (57 blocks each): two are admitted, then their growth to 61 blocks each overflows
+    flood = [WorkItem(prompt=[(7 * i + j) % 4000 + 10 for j in range(900)], ref=list(range(100, 164)))
+             for i in range(12)]
+    sim = Simulation(spec, flood, seed=0)
+    recs = sim.run(StaticRouter("large"), [0.001 * i for i in range(12)], 64, warmup=0)
+    assert [r.error for r in recs if r.error] == []
+    assert all(r.output_tokens == 64 for r in recs)
+    core = sim.deployment.cores["demo-large"]
+    assert core.scheduler.num_preemptions > 0
+    assert core.block_manager.num_used_blocks == 0  # every block came back
+    sim.close()

@@ -190,7 +190,10 @@ def main() -> None:
             trace.key = key
             recs = asyncio.run(run_cell(base, items, times, args.max_tokens))
             if key is not None:
-                cells[key] = [[r.arrival, r.ttft, r.latency, r.tier] for r in recs]
+                cells[key] = [[r.arrival, r.ttft, r.latency, r.tier] + (
+                    [{k: r.explain["plan"].get(k) for k in ("reason", "shares", "auto_rate", "utilization", "util_cap",
+                                                          "latency_ms")}] if "plan" in r.explain else [])
+                    for r in recs]
             return recs
 
         # Every step's shape and wall time, and every request's times: what the virtual device

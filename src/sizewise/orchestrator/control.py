@@ -6,7 +6,8 @@
 Which controller, and why. The plan is a *feed-forward* model (measured step-cost lines, measured
 arrival rate) corrected by two measured *feedback* terms, never by a per-request prediction:
   * backlog: the arrival rate the plan is made for is the larger of the rate counted over the last
-    `rate_window_s` and (requests in the system now) / SLO: by Little's law the system cannot hold N
+    `rate_window_s` (in the first window after an idle spell, or the rate of the last four arrivals
+    if higher) and (requests in the system now) / SLO: by Little's law the system cannot hold N
     requests within the SLO unless it serves N / SLO per second. The first lags a burst by up to
     its window; the second rises with every request that arrives and is not served, so a burst from
     idle moves the plan within a few arrivals (a fraction of the SLO), and falls as the backlog
@@ -67,6 +68,7 @@ class PlanController:
         self.up_margin = up_margin
         self.hold_s = hold_s
         self._changed_at = -float("inf")
+        self._fresh_since = -float("inf")
         self.plan: Plan | None = None
         self.replans = 0
         self.changes = 0  # re-plans that changed the set of tiers with a share
@@ -83,6 +85,8 @@ class PlanController:
     def note_arrival(self, now: float, tier: str | None, prompt_tokens: int, max_new_tokens: int, n: int = 1) -> None:
         """An arrival: `tier` None for `auto`, else the tier it is pinned to."""
         if tier is None:
+            if not self._arrivals or self._arrivals[-1] < now - self.rate_window_s:
+                self._fresh_since = now  # the first arrival after an idle spell
             for _ in range(n):
                 self._arrivals.append(now)
             self._since += n
@@ -94,15 +98,20 @@ class PlanController:
             for _ in range(n):
                 self._pinned[tier].append(now)
 
-    def _rate(self, q: deque, now: float) -> float:
-        """Arrivals per second over the window; over the time since the oldest arrival in it when
-        that is shorter (a start from idle), but never less than a third of the window (a clump of
-        two or three Poisson arrivals is not a rate)."""
+    def _rate(self, q: deque, now: float, fresh: bool = False) -> float:
+        """Arrivals per second over the window. `fresh` (the first window after an idle spell, when
+        the window would lag a burst by its length): the larger of that and the rate of the last
+        four arrivals, so a burst from idle shows within a few arrivals."""
         while q and q[0] < now - self.rate_window_s:
             q.popleft()
         if not q:
             return 0.0
-        return len(q) / min(max(now - q[0], self.rate_window_s / 3), self.rate_window_s)
+        rate = len(q) / min(max(now - q[0], self.rate_window_s / 3), self.rate_window_s)
+        if fresh and len(q) >= 3:
+            k = min(len(q), 4)
+            span = max(q[-1] - q[-k], 1e-3)
+            rate = max(rate, (k - 1) / max(span, now - q[-k]))
+        return rate
 
     # ----- the plan ---------------------------------------------------------------------------
     def due(self, now: float) -> bool:
@@ -120,7 +129,7 @@ class PlanController:
         measured_out = max((e.avg_output_tokens for e in engines.values()), default=0.0)
         output = measured_out if measured_out > 0 else (self._output or 16.0)
         pinned = {t: self._rate(q, now) for t, q in self._pinned.items()}
-        rate = self._rate(self._arrivals, now)
+        rate = self._rate(self._arrivals, now, fresh=now - self._fresh_since < self.rate_window_s)
         in_system = sum(e.num_running + e.num_waiting for e in engines.values())
         horizon = self.slo_s if self.slo_s is not None else 1.0
         backlog_rate = in_system / horizon - sum(pinned.values())

@@ -211,6 +211,9 @@ def plot(rows: list[dict], path: Path, slo_s: float) -> None:
     print(f"wrote {path}")
 
 
+TABLE_WIDTH = 100  # a terminal; columns past it are named under the table and kept in the JSON
+
+
 def print_table(rows: list[dict], cols: list[str], width: int = TABLE_WIDTH, file=None) -> None:
     """Columns in the order given (most telling first), as many as fit `width` characters."""
     out = file or sys.stdout

@@ -12,9 +12,12 @@ arrival rate) corrected by two measured *feedback* terms, never by a per-request
     its window; the second rises with every request that arrives and is not served, so a burst from
     idle moves the plan within a few arrivals (a fraction of the SLO), and falls as the backlog
     drains. It is proportional (no state), so it cannot wind up.
-  * latency bias: each tier's measured / modelled latency of recent requests (the telemetry's
-    EMA in logs, which also reads requests still in flight that are already late, and fades with a
-    10 s half-life), multiplied into the plan's latency model. This is the integral-like part: it
+  * latency bias: each tier's measured / modelled latency of recent finished requests (the
+    telemetry's EMA in logs, fading with a 10 s half-life), multiplied into the plan's latency model.
+    Not the lateness of requests still in flight: their predictions were made at the rate of their
+    arrival, so a rising load makes them late without the model being wrong (the backlog term sees
+    the load; reading it twice made the plan leave the top tier for good under a ramp). Finished
+    requests carry some of the same confusion, so the plan reads the bias within [2/3, 1.5]. This is the integral-like part: it
     learns what the device model leaves out (the host, the HTTP stack, a loaded machine) and
     tightens the SLO constraint where the model is optimistic.
   * hysteresis, asymmetric: a plan of *higher* expected loss (the load rose) is taken at once; one of
@@ -38,6 +41,11 @@ from dataclasses import dataclass, replace
 
 from .plan import Plan, PlanInputs, TierCost, assign, make_plan
 from .telemetry import TelemetrySnapshot
+
+_MIN_SPAN_S = 0.25
+# The latency bias is read within [1 / this, this]: a request predicted at a lower rate than it then
+# met finishes late without the model being wrong, and past this the ratio mostly says that.
+_BIAS_LIMIT = 1.5
 
 
 @dataclass(slots=True)
@@ -109,8 +117,8 @@ class PlanController:
         rate = len(q) / min(max(now - q[0], self.rate_window_s / 3), self.rate_window_s)
         if fresh and len(q) >= 3:
             k = min(len(q), 4)
-            span = max(q[-1] - q[-k], 1e-3)
-            rate = max(rate, (k - 1) / max(span, now - q[-k]))
+            # over a quarter second at least: arrivals at one instant are a batch, not an infinite rate
+            rate = max(rate, (k - 1) / max(now - q[-k], _MIN_SPAN_S))
         return rate
 
     # ----- the plan ---------------------------------------------------------------------------
@@ -125,7 +133,8 @@ class PlanController:
             per_prompt = e.prefill_seconds_per_token if e.prefill_seconds_per_token is not None else e.step_seconds_per_token
             tiers[t] = TierCost(fixed_s=e.step_fixed_seconds, row_s=e.step_seconds_per_token,
                                 prefill_token_s=per_prompt, loss=self.losses.get(t, 0.0), switch_s=e.switch_seconds,
-                                max_num_seqs=e.max_num_seqs, bias=e.latency_bias)
+                                max_num_seqs=e.max_num_seqs,
+                                bias=min(max(e.finished_bias, 1 / _BIAS_LIMIT), _BIAS_LIMIT))
         measured_out = max((e.avg_output_tokens for e in engines.values()), default=0.0)
         output = measured_out if measured_out > 0 else (self._output or 16.0)
         pinned = {t: self._rate(q, now) for t, q in self._pinned.items()}

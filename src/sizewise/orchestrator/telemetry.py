@@ -130,6 +130,7 @@ class EngineTelemetry:
     arrival_rate: float = 0.0  # sequences/s routed here lately (they join the batch a request runs in)
     prefill_seconds_per_token: float | None = None  # per prompt token of a prefill; None: step_seconds_per_token
     switch_seconds: float = 0.0  # measured extra per step when it follows another engine's step
+    finished_bias: float = 1.0  # measured / predicted latency of finished requests only (fading to 1)
 
     @property
     def kv_usage(self) -> float:
@@ -331,6 +332,12 @@ class Telemetry:
         st.bias_time = fin
 
     @staticmethod
+    def _finished_bias(st: _EngineState, now: float) -> float:
+        if st.latency_bias is None:
+            return 1.0
+        return math.exp(st.latency_bias.get(0.0) * 0.5 ** (max(now - st.bias_time, 0.0) / _BIAS_HALF_LIFE_S))
+
+    @staticmethod
     def _bias(st: _EngineState, now: float) -> float:
         """The latency bias the policy reads: the finished requests' (fading without new ones), or
         more when most requests still in flight there have already run past their prediction (their
@@ -419,7 +426,7 @@ class Telemetry:
             calibrated=st.num_steps > 0,
             latency_bias=self._bias(st, self.clock.time()),
             arrival_rate=self._rate(st), prefill_seconds_per_token=per_prompt,
-            switch_seconds=self._switch_seconds(st),
+            switch_seconds=self._switch_seconds(st), finished_bias=self._finished_bias(st, self.clock.time()),
         )
 
     def _rate(self, st: _EngineState) -> float:

@@ -15,15 +15,18 @@ times one request's unloaded latency on large (measured in the run; stated in th
 adaptive policies get it as `policy.slo_ms`.
 
 Policies: static-small / static-medium / static-large; random (tiers dealt at sizewise's shares
-at the same load); load-only (the same objective and SLO logic with no probe: each tier's loss is
-its mean gap); sizewise (the deployment's policy); oracle (the same objective, knowing every
-tier's true loss on every request).
+at the same load); load-only (the same capacity plan with no quality signal: each tier's loss is
+its mean gap, so who moves down is a seeded draw); sizewise (the deployment's policy: the plan,
+requests filling its shares by predicted loss); oracle (the same plan, knowing every tier's true
+loss on every request). `--loads` takes multiples of static large's capacity and `burst` (every
+request within --burst-s of an idle start).
 
 Per cell: SLO attainment, goodput (requests within the SLO per second of the run), p50/p95/p99
 latency and TTFT, tier shares, mean quality loss vs static large (mean NLL of the reference under
 the serving tier, relative), probe time p50/p95, predicted vs measured latency per tier. Offline
 from the per-request quality: the loss of random and of an oracle at sizewise's own shares, and
-the fraction of the random-to-oracle gap sizewise closes. Table on stdout, details in
+the fraction of the random-to-oracle gap sizewise closes; the share of requests the quality signal
+was measured for, requests moved after placement, the plan's tier sets. Table on stdout, details in
 benchmarks/results/routing.json, a quality-vs-goodput plot in benchmarks/results/routing.png.
 """
 
@@ -102,7 +105,7 @@ async def run_cell(base: str, items, times: list[float], max_tokens: int) -> lis
             ex = sw.get("explain") or {}
             pred = ex.get("tiers", {}).get(sw["tier"], {}).get("latency_ms")
             records[i] = Record(i, at, ttft if ttft is not None else latency, latency, sw["tier"], sw["reason"],
-                                ntok, probe.get("ms"), pred, ex)
+                                ntok, probe.get("ms"), pred, ex, probe.get("surprisal") is not None)
 
         await asyncio.gather(*(one(i, it, at) for i, (it, at) in enumerate(zip(items, times))))
     return records  # type: ignore[return-value]
@@ -115,7 +118,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=96)
     ap.add_argument("--max-tokens", type=int, default=32, help="generated and reference tokens per request")
     ap.add_argument("--code-frac", type=float, default=0.5)
-    ap.add_argument("--loads", default="0.25,0.5,1,1.5,2,3", help="multiples of static large's capacity")
+    ap.add_argument("--loads", default="0.25,0.5,1,1.5,2,3,burst",
+                    help="multiples of static large's capacity; `burst`: every request within --burst-s from idle")
+    ap.add_argument("--burst-s", type=float, default=2.0, help="the burst's span in seconds (default: 2)")
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--slo-mult", type=float, default=3.0, help="SLO = this x one unloaded request on large")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared CPU)")
@@ -128,7 +133,7 @@ def main() -> None:
             raise SystemExit(f"unknown policy {p!r}; choose from {', '.join(POLICIES)}")
     if "random" in policies and "sizewise" not in policies:
         raise SystemExit("random copies sizewise's tier shares: include sizewise")
-    loads = [float(x) for x in args.loads.split(",") if x]
+    loads = [x if x == "burst" else float(x) for x in args.loads.split(",") if x]
 
     import torch
 
@@ -185,7 +190,10 @@ def main() -> None:
             trace.key = key
             recs = asyncio.run(run_cell(base, items, times, args.max_tokens))
             if key is not None:
-                cells[key] = [[r.arrival, r.ttft, r.latency, r.tier] for r in recs]
+                cells[key] = [[r.arrival, r.ttft, r.latency, r.tier] + (
+                    [{k: r.explain["plan"].get(k) for k in ("reason", "shares", "auto_rate", "utilization", "util_cap",
+                                                          "latency_ms")}] if "plan" in r.explain else [])
+                    for r in recs]
             return recs
 
         # Every step's shape and wall time, and every request's times: what the virtual device
@@ -198,6 +206,10 @@ def main() -> None:
         slo_ms = None
         for p in ("static-small", "static-medium", "static-large"):
             cell(p, [0.0] * min(8, len(items)))
+        # and the tiers interleaved: the telemetry measures what a step costs after another tier's
+        # (the plan reads it; on this CPU it is far more than a second weight stream)
+        k = min(4, len(items) // 3)
+        cell("random", [0.0] * (3 * k), {t: k for t in TIERS})
         # one request alone on large, three times: the SLO's unit
         dep.router = StaticRouter("large")
         alone = [asyncio.run(run_cell(base, items[i:i + 1], [0.0], args.max_tokens))[0].latency for i in range(3)]
@@ -214,18 +226,20 @@ def main() -> None:
             t += rng.expovariate(1.0)
         offline = []
         order = [p for p in policies if p != "random"] + (["random"] if "random" in policies else [])
+        burst_rng = random.Random(args.seed + 2)
+        burst_times = sorted(burst_rng.uniform(0.0, args.burst_s) for _ in items)
         for load in loads:
-            times = [x / (load * cap) for x in unit]
+            times = burst_times if load == "burst" else [x / (load * cap) for x in unit]
             got = {}
             for p in order:
                 counts = None
                 if p == "random":
                     counts = {t: sum(r.tier == t for r in got["sizewise"][1]) for t in TIERS}
-                recs = cell(p, times, counts, key=f"{load:g}/{p}")
+                recs = cell(p, times, counts, key=f"{load if load == 'burst' else format(load, 'g')}/{p}")
                 row = summarize(p, load, recs, nll, slo_s)
                 got[p] = (row, recs)
                 rows.append(row)
-                print(f"  {load:4g}x {p:13s} attain {row['slo_attain']:.2f} goodput {row['goodput']:6.1f}/s "
+                print(f"  {load!s:>5}x {p:13s} attain {row['slo_attain']:.2f} goodput {row['goodput']:6.1f}/s "
                       f"p95 {row['p95_s']:.2f}s loss {row['loss']:+.2%} large {row['large']:.2f}",
                       file=sys.stderr, flush=True)
             if "sizewise" in got:
@@ -248,8 +262,8 @@ def main() -> None:
     print(f"\nrouting: {args.requests} requests/cell ({args.code_frac:.0%} code), prompt {args.prompt_tokens}, "
           f"{args.max_tokens} generated (greedy, ignore_eos, streamed over HTTP); static-large capacity "
           f"{cap:.2f} req/s; SLO {slo_s:.3f} s ({args.slo_mult:g}x one request alone on large); {bench_s:.0f} s")
-    cols = ["load", "policy", "slo_attain", "goodput", "p50_s", "p95_s", "p99_s", "ttft_p50_s", "ttft_p95_s",
-            "small", "medium", "large", "loss", "probe_p50_ms", "probe_p95_ms"]
+    cols = ["load", "policy", "slo_attain", "goodput", "p50_s", "p95_s", "ttft_p50_s", "ttft_p95_s",
+            "small", "medium", "large", "loss", "probe_p50_ms", "moved", "signal_frac"]
     print_table(rows, cols)
     print("\noffline at sizewise's shares (quality loss vs large):")
     print_table(offline, ["load", "off_top", "sizewise_loss", "random_loss", "oracle_loss", "gap_closed"])

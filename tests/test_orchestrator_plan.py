@@ -99,6 +99,12 @@ def test_measured_latency_bias_tightens_the_plan():
     assert plan_at(rate, tiers=slow).shares.get("large", 0.0) < 1.0
 
 
+def test_a_mix_gives_each_tier_at_least_the_minimum_share():
+    for k in range(1, 400):
+        p = plan_at(k * large_capacity() / 40)
+        assert all(v >= 0.05 - 1e-12 for v in p.shares.values()), p.shares
+
+
 def test_requests_fill_the_shares_by_rank():
     p = plan_at(1.3 * large_capacity())
     sm = p.shares["medium"]
@@ -111,3 +117,98 @@ def test_requests_fill_the_shares_by_rank():
 def test_bad_rate_is_refused():
     with pytest.raises(ValueError, match="auto_rate"):
         plan_at(math.nan)
+
+
+# ----- the controller: scripted telemetry and arrivals -------------------------------------------
+from sizewise.orchestrator.control import PlanController  # noqa: E402
+from sizewise.orchestrator.telemetry import EngineTelemetry, TelemetrySnapshot  # noqa: E402
+
+MODELS = {"small": "s", "medium": "m", "large": "l"}
+
+
+def _engine(tier: str, waiting: int = 0) -> EngineTelemetry:
+    c = ACCEL[tier]
+    return EngineTelemetry(
+        name=MODELS[tier], tier=tier, weight_bytes=10**6, kv_bytes_per_token=1024, block_size=16, max_num_seqs=256,
+        max_num_batched_tokens=4096, max_model_len=1024, num_running=0, num_waiting=waiting, kv_blocks_used=0,
+        kv_blocks_total=1000, num_steps=10, step_seconds=c.fixed_s, step_fixed_seconds=c.fixed_s,
+        step_seconds_per_token=c.row_s, bytes_per_step=1e6, achieved_bandwidth=1e9, bandwidth_utilization=0.1,
+        avg_prompt_tokens=96.0, avg_output_tokens=32.0, spec_acceptance={}, calibrated=True,
+        prefill_seconds_per_token=c.prefill_token_s)
+
+
+def _snap(waiting: dict | None = None) -> TelemetrySnapshot:
+    waiting = waiting or {}
+    return TelemetrySnapshot(engines={MODELS[t]: _engine(t, waiting.get(t, 0)) for t in MODELS}, peak_bandwidth=1e10,
+                             achieved_bandwidth=1e9, bandwidth_utilization=0.1)
+
+
+def _controller(**kw) -> PlanController:
+    return PlanController(["small", "medium", "large"], MODELS, {t: c.loss for t, c in ACCEL.items()}, slo_s=SLO, **kw)
+
+
+def _arrive(ctl, t0: float, rate: float, seconds: float) -> float:
+    n = int(rate * seconds)
+    for k in range(n):
+        ctl.note_arrival(t0 + k / rate, None, 96, 32)
+    return t0 + n / rate
+
+
+def test_a_burst_from_idle_moves_the_plan_within_a_few_arrivals():
+    ctl = _controller()
+    ctl.note_arrival(0.0, None, 96, 32)
+    assert ctl.replan(_snap(), 0.0)[0].shares == {"large": 1.0}
+    # a burst: requests arrive every ms and pile up unserved (the backlog is what the engines hold)
+    cap = large_capacity()
+    for k in range(1, 121):
+        now = 10.0 + 0.001 * k
+        ctl.note_arrival(now, None, 96, 32)
+        snap = _snap({"large": k})  # every arrival so far is still queued on large
+        if ctl.due(now):
+            ctl.replan(snap, now)
+    # 120 queued within 120 ms (an eighth of the SLO): the backlog term alone says 120/s, over
+    # large's cap, while the rate counted over the window says 40/s, under it
+    assert 120 / ctl.rate_window_s < cap < 120, cap
+    assert ctl.plan.shares.get("large", 0.0) < 1.0, ctl.plan
+    assert ctl.replans >= 30
+
+
+def test_the_plan_moves_down_at_once_and_back_up_only_with_margin_and_hold():
+    cap = large_capacity()
+    for hold, back_up in ((2.0, True), (100.0, False)):
+        ctl = _controller(hold_s=hold)
+        t = _arrive(ctl, 0.0, 0.5 * cap, 3.0)
+        assert ctl.replan(_snap(), t)[0].shares == {"large": 1.0}
+        t = _arrive(ctl, t, 2.0 * cap, 3.0)  # the load doubles: off the top tier at once
+        assert "large" not in ctl.replan(_snap(), t)[0].shares
+        # just under large's cap: large alone would hold, but not with 25% more: a mix, not large alone
+        t = _arrive(ctl, t, 0.95 * cap, 3.0)
+        p = ctl.replan(_snap(), t)[0]
+        assert p.shares != {"large": 1.0}
+        # half the cap: back to the top tier alone, once the hold since the last change is over
+        t = _arrive(ctl, t, 0.5 * cap, 3.0)
+        assert (ctl.replan(_snap(), t)[0].shares == {"large": 1.0}) is back_up
+
+
+def test_requests_the_cheaper_tier_loses_least_on_fill_its_share():
+    ctl = _controller()
+    cap = large_capacity()
+    t = _arrive(ctl, 0.0, 1.3 * cap, 3.0)
+    plan = ctl.replan(_snap(), t)[0]
+    assert set(plan.shares) == {"medium", "large"}
+    import random
+
+    rng = random.Random(3)
+    gaps = [rng.uniform(0.0, 0.4) for _ in range(2000)]
+    placed = [ctl.place({"small": 2 * g, "medium": g, "large": 0.0}) for g in gaps]
+    warm = 256  # after the window of recent predictions has filled
+    got = [p.tier for p in placed[warm:]]
+    share = got.count("medium") / len(got)
+    assert share == pytest.approx(plan.shares["medium"], abs=0.05)
+    # and it is the requests with the smallest predicted gap that moved
+    moved = [g for g, p in zip(gaps[warm:], placed[warm:]) if p.tier == "medium"]
+    stayed = [g for g, p in zip(gaps[warm:], placed[warm:]) if p.tier == "large"]
+    assert sum(moved) / len(moved) < 0.5 * sum(stayed) / len(stayed)
+    # a predictor that cannot tell requests apart still meets the shares (ties drawn at random)
+    flat = [ctl.place({"small": 0.3, "medium": 0.1, "large": 0.0}).tier for _ in range(2000)]
+    assert flat[warm:].count("medium") / len(flat[warm:]) == pytest.approx(plan.shares["medium"], abs=0.05)

@@ -62,6 +62,7 @@ class PlanInputs:
     pinned_work: dict[str, float] = field(default_factory=dict)  # tier -> per-token seconds of one pinned request
     slo_s: float | None = None
     util_target: float = 0.85
+    min_share: float = 0.05  # a mix gives each of its tiers at least this (a stream for less does not pay)
 
 
 @dataclass(slots=True, frozen=True)
@@ -147,7 +148,7 @@ def make_plan(inp: PlanInputs, now: float = 0.0) -> Plan:
             rest = rho_a - inp.auto_rate * (wa + wb) / 2  # pinned load
             budget = (cap - rest) / inp.auto_rate  # per-request work auto may average
             sb = (budget - wa) / (wb - wa)
-            if not 0.0 < sb < 1.0:
+            if not inp.min_share <= sb <= 1.0 - inp.min_share:
                 continue  # one of the two alone (or neither) is the answer
             shares = {a: 1.0 - sb, b: sb}
             ok, rho, *_ = _evaluate(inp, shares)

@@ -153,7 +153,7 @@ class AdaptiveRouter:
                         placement=placement.to_json() if placement is not None else None)
         # The plan's latency without the measured bias is what the telemetry scores (bias = measured /
         # modelled): scoring a prediction that already holds the bias would make the bias oscillate.
-        modelled = plan.latency_s.get(tier, 0.0) / max(snap.engines[model].latency_bias, 1e-9) * 1e3
+        modelled = plan.latency_s.get(tier, 0.0) / max(snap.engines[model].finished_bias, 1e-9) * 1e3
         deployment.telemetry.note_routed(model, params.n, prompt_token_ids,
                                          modelled if pinned is None and modelled < float("inf") else None)
         return self._decision(choice, probe, pinned)

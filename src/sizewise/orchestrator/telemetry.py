@@ -137,6 +137,7 @@ class EngineTelemetry:
     prefill_seconds_per_token: float | None = None  # per prompt token of a prefill; None: step_seconds_per_token
     own_step_seconds: float = 0.0  # EMA of this model's own seconds per step or drafting turn (bandwidth's divisor)
     switch_seconds: float = 0.0  # measured extra per step when it follows another engine's step
+    finished_bias: float = 1.0  # measured / predicted latency of finished requests only (fading to 1)
 
     @property
     def kv_usage(self) -> float:
@@ -252,13 +253,17 @@ class Telemetry:
             self._device_s.update(seconds)
             self._device_bytes.update(stats.last_step_bytes + drafted)
             prefill = min(stats.last_step_prefill_tokens, ntok)
-            self._note_interleave(name, st, core, prefill, ntok - prefill, seconds)
-            if prefill == 0:
+            switched = self._note_interleave(name, st, core, prefill, ntok - prefill, seconds)
+            # The cost line is the engine's own (steps that did not follow another engine's), so what
+            # interleaving adds is measured against it, not folded into it; until it has such steps,
+            # every step counts.
+            own = not switched or (st.dec_x.value if prefill == 0 else st.pre_t.value) is None
+            if own and prefill == 0:
                 st.dec_x.update(ntok)
                 st.dec_y.update(seconds)
                 st.dec_xx.update(ntok * ntok)
                 st.dec_xy.update(ntok * seconds)
-            else:
+            elif own:
                 st.pre_t.update(prefill)
                 st.pre_d.update(ntok - prefill)
                 st.pre_y.update(seconds)
@@ -299,14 +304,17 @@ class Telemetry:
                 st.own_s.update(ds)
                 total += db
         return total
+
     def _note_interleave(self, name: str, st: _EngineState, core: EngineCore, prefill: int, rows: int,
-                         seconds: float) -> None:
+                         seconds: float) -> bool:
         """The step's residual over its engine's cost line, filed by whether the step before it (within
-        a few ms: back to back) was another engine's; and the device-time window."""
+        a few ms: back to back) was another engine's; and the device-time window. True: it followed
+        another engine's step."""
         now = self.clock.now()
         fixed, per_row, per_prompt = self._cost_model(st, core)
         line = fixed + per_row * rows + (per_row if per_prompt is None else per_prompt) * prefill
         last = self._last_core
+        switched = False
         if last is not None and now - seconds - last[1] < _BACK_TO_BACK_S:
             switched = last[0] != name
             attr = "resid_switch" if switched else "resid_same"
@@ -317,6 +325,7 @@ class Telemetry:
         self._window.append((now, seconds, max(seconds - fixed, 0.0)))
         while self._window and self._window[0][0] < now - _RATE_WINDOW_S:
             self._window.popleft()
+        return switched
 
     @staticmethod
     def _switch_seconds(st: _EngineState) -> float:
@@ -351,6 +360,12 @@ class Telemetry:
             st.latency_bias = _Ema(st.step_s.alpha)
         st.latency_bias.update(math.log(ratio))
         st.bias_time = fin
+
+    @staticmethod
+    def _finished_bias(st: _EngineState, now: float) -> float:
+        if st.latency_bias is None:
+            return 1.0
+        return math.exp(st.latency_bias.get(0.0) * 0.5 ** (max(now - st.bias_time, 0.0) / _BIAS_HALF_LIFE_S))
 
     @staticmethod
     def _bias(st: _EngineState, now: float) -> float:
@@ -442,7 +457,7 @@ class Telemetry:
             calibrated=st.num_steps > 0,
             latency_bias=self._bias(st, self.clock.time()),
             arrival_rate=self._rate(st), prefill_seconds_per_token=per_prompt, own_step_seconds=own_s,
-            switch_seconds=self._switch_seconds(st),
+            switch_seconds=self._switch_seconds(st), finished_bias=self._finished_bias(st, self.clock.time()),
         )
 
     def _rate(self, st: _EngineState) -> float:

@@ -33,6 +33,7 @@ class Record:
     probe_ms: float | None
     predicted_ms: float | None
     explain: dict = field(default_factory=dict)
+    signal: bool = False  # the host-side quality signal (surprisal) was measured for it
 
 # ----- routers only the benchmark needs ---------------------------------------------------------
 class RandomRouter:
@@ -82,7 +83,12 @@ def summarize(policy: str, load: float, recs: list[Record], nll: dict[str, list[
             pred[t] = {"n": len(mine), "predicted_ms": statistics.fmean(r.predicted_ms for r in mine),
                        "measured_ms": statistics.fmean(r.latency * 1e3 for r in mine)}
     lams = [r.explain.get("lambda_nats_per_gb", 0.0) for r in recs if r.explain]
+    plans = [r.explain["plan"] for r in recs if r.explain and "plan" in r.explain]
     return {
+        "signal_frac": sum(r.signal for r in recs) / len(recs),
+        "moved": sum(1 for r in recs if r.explain and "moved" in r.explain),
+        "plan_tier_sets": sorted({",".join(sorted(p["shares"], key=TIERS.index)) for p in plans}),
+        "replans": max((p.get("replans", 0) for p in plans), default=0),
         "policy": policy, "load": load, "requests": len(recs),
         "slo_attain": ok / len(recs), "goodput": ok / span, "req_s": len(recs) / span,
         "p50_s": pct(lat, 50), "p95_s": pct(lat, 95), "p99_s": pct(lat, 99),
@@ -114,63 +120,59 @@ def oracle_at_shares(gaps: dict[str, list[float]], counts: dict[str, int]) -> fl
     return float(table[ns, nm]) / n
 
 def targets(rows: list[dict], offline: list[dict]) -> dict:
-    """Issue 13's targets, read off the table (reported, not asserted)."""
+    """Issue 22's targets, read off the table (reported, not asserted)."""
     by = {(r["load"], r["policy"]): r for r in rows}
     lines, out = ["\ntargets:"], {}
-
-    def get(load, p):
-        return by.get((load, p))
-
+    loads = sorted({r["load"] for r in rows}, key=lambda x: (isinstance(x, str), x if not isinstance(x, str) else 0))
+    statics = [p for p in POLICIES if p.startswith("static-")]
+    dominated, held = [], []
+    for load in loads:
+        sw = by.get((load, "sizewise"))
+        if sw is None:
+            continue
+        st = [by[(load, p)] for p in statics if (load, p) in by]
+        for r in st:  # >= 5 points more requests within the SLO at no more loss
+            if r["slo_attain"] >= sw["slo_attain"] + 0.05 and r["loss"] <= sw["loss"] + 1e-9:
+                dominated.append(f"{r['policy']}@{load}x ({r['slo_attain']:.2f}/{r['loss']:+.1%} vs "
+                                 f"{sw['slo_attain']:.2f}/{sw['loss']:+.1%})")
+        good = [r for r in st if r["slo_attain"] >= 0.9]
+        if good:
+            best = min(r["loss"] for r in good)
+            ok = sw["slo_attain"] >= 0.9 and sw["loss"] <= best + 1e-9
+            held.append(ok)
+            lines.append(f"  {load}x SLO held: sizewise {sw['slo_attain']:.2f} / {sw['loss']:+.2%}; best static holding "
+                         f"0.9: {min(good, key=lambda r: r['loss'])['policy']} {best:+.2%}: {'met' if ok else 'NOT met'}")
+    out["never_dominated"] = not dominated
+    out["slo_held"] = all(held) if held else None
+    lines.append("  never dominated (no static tier >= 5 points more attainment at no more loss): "
+                 + ("met" if not dominated else "NOT met: " + "; ".join(dominated)))
     for load in (0.25, 0.5):
-        sw, lg = get(load, "sizewise"), get(load, "static-large")
+        sw, lg = by.get((load, "sizewise")), by.get((load, "static-large"))
         if sw and lg:
             ok = sw["loss"] <= 0.005 and sw["p95_s"] <= 1.1 * lg["p95_s"]
             out[f"headroom_{load}"] = ok
             lines.append(f"  {load}x headroom: loss {sw['loss']:+.2%} (<= 0.5%), p95 {sw['p95_s']:.2f} vs large "
                          f"{lg['p95_s']:.2f} s = {sw['p95_s'] / lg['p95_s']:.2f}x (<= 1.1x): {'met' if ok else 'NOT met'}")
-    sw, lg = get(2.0, "sizewise"), get(2.0, "static-large")
-    if sw and lg:
-        ok = sw["slo_attain"] >= 0.9 and lg["slo_attain"] < 0.5 and sw["goodput"] >= 2 * lg["goodput"]
-        out["overload_2x"] = ok
-        lines.append(f"  2x: attainment {sw['slo_attain']:.2f} (>= 0.9) vs large {lg['slo_attain']:.2f} (< 0.5), goodput "
-                     f"{sw['goodput']:.1f} vs {lg['goodput']:.1f} = {sw['goodput'] / max(lg['goodput'], 1e-9):.2f}x "
-                     f"(>= 2x): {'met' if ok else 'NOT met'}")
-    sw = get(3.0, "sizewise")
-    if sw:
-        out["overload_3x"] = sw["slo_attain"] >= 0.8
-        lines.append(f"  3x: attainment {sw['slo_attain']:.2f} (>= 0.8): {'met' if out['overload_3x'] else 'NOT met'}")
     for o in offline:
-        if o["off_top"] < 0.1:
+        mixed = sum(v > 0 for v in o["shares"].values()) >= 2
+        if not mixed or o["off_top"] < 0.1:
             continue
-        lo = get(o["load"], "load-only")
-        rd = get(o["load"], "random")
-        sw = get(o["load"], "sizewise")
-        below = (lo is None or sw["loss"] < lo["loss"]) and sw["loss"] < o["random_loss"] and (rd is None or sw["loss"] < rd["loss"])
-        closed = o["gap_closed"] is not None and o["gap_closed"] >= 0.5
-        out[f"probe_{o['load']}"] = below and closed
-        lines.append(f"  {o['load']}x probe ({o['off_top']:.0%} off top): loss {sw['loss']:+.2%} vs load-only "
-                     f"{lo['loss'] if lo else float('nan'):+.2%}, random {rd['loss'] if rd else float('nan'):+.2%} "
-                     f"(offline {o['random_loss']:+.2%}), oracle at these shares {o['oracle_loss']:+.2%}; gap closed "
-                     f"{o['gap_closed'] if o['gap_closed'] is not None else float('nan'):.0%} (>= 50%): "
-                     f"{'met' if below and closed else 'NOT met'}")
-    dominated = []
-    for r in rows:
-        if r["policy"].startswith("static-"):
-            sw = get(r["load"], "sizewise")
-            if sw and r["slo_attain"] > sw["slo_attain"] and r["loss"] < sw["loss"]:
-                dominated.append(f"{r['policy']}@{r['load']}x")
-    out["never_dominated"] = not dominated
-    lines.append(f"  never dominated by a static size: {'met' if not dominated else 'NOT met: ' + ', '.join(dominated)}")
-    probe_ok = all((r["probe_p50_ms"] or 0) <= 2 and (r["probe_p95_ms"] or 0) <= 10
-                   for r in rows if r["policy"] == "sizewise" and r["load"] <= 1)
-    out["probe_time"] = probe_ok
-    lines.append("  probe p50 <= 2 ms, p95 <= 10 ms at <= 1x: " + ("met" if probe_ok else "NOT met") + " (" + ", ".join(
-        f"{r['load']}x {r['probe_p50_ms'] or 0:.1f}/{r['probe_p95_ms'] or 0:.1f} ms" for r in rows
-        if r["policy"] == "sizewise" and r["load"] <= 1) + ")")
+        ok = o["gap_closed"] is not None and o["gap_closed"] >= 0.3
+        out[f"signal_{o['load']}"] = ok
+        lines.append(f"  {o['load']}x signal ({o['off_top']:.0%} off top): sizewise {o['sizewise_loss']:+.2%}, random at "
+                     f"these shares {o['random_loss']:+.2%}, oracle {o['oracle_loss']:+.2%}; gap closed "
+                     f"{o['gap_closed'] if o['gap_closed'] is not None else float('nan'):.0%} (>= 30%): "
+                     f"{'met' if ok else 'NOT met'}")
+    sig = [r["signal_frac"] for r in rows if r["policy"] == "sizewise"]
+    if sig:
+        lines.append(f"  quality signal measured on {min(sig):.0%} (least cell) of sizewise's auto requests")
     out["lines"] = lines
     return out
 
-def plot(rows: list[dict], path: Path, slo_s: float, title: str = "routing across the load sweep (demo family)") -> None:
+
+def plot(rows: list[dict], path: Path, slo_s: float,
+         title: str = "routing sweep, demo family on a shared 2-core CPU (timings noisy)") -> None:
+    """SLO attainment and quality loss against load per policy, and sizewise's tier shares."""
     try:
         import matplotlib
 
@@ -179,19 +181,34 @@ def plot(rows: list[dict], path: Path, slo_s: float, title: str = "routing acros
     except ImportError:
         print("matplotlib missing (pip install -e '.[bench]'): no plot", file=sys.stderr)
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    loads = sorted({r["load"] for r in rows if r["load"] != "burst"})
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    styles = {"static-small": ":", "static-medium": ":", "static-large": ":", "sizewise": "-", "oracle": "--",
+              "random": "-.", "load-only": "-."}
     for p in POLICIES:
-        pts = sorted((r["load"], r["goodput"], r["loss"] * 100) for r in rows if r["policy"] == p)
-        if pts:
-            ax.plot([g for _, g, _ in pts], [q for _, _, q in pts], marker="o", label=p)
-            for load, g, q in pts:
-                ax.annotate(f"{load:g}x", (g, q), fontsize=6, alpha=0.6)
-    ax.set_xlabel(f"goodput (requests/s within the {slo_s:.2f} s SLO)")
-    ax.set_ylabel("quality loss vs static large (% NLL)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+        pts = sorted((r["load"], r["slo_attain"], r["loss"] * 100) for r in rows if r["policy"] == p and r["load"] != "burst")
+        if not pts:
+            continue
+        lw = 2.5 if p == "sizewise" else 1.2
+        axes[0].plot([x for x, _, _ in pts], [a for _, a, _ in pts], styles.get(p, "-"), marker="o", lw=lw, label=p)
+        axes[1].plot([x for x, _, _ in pts], [q for _, _, q in pts], styles.get(p, "-"), marker="o", lw=lw, label=p)
+    axes[0].set_ylabel(f"SLO attainment ({slo_s:.2f} s)")
+    axes[1].set_ylabel("quality loss vs static large (% NLL)")
+    sw = {r["load"]: r for r in rows if r["policy"] == "sizewise" and r["load"] != "burst"}
+    bottom = [0.0] * len(loads)
+    for t in TIERS:
+        vals = [sw[x][t] if x in sw else 0.0 for x in loads]
+        axes[2].bar([str(x) for x in loads], vals, bottom=bottom, label=t)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    axes[2].set_ylabel("sizewise: share of requests per tier")
+    for ax in axes[:2]:
+        ax.set_xlabel("load (x static large's capacity)")
+    axes[2].set_xlabel("load (x static large's capacity)")
+    axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     print(f"wrote {path}")
 
 

@@ -552,28 +552,8 @@ def _chat(args) -> int:
     print(f"sizewise chat: {engine.name} ({engine.model_config.num_params / 1e6:.1f}M parameters, "
           f"{engine.max_model_len}-token context). {CHAT_HELP}.", file=sys.stderr, flush=True)
     opening = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(opening)
 
-    while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            print()
-            return 0
-        except KeyboardInterrupt:
-            print(f"\n({CHAT_HELP})")
-            continue
-        command = line.strip()
-        if not command:
-            continue
-        if command in ("/exit", "/bye", "/quit"):
-            return 0
-        if command in ("/clear", "/help"):
-            if command == "/clear":
-                messages = list(opening)
-            print("(conversation cleared)" if command == "/clear" else f"({CHAT_HELP})")
-            continue
-        messages.append({"role": "user", "content": line})
+    def answer(messages: list[dict]) -> str | None:
         # The oldest exchanges go first when the conversation outgrows the context.
         text, ids = llm._chat_prompt(messages, 0)
         while len(ids) + params.max_tokens > engine.max_model_len and len(messages) > len(opening) + 1:
@@ -582,16 +562,15 @@ def _chat(args) -> int:
             text, ids = llm._chat_prompt(messages, 0)
         try:
             out = llm._run([(text, ids)], params, use_tqdm=False, strategy="plain", on_delta=_write_delta)[0]
-        except KeyboardInterrupt:
-            print("\n(stopped; that turn is forgotten)")
-            messages.pop()
-            continue
         except InvalidRequestError as e:
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-            messages.pop()
-            continue
+            return None
         print()
-        messages.append({"role": "assistant", "content": out.outputs[0].text})
+        return out.outputs[0].text
+
+    from .remote_chat import repl
+
+    return repl(opening, CHAT_HELP, answer)
 
 
 def _chat_remote(args) -> int:

@@ -92,12 +92,30 @@ def run(url: str, model: str, api_key: str | None, sampling: dict, system: str |
     print(f"sizewise chat: {client.url}, model {model} (serving {', '.join(n for n in names if n != model)}). "
           f"{help_text}.", file=sys.stderr, flush=True)
     opening = [{"role": "system", "content": system}] if system else []
-    messages = list(opening)
 
     def write(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
+    def answer(messages: list[dict]) -> str | None:
+        parts: list[str] = []
+        try:
+            routed = client.chat({"model": model, "messages": messages, **sampling},
+                                 lambda t: (parts.append(t), write(t)))
+        except RemoteError as e:
+            print(f"error: {e} (that turn is forgotten; /clear starts a new conversation)", file=sys.stderr)
+            return None
+        print()
+        print(route_line(routed), flush=True)
+        return "".join(parts)
+
+    return repl(opening, help_text, answer)
+
+
+def repl(opening: list[dict], help_text: str, answer: Callable[[list[dict]], str | None]) -> int:
+    """The chat prompt loop of `sizewise chat`, local or `--url`: `answer(messages)` streams one reply
+    and returns its text, or None when the turn failed (it is then forgotten)."""
+    messages = list(opening)
     while True:
         try:
             line = input(">>> ")
@@ -118,18 +136,12 @@ def run(url: str, model: str, api_key: str | None, sampling: dict, system: str |
             print("(conversation cleared)" if command == "/clear" else f"({help_text})")
             continue
         messages.append({"role": "user", "content": line})
-        parts: list[str] = []
         try:
-            routed = client.chat({"model": model, "messages": messages, **sampling},
-                                 lambda t: (parts.append(t), write(t)))
+            text = answer(messages)
         except KeyboardInterrupt:
             print("\n(stopped; that turn is forgotten)")
+            text = None
+        if text is None:
             messages.pop()
             continue
-        except RemoteError as e:
-            print(f"error: {e} (that turn is forgotten; /clear starts a new conversation)", file=sys.stderr)
-            messages.pop()
-            continue
-        print()
-        print(route_line(routed), flush=True)
-        messages.append({"role": "assistant", "content": "".join(parts)})
+        messages.append({"role": "assistant", "content": text})

@@ -78,6 +78,8 @@ EXPECTED = {
     "sizewise_bandwidth_utilization_ratio": "gauge",
     "sizewise_peak_bandwidth_bytes_per_second": "gauge",
     "sizewise_device_memory_used_bytes": "gauge",
+    "sizewise_device_seconds_total": "counter",
+    "sizewise_device_bytes_total": "counter",
 }
 
 

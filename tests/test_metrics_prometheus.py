@@ -89,6 +89,8 @@ EXPECTED = {
     "sizewise_device_busy_ratio": "gauge",
     "sizewise_plan_replans_total": "counter",
     "sizewise_plan_moves_total": "counter",
+    "sizewise_device_seconds_total": "counter",
+    "sizewise_device_bytes_total": "counter",
 }
 
 

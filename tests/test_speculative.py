@@ -266,13 +266,20 @@ def test_penalties_min_tokens_logprobs_and_stops_match_plain(llama_dir, drafts):
     assert llm.engine.stats().spec_accepted_tokens["pld"] > 0
 
 
-def test_preemption_under_a_small_cache_keeps_results(llama_dir):
+@pytest.mark.parametrize("strategy", ["pld", "draft"])
+def test_preemption_under_a_small_cache_keeps_results(llama_dir, strategy):
+    """Preempted (and recomputed) speculating sequences give plain decoding's tokens; with the target
+    as its own draft, every proposal of a shadow that outlived its target's preemption is accepted."""
     prompts = [[5 + i, 17, 33, 8, 5 + i, 17, 33, 8] * 3 for i in range(8)]
     sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     ref = tokens(LLM(llama_dir, **ENGINE).generate(prompts, sp))
-    small = spec_llm(llama_dir, kv_cache_bytes=14 * 16 * 512, prompt_lookup_min=1)  # 14 blocks of 16
-    assert tokens(small.generate(prompts, sp, strategy="pld")) == ref
-    assert small.engine.stats().num_preemptions > 0
+    small = spec_llm(llama_dir, llama_dir if strategy == "draft" else None,  # 14 blocks of 16
+                     kv_cache_bytes=14 * 16 * 512, prompt_lookup_min=1)
+    assert tokens(small.generate(prompts, sp, strategy=strategy)) == ref
+    st = small.engine.stats()
+    assert st.num_preemptions > 0
+    if strategy == "draft":
+        assert 0 < st.spec_accepted_tokens["draft"] == st.spec_draft_tokens["draft"]
 
 
 def test_verify_rows_are_scheduled_inside_the_token_budget(llama_dir):

@@ -19,8 +19,8 @@ Where each part lives and who decides what a step computes:
 
 Host round trips per step: prompt lookup proposes on the host from token ids the host already has;
 the verify forward returns the accepted count and the next token of every row with one `.tolist()`
-(as plain decode returns its tokens); logprobs, when asked for, add one; draft proposals add one per
-draft forward (k of them), in the draft engine.
+(as plain decode returns its tokens); logprobs, when asked for, add a few per row that asked; draft
+proposals add one per draft forward (k of them), in the draft engine.
 
 Exactness (the output distribution is the target's, token by token):
   * the target distribution p_j at verify position j is the sampler's own (`Sampler.distribution`)

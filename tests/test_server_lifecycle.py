@@ -101,6 +101,8 @@ def test_shutdown_signal_ends_inflight_requests_cleanly_and_exits_0(sig):
     assert code == 0, log
     assert took < 15, log  # the graceful-shutdown window is 5 s
     assert "Traceback" not in log, log
+    # the deaf client's response is cut at the window's end: one warning of ours, not uvicorn's error
+    assert "ASGI callable returned without completing response" not in log, log
     for name in ("stream0", "stream1", "stream2"):
         res = results[name]
         assert isinstance(res, tuple), f"{name}: {res!r}"  # not a RemoteProtocolError (cut mid-stream)

@@ -159,8 +159,10 @@ class _Edge:
     oversized body refused from its Content-Length before anything reads it (413, OpenAI format)."""
 
     def __init__(self, app: ASGIApp, max_body_bytes: int, on_error: Callable[[int, Scope], None],
-                 stopping: Callable[[], bool] = lambda: False, loopback_only: bool = False) -> None:
+                 stopping: Callable[[], bool] = lambda: False, loopback_only: bool = False,
+                 health: Callable[[], tuple[int, dict]] | None = None) -> None:
         self.app = app
+        self.health = health
         self.max_body_bytes = max_body_bytes
         self.on_error = on_error
         self.stopping = stopping
@@ -186,6 +188,12 @@ class _Edge:
             err = ApiError(400, "the Host header must name this machine (localhost, 127.0.0.1 or [::1]) on a "
                                 "server bound to a loopback address", code="invalid_host")
             await JSONResponse(err.body(), status_code=400)(scope, receive, send_with_id)
+            return
+        if self.health is not None and scope["path"] == "/health" and scope["method"] == "GET":
+            # Liveness answered here, before routing: under a burst it waits for the event loop
+            # only, not behind the framework's per-request work (the route stays for the schema).
+            status, body = self.health()
+            await JSONResponse(body, status_code=status)(scope, receive, send_with_id)
             return
         limit = self.max_body_bytes
         length = headers.get(b"content-length", b"0")
@@ -216,6 +224,15 @@ class _Edge:
             # whose client stopped reading: everything else was ended by Serving.begin_shutdown)
             # or at a second Ctrl-C. One line for it, not a traceback per request.
             log.warning("request %s: response cut short by the server's shutdown", rid)
+
+
+def health_state(serving: Serving) -> tuple[int, dict]:
+    """/health's status and body: reads flags only, never waits on the engine or the models."""
+    if serving.load_error is not None:
+        return 503, {"status": "failed", "error": str(serving.load_error)}
+    if serving.deployment is not None and not serving.deployment.alive:
+        return 503, {"status": "engine_dead"}
+    return 200, {"status": "ok" if serving.deployment is not None else "loading"}
 
 
 def _is_loopback_host(host: str) -> bool:
@@ -283,7 +300,8 @@ def create_app(
             serving.record_error(status)
 
     app.add_middleware(_Edge, max_body_bytes=MAX_BODY_BYTES, on_error=on_edge_error,
-                       stopping=lambda: serving.stopping, loopback_only=_is_loopback_host(config.host))
+                       stopping=lambda: serving.stopping, loopback_only=_is_loopback_host(config.host),
+                       health=lambda: health_state(serving))
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, exc: RequestValidationError):
@@ -318,11 +336,8 @@ def create_app(
 
     async def health() -> JSONResponse:
         """Liveness: the process answers; 503 once the engine worker died or loading failed."""
-        if serving.load_error is not None:
-            return JSONResponse({"status": "failed", "error": str(serving.load_error)}, status_code=503)
-        if serving.deployment is not None and not serving.deployment.alive:
-            return JSONResponse({"status": "engine_dead"}, status_code=503)
-        return JSONResponse({"status": "ok" if serving.deployment is not None else "loading"})
+        status, body = health_state(serving)
+        return JSONResponse(body, status_code=status)
 
     async def ready() -> JSONResponse:
         """Readiness: every model loaded and the engine running."""

@@ -132,8 +132,6 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._routes: dict[str, _Route] = {}
-        # One step's deltas per event loop, handed over in one callback (see _flush).
-        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
         self._stop = False
         self._dead: BaseException | None = None
         # Held while a request is queued and while the worker, on its way out, marks itself closed:
@@ -219,17 +217,6 @@ class AsyncEngine:
             route.loop.call_soon_threadsafe(route.stream.sink, item)
         except RuntimeError:  # the caller's event loop is closed: nobody reads this stream; free it
             self._inbox.put(_Abort(route.stream.request_id))
-
-    def _flush(self) -> None:
-        """Hand the step's deltas to each event loop in one callback: a loop is woken (a write to
-        its self-pipe, a syscall) once per step, not once per request in the batch."""
-        outbox, self._outbox = self._outbox, {}
-        for loop, items in outbox.items():
-            try:
-                loop.call_soon_threadsafe(_sink_all, items)
-            except RuntimeError:  # that event loop is closed: nobody reads these streams; free them
-                for stream, _ in items:
-                    self._inbox.put(_Abort(stream.request_id))
 
     def _queued(self) -> Iterator[_Add | _Abort]:
         """The commands queued so far, oldest first, taken off the inbox."""
@@ -335,8 +322,7 @@ class AsyncEngine:
                 continue
             if out.finished:
                 del self._routes[out.request_id]
-            self._outbox.setdefault(route.loop, []).append((route.stream, out))
-        self._flush()
+            self._deliver(route, out)
         for listener in self.step_listeners:
             try:
                 listener(name, core, outs, dt)
@@ -351,14 +337,6 @@ class AsyncEngine:
                 core.abort_request(rid)
                 del self._routes[rid]
                 self._deliver(route, RuntimeError(f"internal error while serving the request: {exc}"))
-
-
-def _sink_all(items: list[tuple[RequestStream, RequestOutput]]) -> None:
-    for stream, out in items:
-        try:
-            stream.sink(out)
-        except Exception:  # noqa: BLE001 - as separate callbacks would be: one failing sink stops no other
-            log.exception("delivering %s's output failed", stream.request_id)
 
 
 def _set_result(fut: asyncio.Future, value) -> None:

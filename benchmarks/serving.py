@@ -243,7 +243,8 @@ def row_of(tier: str, batch: int, path: str, m: dict, base: dict | None) -> dict
         # The engine side's host CPU per token beyond the engine's own (issue 28's <= 30 us target).
         "eng_extra_us_tok": eng - base["cpu_us_tok"] if eng is not None and base else None,
         "itl_p50_ms": p50, "itl_p99_ms": 1e3 * pct(itl, 99) if itl else None,
-        "itl_p50_vs_inproc_ms": p50 - base["itl_p50_ms"] if p50 is not None and base and base["itl_p50_ms"] is not None else None,
+        "itl_p50_vs_inproc_ms": (p50 - base["itl_p50_ms"]
+                                 if p50 is not None and base and base["itl_p50_ms"] is not None else None),
         "client_us_tok": us(m["client_cpu_s"]) if "client_cpu_s" in m else None,
         "wall_s": m["wall_s"],
     }
@@ -269,12 +270,14 @@ def print_targets(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiers", default="small,large", help="demo tiers (default: %(default)s)")
     ap.add_argument("--batches", default="1,16,64", help="concurrent requests per cell (default: %(default)s)")
     ap.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default: %(default)s)")
     ap.add_argument("--prompt-tokens", type=int, default=32, help="prompt tokens per request (default: %(default)s)")
-    ap.add_argument("--repeats", type=int, default=1, help="measurements per cell, the best kept (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="measurements per cell, the fastest kept (default: %(default)s)")
     ap.add_argument("--quick", action="store_true", help="small tier, batch 1 and 16, 128 tokens, best of 2")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per cell and for the server to start")
     ap.add_argument("--out", help="JSON path (default: benchmarks/results/serving[-quick].json)")

@@ -39,6 +39,7 @@ class Recorder:
         self._tiers: set[str] = set()
         for status in ERROR_STATUSES:
             metrics.errors.labels(status=status)
+        self._itl: dict[tuple[str, str], object] = {}  # (model, tier) -> its ITL histogram child, looked up per token
 
     def models(self, infos) -> None:
         """Pre-create every labelled series at zero once the models are known: a counter that
@@ -82,7 +83,10 @@ class Recorder:
     def tokens(self, decision, gap_s: float, count: int) -> None:
         """`count` tokens arrived `gap_s` after the previous ones: one inter-token observation per
         token (a speculative step delivering k tokens gives k equal gaps)."""
-        h = self.metrics.itl.labels(model=decision.model, tier=decision.tier)
+        h = self._itl.get((decision.model, decision.tier))
+        if h is None:
+            h = self._itl[decision.model, decision.tier] = self.metrics.itl.labels(model=decision.model,
+                                                                                  tier=decision.tier)
         for _ in range(count):
             h.observe(gap_s / count)
 

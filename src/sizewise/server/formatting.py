@@ -7,12 +7,32 @@ import json
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; a token the model rules out gets this (as vLLM does)
 
 
+def _dumps(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
 def sse(obj: dict | str) -> str:
-    data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    data = obj if isinstance(obj, str) else _dumps(obj)
     return f"data: {data}\n\n"
 
 
 SSE_DONE = sse("[DONE]")
+
+
+class ChunkFormat:
+    """The SSE chunks of one OpenAI stream, `{**base, "choices": [choice], "sizewise": ...[, "usage":
+    null]}`: what every chunk repeats (id, object, created, model, the brief routing decision) is
+    serialized once per stream, so a chunk costs the encoding of its one choice."""
+
+    def __init__(self, base: dict, brief: dict, include_usage: bool) -> None:
+        self._head = "data: " + _dumps(base)[:-1] + ',"choices":['
+        self._usage = ',"usage":null}\n\n' if include_usage else "}\n\n"
+        self._brief = '],"sizewise":' + _dumps(brief) + self._usage
+
+    def __call__(self, choice: dict, sizewise: dict | None = None) -> str:
+        """`sizewise`: the decision to send instead of the brief one (the whole one, once)."""
+        tail = self._brief if sizewise is None else '],"sizewise":' + _dumps(sizewise) + self._usage
+        return self._head + _dumps(choice) + tail
 
 
 def _lp(v: float) -> float:

@@ -13,7 +13,7 @@ from ..errors import InvalidRequestError
 from ..orchestrator.types import Prompt
 from ..sampling_params import SamplingParams
 from . import protocol as P
-from .formatting import CompletionLogprobs, TokenText, chat_logprobs, sse
+from .formatting import ChunkFormat, CompletionLogprobs, TokenText, chat_logprobs, sse
 from .run import Run, collect_unless_disconnected, finished_outputs
 from .serving import Serving, param_names, routing_hints, serving_of
 from .streaming import EventStream, guarded
@@ -127,7 +127,7 @@ async def _completion_stream(serving: Serving, run: Run, body: P.CompletionReque
     # The routing decision goes out whole (probe, objective) in each prompt's first chunk and in
     # the usage chunk; the chunks between say where it went and why.
     sizewise = {job.index: job.decision.to_json() for job in run.jobs}
-    brief = {job.index: job.decision.to_json(brief=True) for job in run.jobs}
+    fmt = {job.index: ChunkFormat(base, job.decision.to_json(brief=True), include_usage) for job in run.jobs}
     async for job, delta in run.events():
         for o in delta.outputs:
             idx = job.index * params.n + o.index
@@ -144,12 +144,8 @@ async def _completion_stream(serving: Serving, run: Run, body: P.CompletionReque
                 out_text = _echo_text(serving, run, job.prompt) + out_text
             if not out_text and o.finish_reason is None and lp is None:
                 continue  # text held back (stop-string window, incomplete UTF-8): nothing to say yet
-            chunk = {**base, "choices": [{"index": idx, "text": out_text, "logprobs": lp,
-                                          "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}],
-                     "sizewise": sizewise.pop(job.index, None) or brief[job.index]}
-            if include_usage:
-                chunk["usage"] = None
-            yield sse(chunk)
+            yield fmt[job.index]({"index": idx, "text": out_text, "logprobs": lp, "finish_reason": o.finish_reason,
+                                  "stop_reason": o.stop_reason}, sizewise.pop(job.index, None))
     if include_usage:
         yield sse({**base, "choices": [], "usage": run.usage().to_json(), "sizewise": run.decision_json()})
 
@@ -224,13 +220,10 @@ async def _chat_stream(run: Run, body: P.ChatCompletionRequest, params: Sampling
     # chunk; the chunks between say where it went and why.
     decision = run.jobs[0].decision
     whole: list[dict] = [decision.to_json()]
-    brief = decision.to_json(brief=True)
+    fmt = ChunkFormat(base, decision.to_json(brief=True), include_usage)
 
     def chunk(choice: dict) -> str:
-        c = {**base, "choices": [choice], "sizewise": whole.pop() if whole else brief}
-        if include_usage:
-            c["usage"] = None
-        return sse(c)
+        return fmt(choice, whole.pop() if whole else None)
 
     for i in range(params.n):  # the role first, as OpenAI streams it
         yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,

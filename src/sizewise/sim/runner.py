@@ -65,7 +65,8 @@ class SimRunner:
     def step_weight_bytes(self) -> int:
         return self._step_weight_bytes
 
-    def execute(self, sched: SchedulerOutput) -> StepResult:
+    def execute(self, sched: SchedulerOutput, draft_probs=None) -> StepResult:
+        """One plain forward's worth of tokens (speculation is off on the virtual device: no verify rows)."""
         decodes, prefills, chunks = sched.decodes, sched.prefills, sched.prefill_chunks
         kv = sum(s.num_tokens for s in decodes) + sum(s.num_cached_tokens + n for s, n in zip(prefills, chunks))
         dev = self.device

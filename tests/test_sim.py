@@ -23,10 +23,6 @@ DEMO = REPO / "configs" / "demo.yaml"
 QWEN = ["qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"]
 LOADS = [0.25, 0.5, 1.0, 2.0, 3.0]
 
-pytestmark = pytest.mark.skipif(not (REPO / "models" / "demo" / "small" / "tokenizer.json").is_file(),
-                                reason="the demo family's tokenizer (models/demo) is not built")
-
-
 @pytest.fixture(scope="module")
 def config():
     return DeploymentConfig.from_yaml(DEMO)
@@ -216,7 +212,9 @@ def test_the_simulate_command_writes_the_sweep(tmp_path):
                                                                for p in ("static-large", "sizewise", "random")}
     assert d["shapes"] == {"small": "qwen2.5-0.5b", "medium": "qwen2.5-1.5b", "large": "qwen2.5-7b"}
     assert "qwen2.5-7b" in d["memory_plan"] and d["cost_model"] == "roofline"
-    assert main(["simulate", "--config", str(DEMO), "--shapes", "nope", "--out", str(out)]) == 2  # a clear refusal
+    for bad in (["--shapes", "nope"], ["--loads", "1,x"], ["--loads", "0"], ["--requests", "0"], ["--slo-ms", "-5"],
+                ["--policies", "static-large,bogus"]):
+        assert main(["simulate", "--config", str(DEMO), "--out", str(out), *bad]) == 2  # a clear refusal
 
 
 def test_deadlines_and_client_aborts_are_events_that_free_the_kv(config, items):

@@ -187,6 +187,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+CALIBRATION_PROMPTS_PER_SIGNAL = 10  # the usual events-per-variable rule of thumb for a regression
+
+
 def _simulate(args) -> int:
     from .sim.cli import run
 
@@ -194,9 +197,6 @@ def _simulate(args) -> int:
         return run(args, _find_config(args.config))
     except ValueError as e:
         raise CliError(str(e)) from None
-
-
-CALIBRATION_PROMPTS_PER_SIGNAL = 10  # the usual events-per-variable rule of thumb for a regression
 
 
 def _calibrate(args) -> int:

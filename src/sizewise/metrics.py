@@ -47,6 +47,12 @@ class Metrics:
         # The load price of the last `auto` decision (policy.py: 0 while the device has headroom).
         self.route_lambda = Gauge("sizewise_route_bandwidth_price", "Price of device bandwidth in the routing "
                                   "objective (nats of predicted quality loss per GB streamed).", [], registry=r)
+        # Predicted vs measured: decisions predicted to meet their latency objective, and those that then
+        # did not, so that a routing promise (reason "slo" among them) never overpromises unseen.
+        self.slo_promised = Counter("sizewise_route_slo_promised", "Finished requests the router predicted to "
+                                    "meet their latency objective.", ["tier"], registry=r)
+        self.slo_missed = Counter("sizewise_route_slo_missed", "Finished requests predicted to meet their latency "
+                                  "objective whose measured end-to-end latency exceeded it.", ["tier"], registry=r)
         # The capacity plan in force (orchestrator/plan.py), as of the last `auto` decision.
         self.plan_share = Gauge("sizewise_plan_share", "Share of auto traffic the capacity plan gives a tier.",
                                 ["tier"], registry=r)
@@ -61,12 +67,6 @@ class Metrics:
         self.replans = Counter("sizewise_plan_replans", "Capacity plans made.", [], registry=r)
         self.plan_moves = Counter("sizewise_plan_moves", "Waiting auto requests moved off a tier the plan left.",
                                   [], registry=r)
-        # Predicted vs measured: decisions predicted to meet their latency objective, and those that then
-        # did not, so that a routing promise (reason "slo" among them) never overpromises unseen.
-        self.slo_promised = Counter("sizewise_route_slo_promised", "Finished requests the router predicted to "
-                                    "meet their latency objective.", ["tier"], registry=r)
-        self.slo_missed = Counter("sizewise_route_slo_missed", "Finished requests predicted to meet their latency "
-                                  "objective whose measured end-to-end latency exceeded it.", ["tier"], registry=r)
         self.spec_draft = Counter("sizewise_spec_decode_draft_tokens", "Speculative tokens proposed.", mt + ["strategy"], registry=r)
         self.spec_accepted = Counter("sizewise_spec_decode_accepted_tokens", "Speculative tokens accepted.", mt + ["strategy"], registry=r)
         # Each model's own work, drafting for another model included; summed over models, at most

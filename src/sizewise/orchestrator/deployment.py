@@ -325,6 +325,17 @@ class Deployment:
         _attach_drafts(config, cores)
         return cls(config, cores, router, plan)
 
+    def _refuse_self_draft(self, d: Decision) -> None:
+        """`draft` on the cheapest tier: it is the draft model itself (`_attach_drafts`)."""
+        tiers = sorted(self.tier_to_model, key=TIERS.index)
+        if d.strategy != "draft" or len(tiers) < 2 or d.tier != tiers[0]:
+            return
+        larger = " or ".join(tiers[1:])
+        raise InvalidRequestError(
+            f"strategy 'draft': {d.model} is the {d.tier} tier, which is the draft model of this deployment (it "
+            f"drafts for the larger tiers); ask for {larger} with strategy 'draft', or use 'pld' or 'plain' on "
+            f"{d.tier}", param="strategy")
+
     def _on_move(self, request_id: str, src: str, dst: str) -> None:
         """A waiting `auto` request moved (the plan left its tier): its decision says where it runs now."""
         d = self._movable.get(request_id)
@@ -338,17 +349,6 @@ class Deployment:
         router = self.router
         if hasattr(router, "moved"):
             router.moved += 1
-
-    def _refuse_self_draft(self, d: Decision) -> None:
-        """`draft` on the cheapest tier: it is the draft model itself (`_attach_drafts`)."""
-        tiers = sorted(self.tier_to_model, key=TIERS.index)
-        if d.strategy != "draft" or len(tiers) < 2 or d.tier != tiers[0]:
-            return
-        larger = " or ".join(tiers[1:])
-        raise InvalidRequestError(
-            f"strategy 'draft': {d.model} is the {d.tier} tier, which is the draft model of this deployment (it "
-            f"drafts for the larger tiers); ask for {larger} with strategy 'draft', or use 'pld' or 'plain' on "
-            f"{d.tier}", param="strategy")
 
     def resolve(self, requested: str) -> str:
         """A tier alias or a model name -> the resident model's name."""

@@ -135,8 +135,8 @@ class EngineTelemetry:
     latency_bias: float = 1.0  # measured / predicted latency of recent requests (EMA; 1 until scored)
     arrival_rate: float = 0.0  # sequences/s routed here lately (they join the batch a request runs in)
     prefill_seconds_per_token: float | None = None  # per prompt token of a prefill; None: step_seconds_per_token
-    switch_seconds: float = 0.0  # measured extra per step when it follows another engine's step
     own_step_seconds: float = 0.0  # EMA of this model's own seconds per step or drafting turn (bandwidth's divisor)
+    switch_seconds: float = 0.0  # measured extra per step when it follows another engine's step
 
     @property
     def kv_usage(self) -> float:
@@ -282,6 +282,23 @@ class Telemetry:
                     st.output_tokens.update(tokens / max(len(indices), 1))
             self._update_spec(st, stats)
 
+    def _attribute_drafting(self, stepped: str) -> int:
+        """Work other engines did inside `stepped`'s step (a draft model's proposals): one sample
+        of their own bytes and seconds each. Returns the bytes."""
+        total = 0
+        for other, core in self.cores.items():
+            st = self._state[other]
+            if other == stepped:
+                continue
+            secs, byts = core.work_totals()
+            s0, b0 = st.work_seen
+            ds, db = secs - s0, byts - b0
+            if ds > 0:
+                st.work_seen = (secs, byts)
+                st.bytes.update(db)
+                st.own_s.update(ds)
+                total += db
+        return total
     def _note_interleave(self, name: str, st: _EngineState, core: EngineCore, prefill: int, rows: int,
                          seconds: float) -> None:
         """The step's residual over its engine's cost line, filed by whether the step before it (within
@@ -307,24 +324,6 @@ class Telemetry:
             return 0.0
         same = st.resid_same.get() if st.resid_same is not None else 0.0
         return max(st.resid_switch.get() - same, 0.0)
-
-    def _attribute_drafting(self, stepped: str) -> int:
-        """Work other engines did inside `stepped`'s step (a draft model's proposals): one sample
-        of their own bytes and seconds each. Returns the bytes."""
-        total = 0
-        for other, core in self.cores.items():
-            st = self._state[other]
-            if other == stepped:
-                continue
-            secs, byts = core.work_totals()
-            s0, b0 = st.work_seen
-            ds, db = secs - s0, byts - b0
-            if ds > 0:
-                st.work_seen = (secs, byts)
-                st.bytes.update(db)
-                st.own_s.update(ds)
-                total += db
-        return total
 
     @staticmethod
     def _update_spec(st: _EngineState, stats: EngineStats) -> None:

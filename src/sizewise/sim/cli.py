@@ -74,6 +74,10 @@ def run(args, config_path: str) -> int:
 
     logging.getLogger("sizewise").setLevel(args.log_level.upper())
     t_start = time.perf_counter()
+    if args.requests is not None and args.requests < 1:
+        raise ValueError(f"--requests must be at least 1, got {args.requests}")
+    if args.slo_ms is not None and not args.slo_ms > 0:
+        raise ValueError(f"--slo-ms must be positive, got {args.slo_ms}")
     cfg = DeploymentConfig.from_yaml(config_path)
     cfg.policy.router = "adaptive"
     real = json.loads(Path(args.replay).read_text()) if args.replay else None
@@ -92,7 +96,12 @@ def run(args, config_path: str) -> int:
         cap, slo_s = real["static_large_capacity_req_s"], real["slo_s"]
         alone = statistics_median(real.get("alone_large_s") or [slo_s / 3])
     else:
-        loads = [float(x) for x in args.loads.split(",") if x]
+        try:
+            loads = [float(x) for x in args.loads.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--loads {args.loads!r}: give positive numbers separated by commas") from None
+        if not loads or any(not x > 0 for x in loads):
+            raise ValueError(f"--loads {args.loads!r}: give positive numbers separated by commas")
         policies = args.policies.split(",")
         for p in policies:
             if p not in POLICIES:

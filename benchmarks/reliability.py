@@ -165,6 +165,18 @@ async def soak(srv: Server, n: int, concurrency: int, cut_every: int, max_tokens
 
 
 # ----- overload --------------------------------------------------------------------------------------
+def _poll_health(url: str, stop, out) -> None:
+    """In its own process: /health latencies, measured away from the burst's client event loop."""
+    lat = []
+    with httpx.Client(base_url=url, timeout=60) as h:
+        while not stop.is_set():
+            t = time.perf_counter()
+            h.get("/health")
+            lat.append(time.perf_counter() - t)
+            time.sleep(0.05)
+    out.put(lat)
+
+
 async def overload(srv: Server, clients: int, max_tokens: int) -> dict:
     async with httpx.AsyncClient(base_url=srv.url, timeout=300, limits=httpx.Limits(max_connections=clients + 8)) as c:
         idle = []
@@ -174,16 +186,13 @@ async def overload(srv: Server, clients: int, max_tokens: int) -> dict:
             idle.append(time.perf_counter() - t)
         statuses: list[int] = []
         retry_after: list[bool] = []
-        stop = asyncio.Event()
-        health: list[float] = []
+        import multiprocessing
 
-        async def poll() -> None:
-            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as h:
-                while not stop.is_set():
-                    t = time.perf_counter()
-                    await h.get("/health")
-                    health.append(time.perf_counter() - t)
-                    await asyncio.sleep(0.05)
+        ctx = multiprocessing.get_context("spawn")
+        stop, out = ctx.Event(), ctx.Queue()
+        poller = ctx.Process(target=_poll_health, args=(srv.url, stop, out), daemon=True)
+        poller.start()
+        await asyncio.sleep(2.0)  # the poller is up (a spawned interpreter) before the burst
 
         async def one(i: int) -> None:
             try:
@@ -195,12 +204,12 @@ async def overload(srv: Server, clients: int, max_tokens: int) -> dict:
                 statuses.append(-1)
                 retry_after.append(False)
 
-        poller = asyncio.create_task(poll())
         t0 = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(clients)))
         seconds = time.perf_counter() - t0
         stop.set()
-        await poller
+        health = out.get(timeout=60)
+        poller.join(30)
     refused = [s for s in statuses if s in (429, 503)]
     return {
         "clients": clients, "max_tokens": max_tokens, "seconds": seconds,
@@ -346,11 +355,13 @@ def main() -> int:
     ap.add_argument("--idle-sockets", type=int, default=200)
     ap.add_argument("--rss-requests", type=int, default=5000)
     ap.add_argument("--rss-warmup", type=int, default=500)
+    ap.add_argument("--server-log-level", default="warning", help="the servers' --log-level (info adds the access log)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reliability.json"))
     args = ap.parse_args()
     parts = set(args.parts.split(","))
-    result: dict = {"note": "loopback, shared loaded CPU machine: timings are noisy", "parts": sorted(parts)}
-    srv = Server("--max-queue-delay", "2", "--log-level", "warning") if parts & {"soak", "overload", "hostile", "rss"} else None
+    result: dict = {"note": "loopback, shared loaded CPU machine: timings are noisy", "parts": sorted(parts),
+                    "server_log_level": args.server_log_level}
+    srv = Server("--max-queue-delay", "2", "--log-level", args.server_log_level) if parts & {"soak", "overload", "hostile", "rss"} else None
     try:
         if srv is not None:
             result["rss_ready_mb"] = srv.rss_mb()
@@ -369,7 +380,7 @@ def main() -> int:
         if srv is not None:
             srv.stop()
     if "slow" in parts:
-        slow_srv = Server("--read-timeout", "5", "--keep-alive-timeout", "5", "--log-level", "warning")
+        slow_srv = Server("--read-timeout", "5", "--keep-alive-timeout", "5", "--log-level", args.server_log_level)
         try:
             result["slow"] = slow(slow_srv, args.idle_sockets)
         finally:

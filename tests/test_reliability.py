@@ -103,6 +103,17 @@ def _limited_server(deployment, **limits):
     return ServerThread(create_app(deployment, ServerSection(**limits)))
 
 
+@pytest.fixture(params=["auto", "h11"])
+def http_impl(request, monkeypatch):
+    """uvicorn's HTTP protocol under the guard: `auto` (httptools where installed) and pure-Python h11."""
+    if request.param == "h11":
+        import uvicorn.protocols.http.auto as auto
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        monkeypatch.setattr(auto, "AutoHTTPProtocol", H11Protocol)
+    return request.param
+
+
 def _connect(url: str):
     import socket
 
@@ -125,7 +136,7 @@ def _read_until_closed(s, patience_s: float = 30.0) -> bytes:
     return data
 
 
-def test_slow_loris_header_trickle_gets_408_and_is_closed(deployment):
+def test_slow_loris_header_trickle_gets_408_and_is_closed(deployment, http_impl):
     """uvicorn's keep-alive timeout is disarmed by the first byte: on main a header trickle held its
     connection for as long as it went on."""
     with _limited_server(deployment, read_timeout_s=1.0, keep_alive_s=1.0) as url:
@@ -149,7 +160,7 @@ def test_slow_loris_header_trickle_gets_408_and_is_closed(deployment):
         assert b"request_read_timeout" in got
 
 
-def test_a_body_that_never_ends_gets_408(deployment):
+def test_a_body_that_never_ends_gets_408(deployment, http_impl):
     with _limited_server(deployment, read_timeout_s=1.0) as url:
         s = _connect(url)
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
@@ -159,7 +170,7 @@ def test_a_body_that_never_ends_gets_408(deployment):
         assert got.startswith(b"HTTP/1.1 408"), got[:200]
 
 
-def test_idle_connections_are_closed_and_bounded(deployment, http):
+def test_idle_connections_are_closed_and_bounded(deployment, http_impl):
     with _limited_server(deployment, keep_alive_s=1.0, max_connections=4) as url:
         idle = [_connect(url) for _ in range(4)]
         with httpx.Client(base_url=url, timeout=30) as c:  # one more connection: refused at once

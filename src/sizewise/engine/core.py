@@ -457,7 +457,8 @@ class EngineCore:
         accepted: dict[int, int] = {}
         for res in result.verified:
             self._append_verified(res, now)
-            accepted[res.seq.seq_id] = res.num_accepted
+            if res.num_proposed:  # a padded row, or one whose proposal the scheduler dropped, verified none
+                accepted[res.seq.seq_id] = res.num_accepted
             touched[res.seq.request.request_id] = res.seq.request
         if self.spec is not None:
             self.spec.end_step(accepted)

@@ -503,5 +503,15 @@ class Deployment:
     def alive(self) -> bool:
         return self.engine.alive
 
+    def has_started(self, request_id: str) -> bool:
+        """Whether an engine has scheduled the request (its prefill began): from then on it is being
+        served, not queued. A read of the worker's state from the event loop: a stale answer only
+        delays the server's view by one step."""
+        for core in self.cores.values():
+            req = core.requests.get(request_id)
+            if req is not None and req.metrics.first_scheduled_time is not None:
+                return True
+        return False
+
     def shutdown(self) -> None:
         self.engine.shutdown()

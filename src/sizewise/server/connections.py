@@ -6,8 +6,9 @@ What covers what (uvicorn 0.3x-0.5x, h11 and httptools protocols alike):
 - A request sent slowly (a slow-loris header trickle, a body that never ends) and a connection that
   never sends anything: nothing in uvicorn. `guarded_protocol` wraps its HTTP protocol: a fresh
   connection must start a request within the keep-alive timeout (closed silently otherwise); from a
-  request's first byte, its headers and whole body must arrive within `read_timeout_s`, or it is
-  answered 408 and closed (the app, if it already runs, sees `http.disconnect`).
+  request's first byte, its headers must arrive within `read_timeout_s`, and then no more than
+  `read_timeout_s` may pass between two reads of its body, or it is answered 408 and closed (the
+  app, if it already runs, sees `http.disconnect`).
 - `limit_concurrency` (uvicorn) answers 503 to *requests* over a bound but keeps every connection
   open, idle ones included: `max_connections` here refuses a connection over the bound at once
   (503 with Retry-After, then closed), so held sockets never exceed it.
@@ -63,6 +64,10 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> 
         def data_received(self, data: bytes) -> None:
             if self._awaiting_request() and (self._timer is None or self._idle):
                 self._arm(limits.read_timeout_s, idle=False)  # a request begins: its deadline starts
+            elif self._timer is not None and not self._idle and not self._awaiting_request():
+                # Body bytes: the deadline runs between reads (as nginx's client_body_timeout), so a
+                # slow but flowing upload is not cut; headers keep one fixed deadline.
+                self._arm(limits.read_timeout_s, idle=False)
             super().data_received(data)
             if self._timer is not None and not self._idle and not self._reading():
                 self._disarm()  # received whole (or already answered): the app's time is not ours to bound

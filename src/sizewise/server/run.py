@@ -42,6 +42,7 @@ class Job:
     finished: bool = False
     recorded: bool = False
     begun: bool = False  # its first delta arrived: the engine has started it
+    queued_on: str | None = None  # the model whose queue counted it as waiting (a move does not change it)
 
     @property
     def decision(self) -> Decision:
@@ -165,14 +166,16 @@ class Run:
         self._fail_time = when
         self._timer = asyncio.get_running_loop().call_at(when, self._fail, error)
 
-    def start_by(self, when: float, error: Callable[[], ApiError]) -> None:
+    def start_by(self, when: float, error: Callable[[], ApiError], scheduled: Callable[[str], bool]) -> None:
         """At loop time `when`, a run with a job the engine has not started yet ends with `error`
         (what is queued is aborted): a request that cannot start in time is refused, not left to
-        time out."""
+        time out. `scheduled(request_id)`: the engine has begun its prefill (a long prefill is
+        service, not queueing)."""
         def check() -> None:
             self._start_timer = None
             if not self._closed and self._error is None and any(
-                    j.sub is not None and not j.begun and not j.finished for j in self.jobs):
+                    j.sub is not None and not j.begun and not j.finished and not scheduled(j.sub.request_id)
+                    for j in self.jobs):
                 self._end(error())
 
         self._start_timer = asyncio.get_running_loop().call_at(when, check)

@@ -228,10 +228,11 @@ class Serving:
                 raise overloaded(waited, limit_s, name)
             for job, sub in zip(jobs, subs):
                 if not job.begun:  # (a multi-prompt request's first prompts may have started already)
-                    self._unstarted.setdefault(sub.decision.model, {})[sub.request_id] = now
+                    job.queued_on = sub.decision.model  # a move rewrites the decision, not this key
+                    self._unstarted.setdefault(job.queued_on, {})[sub.request_id] = now
         run.admitted(subs, lambda: request_timeout(self.options.request_timeout_s))
         if limit is not None:
-            run.start_by(now + limit_s, lambda: queue_timeout(limit_s, name))
+            run.start_by(now + limit_s, lambda: queue_timeout(limit_s, name), dep.has_started)
         for sub in subs:
             self.recorder.routed(sub.decision)
         return run
@@ -251,12 +252,18 @@ class Serving:
         queue, about what a request joining it now will wait (CoDel's sojourn time). Counts only
         requests admitted with a start limit (all, when the server has one)."""
         waiting = self._unstarted.get(model)
+        if not waiting:
+            return 0.0
+        dep = self.deployment
+        # Requests whose prefill began are served, not queued (their first token may be far off).
+        for rid in [r for r in waiting if dep is not None and dep.has_started(r)]:
+            del waiting[rid]
         return now - next(iter(waiting.values())) if waiting else 0.0
 
     def _begun(self, job: Job) -> None:
-        if job.sub is None:  # started before its request was wholly queued: never counted as waiting
+        if job.sub is None or job.queued_on is None:  # never counted as waiting
             return
-        waiting = self._unstarted.get(job.decision.model)
+        waiting = self._unstarted.get(job.queued_on)
         if waiting is not None:
             waiting.pop(job.request_id, None)
 

@@ -122,8 +122,9 @@ class Speculator:
 
     # ----- after verification -----------------------------------------------------------------
     def end_step(self, accepted: dict[int, int]) -> None:
-        """accepted: seq_id -> accepted proposals, for every sequence verified this step (rows
-        the scheduler did not verify decoded plainly: their proposals count as not made)."""
+        """accepted: seq_id -> accepted proposals, for every sequence whose proposals were verified
+        this step (rows the scheduler did not verify, or verified as empty padded rows because their
+        proposals did not fit, decoded plainly: their proposals count as not made)."""
         for seq, n_before, m in self._proposed:
             st = seq.spec
             a = accepted.get(seq.seq_id)

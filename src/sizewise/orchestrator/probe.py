@@ -123,9 +123,13 @@ class TokenStats:
         """Mean -log p over the prompt's ids (ids outside the table count as unseen)."""
         if not ids:
             return None
-        floor = -math.log(self.tokens + len(self.logp))
-        v = len(self.logp)
-        return -sum(self.logp[t] if 0 <= t < v else floor for t in ids) / len(ids)
+        import numpy as np
+
+        arr = np.asarray(ids, dtype=np.int64)
+        known = (arr >= 0) & (arr < len(self.logp))
+        floor = -math.log(self.tokens + len(self.logp))  # an unseen token's log p
+        total = self.logp[arr[known]].sum() + floor * int((~known).sum())
+        return float(-total / len(ids))
 
     def to_json(self) -> dict:
         import numpy as np

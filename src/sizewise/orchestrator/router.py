@@ -124,6 +124,8 @@ class AdaptiveRouter:
             plan, old = ctl.replan(snap, now)
             if old is not None and set(old.shares) - set(plan.shares):
                 self._move_off(deployment, old, plan)
+            # the device's turn follows the plan: tiers it left step only when its own are idle
+            deployment.engine.plan_cores = frozenset(deployment.tier_to_model[t] for t in plan.active)
         plan = ctl.plan
         probe_core = deployment.cores[probe_model]
         skip = "pinned" if pinned is not None else self._skip_model_probe_plan(policy, snap, plan, probe_model, n_prompt)

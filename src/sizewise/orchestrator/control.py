@@ -6,8 +6,8 @@
 Which controller, and why. The plan is a *feed-forward* model (measured step-cost lines, measured
 arrival rate) corrected by two measured *feedback* terms, never by a per-request prediction:
   * backlog: the arrival rate the plan is made for is the larger of the rate counted over the last
-    `rate_window_s` (in the first window after an idle spell, or the rate of the last four arrivals
-    if higher) and (requests in the system now) / SLO: by Little's law the system cannot hold N
+    `rate_window_s` (in the first window after an idle spell, or the rate of the last four or eight
+    arrivals if higher) and (requests in the system now) / SLO: by Little's law the system cannot hold N
     requests within the SLO unless it serves N / SLO per second. The first lags a burst by up to
     its window; the second rises with every request that arrives and is not served, so a burst from
     idle moves the plan within a few arrivals (a fraction of the SLO), and falls as the backlog
@@ -115,10 +115,13 @@ class PlanController:
         if not q:
             return 0.0
         rate = len(q) / min(max(now - q[0], self.rate_window_s / 3), self.rate_window_s)
-        if fresh and len(q) >= 3:
-            k = min(len(q), 4)
-            # over a quarter second at least: arrivals at one instant are a batch, not an infinite rate
-            rate = max(rate, (k - 1) / max(now - q[-k], _MIN_SPAN_S))
+        if fresh:
+            # The last 4 and the last 8 arrivals, each over a quarter second at least (arrivals at one
+            # instant are a batch, not an infinite rate): a burst shows within a few arrivals, and the
+            # longer run lets a fast one read up to 28/s (the window alone reads 1/s per arrival).
+            for k in (4, 8):
+                if len(q) >= k:
+                    rate = max(rate, (k - 1) / max(now - q[-k], _MIN_SPAN_S))
         return rate
 
     # ----- the plan ---------------------------------------------------------------------------

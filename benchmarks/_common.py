@@ -77,7 +77,7 @@ def _byte_tokenizer(path: Path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=None).save_pretrained(path)
 
 
-from sizewise.sim.report import print_table  # noqa: E402,F401 - the benchmarks' one table format
+from sizewise.sim.report import TABLE_WIDTH, print_table  # noqa: E402,F401 - the benchmarks' one table format
 
 
 def save_json(path: Path, payload: dict) -> None:

@@ -4,7 +4,7 @@
 #   docker build -t sizewise:cuda --build-arg BASE=cuda .        # NVIDIA CUDA runtime + CUDA torch
 #   docker build -t sizewise:ascend --build-arg BASE=ascend .    # Ascend CANN + torch_npu
 # The image serves the built-in demo family with nothing mounted; mount a model directory at
-# /models and pass --config /models/<deployment>.yaml to serve your own (README: Docker).
+# /models and pass --config /models/<deployment>.yaml to serve your own (docs/serving.md: Docker).
 ARG BASE=cpu
 
 # ----- bases: each leaves python3 (with venv) on PATH; deploy/docker/torch-<BASE>.txt pins its torch
@@ -26,7 +26,7 @@ FROM quay.io/ascend/cann:9.1.0-910b-ubuntu22.04-py3.12 AS base-ascend
 FROM base-${BASE} AS build
 ARG BASE
 # Unset unless given; pip reads them from the environment: local wheels, a mirror, a proxy's CA
-# bundle, fewer retries of an unreachable index (README: Docker, building offline).
+# bundle, fewer retries of an unreachable index (docs/serving.md: Docker).
 ARG PIP_FIND_LINKS
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_CERT

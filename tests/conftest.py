@@ -205,3 +205,33 @@ class Serve:
             self.proc.kill()
             self.proc.wait(10)
         self._reader.join(10)
+
+
+# ----- tests that could not run: said loudly at the end of the run ---------------------------------
+# Only a missing system binary that a non-root run cannot install may skip a test; the summary names
+# those tests and the one command that makes them run.
+NEEDS_PROMETHEUS = "needs Prometheus"
+NOT_RUN_FIXES = {NEEDS_PROMETHEUS: "sudo sh scripts/ensure_prometheus.sh   (Debian's prometheus package; or put "
+                                   "Prometheus 2.x's prometheus and promtool on PATH), then make test"}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    config._sizewise_not_run = []
+    for tag, fix in NOT_RUN_FIXES.items():
+        ids = [r.nodeid for r in terminalreporter.stats.get("skipped", [])
+               if isinstance(r.longrepr, tuple) and tag in str(r.longrepr[2])]
+        if not ids:
+            continue
+        terminalreporter.section(f"NOT RUN: {len(ids)} test(s) {tag}", sep="!", red=True, bold=True)
+        for nodeid in ids:
+            terminalreporter.write_line(f"  {nodeid}")
+        terminalreporter.write_line(f"To run them: {fix}", red=True, bold=True)
+        config._sizewise_not_run.append(f"{len(ids)} test(s) NOT RUN ({tag}): {fix}")
+
+
+def pytest_unconfigure(config):
+    """Repeated after pytest's last line ("N passed, M skipped"), where a reader looks."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    for line in getattr(config, "_sizewise_not_run", []):
+        if reporter is not None:
+            reporter.write_line(line, red=True, bold=True)

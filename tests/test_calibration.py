@@ -5,6 +5,7 @@ calibration files are refused naming the line; a deployment warns about fits for
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,8 @@ def test_calibrate_on_a_users_prompts_prints_a_predictor_that_round_trips(small_
                  "--ref-tokens", "8", "--out", str(out)]) == 0
     cap = capsys.readouterr()
     assert "calibrating on " + str(data) in cap.err and "prompts.jsonl" in cap.err
+    # a few dozen prompts for ~10 candidate signals: said plainly
+    assert re.search(rf"warning: fitted on {len(lines)} prompts while choosing among \d+ signals", cap.err), cap.err
     section = yaml.safe_load(out.read_text())["quality"]
     assert section["calibrated_on"].startswith(f"prompts.jsonl: {len(lines)} prompts")
     q = PolicyConfig.model_validate({"router": "adaptive", "quality": section}).quality

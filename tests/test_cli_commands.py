@@ -10,6 +10,7 @@ import pty
 import re
 import select
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -166,3 +167,103 @@ def test_chat_repl_multi_turn_in_a_terminal():
     assert answers[0] == _greedy(model, tok, history, 8)
     history += [{"role": "assistant", "content": answers[0]}, {"role": "user", "content": turns[1]}]
     assert answers[1] == _greedy(model, tok, history, 8)  # the second turn sees the first
+
+
+def test_help_and_chat_client_do_not_import_torch():
+    """`sizewise --help` and the `chat --url` client start without torch (it loads in seconds)."""
+    code = ("import sys\nfrom sizewise.cli import main\nimport sizewise.remote_chat\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "usage: sizewise" in out and out.rstrip().endswith("NO-TORCH")
+    # ... and the package's public names still load on first use
+    out = subprocess.run([sys.executable, "-c", "import sizewise; print(sizewise.SamplingParams.__module__)"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip() == "sizewise.sampling_params"
+
+
+@pytest.mark.skipif(not (DEMO / "small" / "config.json").is_file(), reason="demo family not built")
+def test_one_model_rule_for_every_command(capsys, tmp_path, monkeypatch):
+    """A tier name means the demo family's tier, a directory itself, in `generate`, `models` and
+    `serve` alike (positional, as `vllm serve MODEL`, or --model)."""
+    monkeypatch.chdir(tmp_path)  # found through the repository root, not the current directory
+    argv = ["--max-tokens", "6", "--device", "cpu", "import os\n"]
+    assert main(["generate", "--model", "small", *argv]) == 0
+    by_tier = capsys.readouterr().out
+    assert main(["generate", "--model", str(DEMO / "small"), *argv]) == 0
+    assert capsys.readouterr().out == by_tier
+    assert main(["generate", *argv]) == 0  # no --model: the demo family's large tier
+    default = capsys.readouterr().out
+    assert main(["generate", "--model", str(DEMO / "large"), *argv]) == 0
+    assert capsys.readouterr().out == default
+
+    assert main(["models", "small", str(DEMO / "large")]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:3]]
+    assert [(r[0], r[1], r[-1]) for r in rows] == [("small", "small", str(DEMO / "small")),
+                                                   ("large", "large", str(DEMO / "large"))]
+    assert main(["models", "small", "--model", "large"]) == 2
+    assert "either positionally or with --model" in capsys.readouterr().err
+    assert main(["generate", "--model", "huge", "x"]) == 2
+    assert "'huge' is not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (DEMO / "large" / "config.json").is_file(), reason="demo family not built")
+def test_serve_takes_models_positionally():
+    server = Serve(str(DEMO / "small"), "large", "--port", "0", "--device", "cpu", "--max-model-len", "128")
+    try:
+        url = server.wait_ready()
+        models = {m["id"] for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]}
+        assert models == {"small", "large", "auto"}
+    finally:
+        server.stop()
+
+
+@pytest.mark.skipif(not (DEMO / "large" / "config.json").is_file(), reason="demo family not built")
+def test_chat_url_routes_each_answer_and_says_why():
+    """`sizewise chat --url` against the demo deployment (adaptive router): each answer is followed
+    by one line naming the model and tier that answered and the server's one-sentence reason."""
+    import openai
+
+    server = Serve("--port", "0", "--device", "cpu")
+    try:
+        url = server.wait_ready()
+        chat = Pty(*sizewise_command(), "chat", "--url", url, "--temperature", "0", "--max-tokens", "8")
+        try:
+            chat.read_until(">>> ", 1)
+            chat.send("def add(a, b):")
+            out = chat.read_until(">>> ", 2)
+            chat.send("/exit")
+            assert chat.proc.wait(30) == 0
+        finally:
+            if chat.proc.poll() is None:
+                chat.proc.kill()
+            os.close(chat.fd)
+        answer, line = out.rsplit("def add(a, b):\n", 1)[1].rsplit("\n>>> ", 1)[0].rsplit("\n", 1)
+
+        # The line names the model that answered (the router's choice follows the live load): pinned to that
+        # model, the official client gets the same greedy answer; the reason is the server's own sentence.
+        m = re.fullmatch(r"\[(\S+) \((small|medium|large), (plain|pld|draft)\): \2 tier: (.+)\]", line)
+        assert m, line
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        ref = client.chat.completions.create(model=m[1], messages=[{"role": "user", "content": "def add(a, b):"}],
+                                             max_tokens=8, temperature=0)
+        assert answer == ref.choices[0].message.content
+        assert re.search(r"\(predicted \d+ ms against the \d+ ms objective\); (no quality cost \(the top tier\)|"
+                         r"quality cost: perplexity \+\d+% against large)\.$", m[4]), line
+        auto = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert auto.sizewise["summary"].startswith(f"{auto.sizewise['tier']} tier: ")
+
+        # `draft` on the smallest tier: it is the draft model; the answer says which tiers to ask.
+        r = httpx.post(url + "/v1/completions", json={"model": "small", "prompt": "x", "max_tokens": 2,
+                                                      "sizewise": {"strategy": "draft"}}, timeout=60)
+        assert r.status_code == 400, r.text
+        assert "the draft model" in r.json()["error"]["message"] and "medium or large" in r.json()["error"]["message"]
+
+        bad = subprocess.run([*sizewise_command(), "chat", "--url", url, "--model", "nope"], capture_output=True,
+                             text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert bad.returncode == 2 and "'nope' is not served" in bad.stderr
+    finally:
+        server.stop()
+    down = subprocess.run([*sizewise_command(), "chat", "--url", url], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+    assert down.returncode == 2 and "cannot reach" in down.stderr

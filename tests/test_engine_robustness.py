@@ -131,7 +131,7 @@ def test_aborts_in_every_state_leave_the_others_exact(llama_dir):
             assert want[:len(got.get(rid, []))] == got.get(rid, []), rid
         else:
             assert got[rid] == want, rid
-    assert core.block_manager.num_used_blocks == 0 and core.spec.draft.block_manager.num_used_blocks == 0
+    assert core.block_manager.num_used_blocks == 0 and core.draft.block_manager.num_used_blocks == 0
 
 
 # ----- min_tokens, prompt_logprobs, stop_token_ids: vLLM's semantics ---------------------------

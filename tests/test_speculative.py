@@ -1,4 +1,4 @@
-"""Speculative decoding (engine/speculative.py): prompt lookup and draft-model proposals are
+"""Speculative decoding (engine/spec/): prompt lookup and draft-model proposals are
 lossless. Greedy output equals transformers' greedy `generate` for every family, alone and in
 mixed batches; sampled output follows the target distribution (chi-square against the analytic
 distribution and against plain decoding); stops cut accepted runs exactly; a model that copies
@@ -23,7 +23,8 @@ from sizewise.engine.async_engine import AsyncEngine
 from sizewise.engine.config import EngineConfig
 from sizewise.engine.core import EngineCore
 from sizewise.engine.sampler import Sampler
-from sizewise.engine.speculative import prompt_lookup, rejection_sample
+from sizewise.engine.spec.ngram import NgramIndex, prompt_lookup
+from sizewise.engine.spec.rejection import rejection_sample
 
 FAMILIES = list(FAMILY_CONFIGS)
 ENGINE = dict(device="cpu", dtype="float32", max_model_len=256, max_num_seqs=8, kv_cache_bytes=8 << 20)
@@ -160,11 +161,25 @@ def test_prompt_lookup_matches_brute_force():
         seq = rng.integers(0, 4 if trial % 2 else 12, size=L).tolist()
         k, lo = int(rng.integers(1, 6)), int(rng.integers(1, 3))
         hi = lo + int(rng.integers(0, 3))
-        got = prompt_lookup(np.array(seq, dtype=np.int64), k, lo, hi).tolist()
+        got = prompt_lookup(seq, k, lo, hi)
         assert got == _lookup_reference(seq, k, lo, hi), (seq, k, lo, hi)
     # the longest suffix wins over a later shorter match; a loop is continued, not cut short
-    assert prompt_lookup(np.array([1, 2, 3, 9, 8, 3, 7, 2, 3]), 2, 1, 3).tolist() == [9, 8]
-    assert prompt_lookup(np.array([4, 5, 6, 5, 6, 5]), 4, 2, 3).tolist() == [6, 5, 6, 5]
+    assert prompt_lookup([1, 2, 3, 9, 8, 3, 7, 2, 3], 2, 1, 3) == [9, 8]
+    assert prompt_lookup([4, 5, 6, 5, 6, 5], 4, 2, 3) == [6, 5, 6, 5]
+
+
+def test_incremental_index_proposes_what_a_fresh_lookup_does():
+    """A sequence's index is grown token by token (and in runs, as verification appends them):
+    at every length it must propose what the from-scratch lookup proposes."""
+    rng = np.random.default_rng(1)
+    for trial in range(40):
+        seq = rng.integers(0, 5, size=60).tolist()
+        index = NgramIndex(2, 3)
+        n = 1
+        while n <= len(seq):
+            index.sync(seq[:n])
+            assert index.propose(4) == _lookup_reference(seq[:n], 4, 2, 3)
+            n += int(rng.integers(1, 4))
 
 
 # ----- greedy exactness -------------------------------------------------------------------------
@@ -178,15 +193,15 @@ def test_greedy_identical_for_every_strategy_and_mixed_batches(checkpoints, draf
     ]
     llm = spec_llm(checkpoints[family], drafts[family])
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    for strategy in ("plain", "pld", "draft", "auto"):
+    for strategy in ("plain", "pld", "draft", "pld_adaptive"):
         assert tokens(llm.generate(PROMPTS, sp, strategy=strategy)) == ref, strategy
-    mixed = llm.generate(PROMPTS * 3, sp, strategy=["plain", "pld", "draft"] * 2 + ["draft", "auto", "pld"])
+    mixed = llm.generate(PROMPTS * 3, sp, strategy=["plain", "pld", "draft"] * 2 + ["draft", "pld_adaptive", "pld"])
     assert tokens(mixed) == ref * 3
     st = llm.engine.stats()
     assert st.spec_accepted_tokens["pld"] > 0
     assert 0 < st.spec_accepted_tokens["draft"] < st.spec_draft_tokens["draft"]  # accepts and rejects
     assert llm.engine.block_manager.num_used_blocks == 0
-    assert llm.engine.spec.draft.block_manager.num_used_blocks == 0  # shadows freed at finish
+    assert llm.engine.draft.block_manager.num_used_blocks == 0  # shadows freed at finish
 
 
 def test_draft_cache_follows_the_accepted_tokens(llama_dir):
@@ -206,7 +221,7 @@ def test_batching_modes_and_independent_draft_are_exact(llama_dir, other_seed_ll
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     ref = tokens(LLM(llama_dir, **ENGINE).generate(PROMPTS, sp))
     llm = spec_llm(llama_dir, other_seed_llama, spec_batching=batching, prompt_lookup_min=1)
-    out = llm.generate(PROMPTS * 2, sp, strategy=["pld", "plain", "draft", "plain", "auto", "draft"])
+    out = llm.generate(PROMPTS * 2, sp, strategy=["pld", "plain", "draft", "plain", "pld_adaptive", "draft"])
     assert tokens(out) == ref * 2
     assert llm.engine.stats().spec_draft_tokens["draft"] > 0
 
@@ -243,6 +258,28 @@ def test_preemption_under_a_small_cache_keeps_results(llama_dir):
     small = spec_llm(llama_dir, kv_cache_bytes=14 * 16 * 512, prompt_lookup_min=1)  # 14 blocks of 16
     assert tokens(small.generate(prompts, sp, strategy="pld")) == ref
     assert small.engine.stats().num_preemptions > 0
+
+
+def test_verify_rows_are_scheduled_inside_the_token_budget(llama_dir):
+    """A verify row computes k+1 positions: the scheduler counts them against
+    max_num_batched_tokens (rows that do not fit decode plainly), and lists them in its output."""
+    prompts = [[5 + i, 17, 33, 8, 5 + i, 17, 33, 8] * 2 for i in range(4)]
+    sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    ref = tokens(LLM(llama_dir, **ENGINE).generate(prompts, sp))
+    llm = spec_llm(llama_dir, max_num_batched_tokens=9, spec_batching="split", prompt_lookup_min=1)
+    sched = llm.engine.scheduler
+    seen, schedule = [], sched.schedule
+
+    def spy():
+        out = schedule()
+        seen.append((out.num_tokens, len(out.verifies), len(out.decodes), out.verify_q))
+        return out
+    sched.schedule = spy
+    assert tokens(llm.generate(prompts, sp, strategy="pld")) == ref
+    assert all(n <= 9 for n, *_ in seen)
+    # four decoding rows leave room for one verify row (4 + 4 more positions), never two
+    assert max(v for _, v, _, _ in seen) == 1 and any(v == 1 and d == 3 for _, v, d, _ in seen)
+    assert all(q == 5 for *_, q in seen)
 
 
 # ----- copying: acceptance and exact stops inside accepted runs ---------------------------------
@@ -435,6 +472,9 @@ def test_bad_strategy_is_rejected_clearly(llama_dir, tmp_path):
     assert e.value.param == "strategy"
     with pytest.raises(InvalidRequestError, match="needs a draft model"):
         llm.generate(PROMPTS[:1], sp, strategy="draft")
+    # the router's `auto` is not an engine strategy: the error names the engine's adaptive one
+    with pytest.raises(InvalidRequestError, match="pld_adaptive"):
+        llm.generate(PROMPTS[:1], sp, strategy="auto")
     off = LLM(llama_dir, num_speculative_tokens=0, **ENGINE)
     with pytest.raises(InvalidRequestError, match="num_speculative_tokens=0"):
         off.generate(PROMPTS[:1], sp, strategy="pld")
@@ -450,7 +490,7 @@ def test_bad_strategy_is_rejected_clearly(llama_dir, tmp_path):
 
 def test_abort_frees_target_and_draft_blocks(llama_dir, drafts):
     llm = spec_llm(llama_dir, drafts["llama"])
-    core, draft = llm.engine, llm.engine.spec.draft
+    core, draft = llm.engine, llm.engine.draft
     sp = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
     for i, p in enumerate(PROMPTS):
         core.add_request(f"r{i}", p, sp, strategy="draft")

@@ -18,7 +18,9 @@ from . import __version__
 log = logging.getLogger("sizewise.cli")
 
 DEFAULT_CONFIG = Path("configs") / "demo.yaml"
-DEMO_CHAT_MODEL = Path("models") / "demo" / "large"
+DEMO_FAMILY = Path("models") / "demo"
+TIERS = ("small", "medium", "large")
+MODEL_RULE = "a Hugging Face model directory, or a tier name (small, medium, large) of the demo family"
 REPO_ROOT = Path(__file__).resolve().parents[2]  # src/sizewise/cli.py -> repo root (editable install)
 
 
@@ -58,10 +60,13 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 def _add_deployment_options(p: argparse.ArgumentParser) -> None:
     """What `serve` and `models` read: which models, and the engine settings a --model user needs.
     Defaults named here are the DeploymentConfig's (tests/test_cli_commands.py keeps them equal)."""
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help=f"{MODEL_RULE}, as `vllm serve MODEL`; several: small to large (same as --model; "
+                        "default: none, the config is used)")
     p.add_argument("--config", help=f"deployment YAML (default: {DEFAULT_CONFIG}, looked up in the current "
                                     "directory, then the repository root)")
-    p.add_argument("--model", action="append", metavar="DIR",
-                   help="a Hugging Face model directory instead of a config (one: served as large); repeat "
+    p.add_argument("--model", action="append", metavar="MODEL",
+                   help=f"{MODEL_RULE}, instead of a config (one: served as large); repeat "
                         "for 2 or 3 tiers (in order: small, [medium,] large); no policy: auto means large "
                         "(default: none, the config is used)")
     p.add_argument("--served-model-name", action="append", metavar="NAME",
@@ -134,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="print completions of one prompt (offline, no server)")
     g.add_argument("prompt", help="the prompt text ('-' reads it from stdin); with --chat, the user message")
-    g.add_argument("--model", required=True, metavar="DIR", help="a Hugging Face model directory")
+    g.add_argument("--model", default="large", metavar="MODEL", help=f"{MODEL_RULE} (default: %(default)s)")
     _add_model_options(g, temperature=0.0, max_tokens=64)
     g.add_argument("--n", type=int, default=1, help="completions to sample, printed one after another "
                                                     "(default: %(default)s)")
@@ -146,10 +151,17 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true",
                    help="print the text as it is generated, needs --n 1 (default: off)")
 
-    c = sub.add_parser("chat", help="chat with one model in the terminal (multi-turn, streamed; /exit leaves)")
-    c.add_argument("--model", metavar="DIR",
-                   help=f"a Hugging Face model directory with a chat template (default: the demo family's "
-                        f"large model, {DEMO_CHAT_MODEL})")
+    c = sub.add_parser("chat", help="chat in the terminal (multi-turn, streamed; /exit leaves): with a running "
+                                    "server (--url, routed per answer) or one model offline")
+    c.add_argument("--url", metavar="URL",
+                   help="a running sizewise (or other OpenAI-compatible) server, e.g. http://127.0.0.1:8000: each "
+                        "answer is routed there and followed by a line saying which tier answered and why "
+                        "(default: none, one model is loaded here)")
+    c.add_argument("--api-key", metavar="KEY", default=os.environ.get("SIZEWISE_API_KEY"),
+                   help="with --url: the server's API key (default: env SIZEWISE_API_KEY, else none)")
+    c.add_argument("--model", metavar="MODEL",
+                   help=f"{MODEL_RULE}, with a chat template; with --url, a model name the server serves "
+                        "(default: large; with --url, auto)")
     _add_model_options(c, temperature=0.8, max_tokens=256)
     c.add_argument("--system", metavar="TEXT", help="a system message that opens the conversation (default: none)")
 
@@ -173,6 +185,9 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_simulate(sub, DEFAULT_CONFIG)
     return p
+
+
+CALIBRATION_PROMPTS_PER_SIGNAL = 10  # the usual events-per-variable rule of thumb for a regression
 
 
 def _simulate(args) -> int:
@@ -206,6 +221,12 @@ def _calibrate(args) -> int:
         dep.shutdown()
     r = fit.report
     print(f"calibrated on {on}", file=sys.stderr)
+    # Forward selection picks among every measured signal: with few prompts per candidate it fits noise.
+    enough = CALIBRATION_PROMPTS_PER_SIGNAL * (len(r["single"]) + 1)
+    if r["requests"] < enough:
+        print(f"warning: fitted on {r['requests']} prompts while choosing among {len(r['single'])} signals; a fit "
+              f"this small can follow noise: give at least {enough} ({CALIBRATION_PROMPTS_PER_SIGNAL} per signal, "
+              f"--requests or more lines of --calibration-data)", file=sys.stderr)
     print(f"held-out squared error of the gap: mean only {r['mean_only']:.4f}; " + ", ".join(
         f"{k} alone {v:.4f}" for k, v in r["single"].items()) + f"; kept {fit.signals or 'none'} -> "
         f"{r['kept_error']:.4f}", file=sys.stderr)
@@ -234,6 +255,25 @@ def _find_config(given: str | None) -> Path:
                    f"{Path.cwd()} or {REPO_ROOT}")
 
 
+def _model_dir(spec: str) -> str:
+    """One rule for every command: a directory is itself; a tier name is that tier of the demo
+    family; anything else goes to the loader, whose error says what a model directory needs."""
+    if Path(spec).is_dir() or spec not in TIERS:
+        return spec
+    for root in (Path.cwd() / DEMO_FAMILY, REPO_ROOT / DEMO_FAMILY):
+        if (root / spec).is_dir():
+            return str(root / spec)
+    raise CliError(f"{spec}: no directory of that name, and the demo family's {spec} tier was not found in "
+                   f"{Path.cwd() / DEMO_FAMILY} or {REPO_ROOT / DEMO_FAMILY} (scripts/train_demo_family.py builds it)")
+
+
+def _model_dirs(args) -> list[str]:
+    """`serve`'s and `models`' positional models and --model, resolved (empty: use the config)."""
+    if args.models and args.model:
+        raise CliError("give the models either positionally or with --model, not both")
+    return [_model_dir(m) for m in (args.models or args.model or [])]
+
+
 def _serve(args) -> int:
     # uvicorn shuts down gracefully on SIGINT / SIGTERM, then raises the signal again with the
     # handler it found: Python's SIGINT handler makes that a KeyboardInterrupt, but SIGTERM's
@@ -257,16 +297,17 @@ def _deployment_config(args):
     from .models import CheckpointError, ModelConfig
     from .orchestrator.deployment import DeploymentConfig
 
-    if args.served_model_name and not args.model:
+    dirs = _model_dirs(args)
+    if args.served_model_name and not dirs:
         raise CliError("--served-model-name goes with --model (with a config, the names are its models[].name)")
-    if args.model:
-        for d in args.model:  # the same words `generate` has for a hub id or a directory without config.json
+    if dirs:
+        for d in dirs:  # the same words `generate` has for a hub id or a directory without config.json
             try:
                 ModelConfig.from_pretrained(d)
             except CheckpointError as e:
                 raise CliError(f"--model {d}: {e}") from None
         try:
-            cfg = DeploymentConfig.from_model_dirs(args.model, args.served_model_name)
+            cfg = DeploymentConfig.from_model_dirs(dirs, args.served_model_name)
         except ValueError as e:
             raise CliError(" ".join(str(e).split())) from None
     else:
@@ -369,8 +410,8 @@ def _write_delta(delta) -> None:
 
 def _run_ray(args) -> int:
     """`sizewise serve --ray`: the Serve application of sizewise.ray_serve, until Ctrl-C / SIGTERM."""
-    if args.model:
-        raise CliError("--ray serves a --config file (every replica reads it); --model is not supported")
+    if args.model or args.models:
+        raise CliError("--ray serves a --config file (every replica reads it); models by directory are not supported")
     if args.replicas < 1:
         raise CliError(f"--replicas {args.replicas}: at least 1")
     if args.port is not None and not 0 < args.port <= 65535:
@@ -422,7 +463,7 @@ def _generate(args) -> int:
     try:
         params = SamplingParams(n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, stop=args.stop, seed=args.seed)
-        llm = _load_llm(args, args.model, max_num_seqs=max(1, args.n))
+        llm = _load_llm(args, _model_dir(args.model), max_num_seqs=max(1, args.n))
         if args.chat:
             messages = [{"role": "system", "content": args.system}] if args.system is not None else []
             messages.append({"role": "user", "content": prompt})
@@ -476,12 +517,9 @@ CHAT_HELP = "/exit or Ctrl-D leaves, /clear forgets the conversation, Ctrl-C sto
 
 
 def _chat(args) -> int:
-    model = args.model
-    if model is None:
-        model = next((str(d) for d in (Path.cwd() / DEMO_CHAT_MODEL, REPO_ROOT / DEMO_CHAT_MODEL) if d.is_dir()), None)
-        if model is None:
-            raise CliError(f"no --model given and the demo model {DEMO_CHAT_MODEL} was not found in {Path.cwd()} "
-                           f"or {REPO_ROOT}")
+    if args.url is not None:
+        return _chat_remote(args)
+    model = _model_dir(args.model or "large")
     from . import InvalidRequestError, SamplingParams
 
     try:
@@ -540,6 +578,21 @@ def _chat(args) -> int:
             continue
         print()
         messages.append({"role": "assistant", "content": out.outputs[0].text})
+
+
+def _chat_remote(args) -> int:
+    """`chat --url`: the server routes each answer; the local engine options do not apply."""
+    from .remote_chat import RemoteError, run
+
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    if args.top_k > 0:
+        sampling["top_k"] = args.top_k
+    if args.seed is not None:
+        sampling["seed"] = args.seed
+    try:
+        return run(args.url, args.model or "auto", args.api_key, sampling, args.system, CHAT_HELP)
+    except RemoteError as e:
+        raise CliError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ Names follow vLLM's with the `sizewise_` prefix; labels are bounded (`model`, `t
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.metrics_core import Metric
 
 # Buckets per quantity (seconds). Each spans what that quantity takes from a graph-captured small
@@ -29,6 +29,9 @@ _PROBE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # No `_created` series: a timestamp per counter and histogram child, half the scrape, read by no
+        # query. prometheus-client has only a process-wide switch; every sizewise registry wants it off.
+        disable_created_metrics()
         self.registry = r = registry or CollectorRegistry()
         mt = ["model", "tier"]
         self.ttft = Histogram("sizewise_time_to_first_token_seconds", "Time to first token.", mt, buckets=_TTFT_BUCKETS, registry=r)
@@ -44,6 +47,12 @@ class Metrics:
         # The load price of the last `auto` decision (policy.py: 0 while the device has headroom).
         self.route_lambda = Gauge("sizewise_route_bandwidth_price", "Price of device bandwidth in the routing "
                                   "objective (nats of predicted quality loss per GB streamed).", [], registry=r)
+        # Predicted vs measured: decisions predicted to meet their latency objective, and those that then
+        # did not, so that a routing promise (reason "slo" among them) never overpromises unseen.
+        self.slo_promised = Counter("sizewise_route_slo_promised", "Finished requests the router predicted to "
+                                    "meet their latency objective.", ["tier"], registry=r)
+        self.slo_missed = Counter("sizewise_route_slo_missed", "Finished requests predicted to meet their latency "
+                                  "objective whose measured end-to-end latency exceeded it.", ["tier"], registry=r)
         # The capacity plan in force (orchestrator/plan.py), as of the last `auto` decision.
         self.plan_share = Gauge("sizewise_plan_share", "Share of auto traffic the capacity plan gives a tier.",
                                 ["tier"], registry=r)
@@ -60,6 +69,12 @@ class Metrics:
                                   [], registry=r)
         self.spec_draft = Counter("sizewise_spec_decode_draft_tokens", "Speculative tokens proposed.", mt + ["strategy"], registry=r)
         self.spec_accepted = Counter("sizewise_spec_decode_accepted_tokens", "Speculative tokens accepted.", mt + ["strategy"], registry=r)
+        # Each model's own work, drafting for another model included; summed over models, at most
+        # the wall time (the engines step one at a time).
+        self.device_seconds = Counter("sizewise_device_seconds", "Seconds the device spent on this model's "
+                                      "forwards (drafting for another model included).", mt, registry=r)
+        self.device_bytes = Counter("sizewise_device_bytes", "Bytes this model's forwards read (weights once per "
+                                    "forward + KV).", mt, registry=r)
         self.preemptions = Counter("sizewise_num_preemptions", "Sequences preempted.", mt, registry=r)
         self.running = Gauge("sizewise_num_requests_running", "Sequences running.", mt, registry=r)
         self.waiting = Gauge("sizewise_num_requests_waiting", "Sequences waiting.", mt, registry=r)

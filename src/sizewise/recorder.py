@@ -16,6 +16,17 @@ _PROBE_TIME_KEYS = ("time_ms", "ms", "probe_ms")  # where a router's probe dict 
 def probe_ms(probe: dict | None) -> float:
     return next((probe[k] for k in _PROBE_TIME_KEYS if isinstance(probe.get(k), (int, float))), 0.0) if probe else 0.0
 
+def promised_slo_ms(decision) -> float | None:
+    """The latency objective (ms) the decision was predicted to meet, or None (no objective, no
+    prediction, or predicted to miss it). As the policy compares: the tier's predicted latency plus
+    the probe's time against the objective."""
+    explain = decision.explain or {}
+    slo, tier = explain.get("slo_ms"), (explain.get("tiers") or {}).get(decision.tier)
+    if slo is None or tier is None or "latency_ms" not in tier:
+        return None
+    return slo if tier["latency_ms"] + probe_ms(decision.probe) <= slo else None
+
+
 FINISH_REASONS = ("stop", "length", "abort")
 # The statuses a model request ends with, pre-created so rate() sees the first of each.
 ERROR_STATUSES = ("400", "401", "404", "413", "429", "500", "503", "504")
@@ -24,7 +35,7 @@ ERROR_STATUSES = ("400", "401", "404", "413", "429", "500", "503", "504")
 class Recorder:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self._totals: dict[tuple[str, ...], int] = {}  # engine running totals at the last scrape
+        self._totals: dict[tuple[str, ...], float] = {}  # engine running totals at the last scrape
         self._tiers: set[str] = set()
         for status in ERROR_STATUSES:
             metrics.errors.labels(status=status)
@@ -39,8 +50,10 @@ class Recorder:
             labels = {"model": info.name, "tier": info.tier}
             for reason in FINISH_REASONS:
                 m.requests.labels(finished_reason=reason, **labels)
-            for c in (m.prompt_tokens, m.generation_tokens, m.preemptions):
+            for c in (m.prompt_tokens, m.generation_tokens, m.preemptions, m.device_seconds, m.device_bytes):
                 c.labels(**labels)
+            m.slo_promised.labels(tier=info.tier)
+            m.slo_missed.labels(tier=info.tier)
             for h in (m.ttft, m.itl, m.e2e, m.queue_time):
                 h.labels(**labels)
             for strategy in info.strategies:
@@ -96,9 +109,15 @@ class Recorder:
         elif first_token_s is not None:
             m.ttft.labels(**labels).observe(first_token_s)
         if arrival is not None and t.get("finished_time") is not None:
-            m.e2e.labels(**labels).observe(max(0.0, t["finished_time"] - arrival) + probe_s)
+            e2e_s = max(0.0, t["finished_time"] - arrival) + probe_s
         else:
-            m.e2e.labels(**labels).observe(elapsed_s)
+            e2e_s = elapsed_s
+        m.e2e.labels(**labels).observe(e2e_s)
+        slo_ms = promised_slo_ms(decision)
+        if slo_ms is not None and "abort" not in finish_reasons:  # an aborted request's latency says nothing
+            m.slo_promised.labels(tier=decision.tier).inc()
+            if e2e_s * 1e3 > slo_ms:
+                m.slo_missed.labels(tier=decision.tier).inc()
 
     def error(self, status: int) -> None:
         self.metrics.errors.labels(status=str(status)).inc()
@@ -115,6 +134,8 @@ class Recorder:
             if st.bandwidth_utilization is not None:
                 m.bandwidth_util.labels(**labels).set(st.bandwidth_utilization)
             self._follow(m.preemptions.labels(**labels), ("preempt", name), st.num_preemptions)
+            self._follow(m.device_seconds.labels(**labels), ("device_s", name), st.device_seconds_total)
+            self._follow(m.device_bytes.labels(**labels), ("device_b", name), st.device_bytes_total)
             for strategy, n in st.spec_draft_tokens.items():
                 self._follow(m.spec_draft.labels(strategy=strategy, **labels), ("draft", name, strategy), n)
             for strategy, n in st.spec_accepted_tokens.items():
@@ -128,7 +149,7 @@ class Recorder:
             m.busy.set(stats.busy_fraction)
         m.set_load(stats)
 
-    def _follow(self, counter, key: tuple[str, ...], total: int) -> None:
+    def _follow(self, counter, key: tuple[str, ...], total: float) -> None:
         """Make `counter` follow a running total the engine keeps: add the growth since the last
         scrape (a total that went down means the engine restarted its count)."""
         last = self._totals.get(key, 0)

@@ -240,7 +240,8 @@ class AsyncEngine:
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stop = True
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # started (start=False: whoever runs `_run` stops it)
+            self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:

@@ -6,11 +6,14 @@ live in one process (each owns its own model, cache, scheduler, RNG); nothing he
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from ..clock import WALL, Clock
 from ..errors import InvalidRequestError, QueueFullError
@@ -22,12 +25,27 @@ from ..sampling_params import SamplingParams, is_int
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import Detokenizer
-from .model_runner import ModelRunner, StepResult
+from .model_runner import ModelRunner, StepResult, VerifyResult
+from .sampler import rng_stream
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Request, Sequence
-from .speculative import PROPOSERS, SpeculativeDecoder, VerifyResult
+from .spec.draft import DraftItem, DraftProposal
+from .spec.speculator import Speculator
+from .spec.strategy import PROPOSERS, Strategy
+
+_DRAFT_SEED_SALT = 0x5DEECE66D  # seeded draft sampling must not share the target's RNG stream
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, frozen=True)
+class StepRecord:
+    """The last step, as the stats report it."""
+
+    seconds: float = 0.0  # this model's own share of the step (a draft model's proposals excluded)
+    num_tokens: int = 0  # positions computed (verify rows: k+1 each, padding included)
+    bytes: int = 0  # weights (once per forward) + KV read
+    prefill_tokens: int = 0  # of num_tokens, prompt tokens prefilled
 
 
 @dataclass(slots=True)
@@ -45,7 +63,11 @@ class EngineStats:
     last_step_prefill_tokens: int  # of last_step_num_tokens, prompt tokens prefilled (the rest: decode rows)
     prompt_tokens_total: int
     generation_tokens_total: int
-    # speculative decoding, per proposer ("pld", "draft"); see engine/speculative.py
+    # this model's own work, all steps and drafting for other engines included (running totals):
+    # wall seconds of its forwards (host prep and sampling around them too) and bytes they read
+    device_seconds_total: float
+    device_bytes_total: int
+    # speculative decoding, per proposer ("pld", "draft"); see engine/spec/
     spec_draft_tokens: dict[str, int] = field(default_factory=dict)  # proposed and verified
     spec_accepted_tokens: dict[str, int] = field(default_factory=dict)
     spec_verify_steps: dict[str, int] = field(default_factory=dict)  # sequence-verifications
@@ -128,27 +150,28 @@ class EngineCore:
             self._cap_reason = (f" (capped by the KV cache: {num_blocks} blocks of {self.block_size} tokens; "
                                 f"raise kv_cache_bytes)")
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
+        k = config.num_speculative_tokens
+        self.spec: Speculator | None = None
+        if k > 0:  # (validated before the scheduler takes k)
+            self.spec = Speculator(self.name, k, config.prompt_lookup_min, config.prompt_lookup_max,
+                                   config.spec_batching, self.max_model_len)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), self.max_model_len),
+            SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), self.max_model_len,
+                            num_speculative_tokens=max(k, 0), spec_batching=config.spec_batching),
             self.block_manager,
         )
         self.runner = runner_factory(self, num_blocks) if runner_factory is not None else ModelRunner(
             model, cfg, self.platform, self.dtype, num_blocks, self.block_size, self.max_model_len,
             config.max_num_seqs, seed=config.seed, enforce_eager=config.enforce_eager,
-            verify_q=config.num_speculative_tokens + 1 if config.num_speculative_tokens > 0 else 0,
+            verify_q=k + 1 if k > 0 else 0, eos_token_ids=self.eos_token_ids,
         )
-        self.runner.eos_token_ids = self.eos_token_ids
-        self.spec: SpeculativeDecoder | None = None
-        if config.num_speculative_tokens > 0:
-            self.spec = SpeculativeDecoder(
-                self, config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max,
-                config.spec_batching,
-            )
         self.detokenizer = Detokenizer(self.tokenizer)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._step_count = 0
-        self._last_step = (0.0, 0, 0, 0)
+        self._last_step = StepRecord()
+        self._device_seconds = 0.0
+        self._device_bytes = 0
         self._prompt_tokens = 0
         self._gen_tokens = 0
         self.weight_bytes = self.runner.weight_bytes()
@@ -178,13 +201,7 @@ class EngineCore:
     # ----- requests ------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams, strategy: str = "plain") -> None:
         """Raise InvalidRequestError naming the problem; nothing is queued."""
-        if strategy != "plain":
-            if self.spec is None:
-                raise InvalidRequestError(
-                    f"strategy {strategy!r} needs speculative decoding, which is off on {self.name!r} "
-                    f"(num_speculative_tokens=0); use 'plain'", param="strategy",
-                )
-            self.spec.validate_strategy(strategy)
+        self._strategy(strategy)
         n = len(prompt_token_ids)
         capped = self._cap_reason
         if n == 0:
@@ -216,12 +233,23 @@ class EngineCore:
                 param="min_tokens",
             )
 
+    def _strategy(self, name: str) -> Strategy:
+        if name == "plain":
+            return Strategy.PLAIN
+        if self.spec is None:
+            raise InvalidRequestError(
+                f"strategy {name!r} needs speculative decoding, which is off on {self.name!r} "
+                f"(num_speculative_tokens=0); use 'plain'", param="strategy",
+            )
+        return self.spec.strategy(name)
+
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
         prompt: str | None = None, arrival_time: float | None = None, strategy: str = "plain",
         validated: bool = False,
     ) -> Request:
-        """`strategy`: plain | pld (prompt lookup) | draft (needs `attach_draft`) | auto (adaptive pld).
+        """`strategy`: plain | pld (prompt lookup) | pld_adaptive (prompt lookup that backs off while it
+        fails) | draft (needs `attach_draft`); see `Strategy`.
         `validated`: the caller ran `validate` on these arguments already (it is not repeated)."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
@@ -229,14 +257,15 @@ class EngineCore:
             self.validate(prompt_token_ids, params, strategy)
         if len(self.scheduler.waiting) + params.n > self.config.max_waiting:
             raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} sequences)")
-        req = Request(request_id, list(prompt_token_ids), params, prompt, strategy=strategy)
+        strat = self._strategy(strategy)
+        req = Request(request_id, list(prompt_token_ids), params, prompt, strategy=strat)
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]  # the first prompt token has no logprob (a 1-token prompt: only this)
         req.metrics.arrival_time = arrival_time if arrival_time is not None else self.clock.time()
         for i in range(params.n):
             seq = Sequence(next(self._seq_ids), req, i, prompt_token_ids)
             if self.spec is not None:
-                self.spec.init_seq(seq, strategy)
+                self.spec.init_seq(seq, strat)
             req.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = req
@@ -247,7 +276,107 @@ class EngineCore:
         """Let requests with strategy 'draft' be proposed by `draft` (same tokenizer, resident)."""
         if self.spec is None:
             raise ValueError(f"speculative decoding is off on {self.name!r} (num_speculative_tokens=0)")
+        if draft is self:
+            raise ValueError("a core cannot be its own draft model")
+        if draft.vocab_size != self.vocab_size:
+            raise ValueError(
+                f"draft {draft.name!r} has vocabulary size {draft.vocab_size}, target {self.name!r} has "
+                f"{self.vocab_size}: draft and target must share one tokenizer"
+            )
+        if draft.tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(f"draft {draft.name!r} and target {self.name!r} do not share one tokenizer")
         self.spec.attach_draft(draft)
+
+    @property
+    def draft(self) -> "EngineCore | None":
+        """The attached draft model's engine, if any."""
+        return self.spec.draft.engine if self.spec is not None and self.spec.draft is not None else None
+
+    # ----- drafting for a target engine (this engine being its draft model) ---------------
+    def propose_drafts(self, items: list[DraftItem], k: int) -> dict[str, DraftProposal]:
+        """Up to `item.limit` (<= k) proposed tokens per item, as work of this engine: one shadow
+        sequence per item in this scheduler and cache (created at first use, caught up with the
+        target's tokens), one catch-up forward then greedy or sampled decode forwards. Counted in
+        this engine's device seconds and bytes, not in its steps."""
+        t0 = self.clock.now()
+        sched = self.scheduler
+        kv_per_token = self.model_config.kv_bytes_per_token(self.dtype)
+        active: list[tuple[DraftItem, Sequence]] = []
+        # The decode batch must fit this engine's largest (graph) bucket; the rest decode plainly.
+        for it in items[: self.config.max_num_seqs]:
+            if len(it.token_ids) + k > self.max_model_len:
+                continue
+            d = sched.shadows.get(it.key)
+            if d is None:
+                d = sched.shadows[it.key] = self._new_shadow(it)
+            else:
+                d.token_ids.extend(it.token_ids[d.num_tokens:])
+            # slots for the catch-up tokens plus the limit-1 proposals whose K/V the draft writes
+            if sched.schedule_shadow(d, len(it.token_ids) + it.limit - 1):
+                active.append((it, d))
+        if not active:
+            return {}
+        limit = {id(d): it.limit for it, d in active}
+        toks: dict[int, list[int]] = {id(d): [] for _, d in active}
+        probs: dict[int, list] = {id(d): [] for _, d in active}
+        nbytes = 0
+        dec = [d for _, d in active if d.num_uncomputed == 1]
+        pre = [d for _, d in active if d.num_uncomputed > 1]
+        step = SchedulerOutput(decodes=dec, prefills=pre, prefill_chunks=[d.num_uncomputed for d in pre])
+        for j in range(k):
+            nbytes += self.step_weight_bytes + kv_per_token * (
+                sum(d.num_tokens for d in step.decodes) + sum(d.num_tokens for d in step.prefills))
+            res = self.runner.execute(step)
+            for d in step.decodes + step.prefills:
+                d.num_cached_tokens = d.num_tokens
+                if j == 0:
+                    self.block_manager.commit(d)
+            for i, d in enumerate(res.sampled):
+                tok = res.samples.token_ids[i]
+                d.token_ids.append(tok)
+                toks[id(d)].append(tok)
+                if res.samples.probs is not None and not d.params.greedy:
+                    probs[id(d)].append(res.samples.probs[i])
+            more = [d for d in res.sampled if len(toks[id(d)]) < limit[id(d)]]
+            if not more:
+                break
+            step = SchedulerOutput(decodes=more)
+        out = {}
+        for it, d in active:
+            del d.token_ids[len(it.token_ids):]  # proposals are not the draft's tokens until accepted
+            q = probs[id(d)]
+            out[it.key] = DraftProposal(toks[id(d)], torch.stack(q) if q else None)
+        self._charge(self.clock.now() - t0, nbytes)
+        return out
+
+    def rollback_shadow(self, key: str, num_valid: int) -> None:
+        """K/V of `key`'s first `num_valid` tokens stay valid; the rest is recomputed when needed."""
+        d = self.scheduler.shadows.get(key)
+        if d is not None and d.block_table:
+            d.num_cached_tokens = min(d.num_cached_tokens, num_valid)
+
+    def release_shadow(self, key: str) -> None:
+        d = self.scheduler.shadows.pop(key, None)
+        if d is not None:
+            self.block_manager.free_seq(d)
+
+    def _new_shadow(self, it: DraftItem) -> Sequence:
+        # The draft only proposes: no logprobs, and (when seeded) an RNG stream of its own.
+        params = dataclasses.replace(it.params, logprobs=None, prompt_logprobs=None, n=1)
+        req = Request(it.key + "#draft", it.token_ids[: it.num_prompt_tokens], params)
+        d = Sequence(next(self._seq_ids), req, it.index, it.token_ids[: it.num_prompt_tokens])
+        d.token_ids.extend(it.token_ids[it.num_prompt_tokens:])
+        if params.seed is not None:
+            d.rng_stream = rng_stream(params.seed, it.index, salt=_DRAFT_SEED_SALT)
+        return d
+
+    def work_totals(self) -> tuple[float, int]:
+        """(device seconds, bytes read) of this model's own work so far (steps and drafting)."""
+        return self._device_seconds, self._device_bytes
+
+    def _charge(self, seconds: float, nbytes: int) -> None:
+        self._device_seconds += seconds
+        self._device_bytes += nbytes
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Free everything the request holds now; returns its final (abort) delta."""
@@ -270,39 +399,41 @@ class EngineCore:
 
     # ----- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        t0 = self.clock.now()
+        draft_s = self.draft._device_seconds if self.draft is not None else 0.0
+        # Proposals first: the scheduler decides which of them are verified this step.
+        draft_probs = self.spec.propose(self.scheduler.running) if self.spec is not None else {}
         sched = self.scheduler.schedule()
         if sched.is_empty:
+            if self.spec is not None:
+                self.spec.end_step({})
             return []
-        t0 = self.clock.now()
         now = self.clock.time()
-        for seq in sched.prefills + sched.decodes:
+        for seq in sched.prefills + sched.decodes + sched.verifies:
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.metrics.first_scheduled_time = now
-        # Speculative rows leave sched.decodes and are verified in their own Q=k+1 forward.
-        verify = self.spec.prepare(sched) if self.spec is not None else None
-        result = self.runner.execute(sched) if not sched.is_empty else None
-        spec_results = self.spec.verify(verify) if verify is not None else []
         # Read before _postprocess appends the sampled tokens and frees finished sequences.
-        kv_tokens = sum(s.num_tokens for s in sched.decodes) + sum(
-            s.num_cached_tokens + n for s, n in zip(sched.prefills, sched.prefill_chunks)
+        kv_tokens = (
+            sum(s.num_tokens for s in sched.decodes)
+            + sum(s.num_cached_tokens + n for s, n in zip(sched.prefills, sched.prefill_chunks))
+            + sum(s.num_tokens - 1 + sched.verify_q for s in sched.verifies)  # context_lens of verify
         )
-        out = self._postprocess(sched, result, spec_results)
-        self._record_step(sched, kv_tokens, self.clock.now() - t0)
+        result = self.runner.execute(sched, draft_probs)
+        out = self._postprocess(sched, result)
+        # The draft model's proposals ran inside this step, as the draft engine's own work.
+        drafted = (self.draft._device_seconds - draft_s) if self.draft is not None else 0.0
+        self._record_step(sched, result.num_forwards, kv_tokens, self.clock.now() - t0 - drafted)
         return out
 
-    def _record_step(self, sched: SchedulerOutput, kv_tokens: int, seconds: float) -> None:
-        """kv_tokens: the context positions the step's plain forward attended to."""
-        num_tokens = sched.num_tokens
-        if self.spec is not None:
-            kv_tokens += self.spec.last_kv_tokens
-            num_tokens += self.spec.last_num_tokens
-        kv_bytes = kv_tokens * self.model_config.kv_bytes_per_token(self.dtype)
+    def _record_step(self, sched: SchedulerOutput, num_forwards: int, kv_tokens: int, seconds: float) -> None:
+        """Each forward streams the weights once (split speculative batching runs two); kv_tokens:
+        the context positions the forwards attended to."""
+        nbytes = num_forwards * self.step_weight_bytes + kv_tokens * self.model_config.kv_bytes_per_token(self.dtype)
         self._step_count += 1
-        self._last_step = (seconds, num_tokens, self.step_weight_bytes + kv_bytes, sum(sched.prefill_chunks))
+        self._last_step = StepRecord(seconds, sched.num_tokens, nbytes, sum(sched.prefill_chunks))
+        self._charge(seconds, nbytes)
 
-    def _postprocess(
-        self, sched: SchedulerOutput, result: StepResult | None, spec_results: list[VerifyResult] = (),
-    ) -> list[RequestOutput]:
+    def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         for s, n in zip(sched.prefills, sched.prefill_chunks):
             s.num_cached_tokens += n
         for s in sched.decodes:
@@ -311,8 +442,6 @@ class EngineCore:
             self.block_manager.commit(s)
 
         touched: dict[str, Request] = {}
-        if result is None:
-            result = StepResult(sampled=[], samples=None, prompt_logprobs={})
         for seq_id, (first_pos, entries) in result.prompt_logprobs.items():
             seq = next(s for s in sched.prefills if s.seq_id == seq_id)
             req = seq.request
@@ -325,9 +454,13 @@ class EngineCore:
         for i, seq in enumerate(result.sampled):
             self._append_token(seq, result.samples.token_ids[i], result.samples.logprobs[i], now)
             touched[seq.request.request_id] = seq.request
-        for res in spec_results:
+        accepted: dict[int, int] = {}
+        for res in result.verified:
             self._append_verified(res, now)
+            accepted[res.seq.seq_id] = res.num_accepted
             touched[res.seq.request.request_id] = res.seq.request
+        if self.spec is not None:
+            self.spec.end_step(accepted)
         return [self._make_delta(req) for req in touched.values()]
 
     def _append_token(self, seq: Sequence, token: int, lp: dict[int, float] | None, now: float) -> None:
@@ -345,16 +478,15 @@ class EngineCore:
     def _append_verified(self, res: VerifyResult, now: float) -> None:
         """Tokens of one speculative verification, one at a time through the plain finish check."""
         seq = res.seq
-        n = seq.num_tokens
+        # The forward computed the last token and the m proposals; the rejected ones roll back
+        # (their K/V are overwritten later).
+        seq.num_cached_tokens += 1 + res.num_proposed - (res.num_proposed - res.num_accepted)
         for token, lp in zip(res.tokens, res.logprobs):
             self._append_token(seq, token, lp, now)
             if seq.is_finished:  # a stop cuts the accepted tokens exactly where plain decode would
                 break
         if not seq.is_finished:
-            # K/V of the last token and the accepted proposals are valid; the rest is overwritten later.
-            seq.num_cached_tokens = n + res.num_accepted
             self.block_manager.commit(seq)
-        self.spec.after_verify(res, n)
 
     def _check_finish(self, seq: Sequence, token: int) -> None:
         p = seq.params
@@ -387,7 +519,7 @@ class EngineCore:
             finished = seq.is_finished
             if not new_tokens:
                 continue
-            text = Detokenizer.emittable(seq, finished)
+            text = self.detokenizer.emittable(seq, finished)
             lps = None
             if seq.params.logprobs is not None:
                 lps = seq.output_logprobs[seq.emitted_logprobs:]
@@ -430,7 +562,7 @@ class EngineCore:
 
     # ----- stats ---------------------------------------------------------------------------
     def stats(self) -> EngineStats:
-        secs, ntok, nbytes, prefill = self._last_step
+        last = self._last_step
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -439,12 +571,14 @@ class EngineCore:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_hit_tokens=self.block_manager.prefix_hits,
             num_steps=self._step_count,
-            last_step_seconds=secs,
-            last_step_num_tokens=ntok,
-            last_step_bytes=nbytes,
-            last_step_prefill_tokens=prefill,
+            last_step_seconds=last.seconds,
+            last_step_num_tokens=last.num_tokens,
+            last_step_bytes=last.bytes,
+            last_step_prefill_tokens=last.prefill_tokens,
             prompt_tokens_total=self._prompt_tokens,
             generation_tokens_total=self._gen_tokens,
+            device_seconds_total=self._device_seconds,
+            device_bytes_total=self._device_bytes,
             **self._spec_stats(),
         )
 

@@ -78,6 +78,29 @@ def graph_held_bytes(buckets: Sequence[int], q_values: Sequence[int], out_dim: i
     return sum(buckets) * sum(set(q_values)) * out_dim * elt
 
 
+def capture_blocker(
+    platform: Platform, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+    q_values: Sequence[int],
+) -> str | None:
+    """Why decode graphs must not be captured for this model on `platform`, or None.
+
+    A captured step's block tables are max_model_len wide and its lengths live on the device.
+    Capture pays only where the platform's captured attention reads each row's real context
+    (CUDA's Triton kernel loops up to context_lens). Where it would read the whole table (the
+    reference gather; NPU's static FIA path), every step would stream max_model_len keys per row
+    and capture would allocate [bucket, max_model_len, Hkv, D] gathers: eager decode, which reads
+    the batch's real blocks, is the better trade.
+    """
+    for q in q_values:
+        path = platform.paged_attention_path(dtype, dtype, num_heads, num_kv_heads, head_dim, block_size, q,
+                                             captured=True)
+        if not path.bounded:
+            detail = f": {path.reason}" if path.reason else ""
+            return (f"captured {path.name} attention (Q={q}) would read max_model_len keys per row, "
+                    f"not the real context{detail}")
+    return None
+
+
 def decode_q_values(num_speculative_tokens: int) -> tuple[int, ...]:
     """Query lengths an engine captures: 1 (decode), and k+1 (verification) when it speculates."""
     return (1, num_speculative_tokens + 1) if num_speculative_tokens > 0 else (1,)

@@ -3,25 +3,37 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..models import AttentionMetadata, Decoder
 from ..models.config import ModelConfig
 from ..platform import Platform
-from .sampler import Sampler, SamplerOutput, SamplingRow, race_key, rng_stream
+from .sampler import Sampler, SamplerOutput, SamplingRow, race_key, rng_stream, top_logprobs
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
+from .spec.rejection import rejection_sample
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
+class VerifyResult:
+    seq: Sequence
+    num_proposed: int  # m
+    num_accepted: int  # a <= m
+    tokens: list[int]  # the a accepted proposals + the target's next token (before any stop cut)
+    logprobs: list[dict[int, float] | None]  # per token, when the request asked for logprobs
+
+
+@dataclass(slots=True)
 class StepResult:
     sampled: list[Sequence]  # sequences that produced a token this step, in `samples` order
-    samples: SamplerOutput
+    samples: SamplerOutput | None  # None when only verify rows ran
     prompt_logprobs: dict[int, tuple[int, list[dict[int, float]]]]  # seq_id -> (first position, entries)
+    verified: list[VerifyResult] = field(default_factory=list)
+    num_forwards: int = 1  # model forwards the step ran (each streams the weights once)
 
 
 class ModelRunner:
@@ -38,6 +50,7 @@ class ModelRunner:
         seed: int = 0,
         enforce_eager: bool = True,
         verify_q: int = 0,  # k+1 of speculative verification (0: none); captured like decode
+        eos_token_ids: tuple[int, ...] = (),  # the engine's (min_tokens masks them)
     ) -> None:
         self.model = model
         self.cfg = cfg
@@ -55,14 +68,20 @@ class ModelRunner:
             layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
             self.kv_caches.append((k, v))
         self.sampler = Sampler(self.device, seed)
-        self.eos_token_ids: tuple[int, ...] = cfg.eos_token_ids
+        self.eos_token_ids = eos_token_ids
         # Step inputs go through page-locked host memory on accelerators, so their copies are
         # asynchronous (the host goes on to the next launch) instead of a synchronous pageable copy.
         self._pin = platform.device_type != "cpu"
         self.graph_runner = None
+        blocker = None
         if not enforce_eager and platform.supports_graphs:
-            from .graph_runner import DecodeGraphRunner, decode_q_values
+            from .graph_runner import DecodeGraphRunner, capture_blocker, decode_q_values
 
+            blocker = capture_blocker(platform, dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size,
+                                      decode_q_values(verify_q - 1))
+            if blocker:
+                log.warning("decode graphs off, decoding eagerly: %s", blocker)
+        if not enforce_eager and platform.supports_graphs and blocker is None:
             self.graph_runner = DecodeGraphRunner(
                 platform=platform, fn=model.forward_paged_hidden, max_num_seqs=max_num_seqs,
                 max_blocks_per_seq=self.max_blocks_per_seq, out_dim=cfg.hidden_size,
@@ -102,17 +121,25 @@ class ModelRunner:
 
     # ----- the step ------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> StepResult:
+    def execute(self, sched: SchedulerOutput, draft_probs: dict[int, torch.Tensor] | None = None) -> StepResult:
+        """draft_probs: seq_id -> [m, V], the draft distribution of verify rows whose draft sampled."""
         decodes, prefills, chunks = sched.decodes, sched.prefills, sched.prefill_chunks
-        if decodes and not prefills:
-            logits = self._decode(decodes)  # [B, V]
-            sampled, sample_logits = list(decodes), logits
-            plp: dict[int, list] = {}
-        else:
-            sampled, sample_logits, plp = self._mixed(decodes, prefills, chunks)
-        rows = [self._sampling_row(s) for s in sampled]
-        samples = self.sampler(sample_logits, rows) if sampled else SamplerOutput([], None, [])
-        return StepResult(sampled=sampled, samples=samples, prompt_logprobs=plp)
+        sampled: list[Sequence] = []
+        samples, plp, forwards = None, {}, 0
+        if decodes or prefills:
+            forwards += 1
+            if decodes and not prefills:
+                sampled, sample_logits = list(decodes), self._decode(decodes)  # [B, V]
+            else:
+                sampled, sample_logits, plp = self._mixed(decodes, prefills, chunks)
+            rows = [self._sampling_row(s) for s in sampled]
+            samples = self.sampler(sample_logits, rows) if sampled else SamplerOutput([], None, [])
+        verified = []
+        if sched.verifies:
+            forwards += 1
+            verified = self._verify(sched.verifies, sched.verify_q, draft_probs or {})
+        return StepResult(sampled=sampled, samples=samples, prompt_logprobs=plp, verified=verified,
+                          num_forwards=forwards)
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         pos = [s.num_tokens - 1 for s in seqs]
@@ -180,16 +207,7 @@ class ModelRunner:
         entries: list[dict[int, float]] = []
         if end > start:
             lp = torch.log_softmax(self.model.compute_logits(hidden[first:first + end - start]), -1)
-            targets = torch.tensor(seq.token_ids[start + 1:end + 1], device=lp.device)
-            chosen = lp.gather(1, targets[:, None]).squeeze(1).tolist()
-            tv, ti = lp.topk(top, dim=-1) if top else (None, None)
-            tv = tv.tolist() if top else None
-            ti = ti.tolist() if top else None
-            for j in range(end - start):
-                d = {seq.token_ids[start + 1 + j]: chosen[j]}
-                for t in range(top):
-                    d.setdefault(ti[j][t], tv[j][t])
-                entries.append(d)
+            entries = top_logprobs(lp, seq.token_ids[start + 1:end + 1], top)
         return start + 1, entries
 
     def forward_verify(
@@ -207,6 +225,59 @@ class ModelRunner:
         else:
             hidden = self.model.forward_paged_hidden(input_ids, positions, slot_mapping, block_tables, context_lens)
         return self.model.compute_logits(hidden)
+
+    def _verify(self, seqs: list[Sequence], Q: int, draft_probs: dict[int, torch.Tensor]) -> list[VerifyResult]:
+        """Verify each row's last token + `spec_token_ids` (m <= k, padded to k) in one forward."""
+        dev = self.device
+        k = Q - 1
+        B = len(seqs)
+        props = [s.spec_token_ids for s in seqs]
+        ids, pos, slots, ctx = [], [], [], []
+        for s, toks in zip(seqs, props):
+            m, n = len(toks), s.num_tokens
+            ids.append([s.token_ids[-1]] + toks + [0] * (k - m))
+            pos.append(list(range(n - 1, n + k)))
+            slots.append(self._slots(s, n - 1, n + m) + [-1] * (k - m))
+            ctx.append(n + k)
+        logits = self.forward_verify(
+            self._h2d(ids), self._h2d(pos), self._h2d(slots), self._block_table_tensor(seqs),
+            self._h2d(ctx, torch.int32),
+        )  # [B, Q, V]
+        V = logits.shape[-1]
+        want_lp = [s.params.logprobs is not None for s in seqs]
+        raw_lp = torch.log_softmax(logits[torch.tensor(want_lp, device=dev)].float(), -1) if any(want_lp) else None
+        # Row (b, j) is "sequence b + its first j proposals": penalties and min_tokens see them.
+        srows = [self._sampling_row(s, toks[:j]) for s, toks in zip(seqs, props) for j in range(Q)]
+        proc, probs = self.sampler.distribution(logits.reshape(B * Q, V).float(), srows)
+        sampled_rows = [b for b, s in enumerate(seqs) if s.seq_id in draft_probs and props[b]]
+        dprobs = drows = None
+        if sampled_rows:
+            drows = torch.tensor(sampled_rows, device=dev)
+            dprobs = torch.zeros(len(sampled_rows), k, V, device=dev)  # padding positions: never read
+            for i, b in enumerate(sampled_rows):
+                dprobs[i, : len(props[b])] = draft_probs[seqs[b].seq_id].to(dev)
+        num_acc, nxt = rejection_sample(
+            torch.tensor([toks + [0] * (k - len(toks)) for toks in props], device=dev),
+            [len(toks) for toks in props],
+            proc.view(B, Q, V).argmax(-1),
+            probs.view(B, Q, V) if probs is not None else None,
+            dprobs, drows,
+            [s.params.greedy for s in seqs],
+            [[srows[b * Q + j].race_key for j in range(Q)] for b in range(B)],
+            self.sampler,
+        )
+        host = torch.stack([num_acc, nxt], 1).tolist()
+        results = []
+        lp_i = 0
+        for b, s in enumerate(seqs):
+            a, tok = host[b]
+            out = props[b][:a] + [tok]
+            lps: list[dict[int, float] | None] = [None] * len(out)
+            if want_lp[b]:
+                lps = top_logprobs(raw_lp[lp_i], out, s.params.logprobs)
+                lp_i += 1
+            results.append(VerifyResult(s, len(props[b]), a, out, lps))
+        return results
 
     def _sampling_row(self, seq: Sequence, extra: list[int] | tuple[int, ...] = ()) -> SamplingRow:
         """`extra`: tokens assumed appended after seq's tokens (speculative verification rows)."""

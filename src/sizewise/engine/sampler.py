@@ -6,7 +6,7 @@ token is drawn from a generator seeded with `race_key(stream, t)`: it depends on
 sequence's index and t only (as a per-request generator's t-th draw would), so a seeded result
 does not depend on what else shares the batch, on preemption (recompute draws the same race) or
 on speculation (verification draws the race plain decoding would have drawn for each token: see
-speculative.py).
+engine/spec/).
 Probabilities are returned with the tokens: speculative verification needs them.
 """
 
@@ -96,6 +96,26 @@ def top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.empty_like(logits).scatter_(-1, idx, sorted_logits)
 
 
+def top_logprobs(lp: torch.Tensor, tokens: list[int], top: int | list[int]) -> list[dict[int, float]]:
+    """Per row: {chosen token: its logprob, then the top-N tokens: theirs} (vLLM's shape).
+
+    lp: [N, V] log-softmax; tokens: [N] the chosen token per row; top: N per row (or one for all).
+    """
+    n = len(tokens)
+    tops = [top] * n if isinstance(top, int) else top
+    width = max(tops, default=0)
+    chosen = lp[:n].gather(1, torch.tensor(tokens, device=lp.device)[:, None]).squeeze(1).tolist()
+    tv, ti = lp[:n].topk(width, dim=-1) if width else (None, None)
+    tv, ti = (tv.tolist(), ti.tolist()) if width else (None, None)
+    out = []
+    for j, t in enumerate(tokens):
+        d = {t: chosen[j]}
+        for c in range(tops[j]):
+            d.setdefault(ti[j][c], tv[j][c])
+        out.append(d)
+    return out
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
@@ -164,16 +184,9 @@ class Sampler:
 
         logprobs: list[dict[int, float] | None] = [None] * N
         if raw_logprobs is not None:
-            top_n = max(r.params.logprobs or 0 for r in rows)
-            chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
-            top_v, top_i = (raw_logprobs.topk(top_n, dim=-1) if top_n else (None, None))
-            top_v = top_v.tolist() if top_n else None
-            top_i = top_i.tolist() if top_n else None
-            for i, r in enumerate(rows):
-                if not want_lp[i]:
-                    continue
-                d = {token_list[i]: chosen[i]}
-                for j in range(r.params.logprobs):
-                    d.setdefault(top_i[i][j], top_v[i][j])
+            rows_lp = [i for i in range(N) if want_lp[i]]
+            picked = top_logprobs(raw_logprobs[rows_lp], [token_list[i] for i in rows_lp],
+                                  [rows[i].params.logprobs for i in rows_lp])
+            for i, d in zip(rows_lp, picked):
                 logprobs[i] = d
         return SamplerOutput(token_ids=token_list, probs=probs, logprobs=logprobs)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
-
 from ..sampling_params import SamplingParams
+from .spec.state import SpecState
+from .spec.strategy import Strategy
 
 
 class SequenceStatus(enum.Enum):
@@ -37,7 +37,7 @@ class Sequence:
         "seq_id", "request", "index", "token_ids", "num_prompt_tokens", "num_cached_tokens",
         "block_table", "block_hashes", "status", "finish_reason", "stop_reason", "output_logprobs",
         "cumulative_logprob", "rng_stream", "output_text", "emitted_text_len", "prefix_offset",
-        "read_offset", "emitted_tokens", "emitted_logprobs", "spec", "stop_search_from",
+        "read_offset", "emitted_tokens", "emitted_logprobs", "spec", "spec_token_ids", "stop_search_from",
     )
 
     def __init__(self, seq_id: int, request: "Request", index: int, prompt_token_ids: list[int]) -> None:
@@ -62,7 +62,10 @@ class Sequence:
         self.stop_search_from = 0  # stop strings match only past this offset of output_text (min_tokens)
         self.emitted_tokens = 0
         self.emitted_logprobs = 0
-        self.spec: Any = None  # speculative-decoding state, owned by the speculative module
+        self.spec: SpecState | None = None  # speculating sequences only (engine/spec/)
+        # this step's proposal (a proposer fills it before scheduling; verified if the scheduler
+        # makes the row a verify row, else dropped)
+        self.spec_token_ids: list[int] = []
 
     @property
     def params(self) -> SamplingParams:
@@ -107,7 +110,7 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[dict[int, float] | None] | None = None
     prompt_logprobs_sent: bool = False
-    strategy: str = "plain"
+    strategy: Strategy = Strategy.PLAIN
     # What every step reads, built once: membership in a list of stop ids cost O(len) per token.
     stop_ids: frozenset[int] = field(init=False)
     min_tokens_block: list[int] | None = None  # EOS + stop ids masked before min_tokens (the runner's)

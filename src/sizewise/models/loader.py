@@ -62,8 +62,15 @@ def load_model(
     t0 = time.perf_counter()
     with torch.device("meta"):
         model = Decoder(cfg, platform, max_position)
-    model = model.to_empty(device=platform.device)
-    # Buffers (rotary tables) were built on meta: rebuild them on the device.
+    # Every parameter (linears, embeddings, norm weights) is stored in `dtype`, as transformers
+    # stores a model loaded in that dtype: the resident bytes are what the memory planner counts
+    # (num_params x element size) and activations run in `dtype` against a same-dtype KV cache.
+    # Casting on meta allocates nothing; to_empty then allocates each tensor once, in `dtype`.
+    model = model.to(dtype=dtype).to_empty(device=platform.device)
+    # Buffers (rotary tables) were built on meta: rebuild them on the device, in float32. They
+    # are position tables (cos/sin of position x frequency up to max_position): in bf16 their
+    # 8-bit mantissa would misplace positions beyond a few hundred; transformers also builds
+    # them in float32 and casts the looked-up rows to the activation dtype (Rotary.tables).
     model.rotary = Rotary(cfg, max_position).to(platform.device)
 
     params = dict(model.named_parameters())
@@ -80,7 +87,7 @@ def load_model(
         if p.shape != tensor.shape:
             raise CheckpointError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(p.shape)}")
         with torch.no_grad():
-            p.copy_(tensor.to(dtype))
+            p.copy_(tensor)  # copy_ converts to p's dtype (`dtype`) in the one pass
         loaded.add(name)
 
     for i, f in enumerate(files):

@@ -325,6 +325,17 @@ class Deployment:
         _attach_drafts(config, cores)
         return cls(config, cores, router, plan)
 
+    def _refuse_self_draft(self, d: Decision) -> None:
+        """`draft` on the cheapest tier: it is the draft model itself (`_attach_drafts`)."""
+        tiers = sorted(self.tier_to_model, key=TIERS.index)
+        if d.strategy != "draft" or len(tiers) < 2 or d.tier != tiers[0]:
+            return
+        larger = " or ".join(tiers[1:])
+        raise InvalidRequestError(
+            f"strategy 'draft': {d.model} is the {d.tier} tier, which is the draft model of this deployment (it "
+            f"drafts for the larger tiers); ask for {larger} with strategy 'draft', or use 'pld' or 'plain' on "
+            f"{d.tier}", param="strategy")
+
     def _on_move(self, request_id: str, src: str, dst: str) -> None:
         """A waiting `auto` request moved (the plan left its tier): its decision says where it runs now."""
         d = self._movable.get(request_id)
@@ -400,6 +411,7 @@ class Deployment:
         decisions: list[Decision] = routed  # type: ignore[assignment]
         for p, d in zip(prompts, decisions):
             core = self.cores[d.model]
+            self._refuse_self_draft(d)
             core.validate(p.ids, params, d.strategy)
             if params.n > core.config.max_waiting:  # never admissible: a 429 would mean "retry forever"
                 raise InvalidRequestError(
@@ -466,6 +478,7 @@ class Deployment:
                 spec_accepted_tokens={p: n for p, n in st.spec_accepted_tokens.items() if p in runs},
                 achieved_bandwidth=achieved,
                 bandwidth_utilization=eng.bandwidth_utilization if eng is not None and snap.peak_bandwidth else None,
+                device_seconds_total=st.device_seconds_total, device_bytes_total=st.device_bytes_total,
             )
         return DeploymentStats(
             models=models, peak_bandwidth=snap.peak_bandwidth or None if snap is not None else None,

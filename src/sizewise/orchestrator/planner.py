@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine.graph_runner import decode_q_values, default_buckets, graph_held_bytes
+from ..engine.graph_runner import capture_blocker, decode_q_values, default_buckets, graph_held_bytes
 from ..models import ModelConfig, parse_dtype
 from ..platform import Platform
 
@@ -126,11 +126,13 @@ def plan_memory(config, platform: Platform, model_configs: dict[str, ModelConfig
         # Largest step: packed hidden states and MLP activations, plus logits (prompt logprobs
         # compute them for every prompt position of the chunk, then a log-softmax copy).
         workspace = tokens * (4 * cfg.hidden_size + 3 * cfg.intermediate_size + 2 * cfg.vocab_size) * _WORKSPACE_ELT
-        if platform.supports_graphs and not eng.enforce_eager:
+        q_values = decode_q_values(eng.num_speculative_tokens)
+        if platform.supports_graphs and not eng.enforce_eager and capture_blocker(
+                platform, dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size, q_values) is None:
             # Captured decode graphs keep their outputs allocated: the body's hidden states only
-            # (logits are computed outside the graph; see engine/graph_runner.py).
-            workspace += graph_held_bytes(default_buckets(eng.max_num_seqs),
-                                          decode_q_values(eng.num_speculative_tokens), cfg.hidden_size, elt)
+            # (logits are computed outside the graph; see engine/graph_runner.py). The runner
+            # captures under the same condition (ModelRunner: capture_blocker).
+            workspace += graph_held_bytes(default_buckets(eng.max_num_seqs), q_values, cfg.hidden_size, elt)
         rows.append((m, cfg, dtype, cfg.num_params * elt, workspace, per_block,
                      blocks_per_seq * per_block, eng.max_num_seqs * blocks_per_seq * per_block,
                      m.kv_share / shares_sum))

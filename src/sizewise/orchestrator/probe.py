@@ -27,6 +27,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from ..engine.spec.ngram import replay
 from ..sampling_params import SamplingParams
 from .policy import INTENTS, PolicySettings
 from .telemetry import PROBE_PREFIX
@@ -155,30 +156,18 @@ class TokenStats:
 
 
 def copyability(ids: list[int], max_n: int = 3, min_n: int = 2) -> tuple[float, float]:
-    """(hit rate, repeat fraction) of a prompt-lookup proposer replayed over `ids`.
+    """(hit rate, repeat fraction) of the prompt-lookup proposer replayed over `ids`.
 
-    At each position i the proposer takes the longest suffix n-gram (max_n down to min_n) of
-    ids[:i], finds its latest earlier occurrence and predicts the token that followed it. The
-    hit rate is the fraction of positions predicted correctly (what PLD acceptance tends to
-    track on continuations of this text); the repeat fraction counts positions with any match.
+    At each position the engine's own n-gram matcher (engine/spec/ngram.py, the one prompt lookup
+    proposes with) is asked for its next token given the text before it. The hit rate is the
+    fraction of positions predicted correctly (what PLD acceptance tends to track on continuations
+    of this text); the repeat fraction counts positions with any match.
     """
     ids = ids[-_COPY_MAX_TOKENS:]
     min_n = max(1, min(min_n, max_n))
-    positions = len(ids) - min_n
+    positions, matched, hits = replay(ids, min_n, max_n)
     if positions <= 0:
         return 0.0, 0.0
-    last: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_n + 1)]
-    hits = matched = 0
-    for i in range(min_n, len(ids)):
-        for n in range(min(max_n, i), min_n - 1, -1):
-            j = last[n].get(tuple(ids[i - n:i]))
-            if j is not None:
-                matched += 1
-                hits += ids[j] == ids[i]
-                break
-        # Register after predicting: an n-gram may only be looked up from a later position.
-        for n in range(min_n, min(max_n, i) + 1):
-            last[n][tuple(ids[i - n:i])] = i
     return hits / positions, matched / positions
 
 

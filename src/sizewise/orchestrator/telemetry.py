@@ -3,16 +3,20 @@
 `Telemetry.on_step` is an `AsyncEngine.step_listeners` hook: the engine's one worker thread
 calls it after every step of every core with `(core_name, core, outputs, seconds)`. Because
 that thread steps the cores one after another (round-robin, never two at once), each step's
-wall time belongs to exactly one model, so bytes moved / step time is that model's achieved
-bandwidth, and the sum of the busy engines' step times is what one turn of the worker costs
-every request in flight (the policy's latency estimate uses both).
+wall time belongs to the models that worked in it: the stepped one, and a draft model whose
+proposals ran inside the step (its engine counts that work as its own: `EngineStats.
+device_seconds_total` / `device_bytes_total`, attributed to the draft here). So bytes moved / own
+seconds is each model's achieved bandwidth, every forward of a speculative step counted, and the
+sum of the busy engines' step times is what one turn of the worker costs every request in flight
+(the policy's latency estimate uses both).
 
 Kept per engine (exponential moving averages, weight `alpha` for the newest step):
   * step time and a linear cost model, step seconds ~ fixed + per_row * decode rows + per_prompt_token
     * prefill tokens: a least-squares line over decode steps (their cost grows by the row, which on a
     CPU costs far more than a prompt token of a prefill) and the prefill steps' remainder per token;
-  * bytes moved per step (weights + KV read, `EngineStats.last_step_bytes`), achieved
-    bandwidth (EMA bytes / EMA seconds) and its ratio to the device's peak;
+  * bytes moved per step (weights once per forward + KV read, `EngineStats.last_step_bytes`) and the
+    model's own seconds of it, and of drafting for another engine; achieved bandwidth (EMA bytes /
+    EMA own seconds) and its ratio to the device's peak;
   * prompt and output tokens per finished request; speculative acceptance where the engine
     reports draft / accepted counters.
 Read live at snapshot time: running / waiting counts and KV blocks used / total.
@@ -67,8 +71,9 @@ class _Ema:
 @dataclass(slots=True)
 class _EngineState:
     tier: str
-    step_s: _Ema
-    bytes: _Ema
+    step_s: _Ema  # wall seconds of its steps (drafting done for it by another model included)
+    bytes: _Ema  # bytes its own work read, per step or drafting turn
+    own_s: _Ema  # seconds of its own work, per step or drafting turn (bandwidth = bytes / own_s)
     # decode steps: EMA moments of (rows, seconds) for a least-squares line
     dec_x: _Ema
     dec_y: _Ema
@@ -82,6 +87,7 @@ class _EngineState:
     output_tokens: _Ema
     num_steps: int = 0
     core_steps: int = 0  # the engine's own step count at the last step seen (empty steps do not advance it)
+    work_seen: tuple[float, int] = (0.0, 0)  # its device seconds / bytes totals when last attributed
     last_step_time: float = 0.0
     # request id -> [output tokens so far, sample indices seen]
     requests: OrderedDict = field(default_factory=OrderedDict)
@@ -129,6 +135,7 @@ class EngineTelemetry:
     latency_bias: float = 1.0  # measured / predicted latency of recent requests (EMA; 1 until scored)
     arrival_rate: float = 0.0  # sequences/s routed here lately (they join the batch a request runs in)
     prefill_seconds_per_token: float | None = None  # per prompt token of a prefill; None: step_seconds_per_token
+    own_step_seconds: float = 0.0  # EMA of this model's own seconds per step or drafting turn (bandwidth's divisor)
     switch_seconds: float = 0.0  # measured extra per step when it follows another engine's step
     finished_bias: float = 1.0  # measured / predicted latency of finished requests only (fading to 1)
 
@@ -203,11 +210,13 @@ class Telemetry:
         # averages (about 50 steps) so the decode line sees batches of several sizes.
         slow = lambda: _Ema(ema_alpha / 10)  # noqa: E731
         self._state = {
-            n: _EngineState(tier=tiers.get(n, n), step_s=ema(), bytes=ema(), dec_x=slow(), dec_y=slow(),
+            n: _EngineState(tier=tiers.get(n, n), step_s=ema(), bytes=ema(), own_s=ema(), dec_x=slow(), dec_y=slow(),
                             dec_xx=slow(), dec_xy=slow(), pre_t=slow(), pre_d=slow(), pre_y=slow(),
                             prompt_tokens=ema(), output_tokens=ema())
             for n in self.cores
         }
+        for n, core in self.cores.items():  # work done before this listener existed is nobody's sample
+            self._state[n].work_seen = core.work_totals()
         self._device_s = _Ema(ema_alpha)
         self._device_bytes = _Ema(ema_alpha)
         self._lock = threading.Lock()
@@ -238,8 +247,11 @@ class Telemetry:
             st.last_step_time = self.clock.now()
             st.step_s.update(seconds)
             st.bytes.update(stats.last_step_bytes)
+            st.own_s.update(stats.last_step_seconds)
+            st.work_seen = (stats.device_seconds_total, stats.device_bytes_total)
+            drafted = self._attribute_drafting(name)
             self._device_s.update(seconds)
-            self._device_bytes.update(stats.last_step_bytes)
+            self._device_bytes.update(stats.last_step_bytes + drafted)
             prefill = min(stats.last_step_prefill_tokens, ntok)
             switched = self._note_interleave(name, st, core, prefill, ntok - prefill, seconds)
             # The cost line is the engine's own (steps that did not follow another engine's), so what
@@ -275,6 +287,23 @@ class Telemetry:
                     st.output_tokens.update(tokens / max(len(indices), 1))
             self._update_spec(st, stats)
 
+    def _attribute_drafting(self, stepped: str) -> int:
+        """Work other engines did inside `stepped`'s step (a draft model's proposals): one sample
+        of their own bytes and seconds each. Returns the bytes."""
+        total = 0
+        for other, core in self.cores.items():
+            st = self._state[other]
+            if other == stepped:
+                continue
+            secs, byts = core.work_totals()
+            s0, b0 = st.work_seen
+            ds, db = secs - s0, byts - b0
+            if ds > 0:
+                st.work_seen = (secs, byts)
+                st.bytes.update(db)
+                st.own_s.update(ds)
+                total += db
+        return total
     def _note_interleave(self, name: str, st: _EngineState, core: EngineCore, prefill: int, rows: int,
                          seconds: float) -> bool:
         """The step's residual over its engine's cost line, filed by whether the step before it (within
@@ -409,9 +438,10 @@ class Telemetry:
         stats = core.stats()
         step_s = st.step_s.get()
         byts = st.bytes.get()
+        own_s = st.own_s.get()
         kvpt = core.model_config.kv_bytes_per_token(core.dtype)
         fixed, per_tok, per_prompt = self._cost_model(st, core)
-        achieved = byts / step_s if step_s > 0 else 0.0
+        achieved = byts / own_s if own_s > 0 else 0.0
         return EngineTelemetry(
             name=name, tier=st.tier, weight_bytes=core.weight_bytes, kv_bytes_per_token=kvpt,
             block_size=core.block_size, max_num_seqs=core.config.max_num_seqs,
@@ -425,7 +455,7 @@ class Telemetry:
             spec_acceptance={k: e.get() for k, e in st.spec_rate.items()},
             calibrated=st.num_steps > 0,
             latency_bias=self._bias(st, self.clock.time()),
-            arrival_rate=self._rate(st), prefill_seconds_per_token=per_prompt,
+            arrival_rate=self._rate(st), prefill_seconds_per_token=per_prompt, own_step_seconds=own_s,
             switch_seconds=self._switch_seconds(st), finished_bias=self._finished_bias(st, self.clock.time()),
         )
 

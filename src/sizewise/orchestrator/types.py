@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .explain import summary
+
 
 @dataclass(slots=True)
 class RoutingHints:
@@ -32,6 +34,7 @@ class Decision:
         d = {"model": self.model, "tier": self.tier, "strategy": self.strategy, "reason": self.reason}
         if brief:
             return d
+        d["summary"] = summary(self.tier, self.reason, self.explain, self.probe)
         if self.explain is not None:
             d["explain"] = self.explain
         if self.probe is not None:
@@ -104,6 +107,9 @@ class ModelStats:
     spec_accepted_tokens: dict[str, int]
     achieved_bandwidth: float  # bytes / s while stepping (0 before any step)
     bandwidth_utilization: float | None  # achieved / device peak; None without a peak
+    # running totals of this model's own work (steps, and drafting for another model)
+    device_seconds_total: float = 0.0
+    device_bytes_total: int = 0
 
     @property
     def kv_usage(self) -> float:

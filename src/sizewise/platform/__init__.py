@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import MemoryInfo, Platform
+from .base import AttentionPath, MemoryInfo, Platform
 from .cpu import CpuPlatform
 
-__all__ = ["MemoryInfo", "Platform", "CpuPlatform", "get_platform", "npu_available"]
+__all__ = ["AttentionPath", "MemoryInfo", "Platform", "CpuPlatform", "get_platform", "npu_available"]
 
 
 def npu_available() -> bool:

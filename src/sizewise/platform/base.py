@@ -7,16 +7,36 @@ anywhere; accelerator subclasses override what they can do faster.
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True, frozen=True)
 class MemoryInfo:
     total_bytes: int
     free_bytes: int
+
+
+@dataclass(slots=True, frozen=True)
+class AttentionPath:
+    """Which paged-attention implementation a platform runs for given inputs, and what it reads.
+
+    `bounded`: each row reads only its real context (KV bytes proportional to context_lens). The
+    reference op gathers every column of the block table it is given: bounded eagerly (the engine
+    passes tables as wide as the batch's longest context), not inside a captured graph (the table
+    is max_model_len wide there, frozen at capture).
+    """
+
+    name: str  # "reference", "triton", "fia-tnd", "fia-bsnd-static"
+    fast: bool  # a fused device kernel, not the reference gather + SDPA
+    bounded: bool
+    reason: str = ""  # why the fast path was not taken; empty when it was
 
 
 class Platform:
@@ -29,6 +49,10 @@ class Platform:
     def __init__(self, index: int = 0) -> None:
         self.index = index
         self._peak_bandwidth: float | None = None
+        # Paged-attention calls per path name (AttentionPath.name): lets a device check assert
+        # that the fast kernel actually ran. Per instance: two engines never share counts.
+        self.attention_calls: Counter[str] = Counter()
+        self._fallbacks_logged: set[str] = set()
 
     # ----- device facts -------------------------------------------------
     @property
@@ -80,6 +104,22 @@ class Platform:
         return None
 
     # ----- ops ------------------------------------------------------------
+    def paged_attention_path(
+        self, q_dtype: torch.dtype, kv_dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
+        block_size: int, num_queries: int, captured: bool,
+    ) -> AttentionPath:
+        """The path `paged_attention` takes for inputs of these dtypes and shapes, eagerly or
+        inside graph capture. Depends on dtypes and shapes only, so it can be asked before any
+        tensor exists (the model runner asks it before capturing graphs)."""
+        return AttentionPath("reference", fast=False, bounded=not captured, reason=f"{self.name} has no fused kernel")
+
+    def _note_path(self, path: AttentionPath) -> None:
+        """Count a call on `path`; say once per (path, reason) why a fast path was not taken."""
+        self.attention_calls[path.name] += 1
+        if path.reason and path.reason not in self._fallbacks_logged and self.device_type != "cpu":
+            self._fallbacks_logged.add(path.reason)
+            log.warning("%s paged attention: %s path (%s)", self.name, path.name, path.reason)
+
     def write_kv(
         self,
         k: torch.Tensor,  # [T, Hkv, D]
@@ -135,6 +175,8 @@ class Platform:
         """
         B, Q, H, D = q.shape
         block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
+        if type(self).paged_attention is Platform.paged_attention:  # not reached via a subclass's fallback
+            self.attention_calls["reference"] += 1
         if prepared is None:
             prepared = self.prepare_paged(block_tables, context_lens, Q, block_size, q.dtype)
         flat_tables, mask = prepared

@@ -18,9 +18,11 @@ from collections.abc import Iterator
 
 import torch
 
-from .base import MemoryInfo, Platform
+from .base import AttentionPath, MemoryInfo, Platform
 
 log = logging.getLogger(__name__)
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class CudaGraph:
@@ -145,6 +147,28 @@ class CudaPlatform(Platform):
                 log.warning("triton is not installed: CUDA paged attention uses the torch reference op")
         return self._triton
 
+    def paged_attention_path(
+        self, q_dtype: torch.dtype, kv_dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
+        block_size: int, num_queries: int, captured: bool,
+    ) -> AttentionPath:
+        """Triton for half / bf16 / float32 with a same-dtype cache and head_dim <= 256: its loop
+        stops at each row's context_lens (a device tensor), so a captured step reads only the real
+        context. Otherwise the reference op, which gathers the whole table it is given."""
+        why = ""
+        if self._triton_module() is None:
+            why = "triton is not installed"
+        elif q_dtype not in _TRITON_DTYPES:
+            why = f"dtype {q_dtype} (the kernel takes float16, bfloat16, float32)"
+        elif kv_dtype != q_dtype:
+            why = f"KV cache dtype {kv_dtype} != activation dtype {q_dtype}"
+        elif head_dim > 256:
+            why = f"head_dim {head_dim} > 256"
+        elif num_heads % num_kv_heads:
+            why = f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads"
+        if why:
+            return AttentionPath("reference", fast=False, bounded=not captured, reason=why)
+        return AttentionPath("triton", fast=True, bounded=True)
+
     def prepare_paged(
         self,
         block_tables: torch.Tensor,  # [B, M] int32, -1 padded
@@ -155,7 +179,7 @@ class CudaPlatform(Platform):
     ):
         """The Triton kernel reads block tables and lengths directly: no per-step metadata.
         Where it cannot run, the reference op's gather indices and mask."""
-        if self._triton_module() is not None and dtype in (torch.float16, torch.bfloat16, torch.float32):
+        if self._triton_module() is not None and dtype in _TRITON_DTYPES:
             return None
         return super().prepare_paged(block_tables, context_lens, num_queries, block_size, dtype)
 
@@ -169,23 +193,19 @@ class CudaPlatform(Platform):
         scale: float,
         prepared=None,  # from prepare_paged(); only the reference fallback uses it
     ) -> torch.Tensor:  # [B, Q, H, D]
-        tpa = self._triton_module()
-        usable = (
-            tpa is not None
-            and q.is_cuda
-            and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and k_cache.dtype == q.dtype
-            and q.shape[-1] <= 256
-            and q.stride(-1) == 1
-            and k_cache.stride(-1) == 1
-            and v_cache.stride(-1) == 1
-        )
-        if not usable:
+        B, Q, H, D = q.shape
+        path = self.paged_attention_path(q.dtype, k_cache.dtype, H, k_cache.shape[2], D, k_cache.shape[1], Q,
+                                         captured=torch.cuda.is_current_stream_capturing() if q.is_cuda else False)
+        if path.fast and not (q.is_cuda and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1):
+            path = AttentionPath("reference", fast=False, bounded=True,
+                                 reason="inputs not on the GPU or head dimension not contiguous")
+        self._note_path(path)
+        if not path.fast:
             if prepared is None:  # self.prepare_paged may have returned None for Triton: build the reference's
-                prepared = super().prepare_paged(block_tables, context_lens, q.shape[1], k_cache.shape[1], q.dtype)
+                prepared = super().prepare_paged(block_tables, context_lens, Q, k_cache.shape[1], q.dtype)
             return super().paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale, prepared)
         # Triton launches on the current device; make it the tensors' device.
         with torch.cuda.device(q.device):
-            return tpa.paged_attention(
+            return self._triton.paged_attention(
                 q, k_cache, v_cache, block_tables, context_lens, scale, num_sms=self.num_sms
             )

@@ -51,12 +51,13 @@ from dataclasses import dataclass
 import torch
 import torch_npu  # noqa: F401  (registers torch.npu; only get_platform imports this module)
 
-from .base import MemoryInfo, Platform
+from .base import AttentionPath, MemoryInfo, Platform
 
 log = logging.getLogger(__name__)
 
 _FIA_MAX_Q = 16  # FIA's cap on query tokens per sequence in these modes (speculative k+1)
 _FIA_MASK_SIZE = 2048  # sparse_mode 2/3/4 take a fixed 2048x2048 "optimised" mask
+_FIA_TND_HEAD_DIMS = (64, 128, 192)  # the TND layout's documented head sizes (others raise in the op)
 
 
 @dataclass(slots=True)
@@ -191,8 +192,11 @@ class NpuPlatform(Platform):
         # last slot, as the reference op does.
         slots = torch.where(slot_mapping >= 0, slot_mapping, num_blocks * block_size - 1).to(torch.int32)
         if self._scatter_kv_ok:
-            # The 4-D [num_blocks, block_size, Hkv, D] caches select the op's "Norm" mode.
-            torch_npu.npu_scatter_pa_kv_cache(k.contiguous(), v.contiguous(), k_cache, v_cache, slots)
+            # cache_mode by keyword, as vllm-ascend passes it: the op's documented default is
+            # "PA_NZ" (an NZ-format cache [num_blocks, Hkv*D/16, block_size, 16]); our 4-D
+            # [num_blocks, block_size, Hkv, D] caches are the "Norm" layout.
+            torch_npu.npu_scatter_pa_kv_cache(k.contiguous(), v.contiguous(), k_cache, v_cache, slots,
+                                              cache_mode="Norm")
         else:
             # Positional arguments: the slot keyword was renamed (slot_mapping -> slot_indices)
             # between CANN releases.
@@ -217,6 +221,37 @@ class NpuPlatform(Platform):
             except TypeError:  # torch_npu <= 6.x calls it scale_value
                 self._scale_kw = "scale_value"
         return torch_npu.npu_fused_infer_attention_score(q, k, v, **{self._scale_kw: scale}, **kwargs)[0]
+
+    def paged_attention_path(
+        self, q_dtype: torch.dtype, kv_dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
+        block_size: int, num_queries: int, captured: bool,
+    ) -> AttentionPath:
+        """Eager: FIA in the TND layout with exact host lengths (reads each row's context). Inside
+        graph capture: FIA in BSND with capacity lengths and a mask (reads every block of the
+        table: max_model_len per row; the model runner does not capture that, see
+        ModelRunner). Anything FIA's documentation excludes: the reference op."""
+        why = ""
+        if not self._fia_ok:
+            why = "torch_npu has no npu_fused_infer_attention_score"
+        elif q_dtype not in (torch.float16, torch.bfloat16):
+            why = f"dtype {q_dtype} (FIA takes float16, bfloat16)"
+        elif kv_dtype != q_dtype:
+            why = f"KV cache dtype {kv_dtype} != activation dtype {q_dtype}"
+        elif block_size % 128 or block_size > 512:
+            why = f"block_size {block_size} (FIA's paged mode takes multiples of 128 up to 512)"
+        elif num_queries > _FIA_MAX_Q:
+            why = f"{num_queries} query tokens per sequence (FIA takes up to {_FIA_MAX_Q})"
+        elif num_heads % num_kv_heads or num_heads // num_kv_heads > 64:
+            why = f"{num_heads} query heads over {num_kv_heads} KV heads (FIA: a multiple, group <= 64)"
+        elif not captured and head_dim not in _FIA_TND_HEAD_DIMS:
+            why = f"head_dim {head_dim} (FIA's TND layout takes {', '.join(map(str, _FIA_TND_HEAD_DIMS))})"
+        elif captured and head_dim % 16:
+            why = f"head_dim {head_dim} (FIA's BSND layout takes multiples of 16)"
+        if why:
+            return AttentionPath("reference", fast=False, bounded=not captured, reason=why)
+        if captured:
+            return AttentionPath("fia-bsnd-static", fast=True, bounded=False)
+        return AttentionPath("fia-tnd", fast=True, bounded=True)
 
     def _fia_eligible(self, dtype: torch.dtype, block_size: int, num_queries: int) -> bool:
         return (
@@ -269,15 +304,13 @@ class NpuPlatform(Platform):
         num_blocks, block_size, Hkv, _ = k_cache.shape
         M = block_tables.shape[1]
         static = self._static_depth > 0
-        usable = (
-            self._fia_eligible(q.dtype, block_size, Q)
-            and k_cache.dtype == q.dtype
-            and D % 16 == 0
-            and H % Hkv == 0
-            and H // Hkv <= 64
-            and (not static or B * M <= num_blocks)
-        )
-        if not usable:
+        path = self.paged_attention_path(q.dtype, k_cache.dtype, H, Hkv, D, block_size, Q, captured=static)
+        if path.fast and static and B * M > num_blocks:
+            # FIA documents that num_blocks must cover the blocks the lengths imply for all rows.
+            path = AttentionPath("reference", fast=False, bounded=False,
+                                 reason=f"{B} rows x {M} blocks exceed the cache's {num_blocks} blocks")
+        self._note_path(path)
+        if not path.fast:
             if prepared is None or isinstance(prepared, _FiaPrepared):  # the reference needs its own
                 prepared = super().prepare_paged(block_tables, context_lens, Q, block_size, q.dtype)
             return super().paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale, prepared)

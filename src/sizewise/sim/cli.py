@@ -29,7 +29,7 @@ def add_parser(sub, default_config: str) -> None:
                    help="(default: %(default)s; also load-only)")
     s.add_argument("--slo-ms", type=float, help="latency objective (default: --slo-mult x one request alone on large)")
     s.add_argument("--slo-mult", type=float, default=3.0, help="(default: %(default)s)")
-    s.add_argument("--requests", type=int, help="requests per cell (default: every workload item)")
+    s.add_argument("--requests", type=int, help="requests per cell (default: every workload item; more repeat them)")
     s.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (default: %(default)s)")
     s.add_argument("--workload", metavar="FILE",
                    help="requests and per-tier quality (JSON items; a routing.py result works; default: the demo "
@@ -70,10 +70,14 @@ def run(args, config_path: str) -> int:
     from ..orchestrator.deployment import DeploymentConfig
     from .report import POLICIES, plot, print_table, targets
     from .sweep import Sweep, compare, gains
-    from .workload import DEMO_WORKLOAD, load_workload
+    from .workload import DEMO_WORKLOAD, cycled, load_workload
 
     logging.getLogger("sizewise").setLevel(args.log_level.upper())
     t_start = time.perf_counter()
+    if args.requests is not None and args.requests < 1:
+        raise ValueError(f"--requests must be at least 1, got {args.requests}")
+    if args.slo_ms is not None and not args.slo_ms > 0:
+        raise ValueError(f"--slo-ms must be positive, got {args.slo_ms}")
     cfg = DeploymentConfig.from_yaml(config_path)
     cfg.policy.router = "adaptive"
     real = json.loads(Path(args.replay).read_text()) if args.replay else None
@@ -81,10 +85,8 @@ def run(args, config_path: str) -> int:
     profile = args.profile or (args.replay if real and args.hardware == "cpu-measured" else None)
     spec = build_spec(cfg, args.hardware, args.shapes.split(",") if args.shapes else None, profile, args.seed)
     items = load_workload(args.replay or args.workload or DEMO_WORKLOAD)
-    if args.requests:
-        if args.requests > len(items):
-            raise ValueError(f"--requests {args.requests}: the workload has {len(items)} items")
-        items = items[: args.requests]
+    if args.requests:  # more than the workload holds: its items repeat (with no shared prefix)
+        items = items[: args.requests] if args.requests <= len(items) else cycled(items, args.requests)
     max_tokens = real["args"]["max_tokens"] if real else args.max_tokens
     seed = real["args"]["seed"] if real else args.seed
     sweep = Sweep(spec, items, max_tokens, seed, progress=not args.no_progress)
@@ -94,7 +96,12 @@ def run(args, config_path: str) -> int:
         cap, slo_s = real["static_large_capacity_req_s"], real["slo_s"]
         alone = statistics_median(real.get("alone_large_s") or [slo_s / 3])
     else:
-        loads = [float(x) for x in args.loads.split(",") if x]
+        try:
+            loads = [float(x) for x in args.loads.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--loads {args.loads!r}: give positive numbers separated by commas") from None
+        if not loads or any(not x > 0 for x in loads):
+            raise ValueError(f"--loads {args.loads!r}: give positive numbers separated by commas")
         policies = args.policies.split(",")
         for p in policies:
             if p not in POLICIES:
@@ -118,8 +125,8 @@ def run(args, config_path: str) -> int:
     g = gains(rows)
     if g:
         print("\nauto (sizewise) against the best static size at each load:")
-        print_table(g, ["load", "best_static", "best_attain", "auto_attain", "attain_gain", "goodput_ratio",
-                        "best_loss", "auto_loss", "dominated_by"])
+        print_table(g, ["load", "best_static", "best_attain", "auto_attain", "attain_gain", "best_loss", "auto_loss",
+                        "loss_saved", "goodput_ratio", "dominated_by"], width=120)
     verdict = targets(rows, offline)
     for line in verdict["lines"]:
         print(line)
@@ -137,10 +144,14 @@ def run(args, config_path: str) -> int:
                "shapes": shapes, "memory_plan": spec.plan.table(), "requests": len(items), "max_tokens": max_tokens,
                "seed": seed, "static_large_capacity_req_s": cap, "alone_large_s": alone, "slo_s": slo_s,
                "wall_s": wall, "rows": rows, "offline": offline, "gains": g, "verdict": verdict, "validation": cmp,
-               "cells": cells, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": _pyplatform.node()}
-    out.write_text(json.dumps(payload, indent=1))
+               # per request [arrival, ttft, latency, tier]: kept when validating (what to compare cell by cell)
+               "cells": {k: [[round(x, 5) if isinstance(x, float) else x for x in r] for r in v]
+                         for k, v in cells.items()} if real else None,
+               "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": _pyplatform.node()}
+    out.write_text(json.dumps(payload, separators=(",", ":")) + "\n")
     print(f"wrote {out}")
-    plot(rows, out.with_suffix(".png"), slo_s)
+    plot(rows, out.with_suffix(".png"), slo_s,
+         title=f"virtual {args.hardware} ({spec.cost.kind}): {'/'.join(shapes.values())}, {len(items)} requests/cell")
     return 0
 
 

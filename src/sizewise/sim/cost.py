@@ -161,8 +161,13 @@ def fit_measured(run: dict, tier_of: dict[str, str] | None = None) -> MeasuredCo
         slope = max(sum(w * (b - mx) * (y - my) for b, y, w in pts) / var, 0.0) if var > 0 else 0.0
         fixed = max(my - slope * mx, 0.0)
         line = TierCost(fixed, slope, 0.0)
+        # the interleaving penalty: small decode batches right after another model vs after its own step
+        small = [r for r in dec if r[2] <= 4]
+        after = [r[1] - line.mean(_shape(r[2], 0, False)) for r in small if r[4]]
+        alone = [r[1] - line.mean(_shape(r[2], 0, False)) for r in small if not r[4]]
+        inter = max(statistics.median(after) - statistics.median(alone), 0.0) if len(after) >= 5 and alone else 0.0
         # prefill steps: what they cost beyond the decode line, a least-squares line over their tokens
-        pre = [(r[3], r[1] - line.mean(_shape(r[2], 0, False))) for r in mine if r[3] > 0]
+        pre = [(r[3], r[1] - line.mean(_shape(r[2], 0, False)) - (inter if r[4] else 0.0)) for r in mine if r[3] > 0]
         pre_fixed, per_tok = 0.0, 0.0
         if pre:
             px = statistics.fmean(x for x, _ in pre)
@@ -170,11 +175,6 @@ def fit_measured(run: dict, tier_of: dict[str, str] | None = None) -> MeasuredCo
             pvar = sum((x - px) ** 2 for x, _ in pre)
             per_tok = max(sum((x - px) * (y - py) for x, y in pre) / pvar, 0.0) if pvar > 0 else py / px
             pre_fixed = max(py - per_tok * px, 0.0)
-        # the interleaving penalty: small decode batches right after another model vs after its own step
-        small = [r for r in dec if r[2] <= 4]
-        after = [r[1] - line.mean(_shape(r[2], 0, False)) for r in small if r[4]]
-        alone = [r[1] - line.mean(_shape(r[2], 0, False)) for r in small if not r[4]]
-        inter = max(statistics.median(after) - statistics.median(alone), 0.0) if len(after) >= 5 and alone else 0.0
         t = TierCost(fixed, slope, per_tok, inter, prefill_fixed_s=pre_fixed)
         ratios = [r[1] / m for r in mine if (m := t.mean(_shape(r[2], r[3], r[4]))) > 0]
         t.noise = [round(x, 4) for x in _quantiles(ratios)]

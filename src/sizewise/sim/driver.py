@@ -210,9 +210,9 @@ class Simulation:
             self.engine._stop = True
 
     def _settle(self) -> None:
-        loop = self.loop
-        while loop._ready:  # noqa: SLF001 - the loop's own run queue: run until every task waits
-            loop.run_until_complete(asyncio.sleep(0))
+        """Run the event loop until every task waits (on the engine, or for an event)."""
+        if self.loop._ready:  # noqa: SLF001 - the loop's own run queue (checked, not changed)
+            self.loop.run_until_complete(_quiesce(self.loop))
 
     def _on_arrive(self, rec: SimRecord, t: float) -> None:
         self._tasks.append(self.loop.create_task(self._client(rec)))
@@ -221,16 +221,18 @@ class Simulation:
         if not rec.done:
             if rec.sub is not None:
                 rec.sub.abort()
-            self._finish(rec, "aborted by the client")
+            self._finish(rec, "aborted by the client", at=t)
 
     _on_deadline = None  # set in run(): abort with a reason naming the deadline
 
     def _on_fault(self, name: str, t: float) -> None:
         self.device.dead[name] = t
 
-    def _finish(self, rec: SimRecord, error: str | None = None) -> None:
+    def _finish(self, rec: SimRecord, error: str | None = None, at: float | None = None) -> None:
+        """`at`: when the client gave up (an abort or a deadline: the engine frees the request at its
+        next step boundary, the client stopped waiting at `at`)."""
         if not rec.done:
-            rec.latency = self.clock.now() - rec.arrival
+            rec.latency = (self.clock.now() if at is None else at) - rec.arrival
             rec.error = error
 
     # ----- clients -------------------------------------------------------------------------
@@ -293,7 +295,7 @@ class Simulation:
             if not rec.done:
                 if rec.sub is not None:
                     rec.sub.abort()
-                self._finish(rec, f"deadline: no answer within {timeout_s:g} s")
+                self._finish(rec, f"deadline: no answer within {timeout_s:g} s", at=t)
 
         self._on_deadline = deadline
         for rec in self.records:
@@ -311,6 +313,15 @@ class Simulation:
                 self._finish(rec, "hung: no engine will ever answer it")
             rec.arrival -= t0
         return self.records
+
+
+async def _quiesce(loop: asyncio.AbstractEventLoop) -> None:
+    # When this task runs with nothing else ready, every other callback of the iteration has run and
+    # none scheduled another: the loop would now block.
+    while True:
+        await asyncio.sleep(0)
+        if not loop._ready:  # noqa: SLF001
+            return
 
 
 def reset_prefix_caches(dep: Deployment) -> None:

@@ -170,7 +170,8 @@ def targets(rows: list[dict], offline: list[dict]) -> dict:
     return out
 
 
-def plot(rows: list[dict], path: Path, slo_s: float) -> None:
+def plot(rows: list[dict], path: Path, slo_s: float,
+         title: str = "routing sweep, demo family on a shared 2-core CPU (timings noisy)") -> None:
     """SLO attainment and quality loss against load per policy, and sizewise's tier shares."""
     try:
         import matplotlib
@@ -205,7 +206,7 @@ def plot(rows: list[dict], path: Path, slo_s: float) -> None:
     axes[2].set_xlabel("load (x static large's capacity)")
     axes[0].legend(fontsize=7)
     axes[2].legend(fontsize=7)
-    fig.suptitle("routing sweep, demo family on a shared 2-core CPU (timings noisy)", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")

@@ -12,7 +12,7 @@ so the probe measures what it measured on the real models.
 from __future__ import annotations
 
 from ..clock import VirtualClock
-from ..engine.model_runner import StepResult
+from ..engine.model_runner import StepResult, VerifyResult
 from ..engine.sampler import SamplerOutput
 from ..engine.scheduler import SchedulerOutput
 from .cost import StepShape
@@ -65,12 +65,17 @@ class SimRunner:
     def step_weight_bytes(self) -> int:
         return self._step_weight_bytes
 
-    def execute(self, sched: SchedulerOutput) -> StepResult:
+    def execute(self, sched: SchedulerOutput, draft_probs=None) -> StepResult:
         decodes, prefills, chunks = sched.decodes, sched.prefills, sched.prefill_chunks
-        kv = sum(s.num_tokens for s in decodes) + sum(s.num_cached_tokens + n for s, n in zip(prefills, chunks))
         dev = self.device
-        after_other = dev.last is not None and dev.last != self.name
-        dev.run_step(self.name, self.core, StepShape(len(decodes), sum(chunks), kv, after_other))
+        forwards = 0
+        if decodes or prefills:
+            kv = sum(s.num_tokens for s in decodes) + sum(s.num_cached_tokens + n for s, n in zip(prefills, chunks))
+            after_other = dev.last is not None and dev.last != self.name
+            dev.run_step(self.name, self.core, StepShape(len(decodes), sum(chunks), kv, after_other))
+            forwards += 1
+        verified = self._verify(sched) if sched.verifies else []
+        forwards += bool(verified)
         sampled = list(decodes)
         plp: dict[int, tuple[int, list[dict[int, float]]]] = {}
         for s, n in zip(prefills, chunks):
@@ -88,7 +93,31 @@ class SimRunner:
             tok = ref[k] if ref is not None and k < len(ref) else self.filler
             tokens.append(tok)
             lps.append({tok: 0.0} if s.params.logprobs is not None else None)
-        return StepResult(sampled=sampled, samples=SamplerOutput(tokens, None, lps), prompt_logprobs=plp)
+        return StepResult(sampled=sampled, samples=SamplerOutput(tokens, None, lps), prompt_logprobs=plp,
+                          verified=verified, num_forwards=max(forwards, 1))
+
+    def _verify(self, sched: SchedulerOutput) -> list[VerifyResult]:
+        """Verify rows as their own forward (the engine's split step): each row costs k+1 query
+        positions; a proposal is accepted while it equals the workload's reference continuation
+        (greedy verification against the reference), then the reference's next token follows."""
+        dev = self.device
+        rows = sched.verifies
+        kv = sum(s.num_tokens - 1 + sched.verify_q for s in rows)
+        after_other = dev.last is not None and dev.last != self.name
+        dev.run_step(self.name, self.core, StepShape(len(rows) * sched.verify_q, 0, kv, after_other))
+        out = []
+        for s in rows:
+            ref = dev.references.get(tuple(s.request.prompt_token_ids)) or []
+            k = s.num_output_tokens
+            props = list(s.spec_token_ids)
+            a = 0
+            while a < len(props) and k + a < len(ref) and props[a] == ref[k + a]:
+                a += 1
+            nxt = ref[k + a] if k + a < len(ref) else self.filler
+            toks = props[:a] + [nxt]
+            lps = [({t: 0.0} if s.params.logprobs is not None else None) for t in toks]
+            out.append(VerifyResult(s, len(props), a, toks, lps))
+        return out
 
 
 def _elt(dtype) -> int:

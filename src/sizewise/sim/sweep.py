@@ -147,6 +147,7 @@ def gains(rows: list[dict]) -> list[dict]:
         out.append({"load": load, "best_static": best["policy"], "best_attain": best["slo_attain"],
                     "best_loss": best["loss"], "auto_attain": sw["slo_attain"], "auto_loss": sw["loss"],
                     "attain_gain": sw["slo_attain"] - best["slo_attain"],
+                    "loss_saved": best["loss"] - sw["loss"],  # > 0: auto's answers are closer to large's
                     "goodput_ratio": sw["goodput"] / best["goodput"] if best["goodput"] > 0 else None,
                     "dominated_by": ",".join(dominated)})
     return out

@@ -53,3 +53,18 @@ def measure_workload(deployment, n: int = 96, prompt_tokens: int = 96, ref_token
 
     diff, nll = asyncio.run(go())
     return [WorkItem(it.prompt, it.ref, diff[i], {t: nll[t][i] for t in nll}) for i, it in enumerate(held)]
+
+
+def cycled(items: list[WorkItem], n: int) -> list[WorkItem]:
+    """`n` requests from the workload's items, repeated as often as needed. A repeat's first token is
+    shifted so that it shares no cached prefix with the original (the prefix cache would make it
+    nearly free); its reference, difficulty and quality stay the item's."""
+    out = []
+    for k in range(n):
+        it = items[k % len(items)]
+        rep = k // len(items)
+        prompt = list(it.prompt)
+        if rep:
+            prompt[0] = 10 + (prompt[0] + 7919 * rep) % 3000
+        out.append(WorkItem(prompt, it.ref, it.difficulty, dict(it.nll)))
+    return out

@@ -1,0 +1,116 @@
+"""Whose work a speculative step is, on the trained demo family (models/demo): the draft model's
+proposals are its own engine's device seconds and bytes (they show in /metrics while it drafts,
+although it serves no request), every target forward of a split step streams the weights once,
+and the models' device seconds together never exceed the wall time they ran in."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from test_speculative_demo import copy_heavy_prompts
+
+from sizewise import SamplingParams, demo
+from sizewise.engine.config import EngineConfig
+from sizewise.engine.core import EngineCore
+from sizewise.metrics import Metrics
+from sizewise.orchestrator.deployment import Deployment, DeploymentConfig
+from sizewise.orchestrator.types import Prompt, RoutingHints
+from sizewise.recorder import Recorder
+
+ENGINE = dict(device="cpu", dtype="float32", max_model_len=1024, max_num_seqs=4, kv_cache_bytes=64 << 20)
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def _count_forwards(core: EngineCore) -> list[int]:
+    """Spy on the target's model: one count per forward (mixed/prefill, decode or verify: the paged
+    entry points all run `forward` once)."""
+    model, calls, fn = core.runner.model, [0], core.runner.model.forward
+
+    def counted(*a, **kw):
+        calls[0] += 1
+        return fn(*a, **kw)
+    model.forward = counted
+    return calls
+
+
+def test_draft_work_is_the_draft_models_and_every_forward_is_counted():
+    target = EngineCore(demo.demo_model_path("medium"), EngineConfig(**ENGINE, spec_batching="split"), name="medium")
+    draft = EngineCore(demo.demo_model_path("small"), EngineConfig(**ENGINE), name="small")
+    target.attach_draft(draft)
+    tok = target.tokenizer
+    prompts = [tok.encode(p) for p in copy_heavy_prompts()]
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    for i, (ids, strategy) in enumerate(zip(prompts + prompts[:1], ["draft", "pld", "plain"])):
+        target.add_request(f"r{i}", ids, sp, strategy=strategy)
+    forwards = _count_forwards(target)
+    w, kvpt = target.step_weight_bytes, target.model_config.kv_bytes_per_token(target.dtype)
+    two_forward_steps = 0
+    t0, own0, draft0 = time.perf_counter(), target.work_totals(), draft.work_totals()
+    while target.has_unfinished_requests():
+        n0, d_before = forwards[0], draft.work_totals()
+        target.step()
+        n, st = forwards[0] - n0, target.stats()
+        # weights once per forward, plus whole tokens of KV (less than the weights at these lengths)
+        assert st.last_step_bytes // w == n and (st.last_step_bytes - n * w) % kvpt == 0, (st.last_step_bytes, n)
+        two_forward_steps += n == 2
+        assert draft.work_totals()[0] >= d_before[0]
+        assert draft.stats().num_steps == 0  # drafting is not a step of the draft's own
+    wall = time.perf_counter() - t0
+    assert two_forward_steps > 0  # split batching ran plain and verify rows in two forwards
+    own = target.work_totals()[0] - own0[0]
+    drafted_s, drafted_b = draft.work_totals()[0] - draft0[0], draft.work_totals()[1] - draft0[1]
+    assert drafted_s > 0 and drafted_b >= draft.step_weight_bytes * target.stats().spec_verify_steps["draft"] // 4
+    assert own > 0 and own + drafted_s <= wall
+    assert target.stats().spec_accepted_tokens["draft"] > 0
+
+
+@pytest.fixture(scope="module")
+def dep():
+    cfg = DeploymentConfig.from_yaml(CONFIG)
+    cfg = cfg.model_copy(update={"memory_fraction": 0.05,
+                                 "engine": cfg.engine.model_copy(update={"max_num_seqs": 4, "max_model_len": 1024})})
+    d = Deployment.load(cfg, echo_plan=False)
+    yield d
+    d.shutdown()
+
+
+def _scrape(recorder: Recorder, dep: Deployment) -> dict[tuple[str, str], float]:
+    recorder.scrape(dep.stats())
+    out = {}
+    for fam in text_string_to_metric_families(recorder.metrics.render().decode()):
+        for s in fam.samples:
+            if s.name in ("sizewise_device_seconds_total", "sizewise_device_bytes_total"):
+                out[(s.name, s.labels["model"])] = s.value
+    return out
+
+
+async def test_metrics_show_the_draft_models_device_time_while_it_drafts(dep):
+    recorder = Recorder(Metrics())
+    recorder.models(dep.describe())
+    before = _scrape(recorder, dep)
+    small, large = dep.tier_to_model["small"], dep.tier_to_model["large"]
+    assert before[("sizewise_device_seconds_total", small)] == 0.0  # series exist from the start
+    tok = dep.tokenizer()
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    t0 = time.perf_counter()
+    subs = await dep.submit("acct", [Prompt(tok.encode(p)) for p in copy_heavy_prompts()], sp, requested="large",
+                            hints=RoutingHints(strategy="draft"))
+
+    async def drain(sub):
+        async for _ in sub:
+            pass
+    await asyncio.gather(*(drain(s) for s in subs))
+    wall = time.perf_counter() - t0
+    after = _scrape(recorder, dep)
+    assert all(s.decision.model == large and s.decision.strategy == "draft" for s in subs)
+    grew = {m: after[("sizewise_device_seconds_total", m)] - before[("sizewise_device_seconds_total", m)]
+            for m in dep.cores}
+    assert grew[small] > 0 and after[("sizewise_device_bytes_total", small)] > before[("sizewise_device_bytes_total", small)]
+    assert grew[large] > 0
+    assert sum(grew.values()) <= wall
+    # the draft's bandwidth is measured although it never stepped for a request of its own
+    assert dep.stats().models[small].achieved_bandwidth > 0

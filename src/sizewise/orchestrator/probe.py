@@ -126,10 +126,10 @@ class TokenStats:
             return None
         import numpy as np
 
-        arr = np.asarray(ids, dtype=np.int64)
-        known = (arr >= 0) & (arr < len(self.logp))
-        floor = -math.log(self.tokens + len(self.logp))  # an unseen token's log p
-        total = self.logp[arr[known]].sum() + floor * int((~known).sum())
+        v = len(self.logp)
+        known = [t for t in ids if 0 <= t < v]  # filtered first: an id past int64 cannot become an index
+        floor = -math.log(self.tokens + v)  # an unseen token's log p
+        total = self.logp[np.asarray(known, dtype=np.int64)].sum() + floor * (len(ids) - len(known))
         return float(-total / len(ids))
 
     def to_json(self) -> dict:

@@ -48,6 +48,11 @@ _MIN_SPAN_S = 0.25
 _BIAS_LIMIT = 1.5
 
 
+def plan_bias(measured: float) -> float:
+    """The latency bias the plan reads: the measured one within [1 / _BIAS_LIMIT, _BIAS_LIMIT]."""
+    return min(max(measured, 1 / _BIAS_LIMIT), _BIAS_LIMIT)
+
+
 @dataclass(slots=True)
 class Placement:
     tier: str
@@ -137,7 +142,7 @@ class PlanController:
             tiers[t] = TierCost(fixed_s=e.step_fixed_seconds, row_s=e.step_seconds_per_token,
                                 prefill_token_s=per_prompt, loss=self.losses.get(t, 0.0), switch_s=e.switch_seconds,
                                 max_num_seqs=e.max_num_seqs,
-                                bias=min(max(e.finished_bias, 1 / _BIAS_LIMIT), _BIAS_LIMIT))
+                                bias=plan_bias(e.finished_bias))
         measured_out = max((e.avg_output_tokens for e in engines.values()), default=0.0)
         output = measured_out if measured_out > 0 else (self._output or 16.0)
         pinned = {t: self._rate(q, now) for t, q in self._pinned.items()}

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from ..sampling_params import SamplingParams
-from .control import PlanController
+from .control import PlanController, plan_bias
 from .policy import TIER_ORDER, Choice, Policy, PolicySettings, signals_of
 from .probe import Probe
 from .types import Decision, RoutingHints
@@ -166,7 +166,7 @@ class AdaptiveRouter:
                         placement=placement.to_json() if placement is not None else None)
         # The plan's latency without the measured bias is what the telemetry scores (bias = measured /
         # modelled): scoring a prediction that already holds the bias would make the bias oscillate.
-        modelled = plan.latency_s.get(tier, 0.0) / max(snap.engines[model].finished_bias, 1e-9) * 1e3
+        modelled = plan.latency_s.get(tier, 0.0) / plan_bias(snap.engines[model].finished_bias) * 1e3
         deployment.telemetry.note_routed(model, params.n, prompt_token_ids,
                                          modelled if pinned is None and modelled < float("inf") else None)
         return self._decision(choice, probe, pinned)

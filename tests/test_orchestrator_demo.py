@@ -151,3 +151,38 @@ def demo_prompts(tok, n: int) -> list[list[int]]:
     ids = [tok.encode(t, add_special_tokens=False) for t in texts if t]
     ids = [x for x in ids if len(x) >= 400]
     return [ids[i % len(ids)][48 * (i // len(ids)):48 * (i // len(ids)) + 48] for i in range(n)]
+
+
+async def test_the_device_turn_follows_the_plan_a_dropped_tier_steps_when_the_plans_are_idle(dep):
+    tok = dep.tokenizer()
+    items = demo_prompts(tok, 8)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    small, large = dep.tier_to_model["small"], dep.tier_to_model["large"]
+    eng = dep.engine
+    times: dict[str, tuple[str, float, float]] = {}  # request -> (model, first token, finished), engine clock
+
+    async def drain(stream, model: str):
+        toks = []
+        async for delta in stream:
+            for o in delta.outputs:
+                toks += o.token_ids
+            if delta.finished:
+                times[stream.request_id] = (model, delta.metrics["first_token_time"], delta.metrics["finished_time"])
+        return toks
+
+    old = (eng.plan_cores, eng.plan_starve_s)
+    eng.plan_cores, eng.plan_starve_s = frozenset({small}), 1e9  # the plan keeps small only; never starve-step
+    try:
+        # small's requests first (admitted, so small is busy), then large's (a tier the plan left)
+        which = [small if i % 2 else large for i in range(len(items))]
+        streams = {}
+        for i in sorted(range(len(items)), key=lambda i: which[i] != small):
+            streams[i] = await eng.add_request(f"turn-{i}", items[i], params, core=which[i])
+        outs = await asyncio.gather(*(drain(streams[i], which[i]) for i in range(len(items))))
+    finally:
+        eng.plan_cores, eng.plan_starve_s = old
+    # large stepped only once small had nothing left: its first token comes after small's last
+    assert min(f for m, f, _ in times.values() if m == large) >= max(e for m, _, e in times.values() if m == small)
+    # and the outputs are each tier's own
+    for i, (ids, out) in enumerate(zip(items, outs)):
+        assert out == await _serve(dep, f"turn-alone-{i}", ids, params, small if i % 2 else large)

@@ -86,10 +86,6 @@ def test_auto_is_never_dominated_by_a_static_tier_on_the_demo_profile_from_half_
     assert [d for d in demo_domination if d[0] >= 0.5] == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "KNOWN, reported to the routing issue (22): at 0.25x on the measured demo profile the capacity-plan router "
-    "moves requests off large while large alone meets the SLO; static-large then dominates auto (attainment "
-    "1.00 vs 0.92, loss 0% vs 1.2%). Strict: this test fails the day the router stops being dominated."))
 def test_auto_is_never_dominated_on_the_demo_profile_at_light_load(demo_domination):
     assert [d for d in demo_domination if d[0] < 0.5] == []
 

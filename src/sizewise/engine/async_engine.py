@@ -172,6 +172,11 @@ class AsyncEngine:
         # device-time shares). The orchestrator sets it from its policy, whose latency model predicts it.
         self.discipline = "round_robin"
         self.step_listeners: list = []  # callables(core_name, core, outputs, seconds): telemetry hooks
+        # The cores a capacity plan keeps (None: no plan): under `fair`, other busy cores step only
+        # when these are idle or once per `plan_starve_s` (see `_planned`). Set by the orchestrator.
+        self.plan_cores: frozenset[str] | None = None
+        self.plan_starve_s = 0.5
+        self._last_step: dict[str, float] = {}
         # callables(request_id, from_core, to_core), run on the request's event loop after a move
         self.move_listeners: list = []
         self._thread = threading.Thread(target=self._run, name="sizewise-engine", daemon=True)
@@ -339,7 +344,7 @@ class AsyncEngine:
                 if self.discipline == "fair":
                     share.wake(busy)
                     self._step_priority(None, share)
-                    name = share.pick(busy)
+                    name = share.pick(self._planned(busy))
                     self._drain_inbox()
                     share.charge(name, self._step_core(name))
                     continue
@@ -358,6 +363,21 @@ class AsyncEngine:
         finally:
             self._fail_pending(EngineDeadError(f"engine worker died: {self._dead!r}" if self._dead is not None
                                                else "the engine was shut down"))
+
+    def _planned(self, busy: list[str]) -> list[str]:
+        """The busy cores the turn may pick from: with `plan_cores` set, those the plan keeps, plus any
+        other busy core (one the plan left, still finishing its running requests) that has not stepped
+        for `plan_starve_s`. Each extra core in a turn costs every request its step, and on a CPU the
+        eviction of the kept cores' weights from the caches: the few requests left on a dropped tier
+        wait, rather than every request of the plan."""
+        plan = self.plan_cores
+        if plan is None:
+            return busy
+        kept = [n for n in busy if n in plan]
+        if not kept or len(kept) == len(busy):
+            return busy
+        now = self.clock.now()
+        return kept + [n for n in busy if n not in plan and now - self._last_step.get(n, -1e18) >= self.plan_starve_s]
 
     def _step_priority(self, just_stepped: str | None, share: "FairShare") -> None:
         """Step the priority core now if requests wait on it (its probes are in the very next step)."""
@@ -385,6 +405,7 @@ class AsyncEngine:
         """One step of `name`; returns its wall seconds."""
         core = self.cores[name]
         t0 = self.clock.now()
+        self._last_step[name] = t0
         try:
             outs = core.step()
         except Exception as e:  # noqa: BLE001 - fail this core's requests, keep serving

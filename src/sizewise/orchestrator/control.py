@@ -6,8 +6,8 @@
 Which controller, and why. The plan is a *feed-forward* model (measured step-cost lines, measured
 arrival rate) corrected by two measured *feedback* terms, never by a per-request prediction:
   * backlog: the arrival rate the plan is made for is the larger of the rate counted over the last
-    `rate_window_s` (in the first window after an idle spell, or the rate of the last four arrivals
-    if higher) and (requests in the system now) / SLO: by Little's law the system cannot hold N
+    `rate_window_s` (in the first window after an idle spell, or the rate of the last four or eight
+    arrivals if higher) and (requests in the system now) / SLO: by Little's law the system cannot hold N
     requests within the SLO unless it serves N / SLO per second. The first lags a burst by up to
     its window; the second rises with every request that arrives and is not served, so a burst from
     idle moves the plan within a few arrivals (a fraction of the SLO), and falls as the backlog
@@ -46,6 +46,11 @@ _MIN_SPAN_S = 0.25
 # The latency bias is read within [1 / this, this]: a request predicted at a lower rate than it then
 # met finishes late without the model being wrong, and past this the ratio mostly says that.
 _BIAS_LIMIT = 1.5
+
+
+def plan_bias(measured: float) -> float:
+    """The latency bias the plan reads: the measured one within [1 / _BIAS_LIMIT, _BIAS_LIMIT]."""
+    return min(max(measured, 1 / _BIAS_LIMIT), _BIAS_LIMIT)
 
 
 @dataclass(slots=True)
@@ -115,10 +120,13 @@ class PlanController:
         if not q:
             return 0.0
         rate = len(q) / min(max(now - q[0], self.rate_window_s / 3), self.rate_window_s)
-        if fresh and len(q) >= 3:
-            k = min(len(q), 4)
-            # over a quarter second at least: arrivals at one instant are a batch, not an infinite rate
-            rate = max(rate, (k - 1) / max(now - q[-k], _MIN_SPAN_S))
+        if fresh:
+            # The last 4 and the last 8 arrivals, each over a quarter second at least (arrivals at one
+            # instant are a batch, not an infinite rate): a burst shows within a few arrivals, and the
+            # longer run lets a fast one read up to 28/s (the window alone reads 1/s per arrival).
+            for k in (4, 8):
+                if len(q) >= k:
+                    rate = max(rate, (k - 1) / max(now - q[-k], _MIN_SPAN_S))
         return rate
 
     # ----- the plan ---------------------------------------------------------------------------
@@ -134,7 +142,7 @@ class PlanController:
             tiers[t] = TierCost(fixed_s=e.step_fixed_seconds, row_s=e.step_seconds_per_token,
                                 prefill_token_s=per_prompt, loss=self.losses.get(t, 0.0), switch_s=e.switch_seconds,
                                 max_num_seqs=e.max_num_seqs,
-                                bias=min(max(e.finished_bias, 1 / _BIAS_LIMIT), _BIAS_LIMIT))
+                                bias=plan_bias(e.finished_bias))
         measured_out = max((e.avg_output_tokens for e in engines.values()), default=0.0)
         output = measured_out if measured_out > 0 else (self._output or 16.0)
         pinned = {t: self._rate(q, now) for t, q in self._pinned.items()}

@@ -124,9 +124,13 @@ class TokenStats:
         """Mean -log p over the prompt's ids (ids outside the table count as unseen)."""
         if not ids:
             return None
-        floor = -math.log(self.tokens + len(self.logp))
+        import numpy as np
+
         v = len(self.logp)
-        return -sum(self.logp[t] if 0 <= t < v else floor for t in ids) / len(ids)
+        known = [t for t in ids if 0 <= t < v]  # filtered first: an id past int64 cannot become an index
+        floor = -math.log(self.tokens + v)  # an unseen token's log p
+        total = self.logp[np.asarray(known, dtype=np.int64)].sum() + floor * (len(ids) - len(known))
+        return float(-total / len(ids))
 
     def to_json(self) -> dict:
         import numpy as np

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from ..sampling_params import SamplingParams
-from .control import PlanController
+from .control import PlanController, plan_bias
 from .policy import TIER_ORDER, Choice, Policy, PolicySettings, signals_of
 from .probe import Probe
 from .types import Decision, RoutingHints
@@ -37,6 +37,7 @@ class AdaptiveRouter:
         self.auto_requests = 0
         self.auto_with_signal = 0  # `auto` requests whose predictor inputs were all measured
         self._bound: tuple[object, Policy, str, dict[str, set[str]]] | None = None
+        self._cpu = False  # the deployment's device is a CPU (see _route_plan)
 
     def bind(self, deployment) -> tuple[Policy, str, dict[str, set[str]]]:
         """Per-deployment facts, computed once: the policy, the probe model, the strategies
@@ -58,6 +59,8 @@ class AdaptiveRouter:
             strategies = {name: _accepted_strategies(core) for name, core in deployment.cores.items()}
             deployment.engine.priority_core = probe_model  # probes wait one step, not a turn
             deployment.engine.discipline = self.settings.discipline  # what the latency model predicts
+            # a CPU, real or simulated (a simulated accelerator's platform is named after its profile)
+            self._cpu = next(iter(deployment.cores.values())).platform.name.removeprefix("sim:") == "cpu"
             if self.settings.placement == "plan":
                 losses = {t: (policy.quality.tiers[t].mean if t in policy.quality.tiers else 0.0) for t in policy.tiers}
                 slo = self.settings.slo_ms / 1e3 if self.settings.slo_ms is not None else None
@@ -124,6 +127,16 @@ class AdaptiveRouter:
             plan, old = ctl.replan(snap, now)
             if old is not None and set(old.shares) - set(plan.shares):
                 self._move_off(deployment, old, plan)
+            # The device's turn follows the plan where interleaving is dear: tiers it left step only
+            # when its own are idle. Dear: measured (a step after another engine's costs more than
+            # half the kept tiers' own fixed step), or a CPU, where the per-step residual reads ~0 on
+            # the demo family while whole-run splits of two tiers lose most of their attainment
+            # (issue 22's static splits): the cost is in the shared caches and host, not in one step.
+            # Where a second stream is cheap (an accelerator) the requests left there keep their share.
+            kept = [snap.engines[deployment.tier_to_model[t]] for t in plan.active]
+            dear = self._cpu or any(e.switch_seconds > 0.5 * e.step_fixed_seconds for e in kept)
+            deployment.engine.plan_cores = (frozenset(deployment.tier_to_model[t] for t in plan.active) if dear
+                                            else None)
         plan = ctl.plan
         probe_core = deployment.cores[probe_model]
         skip = "pinned" if pinned is not None else self._skip_model_probe_plan(policy, snap, plan, probe_model, n_prompt)
@@ -153,7 +166,7 @@ class AdaptiveRouter:
                         placement=placement.to_json() if placement is not None else None)
         # The plan's latency without the measured bias is what the telemetry scores (bias = measured /
         # modelled): scoring a prediction that already holds the bias would make the bias oscillate.
-        modelled = plan.latency_s.get(tier, 0.0) / max(snap.engines[model].finished_bias, 1e-9) * 1e3
+        modelled = plan.latency_s.get(tier, 0.0) / plan_bias(snap.engines[model].finished_bias) * 1e3
         deployment.telemetry.note_routed(model, params.n, prompt_token_ids,
                                          modelled if pinned is None and modelled < float("inf") else None)
         return self._decision(choice, probe, pinned)

@@ -103,6 +103,25 @@ async def test_scripted_overload_concentrates_auto_on_at_most_two_tiers_and_outp
         assert out == await _serve(dep, f"alone-{i}", ids, params, d.model), (i, d.tier)
 
 
+async def test_auto_with_the_draft_strategy_never_lands_on_the_draft_model(dep):
+    """Under an overload the plan sends auto to the cheapest tiers; a client that asked for `draft`
+    still gets a tier that runs it (the smallest tier is the draft model and cannot), not a 400."""
+    tok = dep.tokenizer()
+    items = demo_prompts(tok, 8)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    router = AdaptiveRouter(dep.config.policy.to_settings())
+    router.bind(dep)
+    for i, ids in enumerate(items[:2]):
+        await _serve(dep, f"dwarm-{i}", ids, params, dep.tier_to_model["large"])
+    _script_arrivals(router, 2000.0)
+    plain = [await router.route(dep, ids, params, "auto", RoutingHints()) for ids in items]
+    assert "small" in {d.tier for d in plain}  # the plan does send auto to the draft model's tier
+    drafted = [await router.route(dep, ids, params, "auto", RoutingHints(strategy="draft")) for ids in items]
+    assert all(d.tier != "small" and d.strategy == "draft" for d in drafted), [(d.tier, d.strategy) for d in drafted]
+    for i, (ids, d) in enumerate(zip(items[:2], drafted)):
+        assert len(await _serve(dep, f"draft-{i}", ids, params, d.model, d.strategy)) == params.max_tokens
+
+
 async def test_waiting_auto_requests_move_when_the_plan_leaves_their_tier(dep):
     tok = dep.tokenizer()
     items = demo_prompts(tok, 12)

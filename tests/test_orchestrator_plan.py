@@ -212,3 +212,32 @@ def test_requests_the_cheaper_tier_loses_least_on_fill_its_share():
     # a predictor that cannot tell requests apart still meets the shares (ties drawn at random)
     flat = [ctl.place({"small": 0.3, "medium": 0.1, "large": 0.0}).tier for _ in range(2000)]
     assert flat[warm:].count("medium") / len(flat[warm:]) == pytest.approx(plan.shares["medium"], abs=0.05)
+
+
+def test_an_slo_no_tier_meets_even_idle_keeps_quality_not_the_cheapest_tier():
+    """Fixed step costs so high (a loaded host) that 33 steps exceed the SLO on every tier: moving
+    down buys nothing the load took, so the best tier the utilisation target allows serves, and
+    the plan says why; under a real overload the cheapest still carries it."""
+    slow = {t: TierCost(fixed_s=c.fixed_s * 40, row_s=c.row_s, prefill_token_s=c.prefill_token_s, loss=c.loss)
+            for t, c in ACCEL.items()}
+    p = plan_at(0.5, tiers=slow)
+    assert p.shares == {"large": 1.0} and p.reason == "unattainable", p
+    assert p.util_cap >= 0.0
+    w = {t: c.work(96, 32) for t, c in slow.items()}
+    q = plan_at(0.85 / w["medium"], tiers=slow)  # more than large can carry, what medium can
+    assert q.shares == {"medium": 1.0} and q.reason == "unattainable", q
+    r = plan_at(2.0 / w["small"], tiers=slow)  # more than any tier can carry
+    assert r.shares == {"small": 1.0} and r.reason == "overload", r
+
+
+def test_a_saturated_plan_is_strict_json():
+    import json
+
+    from sizewise.orchestrator.explain import json_safe
+
+    p = plan_at(1000 * large_capacity())
+    assert not math.isfinite(p.turn_s)  # the device model's turn is unbounded past rho = 1
+    text = json.dumps(p.to_json(), allow_nan=False)  # what a strict parser accepts
+    assert json.loads(text)["turn_ms"] is None
+    assert json.dumps(json_safe({"a": [float("inf"), 1.5], "b": float("nan")}), allow_nan=False) == \
+        '{"a": [null, 1.5], "b": null}'

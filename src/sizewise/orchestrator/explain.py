@@ -20,6 +20,14 @@ _WHY = {
     "pinned": "the request named this model",
     "single_model": "the only model served",
     "static": "the static router sends auto to the largest tier",
+    # The capacity plan (orchestrator/plan.py): the suffix is the plan's reason.
+    "plan:idle": "the device is idle, so the top tier",
+    "plan:headroom": "the device has headroom for the top tier alone",
+    "plan:mix": "the load is more than the top tier can carry within the objective, so the plan mixes two tiers "
+                "and this request loses least on the cheaper one or gains most on the dearer",
+    "plan:single": "the load needs a smaller tier for every auto request to meet the objective",
+    "plan:overload": "the load is more than any tier can carry within the objective, so the cheapest carries it",
+    "plan:unattainable": "no tier meets the latency objective even on an idle device, so quality decides",
 }
 
 
@@ -42,3 +50,15 @@ def summary(tier: str, reason: str, explain: dict | None, probe: dict | None = N
     quality = ("no quality cost (the top tier)" if tier == top
                else f"quality cost: perplexity +{math.expm1(max(loss, 0.0)) * 100:.0f}% against {top}")
     return f"{tier} tier: {why} ({latency}); {quality}."
+
+
+def json_safe(value):
+    """`value` with every non-finite float as None: JSON has no infinity or NaN (a saturated
+    device's predicted latency is unbounded), and a strict client's parser rejects them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-REASONS = ("idle", "headroom", "mix", "single", "overload")
+REASONS = ("idle", "headroom", "mix", "single", "overload", "unattainable")
 
 
 @dataclass(slots=True, frozen=True)
@@ -84,11 +84,16 @@ class Plan:
         return [t for t in self.active if self.shares.get(t, 0.0) > 0]
 
     def to_json(self) -> dict:
+        # JSON has no infinity: a saturated device's turn and latencies are null ("unbounded").
         return {"shares": {t: round(s, 4) for t, s in self.shares.items()}, "active": list(self.active),
                 "reason": self.reason, "utilization": round(self.utilization, 4), "util_cap": round(self.util_cap, 4),
-                "turn_ms": round(self.turn_s * 1e3, 3),
-                "latency_ms": {t: round(v * 1e3, 2) for t, v in self.latency_s.items()},
+                "turn_ms": _ms(self.turn_s, 3),
+                "latency_ms": {t: _ms(v, 2) for t, v in self.latency_s.items()},
                 "loss": round(self.loss, 5), "auto_rate": round(self.auto_rate, 3)}
+
+
+def _ms(seconds: float, digits: int) -> float | None:
+    return round(seconds * 1e3, digits) if math.isfinite(seconds) else None
 
 
 def _evaluate(inp: PlanInputs, shares: dict[str, float]) -> tuple[bool, float, float, float, dict[str, float], tuple]:
@@ -127,7 +132,7 @@ def make_plan(inp: PlanInputs, now: float = 0.0) -> Plan:
 
     def plan_of(shares: dict[str, float], reason: str) -> Plan:
         ok, rho, cap, turn, lat, active = _evaluate(inp, shares)
-        return Plan({t: s for t, s in shares.items() if s > 0}, active, reason, rho, cap, turn, lat,
+        return Plan({t: s for t, s in shares.items() if s > 0}, active, reason, rho, max(cap, 0.0), turn, lat,
                     sum(s * loss[t] for t, s in shares.items()), inp.auto_rate, now)
 
     if inp.auto_rate == 0.0:
@@ -154,6 +159,14 @@ def make_plan(inp: PlanInputs, now: float = 0.0) -> Plan:
             ok, rho, *_ = _evaluate(inp, shares)
             if ok:
                 options.append(((1.0 - sb) * loss[a] + sb * loss[b], 2, rho, shares, "mix"))
+    if not options and inp.slo_s is not None and all(_evaluate(inp, {t: 1.0})[2] <= 0.0 for t in order):
+        # No tier meets the SLO even on an idle device (its fixed step cost alone, times the output
+        # length, exceeds it): moving down cannot buy what load did not take, so quality decides,
+        # among the tiers the utilisation target still lets carry the load.
+        for t in reversed(order):
+            ok_load = _evaluate(inp, {t: 1.0})[1] <= inp.util_target
+            if ok_load:
+                return plan_of({t: 1.0}, "unattainable")
     if not options:  # overload: the least per-request work carries the most
         cheapest = min(order, key=lambda t: (inp.tiers[t].work(P, O) + inp.tiers[t].fixed_s, order.index(t)))
         return plan_of({cheapest: 1.0}, "overload")

@@ -55,7 +55,8 @@ TIER_ORDER = ("small", "medium", "large")
 # through the top tier, measured at calibration to see whether it would pay).
 SIGNALS = ("difficulty", "surprisal", "copyability", "repeat_fraction", "log_prompt_tokens", *INTENTS, "prompt_gap")
 REASONS = ("objective:quality", "objective:price", "slo", "slo:best_effort", "kv_pressure", "pinned",
-           "single_model", "static", "plan:idle", "plan:headroom", "plan:mix", "plan:single", "plan:overload")
+           "single_model", "static", "plan:idle", "plan:headroom", "plan:mix", "plan:single", "plan:overload",
+           "plan:unattainable")
 PLACEMENTS = ("plan", "objective")
 DISCIPLINES = ("fair", "round_robin")
 # Until a deployment is calibrated: the gap of each smaller tier to the top tier (nats/token), a

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from ..sampling_params import SamplingParams
 from .control import PlanController, plan_bias
+from .explain import json_safe
 from .policy import TIER_ORDER, Choice, Policy, PolicySettings, signals_of
 from .probe import Probe
 from .types import Decision, RoutingHints
@@ -109,7 +110,7 @@ class AdaptiveRouter:
         self.decisions[(choice.tier, choice.reason)] += 1
         if pinned is None:
             self.lam = choice.lam
-        explain = choice.to_json()
+        explain = json_safe(choice.to_json())
         if choice.strategy_reason:
             explain["strategy_reason"] = choice.strategy_reason
         return Decision(model=choice.model, tier=choice.tier, strategy=choice.strategy, reason=choice.reason,
@@ -158,6 +159,7 @@ class AdaptiveRouter:
                 self.auto_with_signal += 1
             placement = ctl.place(loss)
             tier, reason = placement.tier, f"plan:{plan.reason}"
+            tier = _tier_running(deployment, tier, hints.strategy, strategies)
         model = pinned if pinned is not None else deployment.tier_to_model[tier]
         strat, why = policy._strategy(hints.strategy, tier, snap.engines.get(model), probe, params.n,
                                       strategies.get(model, {"plain"}))
@@ -225,6 +227,19 @@ class AdaptiveRouter:
         if late_ms > s.probe_max_ms:
             return f"its step would take ~{late_ms:.0f} ms, over probe_max_ms ({s.probe_max_ms:g})"
         return None
+
+
+def _tier_running(deployment, tier: str, strategy: str, strategies: dict[str, set[str]]) -> str:
+    """The placed tier, or, where it cannot run the strategy the client asked for (`draft` on the
+    smallest tier, which is the draft model), the nearest tier that can, larger ones first."""
+    if strategy == "auto" or strategy in strategies.get(deployment.tier_to_model[tier], {"plain"}):
+        return tier
+    order = [t for t in TIER_ORDER if t in deployment.tier_to_model]
+    i = order.index(tier)
+    for t in order[i + 1:] + order[:i][::-1]:
+        if strategy in strategies.get(deployment.tier_to_model[t], {"plain"}):
+            return t
+    return tier  # no tier runs it: the engine's validation names the strategy
 
 
 def _accepted_strategies(core) -> set[str]:

@@ -39,6 +39,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,7 +325,8 @@ def main() -> None:
         vocab = engine.tokenizer.vocab_size if hasattr(engine.tokenizer, "vocab_size") else 256
         warm = make_prompts(2, args.prompt_tokens, vocab, seed=1)
         run_in_process(engine, warm, 8)
-        server = ServerProcess(model_dir, max(64, max_batch), max_model_len, log_dir / f"serving-{tier}-server.log")
+        server = ServerProcess(model_dir, max(64, max_batch), max_model_len,
+                               Path(tempfile.gettempdir()) / f"sizewise-serving-{tier}-{os.getpid()}.log")
         url = server.start(args.timeout)
         try:
             asyncio.run(run_http(url, server.proc.pid, warm, 8, True, args.timeout))

@@ -267,7 +267,7 @@ def median_of(ms: list[dict]) -> dict:
 def print_targets(rows: list[dict]) -> None:
     """Issue 28's targets, read off the table (reported, not asserted)."""
     by = {(r["tier"], r["batch"], r["path"]): r for r in rows}
-    print("\nissue 28 targets (this run):")
+    print("\nissue 28 targets (this run; on a shared machine, judge them over several runs):")
     for b in (16, 64):
         r = by.get(("small", b, "http-stream"))
         if r and r["x_inproc"] is not None:

@@ -331,10 +331,11 @@ def main() -> None:
         try:
             asyncio.run(run_http(url, server.proc.pid, warm, 8, True, args.timeout))
             for b in batches:
-                prompts = make_prompts(b, args.prompt_tokens, vocab, seed=b)
                 runs: dict[str, list[dict]] = {p: [] for p in PATHS}
                 # The paths take turns, so a change in the machine's load falls on all of them.
                 for rep in range(args.repeats):
+                    # Fresh prompts per round: no path finds a round's prefill in its prefix cache.
+                    prompts = make_prompts(b, args.prompt_tokens, vocab, seed=1000 * b + rep)
                     runs["in-process"].append(run_in_process(engine, prompts, args.max_tokens))
                     for path in PATHS[1:]:
                         runs[path].append(asyncio.run(run_http(url, server.proc.pid, prompts, args.max_tokens,

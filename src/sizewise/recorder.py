@@ -39,7 +39,7 @@ class Recorder:
         self._tiers: set[str] = set()
         for status in ERROR_STATUSES:
             metrics.errors.labels(status=status)
-        self._itl: dict[tuple[str, str], object] = {}  # (model, tier) -> its ITL histogram child, looked up per token
+        self._itl: dict[tuple[str, str], object] = {}  # (model, tier) -> its ITL histogram child (labels() per token showed)
 
     def models(self, infos) -> None:
         """Pre-create every labelled series at zero once the models are known: a counter that

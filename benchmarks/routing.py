@@ -46,11 +46,9 @@ from _common import print_table, save_json  # noqa: E402
 
 from sizewise.orchestrator.deployment import Deployment, DeploymentConfig, StaticRouter  # noqa: E402
 from sizewise.orchestrator.measure import _nll, held_out_items  # noqa: E402
-from sizewise.orchestrator.policy import QualityPredictor, TierFit  # noqa: E402
-from sizewise.orchestrator.router import AdaptiveRouter  # noqa: E402
 from sizewise.sim.driver import reset_prefix_caches  # noqa: E402
 from sizewise.sim.report import (  # noqa: E402
-    POLICIES, TIERS, OracleRouter, RandomRouter, Record, oracle_at_shares, plot, summarize, targets,
+    POLICIES, TIERS, Record, oracle_at_shares, plot, policy_router, summarize, targets,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,21 +165,9 @@ def main() -> None:
         settings = cfg.policy.to_settings()
 
         def router_for(policy: str, counts: dict | None = None):
-            if policy.startswith("static-"):
-                return StaticRouter(policy.removeprefix("static-"))
-            if policy == "random":
-                return RandomRouter(counts, args.seed + 7)
             s = cfg.policy.to_settings()
             s.slo_ms = slo_ms
-            if policy == "load-only":
-                s.quality = QualityPredictor({t: TierFit(statistics.fmean(gaps[t]), {}, max(statistics.fmean(gaps[t]), 0))
-                                              for t in ("small", "medium")})
-                s.difficulty = False
-                return AdaptiveRouter(s)
-            if policy == "oracle":
-                s.difficulty = False
-                return OracleRouter(s, {tuple(it.prompt): {t: gaps[t][i] for t in TIERS} for i, it in enumerate(items)})
-            return AdaptiveRouter(s)
+            return policy_router(policy, s, gaps, [it.prompt for it in items], args.seed, counts)
 
         def cell(policy: str, times: list[float], counts=None, key: str | None = None) -> list[Record]:
             dep.router = router_for(policy, counts)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -235,3 +236,22 @@ def pytest_unconfigure(config):
     for line in getattr(config, "_sizewise_not_run", []):
         if reporter is not None:
             reporter.write_line(line, red=True, bold=True)
+
+
+@contextmanager
+def demo_deployment(max_num_seqs: int = 8, max_model_len: int = 256):
+    """The demo family (configs/demo.yaml) on a 5% memory budget with one torch thread: the
+    deployment behind a test module's server."""
+    from sizewise.orchestrator.deployment import Deployment, DeploymentConfig
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg = DeploymentConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    cfg = cfg.model_copy(update={"memory_fraction": 0.05, "engine": cfg.engine.model_copy(
+        update={"max_num_seqs": max_num_seqs, "max_model_len": max_model_len})})
+    dep = Deployment.load(cfg, echo_plan=False)
+    try:
+        yield dep
+    finally:
+        dep.shutdown()
+        torch.set_num_threads(prev)

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from sizewise.orchestrator.deployment import Deployment, DeploymentConfig
 from sizewise.server import ServerThread, create_app
+
+from conftest import demo_deployment
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 MAX_MODEL_LEN = 256
@@ -19,17 +20,8 @@ MAX_MODEL_LEN = 256
 
 @pytest.fixture(scope="module")
 def deployment():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    cfg = DeploymentConfig.from_yaml(CONFIG)
-    cfg = cfg.model_copy(update={"memory_fraction": 0.05, "engine": cfg.engine.model_copy(
-        update={"max_num_seqs": 8, "max_model_len": MAX_MODEL_LEN})})
-    dep = Deployment.load(cfg, echo_plan=False)
-    try:
+    with demo_deployment(max_num_seqs=8, max_model_len=MAX_MODEL_LEN) as dep:
         yield dep
-    finally:
-        dep.shutdown()
-        torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,15 @@ answered first), never of a duration."""
 from __future__ import annotations
 
 import concurrent.futures
-from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-from sizewise.orchestrator.deployment import Deployment, DeploymentConfig, ServerSection
+from sizewise.orchestrator.deployment import ServerSection
 from sizewise.server import ServerThread, create_app
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+from conftest import demo_deployment
+
 PROMPT = "def add(a, b):"
 MSGS = [{"role": "user", "content": "hi"}]
 # Runs ~10^10 template steps: minutes on the event loop if nothing bounds it.
@@ -25,17 +24,8 @@ ENDLESS_TEMPLATE = ("{% set l = range(100000)|list %}{% for a in l %}{% for b in
 
 @pytest.fixture(scope="module")
 def deployment():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    cfg = DeploymentConfig.from_yaml(CONFIG)
-    cfg = cfg.model_copy(update={"memory_fraction": 0.05,
-                                 "engine": cfg.engine.model_copy(update={"max_num_seqs": 8, "max_model_len": 256})})
-    dep = Deployment.load(cfg, echo_plan=False)
-    try:
+    with demo_deployment(max_num_seqs=8, max_model_len=256) as dep:
         yield dep
-    finally:
-        dep.shutdown()
-        torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="module")

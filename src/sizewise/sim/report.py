@@ -61,6 +61,32 @@ class OracleRouter(AdaptiveRouter):
         return self.gaps[tuple(prompt_token_ids)]
 
 
+def policy_router(policy: str, settings, gaps: dict[str, list[float]], prompts: list, seed: int,
+                  counts: dict | None = None):
+    """The router one sweep cell runs (the real benchmark's and the virtual device's alike).
+    `settings`: the deployment's PolicySettings with the cell's SLO; `gaps`: tier -> each item's loss
+    against the top tier (the top tier's own row included); `prompts`: each item's prompt ids."""
+    from ..orchestrator.deployment import StaticRouter
+    from ..orchestrator.policy import QualityPredictor, TierFit
+
+    if policy.startswith("static-"):
+        return StaticRouter(policy.removeprefix("static-"))
+    if policy == "random":
+        return RandomRouter(counts, seed + 7)
+    top = list(gaps)[-1]
+    if policy == "load-only":  # the plan with no signal: each tier's mean gap, who moves is a seeded draw
+        settings.quality = QualityPredictor({t: TierFit(statistics.fmean(g), {}, max(statistics.fmean(g), 0))
+                                             for t, g in gaps.items() if t != top})
+        settings.difficulty = False
+        return AdaptiveRouter(settings)
+    if policy == "oracle":
+        settings.difficulty = False
+        return OracleRouter(settings, {tuple(p): {t: g[i] for t, g in gaps.items()} for i, p in enumerate(prompts)})
+    if policy == "sizewise":
+        return AdaptiveRouter(settings)
+    raise ValueError(f"unknown policy {policy!r}")
+
+
 def pct(vals: list[float], p: float) -> float:
     v = sorted(vals)
     k = (len(v) - 1) * p / 100

@@ -20,10 +20,8 @@ import statistics
 import sys
 
 from ..orchestrator.deployment import StaticRouter
-from ..orchestrator.policy import QualityPredictor, TierFit
-from ..orchestrator.router import AdaptiveRouter
 from .driver import SimRecord, SimSpec, Simulation, WorkItem
-from .report import TIERS, OracleRouter, RandomRouter, Record, oracle_at_shares, summarize
+from .report import TIERS, Record, oracle_at_shares, policy_router, summarize
 
 DEFAULT_POLICIES = ("static-small", "static-medium", "static-large", "sizewise", "random", "oracle")
 
@@ -62,25 +60,9 @@ class Sweep:
             sim.close()
 
     def router_for(self, policy: str, slo_ms: float, counts: dict | None = None):
-        cfg = self.spec.config
-        if policy.startswith("static-"):
-            return StaticRouter(policy.removeprefix("static-"))
-        if policy == "random":
-            return RandomRouter(counts, self.seed + 7)
-        s = cfg.policy.to_settings()
+        s = self.spec.config.policy.to_settings()
         s.slo_ms = slo_ms
-        if policy == "load-only":
-            s.quality = QualityPredictor({t: TierFit(statistics.fmean(self.gaps[t]), {}, max(statistics.fmean(self.gaps[t]), 0))
-                                          for t in self.gaps if t != self.top})
-            s.difficulty = False
-            return AdaptiveRouter(s)
-        if policy == "oracle":
-            s.difficulty = False
-            return OracleRouter(s, {tuple(it.prompt): {t: self.gaps[t][i] for t in self.gaps}
-                                    for i, it in enumerate(self.items)})
-        if policy == "sizewise":
-            return AdaptiveRouter(s)
-        raise ValueError(f"unknown policy {policy!r}")
+        return policy_router(policy, s, self.gaps, [it.prompt for it in self.items], self.seed, counts)
 
     def calibrate(self, slo_mult: float = 3.0) -> tuple[float, float, float]:
         """(static large's burst capacity req/s, one request alone on large s, SLO s) on the virtual device."""

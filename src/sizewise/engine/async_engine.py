@@ -318,9 +318,14 @@ class AsyncEngine:
                     continue
             except Exception:  # noqa: BLE001 - it cannot run there: it stays
                 continue
+            # Admitted there first, then freed here: a refusal leaves it waiting where it was, never lost.
+            try:
+                b.add_request(rid, req.prompt_token_ids, req.params, req.prompt, arrival_time=req.metrics.arrival_time,
+                              strategy=strategy, validated=True)
+            except Exception:  # noqa: BLE001 - it stays on src
+                log.warning("moving %s from %s to %s failed; it stays on %s", rid, src, dst, src, exc_info=True)
+                continue
             a.abort_request(rid)
-            b.add_request(rid, req.prompt_token_ids, req.params, req.prompt, arrival_time=req.metrics.arrival_time,
-                          strategy=strategy, validated=True)
             route.core = dst
             for listener in self.move_listeners:
                 try:

@@ -60,7 +60,6 @@ def test_help_defaults_are_the_deployment_defaults(capsys):
     assert "0 = greedy (default: 0.0)" in out
 
 
-@pytest.mark.skipif(not (DEMO / "large" / "config.json").is_file(), reason="demo family not built")
 def test_serve_engine_flags_end_to_end():
     server = Serve("--model", str(DEMO / "small"), "--model", str(DEMO / "large"),
                    "--served-model-name", "tiny", "--served-model-name", "big", "--max-model-len", "128",
@@ -83,7 +82,6 @@ def test_serve_engine_flags_end_to_end():
     assert "= 0.3 x" in server.log  # the memory plan's budget
 
 
-@pytest.mark.skipif(not (DEMO / "small" / "config.json").is_file(), reason="demo family not built")
 def test_models_lists_what_would_be_served(capsys, monkeypatch):
     monkeypatch.chdir(DEMO.parents[1])
     assert main(["models"]) == 0  # the default deployment: configs/demo.yaml
@@ -126,6 +124,14 @@ class Pty:
     def send(self, line: str) -> None:
         os.write(self.fd, line.encode() + b"\n")
 
+    def __enter__(self) -> "Pty":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        os.close(self.fd)
+
 
 @torch.no_grad()
 def _greedy(model, tok, messages, n: int) -> str:
@@ -140,12 +146,10 @@ def _greedy(model, tok, messages, n: int) -> str:
     return tok.decode(gen, skip_special_tokens=True)
 
 
-@pytest.mark.skipif(not (DEMO / "large" / "config.json").is_file(), reason="demo family not built")
 def test_chat_repl_multi_turn_in_a_terminal():
     large = DEMO / "large"
-    chat = Pty(*sizewise_command(), "chat", "--model", str(large), "--temperature", "0", "--max-tokens", "8",
-               "--device", "cpu")
-    try:
+    with Pty(*sizewise_command(), "chat", "--model", str(large), "--temperature", "0", "--max-tokens", "8",
+             "--device", "cpu") as chat:
         turns = ["def add(a, b):", "and a list?"]
         chat.read_until(">>> ", 1)
         answers = []
@@ -155,10 +159,6 @@ def test_chat_repl_multi_turn_in_a_terminal():
             answers.append(out.rsplit(turn + "\n", 1)[1].rsplit("\n>>> ", 1)[0])
         chat.send("/exit")
         assert chat.proc.wait(30) == 0
-    finally:
-        if chat.proc.poll() is None:
-            chat.proc.kill()
-        os.close(chat.fd)
     assert chat.out.count("sizewise chat:") == 1  # loaded once, for both turns
 
     tok = transformers.AutoTokenizer.from_pretrained(large)
@@ -182,7 +182,6 @@ def test_help_and_chat_client_do_not_import_torch():
     assert out.strip() == "sizewise.sampling_params"
 
 
-@pytest.mark.skipif(not (DEMO / "small" / "config.json").is_file(), reason="demo family not built")
 def test_one_model_rule_for_every_command(capsys, tmp_path, monkeypatch):
     """A tier name means the demo family's tier, a directory itself, in `generate`, `models` and
     `serve` alike (positional, as `vllm serve MODEL`, or --model)."""
@@ -207,7 +206,6 @@ def test_one_model_rule_for_every_command(capsys, tmp_path, monkeypatch):
     assert "'huge' is not a directory" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not (DEMO / "large" / "config.json").is_file(), reason="demo family not built")
 def test_serve_takes_models_positionally():
     server = Serve(str(DEMO / "small"), "large", "--port", "0", "--device", "cpu", "--max-model-len", "128")
     try:
@@ -218,7 +216,6 @@ def test_serve_takes_models_positionally():
         server.stop()
 
 
-@pytest.mark.skipif(not (DEMO / "large" / "config.json").is_file(), reason="demo family not built")
 def test_chat_url_routes_each_answer_and_says_why():
     """`sizewise chat --url` against the demo deployment (adaptive router): each answer is followed
     by one line naming the model and tier that answered and the server's one-sentence reason."""
@@ -227,17 +224,12 @@ def test_chat_url_routes_each_answer_and_says_why():
     server = Serve("--port", "0", "--device", "cpu")
     try:
         url = server.wait_ready()
-        chat = Pty(*sizewise_command(), "chat", "--url", url, "--temperature", "0", "--max-tokens", "8")
-        try:
+        with Pty(*sizewise_command(), "chat", "--url", url, "--temperature", "0", "--max-tokens", "8") as chat:
             chat.read_until(">>> ", 1)
             chat.send("def add(a, b):")
             out = chat.read_until(">>> ", 2)
             chat.send("/exit")
             assert chat.proc.wait(30) == 0
-        finally:
-            if chat.proc.poll() is None:
-                chat.proc.kill()
-            os.close(chat.fd)
         answer, line = out.rsplit("def add(a, b):\n", 1)[1].rsplit("\n>>> ", 1)[0].rsplit("\n", 1)
 
         # The line names the model that answered (the router's choice follows the live load): pinned to that

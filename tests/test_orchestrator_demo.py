@@ -7,27 +7,20 @@ served alone on its tier."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 
 from sizewise import SamplingParams, demo
-from sizewise.orchestrator.deployment import Deployment, DeploymentConfig
 from sizewise.orchestrator.router import AdaptiveRouter
 from sizewise.orchestrator.types import Prompt, RoutingHints
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+from conftest import demo_deployment
 
 
 @pytest.fixture(scope="module")
 def dep():
-    cfg = DeploymentConfig.from_yaml(CONFIG)
-    # the demo config's own policy; a small engine footprint keeps the test lean
-    cfg = cfg.model_copy(update={"memory_fraction": 0.05,
-                                 "engine": cfg.engine.model_copy(update={"max_num_seqs": 8, "max_model_len": 512})})
-    d = Deployment.load(cfg, echo_plan=False)
-    yield d
-    d.shutdown()
+    with demo_deployment(max_num_seqs=8, max_model_len=512) as d:
+        yield d
 
 
 async def test_demo_config_routes_adaptively(dep):
@@ -71,18 +64,24 @@ def _script_arrivals(router: AdaptiveRouter, rate: float, seconds: float = 2.0) 
         router.control.note_arrival(now - seconds + k / rate, None, 48, 12)
 
 
+async def _overloaded_router(dep, warm: list[list[int]], params: SamplingParams, tag: str) -> AdaptiveRouter:
+    """A fresh adaptive router whose telemetry has cost lines (the `warm` prompts served on large)
+    and whose controller has seen a scripted overload, far over what large alone can carry within
+    the SLO."""
+    router = AdaptiveRouter(dep.config.policy.to_settings())
+    router.bind(dep)
+    for i, ids in enumerate(warm):
+        await _serve(dep, f"{tag}-{i}", ids, params, dep.tier_to_model["large"])
+    _script_arrivals(router, 2000.0)
+    return router
+
+
 async def test_scripted_overload_concentrates_auto_on_at_most_two_tiers_and_outputs_are_each_tiers_own(dep):
     assert dep.engine.discipline == "fair"
     tok = dep.tokenizer()
     items = demo_prompts(tok, 24)
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    router = AdaptiveRouter(dep.config.policy.to_settings())
-    router.bind(dep)
-    # warm: a few requests give the telemetry its cost lines; then a scripted overload, far over
-    # what large alone can carry within the SLO
-    for i, ids in enumerate(items[:3]):
-        await _serve(dep, f"warm-{i}", ids, params, dep.tier_to_model["large"])
-    _script_arrivals(router, 2000.0)
+    router = await _overloaded_router(dep, items[:3], params, "warm")
 
     async def one(i: int, ids: list[int]):
         d = await router.route(dep, ids, params, "auto", RoutingHints())
@@ -109,11 +108,7 @@ async def test_auto_with_the_draft_strategy_never_lands_on_the_draft_model(dep):
     tok = dep.tokenizer()
     items = demo_prompts(tok, 8)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    router = AdaptiveRouter(dep.config.policy.to_settings())
-    router.bind(dep)
-    for i, ids in enumerate(items[:2]):
-        await _serve(dep, f"dwarm-{i}", ids, params, dep.tier_to_model["large"])
-    _script_arrivals(router, 2000.0)
+    router = await _overloaded_router(dep, items[:2], params, "dwarm")
     plain = [await router.route(dep, ids, params, "auto", RoutingHints()) for ids in items]
     assert "small" in {d.tier for d in plain}  # the plan does send auto to the draft model's tier
     drafted = [await router.route(dep, ids, params, "auto", RoutingHints(strategy="draft")) for ids in items]

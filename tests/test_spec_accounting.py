@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -17,12 +16,13 @@ from sizewise import SamplingParams, demo
 from sizewise.engine.config import EngineConfig
 from sizewise.engine.core import EngineCore
 from sizewise.metrics import Metrics
-from sizewise.orchestrator.deployment import Deployment, DeploymentConfig
+from sizewise.orchestrator.deployment import Deployment
 from sizewise.orchestrator.types import Prompt, RoutingHints
 from sizewise.recorder import Recorder
 
+from conftest import demo_deployment
+
 ENGINE = dict(device="cpu", dtype="float32", max_model_len=1024, max_num_seqs=4, kv_cache_bytes=64 << 20)
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 def _count_forwards(core: EngineCore) -> list[int]:
@@ -70,12 +70,8 @@ def test_draft_work_is_the_draft_models_and_every_forward_is_counted():
 
 @pytest.fixture(scope="module")
 def dep():
-    cfg = DeploymentConfig.from_yaml(CONFIG)
-    cfg = cfg.model_copy(update={"memory_fraction": 0.05,
-                                 "engine": cfg.engine.model_copy(update={"max_num_seqs": 4, "max_model_len": 1024})})
-    d = Deployment.load(cfg, echo_plan=False)
-    yield d
-    d.shutdown()
+    with demo_deployment(max_num_seqs=4, max_model_len=1024) as d:
+        yield d
 
 
 def _scrape(recorder: Recorder, dep: Deployment) -> dict[tuple[str, str], float]:

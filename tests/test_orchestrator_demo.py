@@ -7,8 +7,11 @@ served alone on its tier."""
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import pytest
+import torch
+import transformers
 
 from sizewise import SamplingParams, demo
 from sizewise.orchestrator.router import AdaptiveRouter
@@ -47,6 +50,23 @@ async def test_copy_like_prompts_are_predicted_to_lose_less_than_hard_prose(dep)
     # two arrivals: the plan has the top tier alone, and both are served there
     assert (dc.tier, dp.tier, dp.reason) == ("large", "large", "plan:headroom")
     assert dp.explain["plan"]["shares"] == {"large": 1.0}
+
+
+@functools.cache
+def _hf_model(path: str):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def _assert_greedy_of(dep, model: str, ids: list[int], out: list[int], what) -> None:
+    """`out` is `model`'s greedy continuation of `ids`: at every position the token served has the
+    top logit of transformers' copy of that model, teacher-forced (within 1e-3: a batch of another
+    shape rounds differently, so a near tie may go either way; another tier's tokens do not pass)."""
+    path = {m.name: m.path for m in dep.describe()}[model]
+    logits = _hf_model(path)(torch.tensor([ids + out])).logits[0, len(ids) - 1:-1]  # [len(out), V]
+    chosen = logits.gather(1, torch.tensor(out)[:, None])[:, 0]
+    gap = logits.max(dim=1).values - chosen
+    assert len(out) > 0 and float(gap.max()) <= 1e-3, (what, model, gap.tolist())
 
 
 async def _serve(dep, rid: str, ids: list[int], params: SamplingParams, model: str, strategy: str = "plain"):
@@ -96,10 +116,10 @@ async def test_scripted_overload_concentrates_auto_on_at_most_two_tiers_and_outp
         assert d.tier in plan["shares"] and len(plan["shares"]) <= 2
         assert d.explain["placement"]["tier"] == d.tier
     assert router.auto_with_signal == router.auto_requests == len(items)  # the signal on every request
-    # every request, served again alone on the tier it got, gives the same greedy tokens
+    # every request got its tier's own greedy tokens
     for i, (ids, (d, out)) in enumerate(zip(items, burst)):
         assert len(out) == params.max_tokens
-        assert out == await _serve(dep, f"alone-{i}", ids, params, d.model), (i, d.tier)
+        _assert_greedy_of(dep, d.model, ids, out, i)
 
 
 async def test_auto_with_the_draft_strategy_never_lands_on_the_draft_model(dep):
@@ -153,9 +173,9 @@ async def test_waiting_auto_requests_move_when_the_plan_leaves_their_tier(dep):
         assert s.decision.explain["moved"]["from"] == "large"
         assert s.decision.explain["moved"]["to"] == s.decision.tier == d.explain["plan"]["active"][0]
     assert router.moved == len(moved)
-    # each got exactly what its final tier gives alone
+    # each got its final tier's own greedy tokens
     for i, (s, out) in enumerate(zip(subs, outs)):
-        assert out == await _serve(dep, f"mv-alone-{i}", items[i], long, s.decision.model), (i, s.decision.tier)
+        _assert_greedy_of(dep, s.decision.model, items[i], out, i)
 
 
 def demo_prompts(tok, n: int) -> list[list[int]]:
@@ -199,4 +219,4 @@ async def test_the_device_turn_follows_the_plan_a_dropped_tier_steps_when_the_pl
     assert min(f for m, f, _ in times.values() if m == large) >= max(e for m, _, e in times.values() if m == small)
     # and the outputs are each tier's own
     for i, (ids, out) in enumerate(zip(items, outs)):
-        assert out == await _serve(dep, f"turn-alone-{i}", ids, params, small if i % 2 else large)
+        _assert_greedy_of(dep, small if i % 2 else large, ids, out, i)

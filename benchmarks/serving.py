@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import random
 import socket
@@ -46,6 +45,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, save_json  # noqa: E402
+
+from sizewise.sim.report import pct  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,15 +86,6 @@ def cpu_of(pid: int) -> CpuSample:
         else:
             other += t
     return CpuSample(main, other)
-
-
-def pct(vals: list[float], p: float) -> float | None:
-    if not vals:
-        return None
-    v = sorted(vals)
-    k = (len(v) - 1) * p / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
 def itls(stamps: list[list[float]]) -> list[float]:

@@ -148,7 +148,7 @@ class Recorder:
             m.peak_bandwidth.set(stats.peak_bandwidth)
         if stats.device_memory_used_bytes is not None:
             m.device_memory.set(stats.device_memory_used_bytes)
-        if getattr(stats, "load_utilization", None) is not None:
+        if stats.load_utilization is not None:
             m.load_util.set(stats.load_utilization)
             m.busy.set(stats.busy_fraction)
         m.set_load(stats)

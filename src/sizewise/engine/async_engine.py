@@ -107,7 +107,6 @@ class _Route:
     loop: asyncio.AbstractEventLoop
     stream: RequestStream
     movable: bool = False
-    strategy: str = "plain"
 
 
 class FairShare:
@@ -289,7 +288,7 @@ class AsyncEngine:
                 except Exception as e:  # noqa: BLE001 - reported to the caller, engine carries on
                     cmd.loop.call_soon_threadsafe(_set_exc, cmd.admitted, e)
                     continue
-                self._routes[cmd.request_id] = _Route(cmd.core, cmd.loop, cmd.stream, cmd.movable, cmd.strategy)
+                self._routes[cmd.request_id] = _Route(cmd.core, cmd.loop, cmd.stream, cmd.movable)
                 cmd.loop.call_soon_threadsafe(_set_result, cmd.admitted, None)
             elif isinstance(cmd, _Move):
                 self._move(cmd.src, cmd.dst)
@@ -312,11 +311,11 @@ class AsyncEngine:
                 b.validate(req.prompt_token_ids, req.params, strategy)
             except Exception:  # noqa: BLE001 - e.g. no speculation there: plain decoding gives the same tokens
                 strategy = "plain"
-            try:
-                b.validate(req.prompt_token_ids, req.params, strategy)
-                if len(b.scheduler.waiting) + req.params.n > b.config.max_waiting:
+                try:
+                    b.validate(req.prompt_token_ids, req.params, strategy)
+                except Exception:  # noqa: BLE001 - it cannot run there: it stays
                     continue
-            except Exception:  # noqa: BLE001 - it cannot run there: it stays
+            if len(b.scheduler.waiting) + req.params.n > b.config.max_waiting:
                 continue
             # Admitted there first, then freed here: a refusal leaves it waiting where it was, never lost.
             try:

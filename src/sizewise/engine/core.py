@@ -479,9 +479,9 @@ class EngineCore:
     def _append_verified(self, res: VerifyResult, now: float) -> None:
         """Tokens of one speculative verification, one at a time through the plain finish check."""
         seq = res.seq
-        # The forward computed the last token and the m proposals; the rejected ones roll back
-        # (their K/V are overwritten later).
-        seq.num_cached_tokens += 1 + res.num_proposed - (res.num_proposed - res.num_accepted)
+        # The forward computed the last token and the m proposals; the m - a rejected ones roll back
+        # (their K/V are overwritten later): 1 + m - (m - a) positions stay.
+        seq.num_cached_tokens += 1 + res.num_accepted
         for token, lp in zip(res.tokens, res.logprobs):
             self._append_token(seq, token, lp, now)
             if seq.is_finished:  # a stop cuts the accepted tokens exactly where plain decode would

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, replace
 
 from .plan import Plan, PlanInputs, TierCost, assign, make_plan
@@ -84,8 +84,6 @@ class PlanController:
         self._fresh_since = -float("inf")
         self.plan: Plan | None = None
         self.replans = 0
-        self.changes = 0  # re-plans that changed the set of tiers with a share
-        self.placed: Counter[str] = Counter()
         self._arrivals: deque[float] = deque()
         self._pinned: dict[str, deque[float]] = {t: deque() for t in tiers}
         self._since = 0
@@ -168,7 +166,6 @@ class PlanController:
         self.replans += 1
         self._since = 0
         if old is None or set(old.shares) != set(new.shares):
-            self.changes += 1
             self._changed_at = now
         return self.plan, old
 
@@ -179,9 +176,7 @@ class PlanController:
         self._recent.append(dict(loss))
         order = plan.order
         if len(order) == 1:
-            tier = order[0]
-            self.placed[tier] += 1
-            return Placement(tier, None, None, None)
+            return Placement(order[0], None, None, None)
         a, b = order[0], order[-1]
         score = loss.get(a, 0.0) - loss.get(b, 0.0)
         less = equal = 0
@@ -192,6 +187,4 @@ class PlanController:
             elif s < score:
                 less += 1
         rank = (less + self._rng.random() * equal) / len(self._recent)
-        tier = assign(plan, rank)
-        self.placed[tier] += 1
-        return Placement(tier, rank, plan.shares[a], score)
+        return Placement(assign(plan, rank), rank, plan.shares[a], score)

@@ -59,7 +59,6 @@ class PlanInputs:
     prompt_tokens: float  # mean prompt tokens of `auto` requests
     output_tokens: float  # mean output tokens of `auto` requests
     pinned_rate: dict[str, float] = field(default_factory=dict)  # tier -> pinned requests/s
-    pinned_work: dict[str, float] = field(default_factory=dict)  # tier -> per-token seconds of one pinned request
     slo_s: float | None = None
     util_target: float = 0.85
     min_share: float = 0.05  # a mix gives each of its tiers at least this (a stream for less does not pay)
@@ -105,7 +104,7 @@ def _evaluate(inp: PlanInputs, shares: dict[str, float]) -> tuple[bool, float, f
     many = len(active) > 1
     F = sum(inp.tiers[t].fixed_s + (inp.tiers[t].switch_s if many else 0.0) for t in active)
     rho = sum(inp.auto_rate * s * inp.tiers[t].work(P, O) for t, s in shares.items())
-    rho += sum(r * inp.pinned_work.get(t, inp.tiers[t].work(P, O)) for t, r in inp.pinned_rate.items() if t in inp.tiers)
+    rho += sum(r * inp.tiers[t].work(P, O) for t, r in inp.pinned_rate.items() if t in inp.tiers)
     bias = max((inp.tiers[t].bias for t in active), default=1.0)
     cap = inp.util_target
     if inp.slo_s is not None:
@@ -138,8 +137,9 @@ def make_plan(inp: PlanInputs, now: float = 0.0) -> Plan:
     if inp.auto_rate == 0.0:
         return plan_of({top: 1.0}, "idle")
     options: list[tuple[float, int, float, dict[str, float], str]] = []  # (loss, tiers, rho, shares, reason)
+    single = {t: _evaluate(inp, {t: 1.0}) for t in order}  # (feasible, rho, cap, ...) of each tier alone
     for t in order:
-        ok, rho, *_ = _evaluate(inp, {t: 1.0})
+        ok, rho, *_ = single[t]
         if ok:
             options.append((loss[t], 1, rho, {t: 1.0}, "headroom" if t == top else "single"))
     P, O = inp.prompt_tokens, inp.output_tokens
@@ -159,13 +159,12 @@ def make_plan(inp: PlanInputs, now: float = 0.0) -> Plan:
             ok, rho, *_ = _evaluate(inp, shares)
             if ok:
                 options.append(((1.0 - sb) * loss[a] + sb * loss[b], 2, rho, shares, "mix"))
-    if not options and inp.slo_s is not None and all(_evaluate(inp, {t: 1.0})[2] <= 0.0 for t in order):
+    if not options and inp.slo_s is not None and all(single[t][2] <= 0.0 for t in order):
         # No tier meets the SLO even on an idle device (its fixed step cost alone, times the output
         # length, exceeds it): moving down cannot buy what load did not take, so quality decides,
         # among the tiers the utilisation target still lets carry the load.
         for t in reversed(order):
-            ok_load = _evaluate(inp, {t: 1.0})[1] <= inp.util_target
-            if ok_load:
+            if single[t][1] <= inp.util_target:
                 return plan_of({t: 1.0}, "unattainable")
     if not options:  # overload: the least per-request work carries the most
         cheapest = min(order, key=lambda t: (inp.tiers[t].work(P, O) + inp.tiers[t].fixed_s, order.index(t)))

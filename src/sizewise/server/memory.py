@@ -12,9 +12,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import logging
-
-log = logging.getLogger(__name__)
 
 # A request whose body was at least this large is followed by a trim (in a worker thread: it
 # walks every arena, ~1-10 ms).

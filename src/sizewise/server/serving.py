@@ -169,9 +169,9 @@ class Serving:
     async def encode_async(self, model: str | None, text: str, add_special_tokens: bool = True,
                            param: str = "prompt") -> list[int]:
         """`encode`, off the event loop for long texts (the Rust tokenizer releases the GIL)."""
-        self.check_chars(len(text), param)  # before a thread is taken for it
         if len(text) <= OFFLOAD_CHARS:
             return self.encode(model, text, add_special_tokens, param)
+        self.check_chars(len(text), param)  # before a thread is taken for it
         return await asyncio.to_thread(self.encode, model, text, add_special_tokens, param)
 
     async def render_chat_async(self, model: str | None, messages: list[dict], add_generation_prompt: bool = True,
@@ -270,8 +270,7 @@ class Serving:
     def _closed(self, run: Run) -> None:
         self._runs.discard(run)
         for job in run.jobs:
-            if job.sub is not None:
-                self._begun(job)
+            self._begun(job)
 
     def record_error(self, status: int) -> None:
         self.recorder.error(status)

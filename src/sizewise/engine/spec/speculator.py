@@ -46,7 +46,6 @@ class Speculator:
             raise ValueError(f"spec_batching must be one of {BATCHING}, got {batching!r}")
         self.name = name
         self.k = k
-        self.batching = batching
         self.max_model_len = max_model_len
         self.pld = PromptLookupProposer(lookup_min, lookup_max)
         self.draft: DraftProposer | None = None

@@ -15,6 +15,7 @@ counts as load the plan must carry. Every decision is counted in `decisions[(tie
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 
@@ -147,9 +148,10 @@ class AdaptiveRouter:
         known = self.known_loss(prompt_token_ids)
         sig = signals_of(probe)
         loss = {t: known[t] if known is not None else policy.quality.loss(t, sig) for t in policy.tiers}
-        lat = {t: Policy.estimate_ms(snap, deployment.tier_to_model[t], n_prompt, max_new, params.n,
-                                     self.settings.discipline) for t in policy.tiers}
-        lat.update({t: v * 1e3 for t, v in plan.latency_s.items() if v < float("inf")})
+        # The plan's latency where it has one; the per-request model for the tiers it leaves out.
+        lat = {t: plan.latency_s[t] * 1e3 if plan.latency_s.get(t, math.inf) < math.inf else
+               Policy.estimate_ms(snap, deployment.tier_to_model[t], n_prompt, max_new, params.n,
+                                  self.settings.discipline) for t in policy.tiers}
         slo = hints.max_latency_ms if hints.max_latency_ms is not None else self.settings.slo_ms
         if pinned is not None:
             tier, placement, reason = deployment.model_to_tier[pinned], None, "pinned"

@@ -45,6 +45,7 @@ def add_parser(sub, default_config: str) -> None:
 
 
 def build_spec(config, hardware: str, shapes: list[str] | None = None, profile: str | None = None, seed: int = 0):
+    from ..orchestrator.policy import TIER_ORDER
     from .cost import PROFILE_DIR, MeasuredCost, RooflineCost
     from .driver import SimSpec, shapes_dir
     from .hardware import PROFILES, SimPlatform
@@ -57,7 +58,7 @@ def build_spec(config, hardware: str, shapes: list[str] | None = None, profile: 
         cost = RooflineCost(hw)
     by_tier = None
     if shapes:
-        tiers = sorted((m.tier for m in config.models), key=("small", "medium", "large").index)
+        tiers = sorted((m.tier for m in config.models), key=TIER_ORDER.index)
         if len(shapes) != len(tiers):
             raise ValueError(f"--shapes names {len(shapes)} shapes for {len(tiers)} tiers ({', '.join(tiers)})")
         by_tier = {t: shapes_dir(s) for t, s in zip(tiers, shapes)}

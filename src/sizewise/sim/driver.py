@@ -31,6 +31,7 @@ from ..engine.core import EngineCore, load_tokenizer
 from ..models import ModelConfig
 from ..orchestrator.deployment import Deployment, DeploymentConfig, StaticRouter
 from ..orchestrator.planner import plan_memory
+from ..orchestrator.policy import TIER_ORDER
 from ..orchestrator.types import Prompt, RoutingHints
 from ..sampling_params import SamplingParams
 from .hardware import SimPlatform
@@ -153,8 +154,7 @@ class SimSpec:
 
     def plan_tiers(self) -> list[str]:
         """The resident tiers, smallest first."""
-        order = ("small", "medium", "large")
-        return sorted((m.tier for m in self.config.models), key=order.index)
+        return sorted((m.tier for m in self.config.models), key=TIER_ORDER.index)
 
 
 class Simulation:

@@ -14,10 +14,11 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..orchestrator.policy import TIER_ORDER
 from ..orchestrator.router import AdaptiveRouter
 from ..orchestrator.types import Decision
 
-TIERS = ("small", "medium", "large")
+TIERS = TIER_ORDER
 POLICIES = ("static-small", "static-medium", "static-large", "random", "load-only", "sizewise", "oracle")
 
 

@@ -135,6 +135,10 @@ def _parser() -> argparse.ArgumentParser:
             ("--max-connections", "max_connections", int, "open connections; more are refused with 503 (default: 1024)")):
         s.add_argument(flag, dest=key, type=kind, metavar="S" if kind is float else "N", help=what)
 
+    s.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=False,
+                   help="run the engines in their own process (the engine core: engines, worker, router, plan); "
+                        "this process does HTTP, tokenization and SSE, so serving work never takes the engine's "
+                        "GIL (docs/engine-core.md; default: off, one process)")
     s.add_argument("--ray", action="store_true",
                    help="serve on Ray Serve: --replicas copies of the whole deployment behind a KV-aware "
                         "router (needs pip install 'sizewise[ray]'; joins RAY_ADDRESS's cluster or starts one; default: off)")
@@ -390,11 +394,32 @@ def _run_server(args) -> int:
 
     exit_code = 0
     server: Server | None = None
+    remote = None
+    if args.engine_process:
+        from .orchestrator.remote import RemoteDeployment
 
-    def load() -> Deployment:
-        log.info("loading %d model(s) on device %s: %s", len(cfg.models), cfg.device,
+        def on_dead(exc) -> None:  # on the event loop: /health says 503 for a moment, then exit 1
+            nonlocal exit_code
+            exit_code = 1
+            log.error("%s: the server exits so that a supervisor restarts it", exc)
+            asyncio.get_running_loop().call_later(ENGINE_DEAD_EXIT_S, lambda: setattr(server, "should_exit", True))
+
+        # Spawned from the main thread: the core's parent-death signal follows the spawning thread.
+        remote = RemoteDeployment(cfg, log_level=args.log_level, on_dead=on_dead).start()
+
+    def load():
+        log.info("loading %d model(s) on device %s%s: %s", len(cfg.models), cfg.device,
+                 " in the engine-core process" if remote is not None else "",
                  ", ".join(f"{m.name} ({m.tier}) from {m.path}" for m in cfg.models))
-        deployment = Deployment.load(cfg, plan=plan)  # the app logs one line per model once it is loaded
+        if remote is not None:
+            try:
+                remote.wait_ready()
+            except BaseException:
+                remote.shutdown()
+                raise
+            deployment = remote
+        else:
+            deployment = Deployment.load(cfg, plan=plan)  # the app logs one line per model once it is loaded
         log.info("ready: serving %s at %s (OpenAI API at %s/v1)", ", ".join(deployment.cores), url, url)
         return deployment
 
@@ -414,7 +439,14 @@ def _run_server(args) -> int:
         pass
     finally:
         sock.close()
+        if remote is not None:  # (the app shut it down unless it was still loading)
+            remote.shutdown()
     return exit_code
+
+
+# With --engine-process, how long a server whose engine core died keeps answering (/health 503,
+# every request 503 engine_dead) before it exits with status 1.
+ENGINE_DEAD_EXIT_S = 2.0
 
 
 def _write_delta(delta) -> None:

@@ -65,7 +65,7 @@ class RequestStream:
     task per request to move them across."""
 
     def __init__(self, engine: "AsyncEngine", request_id: str, core: str,
-                 sink: Callable[[RequestOutput | BaseException], None] | None = None) -> None:
+                 sink: Callable[[RequestOutput | BaseException], None] | None = None, direct: bool = False) -> None:
         self.engine = engine
         self.request_id = request_id
         self.core = core
@@ -74,6 +74,9 @@ class RequestStream:
             self.queue = asyncio.Queue()
             sink = self.queue.put_nowait
         self.sink = sink
+        # The sink is called on the worker thread itself (it must be thread-safe and quick): the
+        # engine-core process batches a step's deltas into one message without an event-loop hop.
+        self.direct = direct and self.queue is None
         self.finished = False
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
@@ -187,7 +190,7 @@ class AsyncEngine:
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
         core: str | None = None, prompt: str | None = None, strategy: str = "plain",
         sink: Callable[[RequestOutput | BaseException], None] | None = None, validated: bool = False,
-        movable: bool = False,
+        movable: bool = False, direct: bool = False,
     ) -> RequestStream:
         """Queue a request; raises InvalidRequestError / QueueFullError before anything streams.
 
@@ -196,7 +199,8 @@ class AsyncEngine:
         (the orchestrator does, after routing); otherwise it runs here, on the caller's thread, so
         the error comes back before anything is queued. The worker never validates again.
         `movable`: `move_waiting` may move it to another core until it is first prefilled (the
-        cores share one tokenizer; an orchestrator's `auto` requests)."""
+        cores share one tokenizer; an orchestrator's `auto` requests). `direct`: `sink` runs on the
+        worker thread (see RequestStream)."""
         self._check_running()
         name = core or next(iter(self.cores))
         if name not in self.cores:
@@ -204,7 +208,7 @@ class AsyncEngine:
         if not validated:
             self.cores[name].validate(prompt_token_ids, params, strategy)
         loop = asyncio.get_running_loop()
-        stream = RequestStream(self, request_id, name, sink)
+        stream = RequestStream(self, request_id, name, sink, direct)
         admitted = loop.create_future()
         with self._closing:
             self._check_running()
@@ -261,6 +265,12 @@ class AsyncEngine:
 
     # ----- worker thread ------------------------------------------------------------------------
     def _deliver(self, route: _Route, item) -> None:
+        if route.stream.direct:
+            try:
+                route.stream.sink(item)
+            except Exception:  # noqa: BLE001 - a sink's fault must not stop the worker
+                log.exception("direct sink of %s failed", route.stream.request_id)
+            return
         try:
             route.loop.call_soon_threadsafe(route.stream.sink, item)
         except RuntimeError:  # the caller's event loop is closed: nobody reads this stream; free it

@@ -191,6 +191,20 @@ class DeploymentConfig(BaseModel):
         return cls(models=models, **kw)
 
 
+def check_prompts(prompts: list[Prompt], longest: int) -> None:
+    """What a submission is refused for before routing (an oversized prompt never reaches a probe):
+    no prompt, an empty one, one that leaves no room in the longest context served."""
+    if not prompts:
+        raise InvalidRequestError("prompt is empty", param="prompt")
+    for p in prompts:
+        if not p.ids:
+            raise InvalidRequestError("prompt is empty", param="prompt")
+        if len(p.ids) >= longest:
+            raise InvalidRequestError(
+                f"prompt has {len(p.ids)} tokens but the longest context length served here is {longest} "
+                f"tokens (the prompt must leave room for at least one generated token)", param="prompt")
+
+
 class Router(Protocol):
     async def route(
         self, deployment: "Deployment", prompt_token_ids: list[int], params: SamplingParams,
@@ -397,25 +411,18 @@ class Deployment:
     async def submit(
         self, request_id: str, prompts: list[Prompt], params: SamplingParams, requested: str = "auto",
         hints: RoutingHints | None = None, sink: Sink | None = None, before_queue: Callable[[], None] | None = None,
+        direct_sink: bool = False,
     ) -> list[Submission]:
         """Route every prompt (their probes run concurrently), validate each once against the
         engine it was routed to, then queue them in order; nothing stays queued unless all are
         admitted (a QueueFullError on the third prompt takes back the first two). One prompt keeps
         `request_id`; several get `request_id-i`. Each queued request gets its own copy of
         `params`. `before_queue` runs once everything is routed and valid, before anything is
-        queued; what it raises is raised. Raises InvalidRequestError, UnknownModelError,
-        QueueFullError, EngineDeadError."""
+        queued; what it raises is raised. `direct_sink`: `sink` is called on the engine's worker
+        thread (the engine-core process's batching sink; see AsyncEngine). Raises
+        InvalidRequestError, UnknownModelError, QueueFullError, EngineDeadError."""
         hints = hints or RoutingHints()
-        if not prompts:
-            raise InvalidRequestError("prompt is empty", param="prompt")
-        longest = max(c.max_model_len for c in self.cores.values())
-        for p in prompts:  # before routing, so an oversized prompt never reaches a probe
-            if not p.ids:
-                raise InvalidRequestError("prompt is empty", param="prompt")
-            if len(p.ids) >= longest:
-                raise InvalidRequestError(
-                    f"prompt has {len(p.ids)} tokens but the longest context length served here is {longest} "
-                    f"tokens (the prompt must leave room for at least one generated token)", param="prompt")
+        check_prompts(prompts, max(c.max_model_len for c in self.cores.values()))
         routed = await asyncio.gather(*(self.route(p.ids, params, requested, hints) for p in prompts),
                                       return_exceptions=True)
         for d in routed:  # the first failing prompt's error, in prompt order
@@ -444,7 +451,7 @@ class Deployment:
                         self._movable.popitem(last=False)
                 stream = await self.engine.add_request(
                     rid, p.ids, copy.copy(params), core=d.model, prompt=p.text, strategy=d.strategy, sink=to,
-                    validated=True, movable=movable)
+                    validated=True, movable=movable, direct=direct_sink)
                 subs.append(Submission(i, rid, d, stream))
         except BaseException:
             for s in subs:

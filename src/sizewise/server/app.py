@@ -58,6 +58,7 @@ class AppState:
     closed: bool = False
     loader_thread: threading.Thread | None = None
     config: ServerSection | None = None
+    loop: asyncio.AbstractEventLoop | None = None  # the app's event loop (a loaded deployment attaches to it)
 
 
 def describe(deployment: Deployment) -> list[str]:
@@ -277,6 +278,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        state.loop = asyncio.get_running_loop()
         if state.loader is not None:
             state.loader_thread = threading.Thread(target=_load, args=(state,), name="sizewise-loader", daemon=True)
             state.loader_thread.start()
@@ -401,6 +403,9 @@ def _load(state: AppState) -> None:
     if state.closed:  # the server stopped while we were loading
         deployment.shutdown()
         return
+    attach = getattr(deployment, "attach", None)
+    if attach is not None:  # an engine-process deployment serves on the app's loop (orchestrator/remote.py)
+        asyncio.run_coroutine_threadsafe(attach(), state.loop).result()
     state.serving.set_deployment(deployment)
     lines = describe(deployment)
     for line in lines:

@@ -1,0 +1,413 @@
+"""`RemoteDeployment`: the API process's side of a deployment whose engines run in the engine-core
+process (core_process.py; docs/engine-core.md).
+
+It has `Deployment`'s serving interface (`submit` with a sink, `describe`, `stats`, `tokenizer`,
+`max_model_len`, `alive`, `has_started`, `shutdown`), so the server's `Serving`, `Run` and routes
+are the same for both. What the API can check with what it holds (an empty or oversized prompt,
+an unknown model) it refuses itself, with the in-process words; the rest (routing, the engine's
+validation, a full queue) the core answers with `Refused`, raised here as the same exception.
+
+One reader on the event loop drains the core's socket: one wake-up per engine step, however many
+requests it carries, fanned out to the runs' sinks. The core process's exit is seen at once
+through a pidfd on the same loop: every request in flight fails with EngineDeadError (a 503
+`engine_dead`), `alive` turns false (/health 503) and `on_dead` callbacks run (the CLI exits 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from ..errors import EngineDeadError, InvalidRequestError, QueueFullError, UnknownModelError
+from ..outputs import RequestOutput
+from ..sampling_params import SamplingParams
+from . import ipc
+from .core_process import socket_path
+from .deployment import DeploymentConfig, Sink, check_prompts
+from .types import Decision, DeploymentStats, ModelInfo, ModelStats, Prompt, RoutingHints, Submission
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Route:
+    sink: Sink
+    index: int
+    request_id: str
+    prompt: Prompt
+    decision: Decision | None = None
+    moved: Decision | None = None  # a move that arrived before the admission
+    begun: bool = False
+
+
+class _Handle:
+    """A submission's abort handle."""
+
+    __slots__ = ("remote", "handle", "request_id")
+
+    def __init__(self, remote: "RemoteDeployment", handle: int, request_id: str) -> None:
+        self.remote = remote
+        self.handle = handle
+        self.request_id = request_id
+
+    def abort(self) -> None:
+        self.remote._abort(self.handle, self.request_id)
+
+    def __aiter__(self):
+        raise TypeError("an engine-process submission's deltas go to its sink; it cannot be iterated")
+
+
+class RemoteDeployment:
+    """Starts the engine-core process (`start`, from the main thread: the core's parent-death
+    signal follows the thread that spawned it), waits for it (`wait_ready`, blocking), then serves
+    on an event loop (`attach`)."""
+
+    def __init__(self, config: DeploymentConfig, log_level: str = "info",
+                 on_dead: Callable[[EngineDeadError], None] | None = None) -> None:
+        self.config = config
+        self.log_level = log_level
+        self.on_dead: list[Callable[[EngineDeadError], None]] = [on_dead] if on_dead is not None else []
+        self.proc: subprocess.Popen | None = None
+        self._dir: str | None = None
+        self._ctx: zmq.Context | None = None
+        self._in: zmq.Socket | None = None
+        self._out: zmq.Socket | None = None
+        self._enc = ipc.encoder()
+        self._dec = ipc.decoder(ipc.ToApi)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pidfd: int | None = None
+        self._models: list[ModelInfo] = []
+        self.tier_to_model: dict[str, str] = {}
+        self._stats: DeploymentStats | None = None
+        self._tokenizer = None
+        self._handles = itertools.count()
+        self._submits = itertools.count()
+        self._routes: dict[int, _Route] = {}
+        self._by_id: dict[str, _Route] = {}
+        # submissions the core has not answered: id -> (future, handles, request ids); the future is
+        # None once its submitter went away (an admission is then aborted at once)
+        self._pending: dict[int, tuple[asyncio.Future | None, list[int], list[str]]] = {}
+        self._dead: EngineDeadError | None = None
+        self._closing = False
+        self._closed = False
+
+    # ----- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> "RemoteDeployment":
+        """Create the private socket directory, bind this process's socket, spawn the core."""
+        self._dir = tempfile.mkdtemp(prefix="sizewise-core-")  # mode 0700: only this user connects
+        (Path(self._dir) / "config.json").write_text(self.config.model_dump_json())
+        self._ctx = zmq.Context()
+        self._in = self._ctx.socket(zmq.PULL)
+        self._in.setsockopt(zmq.RCVHWM, 0)
+        self._in.bind(socket_path(self._dir, "api-0"))
+        self._out = self._ctx.socket(zmq.PUSH)
+        self._out.setsockopt(zmq.SNDHWM, 0)
+        self._out.setsockopt(zmq.LINGER, 1000)
+        self._out.connect(socket_path(self._dir, "core"))
+        cmd = [sys.executable, "-m", "sizewise.orchestrator.core_process", "--ipc-dir", self._dir,
+               "--parent", str(os.getpid()), "--log-level", self.log_level]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        log.info("engine-core process started (pid %d)", self.proc.pid)
+        return self
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Block until the core has loaded the models; raises ValueError with the core's words if
+        loading failed, RuntimeError if the process died."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            if self._in.poll(200):
+                msg = self._dec.decode(self._in.recv())
+                if isinstance(msg, ipc.Ready):
+                    self._models = msg.models
+                    self.tier_to_model = msg.tier_to_model
+                    self._stats = _idle_stats(msg.models)
+                    self._tokenizer = _load_tokenizer(msg.models[0].path)
+                    return
+                if isinstance(msg, ipc.Dead):
+                    raise ValueError(msg.error)
+                continue
+            rc = self.proc.poll()
+            if rc is not None:
+                raise RuntimeError(f"the engine-core process exited with status {rc} while loading the models")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"the engine core was not ready within {timeout_s} s")
+
+    async def attach(self) -> None:
+        """Serve on the running loop: the core's socket and its exit are watched there."""
+        loop = self._loop = asyncio.get_running_loop()
+        loop.add_reader(self._in.getsockopt(zmq.FD), self._readable)
+        self._pidfd = os.pidfd_open(self.proc.pid)
+        loop.add_reader(self._pidfd, self._core_exited)
+        self._readable()  # what arrived before the reader (the FD is edge-triggered)
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Ask the core to stop, wait for it (bounded; then kill it), release everything. Idempotent."""
+        if self._closed:
+            return
+        self._closing = True
+        self._detach()
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            try:
+                self._out.send(self._enc.encode(ipc.Shutdown()), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.error("the engine-core process did not stop within %g s: killing it", timeout_s)
+                proc.kill()
+                proc.wait()
+        self._closed = True
+        for s in (self._in, self._out):
+            if s is not None:
+                s.close(linger=0)
+        if self._ctx is not None:
+            self._ctx.term()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+        self._fail_all(EngineDeadError("the engine was shut down"))
+
+    def _detach(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.remove_reader(self._in.getsockopt(zmq.FD))
+                if self._pidfd is not None:
+                    self._loop.remove_reader(self._pidfd)
+            except (RuntimeError, zmq.ZMQError):
+                pass
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def _core_exited(self) -> None:
+        rc = self.proc.wait()
+        self._detach()
+        if self._closing:
+            return
+        how = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
+        self._died(EngineDeadError(f"the engine-core process exited ({how})"))
+
+    def _died(self, exc: EngineDeadError) -> None:
+        if self._dead is not None:
+            return
+        self._dead = exc
+        log.error("%s: failing %d request(s) in flight", exc, len(self._routes) + len(self._pending))
+        self._fail_all(exc)
+        for cb in self.on_dead:
+            try:
+                cb(exc)
+            except Exception:  # noqa: BLE001
+                log.exception("on_dead callback failed")
+
+    def _fail_all(self, exc: EngineDeadError) -> None:
+        for fut, _, _ in self._pending.values():
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+        self._pending.clear()
+        routes = list(self._routes.values())
+        self._routes.clear()
+        self._by_id.clear()
+        for r in routes:
+            r.sink(r.index, exc)
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None and not self._closed and self.proc is not None and self.proc.poll() is None
+
+    # ----- what the server reads -------------------------------------------------------------------
+    def describe(self) -> list[ModelInfo]:
+        return list(self._models)
+
+    def stats(self, device: bool = True) -> DeploymentStats:
+        """The core's latest snapshot (sent every core_process.STATS_EVERY_S)."""
+        return self._stats or DeploymentStats(models={})
+
+    @property
+    def cores(self) -> dict[str, ModelInfo]:
+        return {m.name: m for m in self._models}
+
+    def resolve(self, requested: str) -> str:
+        names = [m.name for m in self._models]
+        if requested in names:
+            return requested
+        if requested in self.tier_to_model:
+            return self.tier_to_model[requested]
+        raise UnknownModelError(requested, ["auto", *self.tier_to_model, *names])
+
+    def _info(self, model: str | None) -> ModelInfo:
+        name = self.resolve(model) if model and model != "auto" else self._models[0].name
+        return next(m for m in self._models if m.name == name)
+
+    def tokenizer(self, model: str | None = None):
+        self._info(model)  # an unknown name raises as in process
+        return self._tokenizer  # one tokenizer for the whole family (the deployment checks it)
+
+    def vocab_size(self, model: str | None = None) -> int:
+        return self._info(model).vocab_size
+
+    def max_model_len(self, requested: str | None = None) -> int:
+        if requested and requested != "auto":
+            return self._info(requested).max_model_len
+        return min(m.max_model_len for m in self._models)
+
+    def has_started(self, request_id: str) -> bool:
+        """Whether output of the request has arrived (the core's first step for it is done)."""
+        r = self._by_id.get(request_id)
+        return r is not None and r.begun
+
+    # ----- submission ------------------------------------------------------------------------------
+    async def submit(
+        self, request_id: str, prompts: list[Prompt], params: SamplingParams, requested: str = "auto",
+        hints: RoutingHints | None = None, sink: Sink | None = None, before_queue: Callable[[], None] | None = None,
+    ) -> list[Submission]:
+        """As `Deployment.submit` (the sink is required). Raises InvalidRequestError,
+        UnknownModelError, QueueFullError, EngineDeadError."""
+        if sink is None:
+            raise TypeError("an engine-process deployment delivers to a sink")
+        self._check_alive()
+        hints = hints or RoutingHints()
+        check_prompts(prompts, max(m.max_model_len for m in self._models))
+        if requested != "auto":
+            self.resolve(requested)
+        if before_queue is not None:
+            before_queue()
+        handles = [next(self._handles) for _ in prompts]
+        rids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+        for i, (h, rid, p) in enumerate(zip(handles, rids, prompts)):
+            r = self._routes[h] = _Route(sink, i, rid, p)
+            self._by_id[rid] = r
+        sid = next(self._submits)
+        fut = self._loop.create_future()
+        self._pending[sid] = (fut, handles, rids)
+        try:
+            self._out.send(self._enc.encode(ipc.Submit(
+                0, sid, request_id, [p.ids for p in prompts], [p.text for p in prompts], handles, params, requested,
+                hints)), copy=False)
+            decisions: list[Decision] = await fut
+        except BaseException:
+            if self._pending.pop(sid, None) is not None:  # cancelled while the core routes it: abort it then
+                self._pending[sid] = (None, handles, rids)
+            self._forget(handles)
+            raise
+        subs = []
+        for i, (h, rid, d) in enumerate(zip(handles, rids, decisions)):
+            r = self._routes.get(h)
+            if r is not None:
+                r.decision = d
+                if r.moved is not None:
+                    _apply_move(d, r.moved)
+            subs.append(Submission(i, rid, d, _Handle(self, h, rid)))
+        return subs
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise self._dead
+        if self._closing or self._loop is None:
+            raise EngineDeadError("the engine was shut down")
+
+    def _forget(self, handles: list[int]) -> None:
+        for h in handles:
+            r = self._routes.pop(h, None)
+            if r is not None:
+                self._by_id.pop(r.request_id, None)
+
+    def _abort(self, handle: int, request_id: str) -> None:
+        r = self._routes.pop(handle, None)
+        if r is None:
+            return  # finished (or failed) already
+        self._by_id.pop(request_id, None)
+        if not self._closing and self._dead is None:
+            self._out.send(self._enc.encode(ipc.Abort([request_id])))
+
+    # ----- what the core sends -----------------------------------------------------------------------
+    def _readable(self) -> None:
+        if not self._closed:
+            ipc.drain(self._in, self._dec, self._on_message)
+
+    def _on_message(self, msg) -> None:
+        if isinstance(msg, ipc.Steps):
+            routes = self._routes
+            for row in msg.rows:
+                r = routes.get(row.handle)
+                if r is None:
+                    continue  # aborted here: late rows
+                r.begun = True
+                if row.finished:
+                    del routes[row.handle]
+                    self._by_id.pop(r.request_id, None)
+                r.sink(r.index, RequestOutput(r.request_id, r.prompt.text, r.prompt.ids, row.outputs, row.finished,
+                                              row.prompt_logprobs, row.metrics))
+        elif isinstance(msg, ipc.Stats):
+            self._stats = msg.stats
+        elif isinstance(msg, ipc.Admitted):
+            entry = self._pending.pop(msg.submit_id, None)
+            if entry is None:
+                return
+            fut, _, rids = entry
+            if fut is None:  # its submitter went away while the core routed it
+                self._out.send(self._enc.encode(ipc.Abort(rids)))
+            elif not fut.done():
+                fut.set_result(msg.decisions)
+        elif isinstance(msg, ipc.Refused):
+            fut, handles, _ = self._pending.pop(msg.submit_id, (None, [], []))
+            self._forget(handles)
+            if fut is not None and not fut.done():
+                fut.set_exception(_refusal(msg))
+        elif isinstance(msg, ipc.Failed):
+            for h in msg.handles:
+                r = self._routes.pop(h, None)
+                if r is not None:
+                    self._by_id.pop(r.request_id, None)
+                    r.sink(r.index, EngineDeadError(msg.message) if msg.kind == "dead" else
+                           RuntimeError(f"internal error while serving the request: {msg.message}"))
+        elif isinstance(msg, ipc.Moved):
+            r = self._routes.get(msg.handle)
+            if r is not None:
+                if r.decision is not None:
+                    _apply_move(r.decision, msg.decision)
+                else:
+                    r.moved = msg.decision
+        elif isinstance(msg, ipc.Dead):
+            self._died(EngineDeadError(f"the engine core failed: {msg.error}"))
+
+
+def _apply_move(decision: Decision, moved: Decision) -> None:
+    decision.model, decision.tier, decision.explain = moved.model, moved.tier, moved.explain
+
+
+def _refusal(msg: ipc.Refused) -> BaseException:
+    if msg.kind == "invalid":
+        return InvalidRequestError(msg.message, param=msg.param)
+    if msg.kind == "unknown_model":
+        return UnknownModelError(msg.param or "", msg.known)
+    if msg.kind == "queue_full":
+        return QueueFullError(msg.message)
+    if msg.kind == "dead":
+        return EngineDeadError(msg.message)
+    return RuntimeError(msg.message)
+
+
+def _idle_stats(models: list[ModelInfo]) -> DeploymentStats:
+    return DeploymentStats(models={m.name: ModelStats(
+        name=m.name, tier=m.tier, num_running=0, num_waiting=0, kv_blocks_used=0, kv_blocks_total=m.num_blocks,
+        num_preemptions=0, spec_draft_tokens={}, spec_accepted_tokens={}, achieved_bandwidth=0.0,
+        bandwidth_utilization=None) for m in models})
+
+
+def _load_tokenizer(path: str):
+    from ..engine.core import load_tokenizer
+
+    return load_tokenizer(path)

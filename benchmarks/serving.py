@@ -9,10 +9,15 @@ Per demo tier and batch size B (B concurrent requests, each a fixed random promp
 
 - in process: one `EngineCore` (what `LLM.generate` drives) fed the B prompts and stepped to
   the end in this process; its deltas are timestamped as each step returns them.
-- HTTP: `sizewise serve <tier>` in its own process on a random loopback port, B concurrent
-  `/v1/completions` requests through httpx, streamed (every SSE chunk timestamped) and not.
+- HTTP: `sizewise serve <tier> --no-engine-process` in its own process on a random loopback port,
+  B concurrent `/v1/completions` requests through httpx, streamed (every SSE chunk timestamped)
+  and not.
+- engine process (ep-http, ep-http-stream): the same requests to `sizewise serve <tier>
+  --engine-process`: the API process does HTTP/SSE, its engine-core child steps the model
+  (docs/engine-core.md). CPU is read per process: the API process (its event loop thread and the
+  rest) and the core (its event loop and its engine worker thread).
 
-The three paths take turns, `--repeats` rounds per batch size (the in-process engine and the
+The paths take turns, `--repeats` rounds per batch size (the in-process engine and the
 server are both loaded; the idle one costs nothing), and each quantity is the median over the
 rounds. Reported per cell: output tokens/s and its ratio to in process, CPU
 seconds per output token of the serving process (from /proc: the server process as a whole, its
@@ -122,6 +127,20 @@ def run_in_process(engine, prompts: list[list[int]], max_tokens: int) -> dict:
 
 
 # ----- over HTTP --------------------------------------------------------------------------------
+def child_of(pid: int) -> int:
+    """The one child process of `pid` (the engine core of an --engine-process server)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if int(fields[1]) == pid:
+                return int(entry)
+    raise RuntimeError(f"process {pid} has no child: no engine core")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -131,10 +150,13 @@ def free_port() -> int:
 class ServerProcess:
     """`sizewise serve MODEL` in its own process on a random loopback port; stopped with SIGTERM."""
 
-    def __init__(self, model_dir: Path, max_num_seqs: int, max_model_len: int, log_path: Path) -> None:
+    def __init__(self, model_dir: Path, max_num_seqs: int, max_model_len: int, log_path: Path,
+                 engine_process: bool = False) -> None:
         self.cmd = [sys.executable, "-m", "sizewise.cli", "serve", str(model_dir), "--host", "127.0.0.1",
                     "--max-num-seqs", str(max_num_seqs), "--max-model-len", str(max_model_len),
-                    "--log-level", "warning"]
+                    "--log-level", "warning", "--engine-process" if engine_process else "--no-engine-process"]
+        self.engine_process = engine_process
+        self.core_pid: int | None = None
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
         self.url = ""
@@ -156,6 +178,7 @@ class ServerProcess:
                 raise RuntimeError(f"the server exited with {self.proc.returncode}; log: {self.log_path}")
             try:
                 if httpx.get(self.url + "/ready", timeout=2.0).status_code == 200:
+                    self.core_pid = child_of(self.proc.pid) if self.engine_process else None
                     return self.url
             except httpx.HTTPError:
                 pass
@@ -177,7 +200,8 @@ class ServerProcess:
 
 
 async def run_http(url: str, pid: int, prompts: list[list[int]], max_tokens: int, stream: bool,
-                   timeout_s: float) -> dict:
+                   timeout_s: float, core_pid: int | None = None) -> dict:
+    """`core_pid`: the engine-core process of an --engine-process server (its CPU is read too)."""
     import httpx
 
     body_base = {"model": "auto", "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
@@ -208,13 +232,20 @@ async def run_http(url: str, pid: int, prompts: list[list[int]], max_tokens: int
                     if ev.get("choices") and ev["choices"][0].get("text"):
                         stamps[i].append(now)
 
+        k0 = cpu_of(core_pid) if core_pid else None
         s0, c0, t0 = cpu_of(pid), time.process_time(), time.perf_counter()
         await asyncio.wait_for(asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))), timeout_s)
         wall, client_cpu, server = time.perf_counter() - t0, time.process_time() - c0, cpu_of(pid) - s0
+        core = cpu_of(core_pid) - k0 if core_pid else None
     # A chunk carries one step's text; the demo tokenizer is byte-level, so a chunk is one token
     # unless the client fell behind and lines were read back to back (then gaps are ~0, kept).
-    return {"tokens": sum(counts), "wall_s": wall, "cpu_s": server.total, "cpu_main_s": server.main,
-            "cpu_other_s": server.other, "client_cpu_s": client_cpu, "itl": itls(stamps) if stream else []}
+    out = {"tokens": sum(counts), "wall_s": wall, "cpu_s": server.total, "cpu_main_s": server.main,
+           "cpu_other_s": server.other, "client_cpu_s": client_cpu, "itl": itls(stamps) if stream else []}
+    if core is not None:
+        out.update(api_cpu_s=server.total, cpu_s=server.total + core.total, core_cpu_s=core.total,
+                   core_main_s=core.main, core_other_s=core.other)
+        del out["cpu_other_s"]  # the engine side is the core process
+    return out
 
 
 # ----- the sweep --------------------------------------------------------------------------------
@@ -228,13 +259,17 @@ def row_of(tier: str, batch: int, path: str, m: dict, base: dict | None) -> dict
     tps = m["tokens"] / m["wall_s"] if m["wall_s"] > 0 else None
     us = lambda s: 1e6 * s / m["tokens"] if m["tokens"] else None  # noqa: E731
     itl = m.get("itl") or []
-    eng = us(m["cpu_other_s"]) if "cpu_other_s" in m else None
+    # the engine side: the in-process server's other threads (its engine worker), or the whole core
+    eng = us(m["cpu_other_s"]) if "cpu_other_s" in m else us(m["core_cpu_s"]) if "core_cpu_s" in m else None
     p50 = 1e3 * pct(itl, 50) if itl else None
     return {
         "tier": tier, "batch": batch, "path": path, "tokens": m["tokens"], "tok_s": tps,
         "x_inproc": (tps / base["tok_s"]) if tps and base and base["tok_s"] else None,
         "cpu_us_tok": us(m["cpu_s"]),
         "loop_us_tok": us(m["cpu_main_s"]) if "cpu_main_s" in m else None,
+        "api_us_tok": us(m["api_cpu_s"]) if "api_cpu_s" in m else None,
+        "core_loop_us_tok": us(m["core_main_s"]) if "core_main_s" in m else None,
+        "core_worker_us_tok": us(m["core_other_s"]) if "core_other_s" in m else None,
         "eng_us_tok": eng,
         # The engine side's host CPU per token beyond the engine's own (issue 28's <= 30 us target).
         "eng_extra_us_tok": eng - base["cpu_us_tok"] if eng is not None and base else None,
@@ -246,7 +281,7 @@ def row_of(tier: str, batch: int, path: str, m: dict, base: dict | None) -> dict
     }
 
 
-PATHS = ("in-process", "http", "http-stream")
+PATHS = ("in-process", "http", "http-stream", "ep-http", "ep-http-stream")
 
 
 def median_of(ms: list[dict]) -> dict:
@@ -261,17 +296,18 @@ def print_targets(rows: list[dict]) -> None:
     by = {(r["tier"], r["batch"], r["path"]): r for r in rows}
     print("\nissue 28 targets (this run; on a shared machine, judge them over several runs):")
     for b in (16, 64):
-        r = by.get(("small", b, "http-stream"))
-        if r and r["x_inproc"] is not None:
-            print(f"  small batch {b}: HTTP streamed {r['x_inproc']:.2f}x in-process tokens/s (>= 0.9): "
-                  f"{'met' if r['x_inproc'] >= 0.9 else 'NOT met'}")
+        for path in ("http-stream", "ep-http-stream"):
+            r = by.get(("small", b, path))
+            if r and r["x_inproc"] is not None:
+                print(f"  small batch {b}: {path} {r['x_inproc']:.2f}x in-process tokens/s (>= 0.9): "
+                      f"{'met' if r['x_inproc'] >= 0.9 else 'NOT met'}")
     for r in rows:
-        if r["path"] == "http-stream" and r["eng_extra_us_tok"] is not None:
-            print(f"  {r['tier']} batch {r['batch']}: engine side {r['eng_extra_us_tok']:.0f} us/token beyond the "
+        if r["path"] in ("http-stream", "ep-http-stream") and r["eng_extra_us_tok"] is not None:
+            print(f"  {r['tier']} batch {r['batch']} {r['path']}: engine side {r['eng_extra_us_tok']:.0f} us/token beyond the "
                   f"engine's own (<= 30): {'met' if r['eng_extra_us_tok'] <= 30 else 'NOT met'}")
     for r in rows:
-        if r["path"] == "http-stream" and r["batch"] == 1 and r["itl_p50_vs_inproc_ms"] is not None:
-            print(f"  {r['tier']} batch 1: ITL p50 {r['itl_p50_vs_inproc_ms']:+.2f} ms vs in process (<= 0.1): "
+        if r["path"] in ("http-stream", "ep-http-stream") and r["batch"] == 1 and r["itl_p50_vs_inproc_ms"] is not None:
+            print(f"  {r['tier']} batch 1 {r['path']}: ITL p50 {r['itl_p50_vs_inproc_ms']:+.2f} ms vs in process (<= 0.1): "
                   f"{'met' if r['itl_p50_vs_inproc_ms'] <= 0.1 else 'NOT met'}")
 
 
@@ -285,12 +321,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3,
                     help="rounds per batch size, the paths taking turns; medians reported (default: %(default)s)")
     ap.add_argument("--quick", action="store_true", help="small tier, batch 1 and 16 only")
+    ap.add_argument("--paths", default=",".join(PATHS), help="which paths (default: %(default)s)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per cell and for the server to start")
     ap.add_argument("--out", help="JSON path (default: benchmarks/results/serving[-quick].json)")
     args = ap.parse_args()
     if args.quick:
         args.tiers, args.batches, args.max_tokens = "small", "1,16", 128
     tiers = [t for t in args.tiers.split(",") if t]
+    paths = ["in-process", *(p for p in PATHS[1:] if p in args.paths.split(","))]
     batches = [int(b) for b in args.batches.split(",") if b]
     max_batch = max(batches)
     max_model_len = 1024
@@ -317,39 +355,49 @@ def main() -> None:
         vocab = engine.tokenizer.vocab_size if hasattr(engine.tokenizer, "vocab_size") else 256
         warm = make_prompts(2, args.prompt_tokens, vocab, seed=1)
         run_in_process(engine, warm, 8)
-        server = ServerProcess(model_dir, max(64, max_batch), max_model_len,
-                               Path(tempfile.gettempdir()) / f"sizewise-serving-{tier}-{os.getpid()}.log")
-        url = server.start(args.timeout)
+        servers = {}
+        if {"http", "http-stream"} & set(paths):
+            servers["http"] = ServerProcess(model_dir, max(64, max_batch), max_model_len, Path(tempfile.gettempdir())
+                                            / f"sizewise-serving-{tier}-{os.getpid()}.log")
+        if {"ep-http", "ep-http-stream"} & set(paths):
+            servers["ep"] = ServerProcess(model_dir, max(64, max_batch), max_model_len, Path(tempfile.gettempdir())
+                                          / f"sizewise-serving-ep-{tier}-{os.getpid()}.log", engine_process=True)
         try:
-            asyncio.run(run_http(url, server.proc.pid, warm, 8, True, args.timeout))
+            for server in servers.values():
+                url = server.start(args.timeout)
+                asyncio.run(run_http(url, server.proc.pid, warm, 8, True, args.timeout, server.core_pid))
             for b in batches:
-                runs: dict[str, list[dict]] = {p: [] for p in PATHS}
+                runs: dict[str, list[dict]] = {p: [] for p in paths}
                 # The paths take turns, so a change in the machine's load falls on all of them.
                 for rep in range(args.repeats):
                     # Fresh prompts per round: no path finds a round's prefill in its prefix cache.
                     prompts = make_prompts(b, args.prompt_tokens, vocab, seed=1000 * b + rep)
                     runs["in-process"].append(run_in_process(engine, prompts, args.max_tokens))
-                    for path in PATHS[1:]:
-                        runs[path].append(asyncio.run(run_http(url, server.proc.pid, prompts, args.max_tokens,
-                                                               path == "http-stream", args.timeout)))
+                    for path in paths[1:]:
+                        server = servers["ep" if path.startswith("ep-") else "http"]
+                        runs[path].append(asyncio.run(run_http(server.url, server.proc.pid, prompts, args.max_tokens,
+                                                               path.endswith("stream"), args.timeout, server.core_pid)))
                     progress(f"{tier} batch {b} round {rep + 1}/{args.repeats}: " + ", ".join(
-                        f"{p} {runs[p][-1]['tokens'] / runs[p][-1]['wall_s']:.0f} tok/s" for p in PATHS))
+                        f"{p} {runs[p][-1]['tokens'] / runs[p][-1]['wall_s']:.0f} tok/s" for p in paths))
                 base = row_of(tier, b, "in-process", median_of(runs["in-process"]), None)
                 rows.append(base)
-                for path in PATHS[1:]:
+                for path in paths[1:]:
                     rows.append(row_of(tier, b, path, median_of(runs[path]), base))
         finally:
-            server.stop()
+            for server in servers.values():
+                server.stop()
             del engine
 
     cols = ["tier", "batch", "path", "tok_s", "x_inproc", "cpu_us_tok", "loop_us_tok", "eng_us_tok",
-            "eng_extra_us_tok", "itl_p50_ms", "itl_p99_ms", "itl_p50_vs_inproc_ms", "client_us_tok", "tokens",
+            "eng_extra_us_tok", "api_us_tok", "core_loop_us_tok", "core_worker_us_tok", "itl_p50_ms", "itl_p99_ms", "itl_p50_vs_inproc_ms", "client_us_tok", "tokens",
             "wall_s"]
     print()
     print_table(rows, cols, width=140)
-    print("\ncpu_us_tok: CPU us per output token of the serving process (in-process: this process);"
-          "\nloop_us_tok: its main thread (event loop: HTTP, JSON, SSE); eng_us_tok: its other threads"
-          "\n(the engine worker); eng_extra_us_tok: eng_us_tok minus in-process cpu_us_tok at the same batch."
+    print("\ncpu_us_tok: CPU us per output token of the serving process(es) (in-process: this process);"
+          "\nloop_us_tok: the (API) process's main thread (event loop: HTTP, JSON, SSE); eng_us_tok: the engine"
+          "\nside: the in-process server's other threads (its engine worker), or the whole engine-core process"
+          "\n(ep-*); eng_extra_us_tok: eng_us_tok minus in-process cpu_us_tok at the same batch; api_us_tok: the"
+          "\nAPI process of ep-*; core_loop/core_worker_us_tok: the core's event loop and its other threads."
           "\nTimings are noisy on a shared machine: CPU per token is the steadier number.")
     print_targets(rows)
     out = Path(args.out) if args.out else log_dir / ("serving-quick.json" if args.quick else "serving.json")

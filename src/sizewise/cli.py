@@ -135,10 +135,10 @@ def _parser() -> argparse.ArgumentParser:
             ("--max-connections", "max_connections", int, "open connections; more are refused with 503 (default: 1024)")):
         s.add_argument(flag, dest=key, type=kind, metavar="S" if kind is float else "N", help=what)
 
-    s.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=False,
+    s.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                    help="run the engines in their own process (the engine core: engines, worker, router, plan); "
                         "this process does HTTP, tokenization and SSE, so serving work never takes the engine's "
-                        "GIL (docs/engine-core.md; default: off, one process)")
+                        "GIL (docs/engine-core.md; default: on; --no-engine-process: one process)")
     s.add_argument("--ray", action="store_true",
                    help="serve on Ray Serve: --replicas copies of the whole deployment behind a KV-aware "
                         "router (needs pip install 'sizewise[ray]'; joins RAY_ADDRESS's cluster or starts one; default: off)")

@@ -112,6 +112,11 @@ def _requests():
         out.append(("completion", dict(model=model, prompt=p, max_tokens=24, temperature=0)))
     out.append(("completion", dict(model="large", prompt=PROMPTS[0], max_tokens=40, temperature=0, stop=["\n\n", "return"])))
     out.append(("completion", dict(model="small", prompt=PROMPTS[1], max_tokens=12, temperature=0, logprobs=3)))
+    # stop strings are found by the API process (the core sends token ids): cut where in process
+    out.append(("completion", dict(model="large", prompt=PROMPTS[1], max_tokens=30, temperature=0, stop=["e", "\n"],
+                                   logprobs=2)))
+    out.append(("completion", dict(model="medium", prompt=PROMPTS[0], max_tokens=30, temperature=0, n=2, stop=["a"],
+                                   extra_body={"include_stop_str_in_output": True})))
     out.append(("completion", dict(model="medium", prompt=PROMPTS[2], max_tokens=8, temperature=0, n=2,
                                    echo=True, logprobs=1)))
     out.append(("completion", dict(model="large", prompt=PROMPTS[3], max_tokens=300, temperature=0,
@@ -131,7 +136,7 @@ def _answer(client: openai.OpenAI, kind: str, kw: dict, stream: bool):
         for c in d["choices"]:
             text = c["text"] if kind == "completion" else c["message"]["content"]
             lps = (c.get("logprobs") or {}).get("token_logprobs") if kind == "completion" else None
-            choices.append((c["index"], text, c["finish_reason"], lps))
+            choices.append((c["index"], text, c["finish_reason"], lps, c.get("stop_reason")))
         return choices, d["usage"], {k: d["sizewise"][k] for k in ("model", "tier", "strategy", "reason")}
     texts: dict[int, str] = {}
     reasons: dict[int, str | None] = {}
@@ -155,13 +160,16 @@ def test_outputs_equal_the_in_process_servers(remote, in_process):
     _, url = remote
     ours = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
     ref = openai.OpenAI(base_url=in_process + "/v1", api_key="x", max_retries=0)
+    stopped = 0
     for kind, kw in _requests():
         got, want = _answer(ours, kind, kw, False), _answer(ref, kind, kw, False)
-        assert [c[:3] for c in got[0]] == [c[:3] for c in want[0]], (kind, kw)
+        assert [c[:3] + c[4:] for c in got[0]] == [c[:3] + c[4:] for c in want[0]], (kind, kw)
+        stopped += sum(isinstance(c[4], str) for c in got[0])
         assert all(_close(g[3], w[3]) for g, w in zip(got[0], want[0])), (kind, kw)
         assert got[1:] == want[1:], (kind, kw)
         if not kw.get("echo"):  # (echo is not streamed)
             assert _answer(ours, kind, kw, True) == _answer(ref, kind, kw, True), (kind, kw)
+    assert stopped >= 3  # the stop strings did match
 
 
 def test_validation_errors_are_the_in_process_ones(remote, in_process):

@@ -26,3 +26,6 @@ class EngineConfig:
     # how plain rows share a step with verify rows: split (Q=1 and Q=k+1 forwards), padded (plain rows
     # join the Q=k+1 forward as empty proposals), auto (padded while few positions are wasted)
     spec_batching: str = "auto"
+    # Text and stop strings made here (False: token ids only; whoever reads the deltas detokenizes and
+    # checks stop strings: the API process of `serve --engine-process`, orchestrator/remote.py)
+    detokenize: bool = True

@@ -492,7 +492,7 @@ class EngineCore:
     def _check_finish(self, seq: Sequence, token: int) -> None:
         p = seq.params
         stop_ids = seq.request.stop_ids
-        stop_str = self.detokenizer.update(seq, 1)
+        stop_str = self.detokenizer.update(seq, 1) if self.config.detokenize else None
         reason, stop_reason = None, None
         if stop_str is not None:
             reason, stop_reason = "stop", stop_str
@@ -506,7 +506,7 @@ class EngineCore:
         elif seq.num_tokens >= self.max_model_len:
             reason = "length"
         if reason is not None:
-            if stop_str is None:
+            if stop_str is None and self.config.detokenize:
                 self.detokenizer.flush(seq)
             self.scheduler.finish(seq, reason)
             seq.stop_reason = stop_reason
@@ -520,7 +520,7 @@ class EngineCore:
             finished = seq.is_finished
             if not new_tokens:
                 continue
-            text = self.detokenizer.emittable(seq, finished)
+            text = self.detokenizer.emittable(seq, finished) if self.config.detokenize else ""
             lps = None
             if seq.params.logprobs is not None:
                 lps = seq.output_logprobs[seq.emitted_logprobs:]

@@ -14,6 +14,28 @@ from tokenizers import Tokenizer
 from .sequence import Sequence
 
 
+class TextState:
+    """The detokenizer's state of one sample outside a `Sequence` (the same fields): where the
+    deltas are read, not where they are made (the API process of `serve --engine-process`)."""
+
+    __slots__ = ("params", "output_token_ids", "output_text", "emitted_text_len", "prefix_offset", "read_offset",
+                 "stop_search_from", "done")
+
+    def __init__(self, params) -> None:
+        self.params = params
+        self.output_token_ids: list[int] = []
+        self.output_text = ""
+        self.emitted_text_len = 0
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.stop_search_from = 0
+        self.done = False  # finished (by the engine, or by a stop string found here)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+
 class Detokenizer:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -28,7 +50,7 @@ class Detokenizer:
             return self._backend_decode(ids, skip_special_tokens=skip_special)
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
 
-    def update(self, seq: Sequence, num_new: int) -> str | None:
+    def update(self, seq: Sequence | TextState, num_new: int) -> str | None:
         """Advance `seq.output_text` by the last `num_new` output tokens; return a matched stop string."""
         skip = seq.params.skip_special_tokens
         out = seq.output_token_ids
@@ -60,7 +82,7 @@ class Detokenizer:
         seq.output_text = text[: i + len(s)] if seq.params.include_stop_str_in_output else text[:i]
         return s
 
-    def flush(self, seq: Sequence) -> None:
+    def flush(self, seq: Sequence | TextState) -> None:
         """At finish: include text still held back for an incomplete UTF-8 tail."""
         out = seq.output_token_ids
         if seq.read_offset < len(out):
@@ -72,7 +94,7 @@ class Detokenizer:
             seq.read_offset = len(out)
 
     @staticmethod
-    def emittable(seq: Sequence, finished: bool) -> str:
+    def emittable(seq: Sequence | TextState, finished: bool) -> str:
         """Text that may be streamed now; advances `emitted_text_len`."""
         end = len(seq.output_text)
         if not finished and seq.params.stop:

@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     inbound.setsockopt(zmq.RCVHWM, 0)
     inbound.bind(socket_path(args.ipc_dir, "core"))
     try:
-        deployment = Deployment.load(cfg, echo_plan=False)
+        deployment = Deployment.load(cfg, echo_plan=False, detokenize=False)  # the API process detokenizes
     except BaseException as e:  # noqa: BLE001 - the API process reports it (load_error) and exits 1
         log.error("loading the deployment failed: %s", e, exc_info=not isinstance(e, (ValueError, OSError)))
         data = ipc.encoder().encode(ipc.Dead(" ".join(str(e).split()) or type(e).__name__))

@@ -330,9 +330,11 @@ class Deployment:
 
     @classmethod
     def load(cls, config: DeploymentConfig, router: Router | None = None, echo_plan: bool = True,
-             plan: MemoryPlan | None = None) -> "Deployment":
+             plan: MemoryPlan | None = None, detokenize: bool = True) -> "Deployment":
         """`check` the deployment (unless its `plan` is given: it was checked), print the plan, then
-        load every model onto one shared platform with its planned KV budget."""
+        load every model onto one shared platform with its planned KV budget. `detokenize=False`:
+        deltas carry token ids only, no text, and stop strings are not checked (the engine-core
+        process: its API process does both)."""
         platform = get_platform(config.device)
         if plan is None:
             plan = cls.check(config, platform)
@@ -344,7 +346,7 @@ class Deployment:
         for m in config.models:
             ecfg = EngineConfig(
                 dtype=m.dtype or config.dtype, device=config.device,
-                kv_cache_bytes=plan.model(m.name).kv_bytes,
+                kv_cache_bytes=plan.model(m.name).kv_bytes, detokenize=detokenize,
                 **config.engine.model_dump(),
             )
             log.info("loading %s (%s) from %s", m.name, m.tier, m.path)

@@ -25,11 +25,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
 
+from ..engine.detokenizer import Detokenizer, TextState
 from ..errors import EngineDeadError, InvalidRequestError, QueueFullError, UnknownModelError
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
@@ -47,9 +48,11 @@ class _Route:
     index: int
     request_id: str
     prompt: Prompt
+    params: SamplingParams
     decision: Decision | None = None
     moved: Decision | None = None  # a move that arrived before the admission
     begun: bool = False
+    texts: dict[int, TextState] = field(default_factory=dict)  # per sample index, made at its first token
 
 
 class _Handle:
@@ -92,6 +95,7 @@ class RemoteDeployment:
         self.tier_to_model: dict[str, str] = {}
         self._stats: DeploymentStats | None = None
         self._tokenizer = None
+        self._detokenizer: Detokenizer | None = None
         self._handles = itertools.count()
         self._submits = itertools.count()
         self._routes: dict[int, _Route] = {}
@@ -134,6 +138,7 @@ class RemoteDeployment:
                     self.tier_to_model = msg.tier_to_model
                     self._stats = _idle_stats(msg.models)
                     self._tokenizer = _load_tokenizer(msg.models[0].path)
+                    self._detokenizer = Detokenizer(self._tokenizer)
                     return
                 if isinstance(msg, ipc.Dead):
                     raise ValueError(msg.error)
@@ -287,7 +292,7 @@ class RemoteDeployment:
         handles = [next(self._handles) for _ in prompts]
         rids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         for i, (h, rid, p) in enumerate(zip(handles, rids, prompts)):
-            r = self._routes[h] = _Route(sink, i, rid, p)
+            r = self._routes[h] = _Route(sink, i, rid, p, params)
             self._by_id[rid] = r
         sid = next(self._submits)
         fut = self._loop.create_future()
@@ -311,6 +316,40 @@ class RemoteDeployment:
                     _apply_move(d, r.moved)
             subs.append(Submission(i, rid, d, _Handle(self, h, rid)))
         return subs
+
+    def _text(self, r: _Route, row: ipc.Row) -> bool:
+        """Detokenize a row's new tokens and look for stop strings in them, as the engine does in
+        process (EngineCore._check_finish / _make_delta): a sample that matches is cut after the
+        token that completed the stop string and finishes with reason `stop`; samples finished
+        before are dropped from the row. Returns whether every sample of the request is done."""
+        detok = self._detokenizer
+        kept = []
+        for o in row.outputs:
+            st = r.texts.get(o.index)
+            if st is None:
+                st = r.texts[o.index] = TextState(r.params)
+            elif st.done:
+                continue  # stopped here already; the core went on until it heard so
+            stop = None
+            for j, token in enumerate(o.token_ids):
+                st.output_token_ids.append(token)
+                stop = detok.update(st, 1)
+                if stop is not None:
+                    cut = o.token_ids[j + 1:]
+                    del o.token_ids[j + 1:]
+                    if o.logprobs is not None:
+                        if o.cumulative_logprob is not None:
+                            o.cumulative_logprob -= sum(lp[t] for t, lp in zip(cut, o.logprobs[j + 1:]))
+                        del o.logprobs[j + 1:]
+                    o.finish_reason, o.stop_reason = "stop", stop
+                    break
+            if stop is None and o.finish_reason is not None:
+                detok.flush(st)
+            st.done = o.finish_reason is not None
+            o.text = detok.emittable(st, st.done)
+            kept.append(o)
+        row.outputs = kept
+        return row.finished or (len(r.texts) == r.params.n and all(st.done for st in r.texts.values()))
 
     def _check_alive(self) -> None:
         if self._dead is not None:
@@ -345,10 +384,13 @@ class RemoteDeployment:
                 if r is None:
                     continue  # aborted here: late rows
                 r.begun = True
-                if row.finished:
+                finished = self._text(r, row)
+                if finished:
                     del routes[row.handle]
                     self._by_id.pop(r.request_id, None)
-                r.sink(r.index, RequestOutput(r.request_id, r.prompt.text, r.prompt.ids, row.outputs, row.finished,
+                    if not row.finished:  # ended by a stop string here: free its KV in the core now
+                        self._out.send(self._enc.encode(ipc.Abort([r.request_id])))
+                r.sink(r.index, RequestOutput(r.request_id, r.prompt.text, r.prompt.ids, row.outputs, finished,
                                               row.prompt_logprobs, row.metrics))
         elif isinstance(msg, ipc.Stats):
             self._stats = msg.stats

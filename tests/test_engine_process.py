@@ -121,6 +121,7 @@ def _requests():
                                    echo=True, logprobs=1)))
     out.append(("completion", dict(model="large", prompt=PROMPTS[3], max_tokens=300, temperature=0,
                                    extra_body={"sizewise": {"strategy": "pld"}})))
+    out.append(("completion", dict(model="medium", prompt=[PROMPTS[2], PROMPTS[0]], max_tokens=10, temperature=0)))
     out.append(("chat", dict(model="large", messages=[{"role": "user", "content": "def fib(n):"}], max_tokens=20,
                              temperature=0)))
     return out
@@ -170,6 +171,12 @@ def test_outputs_equal_the_in_process_servers(remote, in_process):
         if not kw.get("echo"):  # (echo is not streamed)
             assert _answer(ours, kind, kw, True) == _answer(ref, kind, kw, True), (kind, kw)
     assert stopped >= 3  # the stop strings did match
+    def cards(base: str) -> list[dict]:
+        return [{k: v for k, v in c.items() if k != "created"} for c in httpx.get(base + "/v1/models").json()["data"]]
+
+    assert cards(url) == cards(in_process)
+    body = {"model": "large", "prompt": PROMPTS[1]}
+    assert httpx.post(url + "/tokenize", json=body).json() == httpx.post(in_process + "/tokenize", json=body).json()
 
 
 def test_validation_errors_are_the_in_process_ones(remote, in_process):

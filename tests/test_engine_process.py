@@ -225,28 +225,29 @@ def _poll(url: str, until, timeout: float = 60):
 def test_a_disconnect_frees_the_kv_in_the_core(remote):
     """A client that goes away mid-stream: the core aborts its request (running 0, KV usage back to
     0 on /metrics) long before it could have finished: it spent well under half the device time
-    the whole request needs."""
+    the whole request needs, at the rate its first tokens cost."""
     _, url = remote
     body = {"model": "large", "prompt": PROMPTS[0], "max_tokens": 1000, "n": 4, "ignore_eos": True,
             "temperature": 0, "stream": True}
+    spent = lambda m: _engine(m, "sizewise_device_seconds_total", "demo-large")  # noqa: E731
+    kv = lambda m: _engine(m, "sizewise_kv_cache_usage_ratio", "demo-large")  # noqa: E731
     before = _metrics(url)
     with httpx.Client(timeout=60) as h, h.stream("POST", url + "/v1/completions", json=body) as r:
-        lines = r.iter_lines()
-        events = [next(lines) for _ in range(12)]  # a few tokens of each of the 4 samples
-        busy = _poll(url, lambda m: _engine(m, "sizewise_kv_cache_usage_ratio", "demo-large") > 0)
-        assert _engine(busy, "sizewise_kv_cache_usage_ratio", "demo-large") > 0
-        assert _engine(busy, "sizewise_num_requests_running", "demo-large") == 4
-        mid = _metrics(url)
-    assert any(e.startswith("data: {") for e in events)
-    idle = _poll(url, lambda m: _engine(m, "sizewise_kv_cache_usage_ratio", "demo-large") == 0
-                 and _engine(m, "sizewise_num_requests_running", "demo-large") == 0)
-    assert _engine(idle, "sizewise_kv_cache_usage_ratio", "demo-large") == 0
+        events = []
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                events.append(line)
+                if len(events) >= 80:  # ~20 tokens of each of the 4 samples
+                    break
+        # (the core's snapshot comes every 0.25 s: wait for one taken after some of these steps)
+        mid = _poll(url, lambda m: kv(m) > 0 and spent(m) > spent(before))
+        assert kv(mid) > 0 and spent(mid) > spent(before)
+        assert _engine(mid, "sizewise_num_requests_running", "demo-large") == 4
+    idle = _poll(url, lambda m: kv(m) == 0 and _engine(m, "sizewise_num_requests_running", "demo-large") == 0)
+    assert kv(idle) == 0
     assert _engine(idle, "sizewise_num_requests_running", "demo-large") == 0
-    # device seconds per generated token before the disconnect, against what was spent in all
-    spent = lambda m: _engine(m, "sizewise_device_seconds_total", "demo-large")  # noqa: E731
-    tokens_mid = sum(1 for e in events if e.startswith("data: {")) / 4
-    per_step = (spent(mid) - spent(before)) / max(tokens_mid, 1)
-    assert spent(idle) - spent(before) < 0.5 * per_step * 1000
+    per_token = (spent(mid) - spent(before)) / (len(events) / 4)  # device seconds per step of the 4
+    assert spent(idle) - spent(before) < 0.5 * per_token * 1000
     aborted = ("sizewise_requests_total", (("finished_reason", "abort"), ("model", "demo-large"), ("tier", "large")))
     assert idle[aborted] - before.get(aborted, 0) == 4
 
@@ -265,8 +266,11 @@ def test_metrics_export_the_cores_engine_series(remote):
     for name in ("sizewise_kv_cache_usage_ratio", "sizewise_num_requests_running", "sizewise_num_requests_waiting"):
         for model in ("demo-small", "demo-medium", "demo-large"):
             assert _engine(m, name, model) >= 0
-    assert m["sizewise_plan_utilization_target", ()] > 0
-    assert sum(v for (n, _), v in m.items() if n == "sizewise_plan_share") == pytest.approx(1.0)
+    plan = r.model_dump()["sizewise"]["explain"]["plan"]  # the plan in force when the core routed it
+    assert m["sizewise_plan_utilization_target", ()] == pytest.approx(plan["util_cap"])
+    assert m["sizewise_plan_utilization_predicted", ()] == pytest.approx(plan["utilization"])
+    shares = {dict(labels)["tier"]: v for (n, labels), v in m.items() if n == "sizewise_plan_share"}
+    assert shares == pytest.approx({t: plan["shares"].get(t, 0.0) for t in ("small", "medium", "large")})
     gen = ("sizewise_generation_tokens_total", (("model", f"demo-{tier}"), ("tier", tier)))
     assert m[gen] >= 8
 
@@ -372,3 +376,43 @@ def test_a_killed_api_process_leaves_no_core_behind(config_path):
         _kill_core(server)
     assert core_gone, "the engine core outlived its API process"
     assert not ipc_dir.exists()
+
+
+def test_api_server_count_2_shares_one_core_and_one_metrics_view(config_path):
+    """`--api-server-count 2`: two API processes on one socket in front of one core. Whichever
+    process answers a scrape, /metrics counts every request (prometheus' multiprocess mode) and
+    carries the core's engine series; SIGTERM ends a stream in flight with `server_shutdown` and
+    every process exits (status 0)."""
+    server, url = _start(config_path, "--api-server-count", "2")
+    try:
+        core = _core_pid(server)
+        m = re.search(r"API processes started \(pids (\d+), (\d+)\)", server.log)
+        assert m, server.log
+        apis = [int(m.group(1)), int(m.group(2))]
+        for i in range(6):  # a connection each: the kernel hands them to either process
+            with httpx.Client(timeout=60) as h:
+                r = h.post(url + "/v1/completions", json={"model": "small", "prompt": PROMPTS[i % 4], "max_tokens": 4})
+                assert r.status_code == 200, r.text
+        for _ in range(4):
+            with httpx.Client(timeout=60) as h:
+                metrics = _poll(url, lambda m: _engine(m, "sizewise_device_seconds_total", "demo-small") > 0)
+            done = sum(v for (n, labels), v in metrics.items()
+                       if n == "sizewise_requests_total" and ("model", "demo-small") in labels)
+            assert done == 6
+            assert _engine(metrics, "sizewise_device_seconds_total", "demo-small") > 0
+        results: dict = {}
+        first = threading.Event()
+        t = _stream_in_thread(url, {**LONG, "stream": True}, results, "stream", first)
+        assert first.wait(60), server.log
+        server.proc.send_signal(signal.SIGTERM)
+        t.join(60)
+        code = server.proc.wait(30)
+        gone = all(_wait_gone(pid) for pid in (core, *apis))
+    finally:
+        server.stop()
+        _kill_core(server)
+    assert code == 0, server.log
+    assert gone, server.log
+    status, events = results["stream"]
+    assert status == 200 and events[-1] == "[DONE]", events[-3:]
+    assert events[-2]["error"]["code"] == "server_shutdown", events[-2]

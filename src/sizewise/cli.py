@@ -139,6 +139,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="run the engines in their own process (the engine core: engines, worker, router, plan); "
                         "this process does HTTP, tokenization and SSE, so serving work never takes the engine's "
                         "GIL (docs/engine-core.md; default: on; --no-engine-process: one process)")
+    s.add_argument("--api-server-count", type=_positive_int, default=1, metavar="N",
+                   help="API processes (HTTP, tokenization, SSE) in front of the one engine core, on one listening "
+                        "socket: more where the host has the cores (needs --engine-process; default: %(default)s)")
     s.add_argument("--ray", action="store_true",
                    help="serve on Ray Serve: --replicas copies of the whole deployment behind a KV-aware "
                         "router (needs pip install 'sizewise[ray]'; joins RAY_ADDRESS's cluster or starts one; default: off)")
@@ -391,6 +394,18 @@ def _run_server(args) -> int:
         raise CliError(f"cannot listen on {server_cfg.host}:{server_cfg.port}: {e.strerror or e} "
                        f"(pick another with --port, or --port 0 for a free one)") from None
     url = base_url(sock)
+    if args.api_server_count > 1:
+        if not args.engine_process:
+            sock.close()
+            raise CliError("--api-server-count needs the engine in its own process (drop --no-engine-process)")
+        from .server.api_servers import supervise
+
+        log.info("sizewise listening on %s with %d API processes (health at /health; /ready answers 200 once the "
+                 "models are loaded)", url, args.api_server_count)
+        try:
+            return supervise(cfg, server_cfg, sock, args.api_server_count, args.log_level)
+        finally:
+            sock.close()
 
     exit_code = 0
     server: Server | None = None

@@ -28,11 +28,19 @@ _PROBE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, multiprocess_dir: str | None = None) -> None:
+        """`multiprocess_dir`: one of several API processes of `serve --api-server-count N`, started
+        with PROMETHEUS_MULTIPROC_DIR set to it: every process writes its series there and a scrape
+        of any of them renders the sum (counters, histograms) and the most recent value (gauges)."""
         # No `_created` series: a timestamp per counter and histogram child, half the scrape, read by no
         # query. prometheus-client has only a process-wide switch; every sizewise registry wants it off.
         disable_created_metrics()
         self.registry = r = registry or CollectorRegistry()
+        self.multiprocess_dir = multiprocess_dir
+
+        def gauge(*args, **kw) -> Gauge:  # (the mode matters only in multiprocess mode)
+            return Gauge(*args, multiprocess_mode="mostrecent", **kw)
+
         mt = ["model", "tier"]
         self.ttft = Histogram("sizewise_time_to_first_token_seconds", "Time to first token.", mt, buckets=_TTFT_BUCKETS, registry=r)
         self.itl = Histogram("sizewise_inter_token_latency_seconds", "Time between output tokens.", mt, buckets=_ITL_BUCKETS, registry=r)
@@ -45,7 +53,7 @@ class Metrics:
         self.generation_tokens = Counter("sizewise_generation_tokens", "Tokens generated.", mt, registry=r)
         self.route_decisions = Counter("sizewise_route_decisions", "Routing decisions.", ["tier", "reason"], registry=r)
         # The load price of the last `auto` decision (policy.py: 0 while the device has headroom).
-        self.route_lambda = Gauge("sizewise_route_bandwidth_price", "Price of device bandwidth in the routing "
+        self.route_lambda = gauge("sizewise_route_bandwidth_price", "Price of device bandwidth in the routing "
                                   "objective (nats of predicted quality loss per GB streamed).", [], registry=r)
         # Predicted vs measured: decisions predicted to meet their latency objective, and those that then
         # did not, so that a routing promise (reason "slo" among them) never overpromises unseen.
@@ -54,15 +62,15 @@ class Metrics:
         self.slo_missed = Counter("sizewise_route_slo_missed", "Finished requests predicted to meet their latency "
                                   "objective whose measured end-to-end latency exceeded it.", ["tier"], registry=r)
         # The capacity plan in force (orchestrator/plan.py), as of the last `auto` decision.
-        self.plan_share = Gauge("sizewise_plan_share", "Share of auto traffic the capacity plan gives a tier.",
+        self.plan_share = gauge("sizewise_plan_share", "Share of auto traffic the capacity plan gives a tier.",
                                 ["tier"], registry=r)
-        self.plan_util_target = Gauge("sizewise_plan_utilization_target", "Load utilisation the plan keeps under "
+        self.plan_util_target = gauge("sizewise_plan_utilization_target", "Load utilisation the plan keeps under "
                                       "(the lesser of policy.util_target and what the SLO allows).", [], registry=r)
-        self.plan_util = Gauge("sizewise_plan_utilization_predicted", "Load utilisation the plan predicts.", [],
+        self.plan_util = gauge("sizewise_plan_utilization_predicted", "Load utilisation the plan predicts.", [],
                                registry=r)
-        self.load_util = Gauge("sizewise_device_load_utilization", "Measured share of device time spent on "
+        self.load_util = gauge("sizewise_device_load_utilization", "Measured share of device time spent on "
                                "per-token work over the last 2 s (the plan's utilisation, measured).", [], registry=r)
-        self.busy = Gauge("sizewise_device_busy_ratio", "Measured share of the last 2 s the device stepped.", [],
+        self.busy = gauge("sizewise_device_busy_ratio", "Measured share of the last 2 s the device stepped.", [],
                           registry=r)
         self.replans = Counter("sizewise_plan_replans", "Capacity plans made.", [], registry=r)
         self.plan_moves = Counter("sizewise_plan_moves", "Waiting auto requests moved off a tier the plan left.",
@@ -76,14 +84,14 @@ class Metrics:
         self.device_bytes = Counter("sizewise_device_bytes", "Bytes this model's forwards read (weights once per "
                                     "forward + KV).", mt, registry=r)
         self.preemptions = Counter("sizewise_num_preemptions", "Sequences preempted.", mt, registry=r)
-        self.running = Gauge("sizewise_num_requests_running", "Sequences running.", mt, registry=r)
-        self.waiting = Gauge("sizewise_num_requests_waiting", "Sequences waiting.", mt, registry=r)
-        self.kv_usage = Gauge("sizewise_kv_cache_usage_ratio", "KV-cache blocks in use / total.", mt, registry=r)
-        self.bandwidth = Gauge("sizewise_achieved_bandwidth_bytes_per_second", "Bytes read per decode step / step time.", mt, registry=r)
-        self.bandwidth_util = Gauge("sizewise_bandwidth_utilization_ratio", "Achieved / peak bandwidth.", mt, registry=r)
-        self.device_memory = Gauge("sizewise_device_memory_used_bytes", "Device memory in use (RAM on CPU).", [], registry=r)
+        self.running = gauge("sizewise_num_requests_running", "Sequences running.", mt, registry=r)
+        self.waiting = gauge("sizewise_num_requests_waiting", "Sequences waiting.", mt, registry=r)
+        self.kv_usage = gauge("sizewise_kv_cache_usage_ratio", "KV-cache blocks in use / total.", mt, registry=r)
+        self.bandwidth = gauge("sizewise_achieved_bandwidth_bytes_per_second", "Bytes read per decode step / step time.", mt, registry=r)
+        self.bandwidth_util = gauge("sizewise_bandwidth_utilization_ratio", "Achieved / peak bandwidth.", mt, registry=r)
+        self.device_memory = gauge("sizewise_device_memory_used_bytes", "Device memory in use (RAM on CPU).", [], registry=r)
         # The reference the utilization ratio divides by (measured copy bandwidth, or configured).
-        self.peak_bandwidth = Gauge("sizewise_peak_bandwidth_bytes_per_second", "Device peak memory bandwidth.", [],
+        self.peak_bandwidth = gauge("sizewise_peak_bandwidth_bytes_per_second", "Device peak memory bandwidth.", [],
                                     registry=r)
 
         self.router = RouterMetrics()
@@ -96,7 +104,14 @@ class Metrics:
         self.router.stats = stats
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
+        registry.register(self.router)  # the load routers read: this process's view of the core's stats
+        return generate_latest(registry)
 
 
 class RouterMetrics:

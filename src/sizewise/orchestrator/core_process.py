@@ -49,7 +49,7 @@ def socket_path(ipc_dir: str | Path, name: str) -> str:
     return f"ipc://{Path(ipc_dir) / name}"
 
 
-def _set_parent_death_signal(sig: int) -> None:
+def set_parent_death_signal(sig: int) -> None:
     """Linux: `sig` reaches this process the moment its parent dies (elsewhere the pid check)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _set_parent_death_signal(_PARENT_GONE)  # default action until the loop handles it: terminate
+    set_parent_death_signal(_PARENT_GONE)  # default action until the loop handles it: terminate
     if os.getppid() != args.parent:  # the parent died before the signal was armed
         return 1
     logging.basicConfig(level=args.log_level.upper(),
@@ -237,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(server.serve())
     finally:
-        for s in (*outs, inbound):
-            s.close()
+        for s in (*outs, inbound):  # a stopped API process reads no more: do not wait to deliver
+            s.close(linger=100)
         ctx.term()
 
 

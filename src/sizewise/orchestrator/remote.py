@@ -82,7 +82,10 @@ class RemoteDeployment:
         self.config = config
         self.log_level = log_level
         self.on_dead: list[Callable[[EngineDeadError], None]] = [on_dead] if on_dead is not None else []
+        self.on_stats: list[Callable[[DeploymentStats], None]] = []  # called with each snapshot the core sends
         self.proc: subprocess.Popen | None = None
+        self.index = 0  # this API process's index among the core's (its reply socket)
+        self._core_pid: int | None = None  # the core's pid when another process owns it (`connect`)
         self._dir: str | None = None
         self._ctx: zmq.Context | None = None
         self._in: zmq.Socket | None = None
@@ -123,8 +126,35 @@ class RemoteDeployment:
         cmd = [sys.executable, "-m", "sizewise.orchestrator.core_process", "--ipc-dir", self._dir,
                "--parent", str(os.getpid()), "--log-level", self.log_level]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        self._core_pid = self.proc.pid
         log.info("engine-core process started (pid %d)", self.proc.pid)
         return self
+
+    def connect(self, ipc_dir: str, index: int, core_pid: int) -> "RemoteDeployment":
+        """Serve as API process `index` of a core another process started (`serve --api-server-count`):
+        bind this process's reply socket in its directory; the core and the directory stay theirs."""
+        self.index = index
+        self._core_pid = core_pid
+        self._ctx = zmq.Context()
+        self._in = self._ctx.socket(zmq.PULL)
+        self._in.setsockopt(zmq.RCVHWM, 0)
+        self._in.bind(socket_path(ipc_dir, f"api-{index}"))
+        self._out = self._ctx.socket(zmq.PUSH)
+        self._out.setsockopt(zmq.SNDHWM, 0)
+        self._out.setsockopt(zmq.LINGER, 1000)
+        self._out.connect(socket_path(ipc_dir, "core"))
+        return self
+
+    def _core_alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        try:
+            os.kill(self._core_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
 
     def wait_ready(self, timeout_s: float | None = None) -> None:
         """Block until the core has loaded the models; raises ValueError with the core's words if
@@ -143,8 +173,8 @@ class RemoteDeployment:
                 if isinstance(msg, ipc.Dead):
                     raise ValueError(msg.error)
                 continue
-            rc = self.proc.poll()
-            if rc is not None:
+            if not self._core_alive():
+                rc = self.proc.returncode if self.proc is not None else "?"
                 raise RuntimeError(f"the engine-core process exited with status {rc} while loading the models")
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"the engine core was not ready within {timeout_s} s")
@@ -153,7 +183,7 @@ class RemoteDeployment:
         """Serve on the running loop: the core's socket and its exit are watched there."""
         loop = self._loop = asyncio.get_running_loop()
         loop.add_reader(self._in.getsockopt(zmq.FD), self._readable)
-        self._pidfd = os.pidfd_open(self.proc.pid)
+        self._pidfd = os.pidfd_open(self._core_pid)
         loop.add_reader(self._pidfd, self._core_exited)
         self._readable()  # what arrived before the reader (the FD is edge-triggered)
 
@@ -164,7 +194,7 @@ class RemoteDeployment:
         self._closing = True
         self._detach()
         proc = self.proc
-        if proc is not None and proc.poll() is None:
+        if proc is not None and proc.poll() is None:  # (a core this process started: it stops it)
             try:
                 self._out.send(self._enc.encode(ipc.Shutdown()), zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -198,11 +228,11 @@ class RemoteDeployment:
             self._pidfd = None
 
     def _core_exited(self) -> None:
-        rc = self.proc.wait()
+        rc = self.proc.wait() if self.proc is not None else None
         self._detach()
         if self._closing:
             return
-        how = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
+        how = "not this process's child" if rc is None else f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
         self._died(EngineDeadError(f"the engine-core process exited ({how})"))
 
     def _died(self, exc: EngineDeadError) -> None:
@@ -230,7 +260,7 @@ class RemoteDeployment:
 
     @property
     def alive(self) -> bool:
-        return self._dead is None and not self._closed and self.proc is not None and self.proc.poll() is None
+        return self._dead is None and not self._closed and self._core_pid is not None and self._core_alive()
 
     # ----- what the server reads -------------------------------------------------------------------
     def describe(self) -> list[ModelInfo]:
@@ -299,7 +329,7 @@ class RemoteDeployment:
         self._pending[sid] = (fut, handles, rids)
         try:
             self._out.send(self._enc.encode(ipc.Submit(
-                0, sid, request_id, [p.ids for p in prompts], [p.text for p in prompts], handles, params, requested,
+                self.index, sid, request_id, [p.ids for p in prompts], [p.text for p in prompts], handles, params, requested,
                 hints)), copy=False)
             decisions: list[Decision] = await fut
         except BaseException:
@@ -394,6 +424,8 @@ class RemoteDeployment:
                                               row.prompt_logprobs, row.metrics))
         elif isinstance(msg, ipc.Stats):
             self._stats = msg.stats
+            for cb in self.on_stats:
+                cb(msg.stats)
         elif isinstance(msg, ipc.Admitted):
             entry = self._pending.pop(msg.submit_id, None)
             if entry is None:

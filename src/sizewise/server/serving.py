@@ -75,6 +75,10 @@ class ServingOptions:
     # A request that cannot start within this many seconds (or its own sizewise.max_latency_ms, if
     # shorter) is refused with a 503 and Retry-After (0: no server-wide limit).
     max_queue_delay_s: float = 0.0
+    # Where the engine series (KV use, running/waiting, device seconds) are set: "scrape" (read from
+    # the deployment at each scrape), "pushed" (set by whoever feeds the recorder the core's stats as
+    # they arrive: API process 0 of `serve --api-server-count N`), "none" (the other API processes).
+    engine_series: str = "scrape"
 
 
 class Serving:
@@ -278,7 +282,11 @@ class Serving:
     def scrape(self) -> bytes:
         """The metrics, with the gauges read from the deployment now."""
         if self.deployment is not None:
-            self.recorder.scrape(self.deployment.stats())
+            stats = self.deployment.stats()
+            if self.options.engine_series == "scrape":
+                self.recorder.scrape(stats)
+            else:
+                self.metrics.set_load(stats)  # (vLLM's load names: rendered by the scraped process itself)
         return self.metrics.render()
 
 

@@ -189,6 +189,8 @@ def test_validation_errors_are_the_in_process_ones(remote, in_process):
         dict(model="nope", prompt=PROMPTS[0]),  # unknown model
         dict(model="small", prompt=PROMPTS[0], sizewise={"strategy": "draft"}),  # the draft model itself
         dict(model="small", prompt=[[5, 10**6]]),  # a token id outside the vocabulary
+        dict(model="large", prompt=[[5, 2**70]]),  # ... and past what msgpack carries
+        dict(model="small", prompt=PROMPTS[0], stop_token_ids=[2**70]),
         dict(model="large", prompt=PROMPTS[0], stop_token_ids=[10**6]),
         dict(model="auto", prompt=PROMPTS[0], temperature=-1),
     ]

@@ -317,6 +317,7 @@ class RemoteDeployment:
         check_prompts(prompts, max(m.max_model_len for m in self._models))
         if requested != "auto":
             self.resolve(requested)
+        self._check_wire(prompts, params, requested)
         if before_queue is not None:
             before_queue()
         handles = [next(self._handles) for _ in prompts]
@@ -380,6 +381,20 @@ class RemoteDeployment:
             kept.append(o)
         row.outputs = kept
         return row.finished or (len(r.texts) == r.params.n and all(st.done for st in r.texts.values()))
+
+    def _check_wire(self, prompts: list[Prompt], params: SamplingParams, requested: str) -> None:
+        """Ids msgpack cannot carry (past 64 bits) are outside every vocabulary: refused here, in the
+        engine's words (EngineCore.validate, SamplingParams.validate), before the core sees them."""
+        vocab = self.vocab_size(requested)
+        for p in prompts:
+            for t in p.ids:
+                if not _WIRE_MIN <= t <= _WIRE_MAX:
+                    raise InvalidRequestError(
+                        f"token id {t} in the prompt is outside the vocabulary [0, {vocab})", param="prompt")
+        for t in params.stop_token_ids:
+            if not _WIRE_MIN <= t <= _WIRE_MAX:
+                raise InvalidRequestError(f"stop_token_ids token id {t} is outside the vocabulary [0, {vocab})",
+                                          param="stop_token_ids")
 
     def _check_alive(self) -> None:
         if self._dead is not None:
@@ -456,6 +471,9 @@ class RemoteDeployment:
                     r.moved = msg.decision
         elif isinstance(msg, ipc.Dead):
             self._died(EngineDeadError(f"the engine core failed: {msg.error}"))
+
+
+_WIRE_MIN, _WIRE_MAX = -(2**63), 2**64 - 1  # the integers msgpack encodes
 
 
 def _apply_move(decision: Decision, moved: Decision) -> None:

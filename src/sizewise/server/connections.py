@@ -20,6 +20,9 @@ import asyncio
 import json
 import logging
 from dataclasses import dataclass
+from http import HTTPStatus
+
+from .errors import ApiError, read_timeout, too_many_connections
 
 log = logging.getLogger(__name__)
 
@@ -31,23 +34,20 @@ class ConnectionLimits:
     max_connections: int = 1024  # open connections; one more is refused with a 503
 
 
-def _raw_response(status: str, message: str, code: str, extra: str = "") -> bytes:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error" if status.startswith("4")
-                                 else "service_unavailable_error", "param": None, "code": code}}).encode()
-    head = (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            f"{extra}connection: close\r\n\r\n")
+def _raw_response(err: ApiError) -> bytes:
+    """`err` as a whole HTTP/1.1 response that closes the connection, written before any app runs."""
+    body = json.dumps(err.body()).encode()
+    extra = "".join(f"{k.lower()}: {v}\r\n" for k, v in err.headers.items())
+    head = (f"HTTP/1.1 {err.status} {HTTPStatus(err.status).phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n{extra}connection: close\r\n\r\n")
     return head.encode("latin-1") + body
 
 
 def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> type[asyncio.Protocol]:
     """`base` (uvicorn's H11Protocol or HttpToolsProtocol) with the read deadline, the idle timeout of
     fresh connections and the bound on open connections."""
-    timeout_408 = _raw_response(
-        "408 Request Timeout", f"the request was not received within the server's read timeout of "
-        f"{limits.read_timeout_s:g} s", "request_read_timeout")
-    full_503 = _raw_response(
-        "503 Service Unavailable", f"the server holds its maximum of {limits.max_connections} open connections; "
-        "retry shortly", "too_many_connections", "retry-after: 1\r\n")
+    timeout_408 = _raw_response(read_timeout(limits.read_timeout_s))
+    full_503 = _raw_response(too_many_connections(limits.max_connections))
 
     class Guarded(base):  # type: ignore[misc, valid-type]
         _timer: asyncio.TimerHandle | None = None

@@ -162,10 +162,60 @@ def test_a_body_that_never_ends_gets_408(deployment, http_impl):
         assert got.startswith(b"HTTP/1.1 408"), got[:200]
 
 
+def _get(s, path: str) -> bytes:
+    """One GET on a raw connection; the response's bytes (the server closes after a 503 of the cap)."""
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+    s.settimeout(30)
+    got = s.recv(65536)
+    while got and b"\r\n\r\n" not in got:
+        got += s.recv(65536)
+    head, _, body = got.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += s.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def _refused_by_the_cap(got: bytes, cap: int) -> None:
+    assert got.startswith(b"HTTP/1.1 503"), got[:200]
+    assert b"retry-after: 1" in got.lower() and b"too_many_connections" in got
+    assert f"maximum of {cap} open connections".encode() in got
+
+
+def test_probes_are_answered_on_a_reserve_above_the_connection_cap(deployment, http_impl):
+    """A load balancer's probe must not fail exactly when the server is full of clients: above the cap
+    a few connections are kept for /health, /ready and /metrics only (on main they got the cap's 503)."""
+    from sizewise.server.connections import PROBE_RESERVE
+
+    with _limited_server(deployment, keep_alive_s=60.0, max_connections=4) as url:
+        full = [_connect(url) for _ in range(4)]
+        reserve = [_connect(url) for _ in range(PROBE_RESERVE)]
+        for s, path in zip(reserve, ["/health", "/ready", "/metrics"] * PROBE_RESERVE):
+            got = _get(s, path)
+            assert got.startswith(b"HTTP/1.1 200"), (path, got[:300])
+            assert _get(s, "/health").startswith(b"HTTP/1.1 200")  # kept alive: a prober may reuse it
+        # past the reserve too: refused at once, whatever it asks
+        over = _connect(url)
+        _refused_by_the_cap(_read_until_closed(over), 4)
+        # any other request on a reserve connection: the cap's 503, and the connection is closed
+        _refused_by_the_cap(_get(reserve[0], "/v1/models"), 4)
+        assert _read_until_closed(reserve[0]) == b""
+        for s in [*full, *reserve, over]:
+            s.close()
+    # the operator is told (`serve --help`)
+    from sizewise.cli import _parser
+
+    serve = next(a for a in _parser()._actions if a.dest == "command").choices["serve"]
+    said = " ".join(next(a.help for a in serve._actions if a.dest == "max_connections").split())
+    assert f"reserve of {PROBE_RESERVE} more that serve only /health, /ready and /metrics" in said
+
+
 def test_idle_connections_are_closed_and_bounded(deployment, http_impl):
+    from sizewise.server.connections import PROBE_RESERVE
+
     with _limited_server(deployment, keep_alive_s=1.0, max_connections=4) as url:
-        idle = [_connect(url) for _ in range(4)]
-        with httpx.Client(base_url=url, timeout=30) as c:  # one more connection: refused at once
+        idle = [_connect(url) for _ in range(4 + PROBE_RESERVE)]
+        with httpx.Client(base_url=url, timeout=30) as c:  # one more connection, past the probes' reserve too
             over = c.get("/health")
         assert over.status_code == 503 and over.json()["error"]["code"] == "too_many_connections"
         assert over.headers["retry-after"] == "1"

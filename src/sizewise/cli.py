@@ -132,7 +132,8 @@ def _parser() -> argparse.ArgumentParser:
             ("--read-timeout", "read_timeout_s", float, "seconds a client has to send a whole request, headers and "
              "body, from its first byte; then 408 and closed (default: 30)"),
             ("--keep-alive-timeout", "keep_alive_s", float, "seconds an idle connection is kept open (default: 5)"),
-            ("--max-connections", "max_connections", int, "open connections; more are refused with 503 (default: 1024)")):
+            ("--max-connections", "max_connections", int, "open connections; more are refused with 503, bar a "
+             "reserve of 8 more that serve only /health, /ready and /metrics (default: 1024)")):
         s.add_argument(flag, dest=key, type=kind, metavar="S" if kind is float else "N", help=what)
 
     s.add_argument("--ray", action="store_true",

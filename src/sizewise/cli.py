@@ -365,6 +365,7 @@ def _run_server(args) -> int:
     from .orchestrator.deployment import Deployment
     from .server import create_app
     from .server.app import API_KEYS_ENV
+    from .server.memory import freeze_loaded_heap
     from .server.runner import Server, base_url, bind_socket, shutdown_hook, uvicorn_config
 
     given = {k: getattr(args, k) for k in ("host", "port", "max_queue_delay_s", "read_timeout_s", "keep_alive_s",
@@ -396,6 +397,7 @@ def _run_server(args) -> int:
         log.info("loading %d model(s) on device %s: %s", len(cfg.models), cfg.device,
                  ", ".join(f"{m.name} ({m.tier}) from {m.path}" for m in cfg.models))
         deployment = Deployment.load(cfg, plan=plan)  # the app logs one line per model once it is loaded
+        freeze_loaded_heap()
         log.info("ready: serving %s at %s (OpenAI API at %s/v1)", ", ".join(deployment.cores), url, url)
         return deployment
 

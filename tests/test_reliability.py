@@ -277,3 +277,51 @@ def test_a_queued_request_not_started_by_its_deadline_is_dropped_with_retry_afte
         ok = c.post("/v1/completions", json={"model": "small", "prompt": "hi", "max_tokens": 2,
                                               "sizewise": {"max_latency_ms": 60_000}})
         assert ok.status_code == 200, ok.text
+
+
+# ----- the overload floor's queue entries survive a plan move -----------------------------------------
+async def test_a_request_moved_off_its_tier_leaves_no_queue_entry_behind(deployment):
+    """A waiting `auto` request the capacity plan moves to another tier still leaves the queue of the
+    model it was admitted on once it starts: its entry is keyed by `Job.queued_on`, which the move does
+    not rewrite (the decision's model is rewritten). Keyed by the decision, the entry stayed on the old
+    model after the request was served elsewhere, and that model's queue delay grew without end: about
+    `max_queue_delay` later it refused every request with 503 `overloaded`. Time is scripted:
+    `queue_delay` is read a minute ahead."""
+    import asyncio
+
+    from sizewise import SamplingParams
+    from sizewise.metrics import Metrics
+    from sizewise.orchestrator.router import AdaptiveRouter
+    from sizewise.orchestrator.types import Prompt, RoutingHints
+    from sizewise.server.serving import Serving, ServingOptions
+    from test_orchestrator_demo import _script_arrivals, demo_prompts
+
+    serving = Serving(Metrics(), ServingOptions(max_queue_delay_s=300.0))
+    serving.set_deployment(deployment)
+    items = demo_prompts(deployment.tokenizer(), 12)
+    long = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    router = AdaptiveRouter(deployment.config.policy.to_settings())
+    old_router, deployment.router = deployment.router, router
+    router.bind(deployment)
+    ctl = router.control
+    loop = asyncio.get_running_loop()
+    try:
+        ctl.replan_arrivals = 10 ** 9
+        ctl.replan_s = float("inf")  # the idle plan (large alone) holds while the burst queues
+        runs = [await serving.submit([Prompt(ids)], long, "auto", RoutingHints(), f"q-mv-{i}", loop.time() + 600)
+                for i, ids in enumerate(items)]
+        large = deployment.tier_to_model["large"]
+        assert {j.queued_on for r in runs for j in r.jobs} == {large}
+        # large runs max_num_seqs (8) of them, 4 wait; an overload moves the plan off large, and them with it
+        _script_arrivals(router, 2000.0)
+        ctl.replan_s = 0.0
+        await router.route(deployment, items[0], long, "auto", RoutingHints())
+        await asyncio.gather(*(r.collect() for r in runs))
+    finally:
+        deployment.router = old_router
+    moved = [j for r in runs for j in r.jobs if j.decision.model != large]
+    assert len(moved) == len(items) - deployment.cores[large].config.max_num_seqs
+    assert all(j.finished and j.queued_on == large for j in moved)
+    later = loop.time() + 60
+    # every request has been served: no model's queue has anyone waiting, a minute on
+    assert {m: serving.queue_delay(m, later) for m in deployment.cores} == dict.fromkeys(deployment.cores, 0.0)

@@ -110,3 +110,54 @@ async def test_metrics_show_the_draft_models_device_time_while_it_drafts(dep):
     assert sum(grew.values()) <= wall
     # the draft's bandwidth is measured although it never stepped for a request of its own
     assert dep.stats().models[small].achieved_bandwidth > 0
+
+
+def _pld_under_kv_pressure(num_blocks: int) -> tuple[EngineCore, dict[str, int]]:
+    """Four copy-heavy requests with prompt lookup on the demo's medium model with `num_blocks` KV
+    blocks: too few for all four to grow freely. A spy on the scheduler counts what each step really
+    verified: proposals in verify rows, and proposals made but dropped for want of blocks that rode
+    in the verify forward as empty (padded) rows."""
+    core = EngineCore(demo.demo_model_path("medium"), EngineConfig(
+        device="cpu", dtype="float32", max_model_len=1024, max_num_seqs=4, spec_batching="padded",
+        kv_cache_bytes=num_blocks * 16 * 5120, block_size=16), name="medium")
+    assert core.block_manager.num_blocks == num_blocks  # 16 tokens x 5120 bytes a token per block
+    tok = core.tokenizer
+    sp = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    for i, text in enumerate(f"# {tag}\n{p}" for tag in ("one", "two") for p in copy_heavy_prompts()):
+        core.add_request(f"r{i}", tok.encode(text), sp, strategy="pld")
+    seen = {"proposed": 0, "verifications": 0, "dropped_in_padded_rows": 0}
+    schedule = core.scheduler.schedule
+
+    def spied():
+        made = {s: len(s.spec_token_ids) for s in core.scheduler.running}
+        out = schedule()
+        for s in out.verifies:
+            if s.spec_token_ids:
+                seen["proposed"] += len(s.spec_token_ids)
+                seen["verifications"] += 1
+            elif made.get(s):
+                seen["dropped_in_padded_rows"] += 1
+        return out
+    core.scheduler.schedule = spied
+    while core.has_unfinished_requests():
+        core.step()
+    return core, seen
+
+
+def test_proposals_dropped_for_want_of_blocks_are_not_counted_as_verified():
+    """Under KV pressure the scheduler drops proposals that would need blocks kept for decoding; a
+    dropped one may still ride in the verify forward as an empty row. The acceptance counters (and
+    the acceptance EMA that pld_adaptive and the policy read) count only the proposals verified: a
+    dropped proposal counted as made and wholly rejected would drag the acceptance rate down exactly
+    when memory is short. Which budgets produce such a row depends on the tokens: several are tried."""
+    dropped = 0
+    for num_blocks in (47, 50, 44, 53, 41, 56):
+        core, seen = _pld_under_kv_pressure(num_blocks)
+        st = core.stats()
+        assert st.spec_draft_tokens["pld"] == seen["proposed"], (num_blocks, seen, st.spec_draft_tokens)
+        assert st.spec_verify_steps["pld"] == seen["verifications"], (num_blocks, seen, st.spec_verify_steps)
+        assert 0 < st.spec_accepted_tokens["pld"] <= seen["proposed"]
+        dropped += seen["dropped_in_padded_rows"]
+        if dropped:
+            break
+    assert dropped > 0  # the case this is about happened

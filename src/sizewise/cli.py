@@ -14,13 +14,13 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .orchestrator.tiers import TIER_ORDER
 
 log = logging.getLogger("sizewise.cli")
 
 DEFAULT_CONFIG = Path("configs") / "demo.yaml"
 DEMO_FAMILY = Path("models") / "demo"
-TIERS = ("small", "medium", "large")
-MODEL_RULE = "a Hugging Face model directory, or a tier name (small, medium, large) of the demo family"
+MODEL_RULE = f"a Hugging Face model directory, or a tier name ({', '.join(TIER_ORDER)}) of the demo family"
 REPO_ROOT = Path(__file__).resolve().parents[2]  # src/sizewise/cli.py -> repo root (editable install)
 
 
@@ -268,7 +268,7 @@ def _find_config(given: str | None) -> Path:
 def _model_dir(spec: str) -> str:
     """One rule for every command: a directory is itself; a tier name is that tier of the demo
     family; anything else goes to the loader, whose error says what a model directory needs."""
-    if Path(spec).is_dir() or spec not in TIERS:
+    if Path(spec).is_dir() or spec not in TIER_ORDER:
         return spec
     for root in (Path.cwd() / DEMO_FAMILY, REPO_ROOT / DEMO_FAMILY):
         if (root / spec).is_dir():

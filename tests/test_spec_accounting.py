@@ -161,3 +161,34 @@ def test_proposals_dropped_for_want_of_blocks_are_not_counted_as_verified():
         if dropped:
             break
     assert dropped > 0  # the case this is about happened
+
+
+def test_draft_catch_up_keeps_to_the_draft_engines_token_budget():
+    """A new draft shadow catches up with its target's whole prompt: that forward keeps to the draft
+    engine's max_num_batched_tokens as a step does (in chunks over several steps; the target decodes
+    plainly meanwhile), where it ran every prompt whole in one forward (456 tokens here, budget 64).
+    Caught up, the draft proposes as before: its proposals are accepted at a rate only a correct
+    cache gives (copy-heavy prompts: about half; proposals over a mis-filled cache are rejected)."""
+    budget = 64
+    target = EngineCore(demo.demo_model_path("medium"), EngineConfig(**ENGINE), name="medium")
+    draft = EngineCore(demo.demo_model_path("small"), EngineConfig(**ENGINE, max_num_batched_tokens=budget),
+                       name="small")
+    target.attach_draft(draft)
+    tok = target.tokenizer
+    prompts = [tok.encode(p) for p in copy_heavy_prompts()]
+    assert sum(map(len, prompts)) > 2 * budget
+    sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    for i, ids in enumerate(prompts):
+        target.add_request(f"r{i}", ids, sp, strategy="draft")
+    forwards: list[int] = []  # positions each draft forward computed
+    execute = draft.runner.execute
+
+    def counted(step, *a, **kw):
+        forwards.append(len(step.decodes) + sum(step.prefill_chunks))
+        return execute(step, *a, **kw)
+    draft.runner.execute = counted
+    while target.has_unfinished_requests():
+        target.step()
+    assert forwards and max(forwards) <= budget, forwards
+    st = target.stats()
+    assert st.spec_accepted_tokens["draft"] >= 0.25 * st.spec_draft_tokens["draft"] > 0, st

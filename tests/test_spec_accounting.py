@@ -192,3 +192,46 @@ def test_draft_catch_up_keeps_to_the_draft_engines_token_budget():
     assert forwards and max(forwards) <= budget, forwards
     st = target.stats()
     assert st.spec_accepted_tokens["draft"] >= 0.25 * st.spec_draft_tokens["draft"] > 0, st
+
+
+async def test_the_fair_discipline_charges_drafting_to_the_draft_models_flow():
+    """Under `fair`, each core's virtual time is the device time it spent. The draft model's
+    proposals run inside its target's step: they are the draft model's device time (as its metrics
+    say), so they go to its flow, not the target's (whose share they inflated, slowing its requests
+    behind other tiers). Step costs are scripted on a virtual clock: every forward of the target
+    takes 10 ms, every one of the draft 3 ms."""
+    from sizewise.clock import VirtualClock
+    from sizewise.engine.async_engine import AsyncEngine
+
+    clock = VirtualClock()
+    target = EngineCore(demo.demo_model_path("medium"), EngineConfig(**ENGINE), name="medium", clock=clock)
+    draft = EngineCore(demo.demo_model_path("small"), EngineConfig(**ENGINE), name="small", clock=clock)
+    target.attach_draft(draft)
+    calls = {"medium": 0, "small": 0}
+
+    def scripted(core, seconds):
+        execute = core.runner.execute
+
+        def run(*a, **kw):
+            calls[core.name] += 1
+            clock.advance(seconds)
+            return execute(*a, **kw)
+        core.runner.execute = run
+    scripted(target, 0.010)
+    scripted(draft, 0.003)
+    engine = AsyncEngine({"medium": target, "small": draft})
+    engine.discipline = "fair"
+    try:
+        tok = target.tokenizer
+        sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+        streams = [await engine.add_request(f"d{i}", tok.encode(p), sp, core="medium", strategy="draft")
+                   for i, p in enumerate(copy_heavy_prompts())]
+        for s in streams:
+            async for _ in s:
+                pass
+    finally:
+        engine.shutdown()  # the worker charges a step after delivering its outputs: read the accounts after it
+    assert target.stats().spec_draft_tokens["draft"] > 0 and calls["small"] > 0
+    used = engine.share.used
+    assert used["small"] == pytest.approx(0.003 * calls["small"])
+    assert used["medium"] == pytest.approx(0.010 * calls["medium"])

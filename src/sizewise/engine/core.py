@@ -315,7 +315,7 @@ class EngineCore:
             else:
                 d.token_ids.extend(it.token_ids[d.num_tokens:])
             shadows.append((it, d))
-        budget = self.config.max_num_batched_tokens
+        budget = sched.config.max_num_batched_tokens
         active: list[tuple[DraftItem, Sequence]] = []
         chunk: dict[int, int] = {}
         for it, d in sorted(shadows, key=lambda x: x[1].num_uncomputed > 1):  # stable: caught-up ones first

@@ -162,10 +162,60 @@ def test_a_body_that_never_ends_gets_408(deployment, http_impl):
         assert got.startswith(b"HTTP/1.1 408"), got[:200]
 
 
+def _get(s, path: str) -> bytes:
+    """One GET on a raw connection; the response's bytes (the server closes after a 503 of the cap)."""
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+    s.settimeout(30)
+    got = s.recv(65536)
+    while got and b"\r\n\r\n" not in got:
+        got += s.recv(65536)
+    head, _, body = got.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += s.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def _refused_by_the_cap(got: bytes, cap: int) -> None:
+    assert got.startswith(b"HTTP/1.1 503"), got[:200]
+    assert b"retry-after: 1" in got.lower() and b"too_many_connections" in got
+    assert f"maximum of {cap} open connections".encode() in got
+
+
+def test_probes_are_answered_on_a_reserve_above_the_connection_cap(deployment, http_impl):
+    """A load balancer's probe must not fail exactly when the server is full of clients: above the cap
+    a few connections are kept for /health, /ready and /metrics only (on main they got the cap's 503)."""
+    from sizewise.server.connections import PROBE_RESERVE
+
+    with _limited_server(deployment, keep_alive_s=60.0, max_connections=4) as url:
+        full = [_connect(url) for _ in range(4)]
+        reserve = [_connect(url) for _ in range(PROBE_RESERVE)]
+        for s, path in zip(reserve, ["/health", "/ready", "/metrics"] * PROBE_RESERVE):
+            got = _get(s, path)
+            assert got.startswith(b"HTTP/1.1 200"), (path, got[:300])
+            assert _get(s, "/health").startswith(b"HTTP/1.1 200")  # kept alive: a prober may reuse it
+        # past the reserve too: refused at once, whatever it asks
+        over = _connect(url)
+        _refused_by_the_cap(_read_until_closed(over), 4)
+        # any other request on a reserve connection: the cap's 503, and the connection is closed
+        _refused_by_the_cap(_get(reserve[0], "/v1/models"), 4)
+        assert _read_until_closed(reserve[0]) == b""
+        for s in [*full, *reserve, over]:
+            s.close()
+    # the operator is told (`serve --help`)
+    from sizewise.cli import _parser
+
+    serve = next(a for a in _parser()._actions if a.dest == "command").choices["serve"]
+    said = " ".join(next(a.help for a in serve._actions if a.dest == "max_connections").split())
+    assert f"reserve of {PROBE_RESERVE} more that serve only /health, /ready and /metrics" in said
+
+
 def test_idle_connections_are_closed_and_bounded(deployment, http_impl):
+    from sizewise.server.connections import PROBE_RESERVE
+
     with _limited_server(deployment, keep_alive_s=1.0, max_connections=4) as url:
-        idle = [_connect(url) for _ in range(4)]
-        with httpx.Client(base_url=url, timeout=30) as c:  # one more connection: refused at once
+        idle = [_connect(url) for _ in range(4 + PROBE_RESERVE)]
+        with httpx.Client(base_url=url, timeout=30) as c:  # one more connection, past the probes' reserve too
             over = c.get("/health")
         assert over.status_code == 503 and over.json()["error"]["code"] == "too_many_connections"
         assert over.headers["retry-after"] == "1"
@@ -227,3 +277,51 @@ def test_a_queued_request_not_started_by_its_deadline_is_dropped_with_retry_afte
         ok = c.post("/v1/completions", json={"model": "small", "prompt": "hi", "max_tokens": 2,
                                               "sizewise": {"max_latency_ms": 60_000}})
         assert ok.status_code == 200, ok.text
+
+
+# ----- the overload floor's queue entries survive a plan move -----------------------------------------
+async def test_a_request_moved_off_its_tier_leaves_no_queue_entry_behind(deployment):
+    """A waiting `auto` request the capacity plan moves to another tier still leaves the queue of the
+    model it was admitted on once it starts: its entry is keyed by `Job.queued_on`, which the move does
+    not rewrite (the decision's model is rewritten). Keyed by the decision, the entry stayed on the old
+    model after the request was served elsewhere, and that model's queue delay grew without end: about
+    `max_queue_delay` later it refused every request with 503 `overloaded`. Time is scripted:
+    `queue_delay` is read a minute ahead."""
+    import asyncio
+
+    from sizewise import SamplingParams
+    from sizewise.metrics import Metrics
+    from sizewise.orchestrator.router import AdaptiveRouter
+    from sizewise.orchestrator.types import Prompt, RoutingHints
+    from sizewise.server.serving import Serving, ServingOptions
+    from test_orchestrator_demo import _script_arrivals, demo_prompts
+
+    serving = Serving(Metrics(), ServingOptions(max_queue_delay_s=300.0))
+    serving.set_deployment(deployment)
+    items = demo_prompts(deployment.tokenizer(), 12)
+    long = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    router = AdaptiveRouter(deployment.config.policy.to_settings())
+    old_router, deployment.router = deployment.router, router
+    router.bind(deployment)
+    ctl = router.control
+    loop = asyncio.get_running_loop()
+    try:
+        ctl.replan_arrivals = 10 ** 9
+        ctl.replan_s = float("inf")  # the idle plan (large alone) holds while the burst queues
+        runs = [await serving.submit([Prompt(ids)], long, "auto", RoutingHints(), f"q-mv-{i}", loop.time() + 600)
+                for i, ids in enumerate(items)]
+        large = deployment.tier_to_model["large"]
+        assert {j.queued_on for r in runs for j in r.jobs} == {large}
+        # large runs max_num_seqs (8) of them, 4 wait; an overload moves the plan off large, and them with it
+        _script_arrivals(router, 2000.0)
+        ctl.replan_s = 0.0
+        await router.route(deployment, items[0], long, "auto", RoutingHints())
+        await asyncio.gather(*(r.collect() for r in runs))
+    finally:
+        deployment.router = old_router
+    moved = [j for r in runs for j in r.jobs if j.decision.model != large]
+    assert len(moved) == len(items) - deployment.cores[large].config.max_num_seqs
+    assert all(j.finished and j.queued_on == large for j in moved)
+    later = loop.time() + 60
+    # every request has been served: no model's queue has anyone waiting, a minute on
+    assert {m: serving.queue_delay(m, later) for m in deployment.cores} == dict.fromkeys(deployment.cores, 0.0)

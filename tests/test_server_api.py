@@ -373,6 +373,14 @@ def test_tokenize_and_detokenize(http, tok):
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
 
 
+def test_tokenize_with_no_messages_says_what_is_wrong_with_them(http):
+    r = http.post("/tokenize", json={"messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    assert "at least 1 item" in r.json()["error"]["message"], r.text
+    r = http.post("/tokenize", json={"model": "small"})  # neither: both named
+    assert r.status_code == 400 and "exactly one of prompt and messages" in r.json()["error"]["message"], r.text
+
+
 def test_tokenizer_info_and_version_like_vllm(http, tok, checkpoints):
     """GET /tokenizer_info as vLLM answers it (lm-evaluation-harness's tokenizer_backend=remote
     reads it), checked against the tokenizer transformers loads from the checkpoint itself."""

@@ -14,13 +14,13 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .orchestrator.tiers import TIER_ORDER
 
 log = logging.getLogger("sizewise.cli")
 
 DEFAULT_CONFIG = Path("configs") / "demo.yaml"
 DEMO_FAMILY = Path("models") / "demo"
-TIERS = ("small", "medium", "large")
-MODEL_RULE = "a Hugging Face model directory, or a tier name (small, medium, large) of the demo family"
+MODEL_RULE = f"a Hugging Face model directory, or a tier name ({', '.join(TIER_ORDER)}) of the demo family"
 REPO_ROOT = Path(__file__).resolve().parents[2]  # src/sizewise/cli.py -> repo root (editable install)
 
 
@@ -132,7 +132,8 @@ def _parser() -> argparse.ArgumentParser:
             ("--read-timeout", "read_timeout_s", float, "seconds a client has to send a whole request, headers and "
              "body, from its first byte; then 408 and closed (default: 30)"),
             ("--keep-alive-timeout", "keep_alive_s", float, "seconds an idle connection is kept open (default: 5)"),
-            ("--max-connections", "max_connections", int, "open connections; more are refused with 503 (default: 1024)")):
+            ("--max-connections", "max_connections", int, "open connections; more are refused with 503, bar a "
+             "reserve of 8 more that serve only /health, /ready and /metrics (default: 1024)")):
         s.add_argument(flag, dest=key, type=kind, metavar="S" if kind is float else "N", help=what)
 
     s.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
@@ -274,7 +275,7 @@ def _find_config(given: str | None) -> Path:
 def _model_dir(spec: str) -> str:
     """One rule for every command: a directory is itself; a tier name is that tier of the demo
     family; anything else goes to the loader, whose error says what a model directory needs."""
-    if Path(spec).is_dir() or spec not in TIERS:
+    if Path(spec).is_dir() or spec not in TIER_ORDER:
         return spec
     for root in (Path.cwd() / DEMO_FAMILY, REPO_ROOT / DEMO_FAMILY):
         if (root / spec).is_dir():
@@ -371,6 +372,7 @@ def _run_server(args) -> int:
     from .orchestrator.deployment import Deployment
     from .server import create_app
     from .server.app import API_KEYS_ENV
+    from .server.memory import freeze_loaded_heap
     from .server.runner import Server, base_url, bind_socket, shutdown_hook, uvicorn_config
 
     given = {k: getattr(args, k) for k in ("host", "port", "max_queue_delay_s", "read_timeout_s", "keep_alive_s",
@@ -435,6 +437,7 @@ def _run_server(args) -> int:
             deployment = remote
         else:
             deployment = Deployment.load(cfg, plan=plan)  # the app logs one line per model once it is loaded
+        freeze_loaded_heap()
         log.info("ready: serving %s at %s (OpenAI API at %s/v1)", ", ".join(deployment.cores), url, url)
         return deployment
 

@@ -22,6 +22,8 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from .orchestrator.tiers import TIER_ORDER
+
 __all__ = [
     "TIERS",
     "DEMO_DIR",
@@ -39,7 +41,7 @@ __all__ = [
     "split",
 ]
 
-TIERS = ("small", "medium", "large")
+TIERS = TIER_ORDER  # the demo family has every tier
 
 # repo_root/models/demo (this file is repo_root/src/sizewise/demo.py)
 DEMO_DIR = Path(__file__).resolve().parents[2] / "models" / "demo"

@@ -22,7 +22,8 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
-from .orchestrator.deployment import TIERS, Deployment, DeploymentConfig
+from .orchestrator.deployment import Deployment, DeploymentConfig
+from .orchestrator.tiers import TIER_ORDER
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class ReplicaLoad:
             num_waiting=sum(s.num_waiting for s in stats.values()),
             num_running=sum(s.num_running for s in stats.values()),
             bandwidth_utilization=snap.bandwidth_utilization,
-            resident_tiers=tuple(sorted(deployment.tier_to_model, key=TIERS.index)),
+            resident_tiers=tuple(sorted(deployment.tier_to_model, key=TIER_ORDER.index)),
         )
 
     def as_stats(self) -> dict[str, Any]:

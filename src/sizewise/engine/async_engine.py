@@ -181,6 +181,7 @@ class AsyncEngine:
         self._last_step: dict[str, float] = {}
         # callables(request_id, from_core, to_core), run on the request's event loop after a move
         self.move_listeners: list = []
+        self.share: FairShare | None = None  # the fair discipline's accounts, while the worker runs
         self._thread = threading.Thread(target=self._run, name="sizewise-engine", daemon=True)
         if start:
             self._thread.start()
@@ -345,7 +346,7 @@ class AsyncEngine:
     def _run(self) -> None:
         names = list(self.cores)
         turn = 0
-        share = FairShare(names)
+        share = self.share = FairShare(names)
         try:
             while not self._stop:
                 self._drain_inbox()
@@ -360,7 +361,7 @@ class AsyncEngine:
                     self._step_priority(None, share)
                     name = share.pick(self._planned(busy))
                     self._drain_inbox()
-                    share.charge(name, self._step_core(name))
+                    self._step_charged(name, share)
                     continue
                 # Round-robin: each busy core gets one step per turn. A `priority_core` with
                 # newly queued requests (the orchestrator's probe engine) also gets a step after
@@ -398,7 +399,19 @@ class AsyncEngine:
         self._drain_inbox()  # first: a probe that arrived during the last step counts
         prio = self.priority_core
         if prio is not None and prio != just_stepped and self.cores[prio].scheduler.waiting:
-            share.charge(prio, self._step_core(prio))
+            self._step_charged(prio, share)
+
+    def _step_charged(self, name: str, share: FairShare) -> None:
+        """One step of `name`, charged to the flows whose device time it spent: the draft model's
+        proposals (made inside the target's step) to the draft model's core, the rest to `name`."""
+        draft = self.cores[name].draft
+        drafted = draft.work_totals()[0] if draft is not None else 0.0
+        seconds = self._step_core(name)
+        if draft is not None and draft.name in share.used:
+            drafted = draft.work_totals()[0] - drafted
+            share.charge(draft.name, drafted)
+            seconds -= drafted
+        share.charge(name, seconds)
 
     def _fail_pending(self, exc: EngineDeadError) -> None:
         """The worker is leaving (shut down or dead): no stream it owns may wait for ever. Requests

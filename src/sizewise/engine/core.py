@@ -296,12 +296,15 @@ class EngineCore:
     def propose_drafts(self, items: list[DraftItem], k: int) -> dict[str, DraftProposal]:
         """Up to `item.limit` (<= k) proposed tokens per item, as work of this engine: one shadow
         sequence per item in this scheduler and cache (created at first use, caught up with the
-        target's tokens), one catch-up forward then greedy or sampled decode forwards. Counted in
-        this engine's device seconds and bytes, not in its steps."""
+        target's tokens), one catch-up forward then greedy or sampled decode forwards. The catch-up
+        forward keeps to `max_num_batched_tokens` as a step does: shadows already caught up first,
+        then catch-ups in chunks; a shadow not caught up by this forward proposes nothing this
+        time (its target decodes plainly) and goes on where it stopped. Counted in this engine's
+        device seconds and bytes, not in its steps."""
         t0 = self.clock.now()
         sched = self.scheduler
         kv_per_token = self.model_config.kv_bytes_per_token(self.dtype)
-        active: list[tuple[DraftItem, Sequence]] = []
+        shadows: list[tuple[DraftItem, Sequence]] = []
         # The decode batch must fit this engine's largest (graph) bucket; the rest decode plainly.
         for it in items[: self.config.max_num_seqs]:
             if len(it.token_ids) + k > self.max_model_len:
@@ -311,9 +314,18 @@ class EngineCore:
                 d = sched.shadows[it.key] = self._new_shadow(it)
             else:
                 d.token_ids.extend(it.token_ids[d.num_tokens:])
+            shadows.append((it, d))
+        budget = sched.config.max_num_batched_tokens
+        active: list[tuple[DraftItem, Sequence]] = []
+        chunk: dict[int, int] = {}
+        for it, d in sorted(shadows, key=lambda x: x[1].num_uncomputed > 1):  # stable: caught-up ones first
+            if budget <= 0:
+                break
             # slots for the catch-up tokens plus the limit-1 proposals whose K/V the draft writes
             if sched.schedule_shadow(d, len(it.token_ids) + it.limit - 1):
                 active.append((it, d))
+                chunk[id(d)] = min(d.num_uncomputed, budget)
+                budget -= chunk[id(d)]
         if not active:
             return {}
         limit = {id(d): it.limit for it, d in active}
@@ -322,14 +334,18 @@ class EngineCore:
         nbytes = 0
         dec = [d for _, d in active if d.num_uncomputed == 1]
         pre = [d for _, d in active if d.num_uncomputed > 1]
-        step = SchedulerOutput(decodes=dec, prefills=pre, prefill_chunks=[d.num_uncomputed for d in pre])
+        step = SchedulerOutput(decodes=dec, prefills=pre, prefill_chunks=[chunk[id(d)] for d in pre])
         for j in range(k):
             nbytes += self.step_weight_bytes + kv_per_token * (
-                sum(d.num_tokens for d in step.decodes) + sum(d.num_tokens for d in step.prefills))
+                sum(d.num_tokens for d in step.decodes)
+                + sum(d.num_cached_tokens + n for d, n in zip(step.prefills, step.prefill_chunks)))
             res = self.runner.execute(step)
-            for d in step.decodes + step.prefills:
-                d.num_cached_tokens = d.num_tokens
-                if j == 0:
+            for d in step.decodes:
+                d.num_cached_tokens += 1
+            for d, n in zip(step.prefills, step.prefill_chunks):
+                d.num_cached_tokens += n
+            if j == 0:
+                for d in step.decodes + step.prefills:
                     self.block_manager.commit(d)
             for i, d in enumerate(res.sampled):
                 tok = res.samples.token_ids[i]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .policy import SIGNALS, QualityPredictor, TierFit
+from .tiers import TIER_ORDER
 
 # Signals the live probe cannot produce: measured and reported at calibration, never kept.
 OFFLINE_SIGNALS = ("prompt_gap",)
@@ -68,7 +69,7 @@ def fit_quality(signals: list[dict[str, float]], nll: dict[str, list[float]], fo
                 candidates: tuple[str, ...] = SIGNALS, model_signals: bool = False) -> QualityFit:
     """`signals[i]`: what the probe measured on request i; `nll[tier][i]`: the tier's reference NLL.
     The top tier is the last of small / medium / large present; every other tier gets a fit."""
-    tiers = [t for t in ("small", "medium", "large") if t in nll]
+    tiers = [t for t in TIER_ORDER if t in nll]
     if len(tiers) < 2:
         raise ValueError("calibration needs at least two tiers (one to predict against the top one)")
     n = len(signals)
@@ -140,7 +141,7 @@ def oracle_routing(nll: dict[str, list[float]], cost: dict[str, float], toleranc
     such routing is optimal for its own quality (nothing cheaper is as good), so the answer is
     within one request's move of the exact optimum; a greedy pass then spends the slack left
     under the limit on the moves that save the most."""
-    tiers = [t for t in ("small", "medium", "large") if t in nll]
+    tiers = [t for t in TIER_ORDER if t in nll]
     if not tiers:
         raise ValueError("need at least one tier")
     n = len(nll[tiers[0]])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import gc
 import logging
 import os
 import shutil
@@ -233,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
             s.close()
         ctx.term()
         return 1
+    # This process is the core's alone: move the loaded models' millions of objects out of the
+    # collector's reach, or a full collection holds the GIL for 0.1-0.6 s in the middle of steps.
+    gc.collect()
+    gc.freeze()
     server = CoreServer(deployment, inbound, outs, args.ipc_dir, args.parent)
     try:
         return asyncio.run(server.serve())

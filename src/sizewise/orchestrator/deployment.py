@@ -38,6 +38,7 @@ from .config import PolicyConfig
 from .planner import MemoryPlan, plan_memory
 from .router import AdaptiveRouter, _accepted_strategies
 from .telemetry import Telemetry
+from .tiers import TIER_ORDER
 from .types import Decision, DeploymentStats, ModelInfo, ModelStats, Prompt, RoutingHints, Submission
 
 log = logging.getLogger(__name__)
@@ -47,13 +48,10 @@ _MOVABLE_TRACKED = 4096  # auto requests remembered for a move (finished ones ag
 # a RequestOutput delta (or the exception that failed it).
 Sink = Callable[[int, "RequestOutput | BaseException"], None]
 
-TIERS = ("small", "medium", "large")
-
-
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1)
-    tier: Literal["small", "medium", "large"]
+    tier: Literal[TIER_ORDER]  # type: ignore[valid-type]
     path: str
     dtype: str | None = None
     kv_share: float = Field(default=1.0, gt=0, le=1)
@@ -109,7 +107,7 @@ class DeploymentConfig(BaseModel):
     engine: EngineSection = Field(default_factory=EngineSection)
     server: ServerSection = Field(default_factory=ServerSection)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)  # the orchestrator's router and policy
-    default_tier: Literal["small", "medium", "large"] | None = None
+    default_tier: Literal[TIER_ORDER] | None = None  # type: ignore[valid-type]
 
     @model_validator(mode="after")
     def _one_model_per_name_and_tier(self) -> "DeploymentConfig":
@@ -125,7 +123,7 @@ class DeploymentConfig(BaseModel):
                 raise ValueError(f"models: tier {m.tier!r} is given to both {by_tier[m.tier]!r} and {m.name!r} "
                                  f"(one model per tier)")
             by_tier[m.tier] = m.name
-            if m.name == "auto" or (m.name in TIERS and m.name != m.tier):
+            if m.name == "auto" or (m.name in TIER_ORDER and m.name != m.tier):
                 raise ValueError(f"models: the name {m.name!r} of the {m.tier} model is reserved "
                                  f"('auto' and the other tiers' aliases): pick another name")
         if self.default_tier is not None and self.default_tier not in by_tier:
@@ -142,7 +140,7 @@ class DeploymentConfig(BaseModel):
         q = self.policy.quality
         if q is None:
             return []
-        tiers = [t for t in TIERS if t in {m.tier for m in self.models}]
+        tiers = [t for t in TIER_ORDER if t in {m.tier for m in self.models}]
         out = []
         for t in q.tiers:
             if t not in tiers:
@@ -175,7 +173,7 @@ class DeploymentConfig(BaseModel):
     def from_model_dirs(cls, dirs: list[str], names: list[str] | None = None, **kw) -> "DeploymentConfig":
         """`--model DIR ...`: tiers assigned by order (1 model: large; 2: small, large; 3: all);
         `names` (--served-model-name), one per directory, replace the directories' names."""
-        tiers = {1: ["large"], 2: ["small", "large"], 3: ["small", "medium", "large"]}.get(len(dirs))
+        tiers = {1: [TIER_ORDER[-1]], 2: [TIER_ORDER[0], TIER_ORDER[-1]], 3: list(TIER_ORDER)}.get(len(dirs))
         if tiers is None:
             raise ValueError(f"give 1 to 3 --model directories, got {len(dirs)}")
         if names:
@@ -185,7 +183,7 @@ class DeploymentConfig(BaseModel):
         else:
             names = [Path(d).name or d for d in dirs]
             # Directories with one basename (a/model, b/model) would collide: tell them apart by tier.
-            names = [f"{n}-{t}" if names.count(n) > 1 or (n in TIERS and n != t) or n == "auto" else n
+            names = [f"{n}-{t}" if names.count(n) > 1 or (n in TIER_ORDER and n != t) or n == "auto" else n
                      for n, t in zip(names, tiers)]
         models = [ModelEntry(name=n, tier=t, path=str(Path(d).resolve())) for n, d, t in zip(names, dirs, tiers)]
         return cls(models=models, **kw)
@@ -234,7 +232,7 @@ class StaticRouter:
 def _attach_drafts(config: DeploymentConfig, cores: dict[str, EngineCore]) -> None:
     """Make `strategy: draft` servable: the cheapest resident tier drafts for the larger ones
     (it shares their tokenizer; engines with speculation off are skipped)."""
-    ordered = sorted(config.models, key=lambda m: TIERS.index(m.tier))
+    ordered = sorted(config.models, key=lambda m: TIER_ORDER.index(m.tier))
     if len(ordered) < 2:
         return
     draft = cores[ordered[0].name]
@@ -283,7 +281,7 @@ class Deployment:
         self.model_to_tier = {m.name: m.tier for m in config.models}
         self.tier_to_model = {m.tier: m.name for m in config.models}
         # Quality first: the largest resident tier, whatever order the config lists the models in.
-        default = config.default_tier or max(self.tier_to_model, key=TIERS.index)
+        default = config.default_tier or max(self.tier_to_model, key=TIER_ORDER.index)
         if router is None and config.policy.router == "adaptive":
             router = AdaptiveRouter(config.policy.to_settings())
         self.router: Router = router or StaticRouter(default)
@@ -356,7 +354,7 @@ class Deployment:
 
     def _refuse_self_draft(self, d: Decision) -> None:
         """`draft` on the cheapest tier: it is the draft model itself (`_attach_drafts`)."""
-        tiers = sorted(self.tier_to_model, key=TIERS.index)
+        tiers = sorted(self.tier_to_model, key=TIER_ORDER.index)
         if d.strategy != "draft" or len(tiers) < 2 or d.tier != tiers[0]:
             return
         larger = " or ".join(tiers[1:])

@@ -47,9 +47,9 @@ import math
 from dataclasses import dataclass, field, replace
 
 from .telemetry import EngineTelemetry, TelemetrySnapshot
+from .tiers import TIER_ORDER
 
 INTENTS = ("code", "math", "knowledge", "chat")
-TIER_ORDER = ("small", "medium", "large")
 # Signals the quality predictor may read: the probe's (difficulty only when its model prefill ran),
 # the intent class probabilities, and prompt_gap (small minus top tier prompt NLL: needs a prefill
 # through the top tier, measured at calibration to see whether it would pay).

@@ -230,37 +230,34 @@ class NpuPlatform(Platform):
         graph capture: FIA in BSND with capacity lengths and a mask (reads every block of the
         table: max_model_len per row; the model runner does not capture that, see
         ModelRunner). Anything FIA's documentation excludes: the reference op."""
-        why = ""
-        if not self._fia_ok:
-            why = "torch_npu has no npu_fused_infer_attention_score"
-        elif q_dtype not in (torch.float16, torch.bfloat16):
-            why = f"dtype {q_dtype} (FIA takes float16, bfloat16)"
-        elif kv_dtype != q_dtype:
-            why = f"KV cache dtype {kv_dtype} != activation dtype {q_dtype}"
-        elif block_size % 128 or block_size > 512:
-            why = f"block_size {block_size} (FIA's paged mode takes multiples of 128 up to 512)"
-        elif num_queries > _FIA_MAX_Q:
-            why = f"{num_queries} query tokens per sequence (FIA takes up to {_FIA_MAX_Q})"
-        elif num_heads % num_kv_heads or num_heads // num_kv_heads > 64:
-            why = f"{num_heads} query heads over {num_kv_heads} KV heads (FIA: a multiple, group <= 64)"
-        elif not captured and head_dim not in _FIA_TND_HEAD_DIMS:
-            why = f"head_dim {head_dim} (FIA's TND layout takes {', '.join(map(str, _FIA_TND_HEAD_DIMS))})"
-        elif captured and head_dim % 16:
-            why = f"head_dim {head_dim} (FIA's BSND layout takes multiples of 16)"
+        why = self._fia_reason(q_dtype, block_size, num_queries)
+        if not why:  # the step can take FIA: this layer's own shapes
+            if kv_dtype != q_dtype:
+                why = f"KV cache dtype {kv_dtype} != activation dtype {q_dtype}"
+            elif num_heads % num_kv_heads or num_heads // num_kv_heads > 64:
+                why = f"{num_heads} query heads over {num_kv_heads} KV heads (FIA: a multiple, group <= 64)"
+            elif not captured and head_dim not in _FIA_TND_HEAD_DIMS:
+                why = f"head_dim {head_dim} (FIA's TND layout takes {', '.join(map(str, _FIA_TND_HEAD_DIMS))})"
+            elif captured and head_dim % 16:
+                why = f"head_dim {head_dim} (FIA's BSND layout takes multiples of 16)"
         if why:
             return AttentionPath("reference", fast=False, bounded=not captured, reason=why)
         if captured:
             return AttentionPath("fia-bsnd-static", fast=True, bounded=False)
         return AttentionPath("fia-tnd", fast=True, bounded=True)
 
-    def _fia_eligible(self, dtype: torch.dtype, block_size: int, num_queries: int) -> bool:
-        return (
-            self._fia_ok
-            and dtype in (torch.float16, torch.bfloat16)
-            and block_size % 128 == 0
-            and block_size <= 512
-            and num_queries <= _FIA_MAX_Q
-        )
+    def _fia_reason(self, dtype: torch.dtype, block_size: int, num_queries: int) -> str:
+        """Why FIA cannot serve a step of this dtype, block size and query length ("" when it can):
+        the checks that hold for every layer of the step (prepare_paged's), before each layer's own."""
+        if not self._fia_ok:
+            return "torch_npu has no npu_fused_infer_attention_score"
+        if dtype not in (torch.float16, torch.bfloat16):
+            return f"dtype {dtype} (FIA takes float16, bfloat16)"
+        if block_size % 128 or block_size > 512:
+            return f"block_size {block_size} (FIA's paged mode takes multiples of 128 up to 512)"
+        if num_queries > _FIA_MAX_Q:
+            return f"{num_queries} query tokens per sequence (FIA takes up to {_FIA_MAX_Q})"
+        return ""
 
     def _prepare_fia(
         self, block_tables: torch.Tensor, context_lens: torch.Tensor, num_queries: int, block_size: int
@@ -286,7 +283,7 @@ class NpuPlatform(Platform):
         dtype: torch.dtype,
     ):
         """Once per step: FIA's block table (and static mask, or host lengths) for all layers."""
-        if not self._fia_eligible(dtype, block_size, num_queries):
+        if self._fia_reason(dtype, block_size, num_queries):
             return super().prepare_paged(block_tables, context_lens, num_queries, block_size, dtype)
         return self._prepare_fia(block_tables, context_lens, num_queries, block_size)
 

@@ -11,7 +11,11 @@ What covers what (uvicorn 0.3x-0.5x, h11 and httptools protocols alike):
   app, if it already runs, sees `http.disconnect`).
 - `limit_concurrency` (uvicorn) answers 503 to *requests* over a bound but keeps every connection
   open, idle ones included: `max_connections` here refuses a connection over the bound at once
-  (503 with Retry-After, then closed), so held sockets never exceed it.
+  (503 with Retry-After, then closed), so held sockets never exceed it plus `probe_reserve`.
+- The reserve: `probe_reserve` connections above the cap serve only the probes (`PROBE_PATHS`), so a
+  load balancer's health check does not fail exactly when the server is full of clients. Any other
+  request on a reserve connection gets the cap's 503 and the connection is closed; a connection is
+  a reserve one for its whole life (decided when it opens).
 """
 
 from __future__ import annotations
@@ -20,34 +24,52 @@ import asyncio
 import json
 import logging
 from dataclasses import dataclass
+from functools import partial
+from http import HTTPStatus
+
+from .errors import ApiError, read_timeout, too_many_connections
 
 log = logging.getLogger(__name__)
+
+PROBE_PATHS = frozenset({"/health", "/ready", "/metrics"})
+# A handful: a load balancer, the orchestrator's kubelet and a Prometheus scraper, each with a spare.
+PROBE_RESERVE = 8
 
 
 @dataclass(slots=True, frozen=True)
 class ConnectionLimits:
     read_timeout_s: float = 30.0  # from a request's first byte to its last (headers and body)
     keep_alive_s: float = 5.0  # idle time allowed between requests, and before the first
-    max_connections: int = 1024  # open connections; one more is refused with a 503
+    max_connections: int = 1024  # open connections; one more is refused with a 503 (bar the probes' reserve)
+    probe_reserve: int = PROBE_RESERVE  # connections above max_connections that may serve PROBE_PATHS only
 
 
-def _raw_response(status: str, message: str, code: str, extra: str = "") -> bytes:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error" if status.startswith("4")
-                                 else "service_unavailable_error", "param": None, "code": code}}).encode()
-    head = (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            f"{extra}connection: close\r\n\r\n")
+def _raw_response(err: ApiError) -> bytes:
+    """`err` as a whole HTTP/1.1 response that closes the connection, written before any app runs."""
+    body = json.dumps(err.body()).encode()
+    extra = "".join(f"{k.lower()}: {v}\r\n" for k, v in err.headers.items())
+    head = (f"HTTP/1.1 {err.status} {HTTPStatus(err.status).phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n{extra}connection: close\r\n\r\n")
     return head.encode("latin-1") + body
 
 
 def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> type[asyncio.Protocol]:
     """`base` (uvicorn's H11Protocol or HttpToolsProtocol) with the read deadline, the idle timeout of
     fresh connections and the bound on open connections."""
-    timeout_408 = _raw_response(
-        "408 Request Timeout", f"the request was not received within the server's read timeout of "
-        f"{limits.read_timeout_s:g} s", "request_read_timeout")
-    full_503 = _raw_response(
-        "503 Service Unavailable", f"the server holds its maximum of {limits.max_connections} open connections; "
-        "retry shortly", "too_many_connections", "retry-after: 1\r\n")
+    timeout_408 = _raw_response(read_timeout(limits.read_timeout_s))
+    full = too_many_connections(limits.max_connections)
+    full_503 = _raw_response(full)
+    full_headers = [(k.lower().encode(), v.encode()) for k, v in full.headers.items()]
+    full_body = json.dumps(full.body()).encode()
+
+    async def refuse_all_but_probes(app, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
+            await app(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": full.status, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(full_body)).encode()),
+            *full_headers, (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": full_body})
 
     class Guarded(base):  # type: ignore[misc, valid-type]
         _timer: asyncio.TimerHandle | None = None
@@ -55,10 +77,13 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> 
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            if len(self.connections) > limits.max_connections:
+            held = len(self.connections)
+            if held > limits.max_connections + limits.probe_reserve:
                 transport.write(full_503)
                 transport.close()
                 return
+            if held > limits.max_connections:  # uvicorn hands each request to self.app
+                self.app = partial(refuse_all_but_probes, self.app)
             self._arm(limits.keep_alive_s, idle=True)
 
         def data_received(self, data: bytes) -> None:

@@ -57,6 +57,17 @@ def queue_timeout(limit_s: float, limit: str) -> ApiError:
                     code="queue_timeout", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
+def read_timeout(seconds: float) -> ApiError:
+    return ApiError(408, f"the request was not received within the server's read timeout of {seconds:g} s",
+                    code="request_read_timeout")
+
+
+def too_many_connections(limit: int) -> ApiError:
+    return ApiError(503, f"the server holds its maximum of {limit} open connections; retry shortly",
+                    type="service_unavailable_error", code="too_many_connections",
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 def shutting_down() -> ApiError:
     return ApiError(503, "the server is shutting down; the request was aborted", type="service_unavailable_error",
                     code="server_shutdown")

@@ -219,7 +219,7 @@ class GenerateRequest(_Request):
 class TokenizeRequest(_Request):
     model: str = "auto"
     prompt: str | None = None
-    messages: list[ChatMessage] | None = Field(default=None, max_length=MAX_MESSAGES)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES)
     add_special_tokens: bool | None = None  # default: True for prompt, False for messages
     add_generation_prompt: bool = True
     return_token_strs: bool = False  # exactly one of prompt / messages: checked by the route

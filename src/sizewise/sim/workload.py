@@ -15,6 +15,7 @@ import asyncio
 import json
 from pathlib import Path
 
+from ..orchestrator.tiers import TIER_ORDER
 from .driver import WorkItem
 
 DEMO_WORKLOAD = Path(__file__).resolve().parent / "profiles" / "demo-workload.json"
@@ -41,7 +42,7 @@ def measure_workload(deployment, n: int = 96, prompt_tokens: int = 96, ref_token
 
     held = held_out_items(deployment.tokenizer(), n, prompt_tokens, ref_tokens, code_frac, seed)
     eng = deployment.engine
-    small = deployment.tier_to_model[min(deployment.tier_to_model, key=("small", "medium", "large").index)]
+    small = deployment.tier_to_model[min(deployment.tier_to_model, key=TIER_ORDER.index)]
 
     async def go():
         diff = await asyncio.gather(*(_nll(eng, small, it.prompt, 1, f"w-d-{i}") for i, it in enumerate(held)))

@@ -23,13 +23,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
 
+from ..clock import WALL
 from ..engine.detokenizer import Detokenizer, TextState
 from ..errors import EngineDeadError, InvalidRequestError, QueueFullError, UnknownModelError
 from ..outputs import RequestOutput
@@ -159,7 +159,7 @@ class RemoteDeployment:
     def wait_ready(self, timeout_s: float | None = None) -> None:
         """Block until the core has loaded the models; raises ValueError with the core's words if
         loading failed, RuntimeError if the process died."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        deadline = None if timeout_s is None else WALL.now() + timeout_s
         while True:
             if self._in.poll(200):
                 msg = self._dec.decode(self._in.recv())
@@ -176,7 +176,7 @@ class RemoteDeployment:
             if not self._core_alive():
                 rc = self.proc.returncode if self.proc is not None else "?"
                 raise RuntimeError(f"the engine-core process exited with status {rc} while loading the models")
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is not None and WALL.now() > deadline:
                 raise TimeoutError(f"the engine core was not ready within {timeout_s} s")
 
     async def attach(self) -> None:

@@ -317,9 +317,11 @@ def test_a_killed_core_fails_requests_with_503_and_the_server_exits_1(config_pat
                    _stream_in_thread(url, LONG, results, "plain")]
         assert first.wait(60), server.log
         os.kill(core, signal.SIGKILL)
+        health = None
+        while health is None or health.status_code == 200:  # until the API process has noticed
+            health = httpx.get(url + "/health", timeout=10)
         for t in threads:
             t.join(60)
-        health = httpx.get(url + "/health", timeout=10)
         code = server.proc.wait(30)
     finally:
         server.stop()

@@ -76,6 +76,9 @@ class CoreServer:
         self._rows: list[list[ipc.Row]] = [[] for _ in outs]
         # movable requests (the plan may move them while they wait): id -> (api, handle, decision)
         self._movable: OrderedDict[str, tuple[int, int, Decision]] = OrderedDict()
+        # admitted requests not scheduled yet: id -> (api, handle); the API's `has_started` (a long
+        # chunked prefill is service, not queueing) hears of them in the next Steps
+        self._unstarted: dict[str, tuple[int, int]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._stop: asyncio.Event | None = None
         engine = deployment.engine
@@ -96,19 +99,29 @@ class CoreServer:
 
     def _flush(self, name, core, outs, seconds) -> None:
         """A step listener (worker thread): the step's rows, one message per API process."""
+        started: list[list[int]] | None = None
+        if self._unstarted:  # (scheduled sequences are running: at most max_num_seqs to look at)
+            for seq in core.scheduler.running:
+                where = self._unstarted.pop(seq.request.request_id, None)
+                if where is not None:
+                    started = started or [[] for _ in self.outs]
+                    started[where[0]].append(where[1])
         for api, rows in enumerate(self._rows):
-            if rows:
+            if rows or (started and started[api]):
                 self._rows[api] = []
-                self.send(api, ipc.Steps(rows))
+                self.send(api, ipc.Steps(rows, started[api] if started else []))
 
-    def _sink(self, api: int, handles: list[int]):
+    def _sink(self, api: int, handles: list[int], rids: list[str]):
         rows = self._rows
 
         def sink(index: int, item) -> None:  # worker thread
             if isinstance(item, BaseException):
                 kind = "dead" if isinstance(item, EngineDeadError) else "internal"
+                self._unstarted.pop(rids[index], None)
                 self.send(api, ipc.Failed([handles[index]], kind, str(item)))
                 return
+            if item.finished:  # (finished within the step that scheduled it)
+                self._unstarted.pop(item.request_id, None)
             rows[api].append(ipc.Row(handles[index], item.outputs, item.finished, item.prompt_logprobs,
                                      item.metrics))
 
@@ -123,16 +136,23 @@ class CoreServer:
         elif isinstance(msg, ipc.Abort):
             for rid in msg.request_ids:
                 self._movable.pop(rid, None)
+                self._unstarted.pop(rid, None)
                 self.dep.engine.abort(rid)
         elif isinstance(msg, ipc.Shutdown):
             self._stop.set()
 
     async def _submit(self, msg: ipc.Submit) -> None:
         prompts = [Prompt(ids, text) for ids, text in zip(msg.prompt_ids, msg.prompt_texts)]
+        rids = [msg.request_id] if len(prompts) == 1 else [f"{msg.request_id}-{i}" for i in range(len(prompts))]
+
+        def unstarted() -> None:  # routed and valid; before the worker can see them (Deployment.submit)
+            self._unstarted.update((rid, (msg.api, h)) for rid, h in zip(rids, msg.handles))
+
         refused = None
         try:
             subs = await self.dep.submit(msg.request_id, prompts, msg.params, msg.requested, msg.hints,
-                                         sink=self._sink(msg.api, msg.handles), direct_sink=True)
+                                         sink=self._sink(msg.api, msg.handles, rids), before_queue=unstarted,
+                                         direct_sink=True)
         except InvalidRequestError as e:
             refused = ipc.Refused(msg.submit_id, "invalid", str(e), e.param)
         except UnknownModelError as e:
@@ -146,6 +166,8 @@ class CoreServer:
             log.exception("submission %s failed", msg.request_id)
             refused = ipc.Refused(msg.submit_id, "internal", f"{type(e).__name__}: {e}")
         if refused is not None:
+            for rid in rids:
+                self._unstarted.pop(rid, None)
             self.send(msg.api, refused)
             return
         for sub, handle in zip(subs, msg.handles):

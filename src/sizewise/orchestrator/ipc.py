@@ -84,6 +84,7 @@ class Steps(msgspec.Struct, tag=True, array_like=True):
     """What one engine step produced for one API process's requests."""
 
     rows: list[Row]
+    started: list[int] = []  # handles of requests first scheduled (prefill began) without a row yet
 
 
 class Failed(msgspec.Struct, tag=True, array_like=True):

@@ -51,7 +51,7 @@ class _Route:
     params: SamplingParams
     decision: Decision | None = None
     moved: Decision | None = None  # a move that arrived before the admission
-    begun: bool = False
+    begun: bool = False  # a row has arrived, or the core said its prefill began
     texts: dict[int, TextState] = field(default_factory=dict)  # per sample index, made at its first token
 
 
@@ -299,7 +299,8 @@ class RemoteDeployment:
         return min(m.max_model_len for m in self._models)
 
     def has_started(self, request_id: str) -> bool:
-        """Whether output of the request has arrived (the core's first step for it is done)."""
+        """Whether the core has scheduled the request (its prefill began): said by the first row,
+        or by the `started` of a step that scheduled it without output (a chunked prefill)."""
         r = self._by_id.get(request_id)
         return r is not None and r.begun
 
@@ -424,6 +425,10 @@ class RemoteDeployment:
     def _on_message(self, msg) -> None:
         if isinstance(msg, ipc.Steps):
             routes = self._routes
+            for h in msg.started:
+                r = routes.get(h)
+                if r is not None:
+                    r.begun = True
             for row in msg.rows:
                 r = routes.get(row.handle)
                 if r is None:

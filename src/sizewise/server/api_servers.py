@@ -61,7 +61,8 @@ def supervise(cfg: DeploymentConfig, server_cfg: ServerSection, sock: socket.soc
     try:
         for i in range(count):
             spec = Path(ipc_dir) / f"api-{i}.json"
-            spec.write_text(json.dumps({"index": i, "core_pid": core.pid, "ipc_dir": ipc_dir, "fd": sock.fileno(),
+            spec.write_text(json.dumps({"index": i, "count": count, "core_pid": core.pid, "ipc_dir": ipc_dir,
+                                        "fd": sock.fileno(),
                                         "log_level": log_level, "server": server_cfg.model_dump()}))
             workers.append(subprocess.Popen(
                 [sys.executable, "-m", "sizewise.server.api_servers", str(spec)], stdin=subprocess.DEVNULL,
@@ -152,6 +153,12 @@ def worker(spec_path: str) -> int:
 
     def load():
         remote.wait_ready()
+        # /ready must not say 200 from one process while another still loads (a probe reaches either):
+        # each marks itself loaded, and is ready once all are.
+        ipc_dir = Path(spec["ipc_dir"])
+        (ipc_dir / f"loaded-{index}").touch()
+        while sum(1 for _ in ipc_dir.glob("loaded-*")) < spec["count"]:
+            time.sleep(0.05)
         if index == 0:  # the engine series: set here as the core's snapshots arrive
             remote.on_stats.append(app.state.sizewise.serving.recorder.scrape)
         return remote

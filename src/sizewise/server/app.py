@@ -389,9 +389,15 @@ def _document_no_auth(app: FastAPI) -> None:
 
 
 def _load(state: AppState) -> None:
+    deployment = None
     try:
         deployment = state.loader()
+        attach = getattr(deployment, "attach", None)
+        if attach is not None and not state.closed:  # an engine-process deployment serves on the app's loop
+            asyncio.run_coroutine_threadsafe(attach(), state.loop).result()  # (orchestrator/remote.py)
     except BaseException as e:  # noqa: BLE001 - reported by /health, /ready and the callback
+        if deployment is not None:
+            deployment.shutdown()
         if isinstance(e, (ValueError, OSError)):  # bad config, memory plan, checkpoint: the message says it all
             log.error("loading the deployment failed: %s", e)
         else:
@@ -403,9 +409,6 @@ def _load(state: AppState) -> None:
     if state.closed:  # the server stopped while we were loading
         deployment.shutdown()
         return
-    attach = getattr(deployment, "attach", None)
-    if attach is not None:  # an engine-process deployment serves on the app's loop (orchestrator/remote.py)
-        asyncio.run_coroutine_threadsafe(attach(), state.loop).result()
     state.serving.set_deployment(deployment)
     lines = describe(deployment)
     for line in lines:

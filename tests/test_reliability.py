@@ -4,6 +4,7 @@ limit named, which connection was closed), never of a duration."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -230,6 +231,37 @@ def test_idle_connections_are_closed_and_bounded(deployment, http_impl):
         assert got.startswith(b"HTTP/1.1 200") and b'"ok"' in got
         with httpx.Client(base_url=url, timeout=30) as c:  # the bound counts open connections only
             assert c.get("/health").status_code == 200
+
+
+def test_health_is_answered_by_the_connection_layer_before_the_app(deployment, http_impl):
+    """Under a burst, /health must not queue behind the app's work: a whole, bodiless GET /health is
+    answered where the connection reads it (the app never sees it), with the app's own liveness
+    state; what the app must judge (a Host a loopback server refuses) still reaches it."""
+    app = create_app(deployment)
+    seen: list[str] = []
+
+    class Seen:  # pure ASGI: the paths that reached the app
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send) -> None:
+            if scope["type"] == "http":
+                seen.append(scope["path"])
+            await self.inner(scope, receive, send)
+    app.add_middleware(Seen)
+    with ServerThread(app) as url:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            for _ in range(3):  # on one kept-alive connection
+                r = c.get("/health")
+                assert r.status_code == 200 and r.json() == {"status": "ok"} and r.headers["x-request-id"]
+            assert c.get("/ready").status_code == 200  # the app's, after the connection layer's answers
+            assert c.get("/health", headers={"Host": "evil.example"}).status_code == 400
+        s = _connect(url)  # Connection: close is honoured
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        got = _read_until_closed(s)
+        s.close()
+        assert got.startswith(b"HTTP/1.1 200") and json.loads(got.partition(b"\r\n\r\n")[2]) == {"status": "ok"}, got
+    assert seen == ["/ready", "/health"]
 
 
 # ----- 3: a request that cannot start before its deadline is refused, not left to time out ----------

@@ -236,6 +236,22 @@ def health_state(serving: Serving) -> tuple[int, dict]:
     return 200, {"status": "ok" if serving.deployment is not None else "loading"}
 
 
+def liveness(app) -> Callable[[str], tuple[int, dict] | None] | None:
+    """/health for the connection layer to answer before the app (server/connections.py): given the
+    request's Host header, its status and body, or None where the app must answer (a Host that a
+    loopback-bound server refuses). None for an app that is not sizewise's."""
+    state = getattr(getattr(app, "state", None), "sizewise", None)
+    if state is None:
+        return None
+    loopback_only = state.config is not None and _is_loopback_host(state.config.host)
+
+    def answer(host: str) -> tuple[int, dict] | None:
+        if loopback_only and not _is_loopback_host(host):
+            return None
+        return health_state(state.serving)
+    return answer
+
+
 def _is_loopback_host(host: str) -> bool:
     """A Host header value ("localhost:8000", "[::1]:8000", "127.0.0.1") names a loopback address."""
     name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import uvicorn
 
+from .app import liveness
 from .connections import ConnectionLimits, guarded_protocol
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def uvicorn_config(app, log_level: str = "info", access_log: bool = True,
         app, log_config=None, log_level=log_level, access_log=access_log, lifespan="on",
         # Streams end by themselves; a bounded grace keeps Ctrl-C from waiting on a long one.
         timeout_graceful_shutdown=5, timeout_keep_alive=limits.keep_alive_s,
-        http=guarded_protocol(AutoHTTPProtocol, limits),
+        http=guarded_protocol(AutoHTTPProtocol, limits, liveness(app)),
     )
 
 

@@ -32,6 +32,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+_SHARE_STEP = 0.01  # how finely a mix's share is lowered to fit the engines' batches
+
 REASONS = ("idle", "headroom", "mix", "single", "overload", "unattainable")
 
 
@@ -155,10 +157,15 @@ def make_plan(inp: PlanInputs, now: float = 0.0) -> Plan:
             sb = (budget - wa) / (wb - wa)
             if not inp.min_share <= sb <= 1.0 - inp.min_share:
                 continue  # one of the two alone (or neither) is the answer
-            shares = {a: 1.0 - sb, b: sb}
-            ok, rho, *_ = _evaluate(inp, shares)
-            if ok:
-                options.append(((1.0 - sb) * loss[a] + sb * loss[b], 2, rho, shares, "mix"))
+            # The utilisation cap gives the most of b; each engine's batch (Little) may allow less: the
+            # dearer tier's batch grows with its share, so step its share down until both fit.
+            while sb >= inp.min_share:
+                shares = {a: 1.0 - sb, b: sb}
+                ok, rho, *_ = _evaluate(inp, shares)
+                if ok:
+                    options.append(((1.0 - sb) * loss[a] + sb * loss[b], 2, rho, shares, "mix"))
+                    break
+                sb -= _SHARE_STEP
     if not options and inp.slo_s is not None and all(single[t][2] <= 0.0 for t in order):
         # No tier meets the SLO even on an idle device (its fixed step cost alone, times the output
         # length, exceeds it): moving down cannot buy what load did not take, so quality decides,

@@ -224,6 +224,23 @@ def test_the_plan_moves_only_when_the_rate_band_leaves_it():
     assert ctl.plan.shares == {"large": 1.0}, ctl.plan
 
 
+def test_where_the_top_tier_alone_fails_only_by_its_batch_a_mix_keeps_most_of_it():
+    # the utilisation cap would let large carry everything, but its batch (rate x latency) overflows its
+    # engine: the answer is a mix that keeps as much on large as both batches hold, not medium alone
+    few = {t: TierCost(c.fixed_s, c.row_s, c.prefill_token_s, c.loss, max_num_seqs=20) for t, c in ACCEL.items()}
+    rate = 0.6 * large_capacity(few)
+    alone = PlanInputs(tiers=few, auto_rate=rate, prompt_tokens=96, output_tokens=32, slo_s=SLO)
+    from sizewise.orchestrator.plan import _evaluate
+
+    ok, rho, cap, turn, lat, _ = _evaluate(alone, {"large": 1.0})
+    assert rho <= cap and rate * lat["large"] > 20  # fails by its batch only
+    p = plan_at(rate, tiers=few)
+    assert p.reason == "mix" and set(p.shares) == {"medium", "large"}, p
+    assert p.shares["large"] > 0.3
+    for t in p.shares:
+        assert rate * p.shares[t] * p.latency_s[t] <= 20 + 1e-9
+
+
 def test_a_mix_lowers_the_dearer_share_until_both_batches_fit():
     # engines that hold few sequences: the utilisation cap alone would give large more than its batch holds
     small_batches = {t: TierCost(c.fixed_s, c.row_s, c.prefill_token_s, c.loss, max_num_seqs=12)

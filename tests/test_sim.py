@@ -104,6 +104,11 @@ def test_auto_is_never_dominated_on_the_910b_qwen25_profile(config, items):
     holding = [by[(3.0, f"static-{t}")]["loss"] for t in ("small", "medium", "large")
                if by[(3.0, f"static-{t}")]["slo_attain"] >= 0.9]
     assert by[(3.0, "sizewise")]["slo_attain"] >= 0.9 and by[(3.0, "sizewise")]["loss"] <= min(holding) + 1e-9
+    # between large's capacity and medium's: a two-tier mix, at least a quarter of the way from medium's
+    # loss towards large's, within the SLO (issue 22's "better than any single size")
+    auto, med = by[(2.0, "sizewise")], by[(2.0, "static-medium")]
+    assert by[(2.0, "static-large")]["slo_attain"] < 0.9 <= med["slo_attain"]
+    assert auto["slo_attain"] >= 0.9 and auto["loss"] <= 0.75 * med["loss"], auto
 
 
 def test_a_burst_from_idle_is_served_whole_and_spread_off_the_top_tier(config, items):

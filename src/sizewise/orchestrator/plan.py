@@ -154,11 +154,13 @@ def make_plan(inp: PlanInputs, now: float = 0.0) -> Plan:
             _, rho_a, cap, *_ = _evaluate(inp, {a: 0.5, b: 0.5})
             rest = rho_a - inp.auto_rate * (wa + wb) / 2  # pinned load
             budget = (cap - rest) / inp.auto_rate  # per-request work auto may average
-            sb = (budget - wa) / (wb - wa)
-            if not inp.min_share <= sb <= 1.0 - inp.min_share:
-                continue  # one of the two alone (or neither) is the answer
-            # The utilisation cap gives the most of b; each engine's batch (Little) may allow less: the
-            # dearer tier's batch grows with its share, so step its share down until both fit.
+            sb = min((budget - wa) / (wb - wa), 1.0 - inp.min_share)
+            if sb < inp.min_share:
+                continue  # the cheaper tier alone (or neither) is the answer
+            # The utilisation cap gives the most of b (b alone, when it allows all: then b alone is an
+            # option of its own, and the mix matters only where b's batch does not fit); each engine's
+            # batch (Little) may allow less: the dearer tier's batch grows with its share, so step its
+            # share down until both fit.
             while sb >= inp.min_share:
                 shares = {a: 1.0 - sb, b: sb}
                 ok, rho, *_ = _evaluate(inp, shares)

@@ -139,6 +139,11 @@ class AdaptiveRouter:
             dear = self._cpu or any(e.switch_seconds > 0.5 * e.step_fixed_seconds for e in kept)
             deployment.engine.plan_cores = (frozenset(deployment.tier_to_model[t] for t in plan.active) if dear
                                             else None)
+            # A mix where a second stream is cheap: one step of each active tier per turn, the turn the
+            # plan's device model prices (under `fair` the dearer tier got half the device, not the
+            # share of its step, and missed the SLO the plan had predicted it would meet).
+            deployment.engine.discipline = ("round_robin" if not dear and len(plan.active) > 1
+                                            else self.settings.discipline)
         plan = ctl.plan
         probe_core = deployment.cores[probe_model]
         skip = "pinned" if pinned is not None else self._skip_model_probe(policy, snap, probe_model, n_prompt, plan=plan)

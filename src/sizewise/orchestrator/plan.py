@@ -175,9 +175,10 @@ def make_plan(inp: PlanInputs, now: float = 0.0) -> Plan:
         for t in reversed(order):
             if single[t][1] <= inp.util_target:
                 return plan_of({t: 1.0}, "unattainable")
-    if not options:  # overload: the least per-request work carries the most
-        cheapest = min(order, key=lambda t: (inp.tiers[t].work(P, O) + inp.tiers[t].fixed_s, order.index(t)))
-        return plan_of({cheapest: 1.0}, "overload")
+    if not options:  # overload: the smallest tier carries the most. By size, not by the fitted lines:
+        # under overload they are fitted on steps of every batch shape and host noise, and a noisy line
+        # once made large look cheapest on the CPU profile (the whole load went to large)
+        return plan_of({order[0]: 1.0}, "overload")
     best = min(options, key=lambda o: (round(o[0], 12), o[1], o[2]))
     return plan_of(best[3], best[4])
 

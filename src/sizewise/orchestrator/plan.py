@@ -22,7 +22,10 @@ So every active tier costs its weight stream in every turn (F), and the SLO caps
 For a fixed active set the best shares are a linear programme in the shares with two constraints
 (they sum to 1; rho under its cap), so an optimum uses at most two tiers: the plan tries each tier
 alone and each pair, keeps the feasible option of least expected loss (ties: fewer tiers), and
-when nothing is feasible (overload) sends everything to the tier of least per-request work. Hence:
+when nothing is feasible (overload) sends everything to the smallest tier. Each engine's batch is a
+third constraint (rate x latency within max_num_seqs, Little): a pair's dearer share is lowered from
+the utilisation cap's until both batches fit, so where the top tier alone fails only by its batch a
+mix keeps most of the load on it. Hence:
 the top tier alone at headroom, two tiers at intermediate loads where a second stream is cheap
 enough, the cheapest under overload, shares monotone in load.
 """

@@ -22,7 +22,10 @@ So every active tier costs its weight stream in every turn (F), and the SLO caps
 For a fixed active set the best shares are a linear programme in the shares with two constraints
 (they sum to 1; rho under its cap), so an optimum uses at most two tiers: the plan tries each tier
 alone and each pair, keeps the feasible option of least expected loss (ties: fewer tiers), and
-when nothing is feasible (overload) sends everything to the tier of least per-request work. Hence:
+when nothing is feasible (overload) sends everything to the smallest tier. Each engine's batch is a
+third constraint (rate x latency within max_num_seqs, Little): a pair's dearer share is lowered from
+the utilisation cap's until both batches fit, so where the top tier alone fails only by its batch a
+mix keeps most of the load on it. Hence:
 the top tier alone at headroom, two tiers at intermediate loads where a second stream is cheap
 enough, the cheapest under overload, shares monotone in load.
 """
@@ -31,6 +34,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+_SHARE_STEP = 0.01  # how finely a mix's share is lowered to fit the engines' batches
 
 REASONS = ("idle", "headroom", "mix", "single", "overload", "unattainable")
 
@@ -152,13 +157,20 @@ def make_plan(inp: PlanInputs, now: float = 0.0) -> Plan:
             _, rho_a, cap, *_ = _evaluate(inp, {a: 0.5, b: 0.5})
             rest = rho_a - inp.auto_rate * (wa + wb) / 2  # pinned load
             budget = (cap - rest) / inp.auto_rate  # per-request work auto may average
-            sb = (budget - wa) / (wb - wa)
-            if not inp.min_share <= sb <= 1.0 - inp.min_share:
-                continue  # one of the two alone (or neither) is the answer
-            shares = {a: 1.0 - sb, b: sb}
-            ok, rho, *_ = _evaluate(inp, shares)
-            if ok:
-                options.append(((1.0 - sb) * loss[a] + sb * loss[b], 2, rho, shares, "mix"))
+            sb = min((budget - wa) / (wb - wa), 1.0 - inp.min_share)
+            if sb < inp.min_share:
+                continue  # the cheaper tier alone (or neither) is the answer
+            # The utilisation cap gives the most of b (b alone, when it allows all: then b alone is an
+            # option of its own, and the mix matters only where b's batch does not fit); each engine's
+            # batch (Little) may allow less: the dearer tier's batch grows with its share, so step its
+            # share down until both fit.
+            while sb >= inp.min_share:
+                shares = {a: 1.0 - sb, b: sb}
+                ok, rho, *_ = _evaluate(inp, shares)
+                if ok:
+                    options.append(((1.0 - sb) * loss[a] + sb * loss[b], 2, rho, shares, "mix"))
+                    break
+                sb -= _SHARE_STEP
     if not options and inp.slo_s is not None and all(single[t][2] <= 0.0 for t in order):
         # No tier meets the SLO even on an idle device (its fixed step cost alone, times the output
         # length, exceeds it): moving down cannot buy what load did not take, so quality decides,
@@ -166,9 +178,10 @@ def make_plan(inp: PlanInputs, now: float = 0.0) -> Plan:
         for t in reversed(order):
             if single[t][1] <= inp.util_target:
                 return plan_of({t: 1.0}, "unattainable")
-    if not options:  # overload: the least per-request work carries the most
-        cheapest = min(order, key=lambda t: (inp.tiers[t].work(P, O) + inp.tiers[t].fixed_s, order.index(t)))
-        return plan_of({cheapest: 1.0}, "overload")
+    if not options:  # overload: the smallest tier carries the most. By size, not by the fitted lines:
+        # under overload they are fitted on steps of every batch shape and host noise, and a noisy line
+        # once made large look cheapest on the CPU profile (the whole load went to large)
+        return plan_of({order[0]: 1.0}, "overload")
     best = min(options, key=lambda o: (round(o[0], 12), o[1], o[2]))
     return plan_of(best[3], best[4])
 

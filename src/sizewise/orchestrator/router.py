@@ -139,9 +139,14 @@ class AdaptiveRouter:
             dear = self._cpu or any(e.switch_seconds > 0.5 * e.step_fixed_seconds for e in kept)
             deployment.engine.plan_cores = (frozenset(deployment.tier_to_model[t] for t in plan.active) if dear
                                             else None)
+            # A mix where a second stream is cheap: one step of each active tier per turn, the turn the
+            # plan's device model prices (under `fair` the dearer tier got half the device, not the
+            # share of its step, and missed the SLO the plan had predicted it would meet).
+            deployment.engine.discipline = ("round_robin" if not dear and len(plan.active) > 1
+                                            else self.settings.discipline)
         plan = ctl.plan
         probe_core = deployment.cores[probe_model]
-        skip = "pinned" if pinned is not None else self._skip_model_probe_plan(policy, snap, plan, probe_model, n_prompt)
+        skip = "pinned" if pinned is not None else self._skip_model_probe(policy, snap, probe_model, n_prompt, plan=plan)
         probe = await self.probe.run(deployment.engine, probe_core, probe_model, prompt_token_ids, full=skip is None)
         if skip is not None and pinned is None:
             probe.skipped = skip
@@ -170,9 +175,14 @@ class AdaptiveRouter:
                         placement=placement.to_json() if placement is not None else None)
         # The plan's latency without the measured bias is what the telemetry scores (bias = measured /
         # modelled): scoring a prediction that already holds the bias would make the bias oscillate.
+        # Only in a steady plan: within an SLO of a change of tiers, or while a tier the plan left still
+        # steps, a request shares the device with work the plan does not model (the old tier's
+        # backlog); scored, it taught the bias a transient and the plan left a tier that would hold.
         modelled = plan.latency_s.get(tier, 0.0) / plan_bias(snap.engines[model].finished_bias) * 1e3
+        steady = (now - ctl.changed_at >= (ctl.slo_s or 0.0)
+                  and not any(e.busy for e in snap.engines.values() if e.tier not in plan.active))
         deployment.telemetry.note_routed(model, params.n, prompt_token_ids,
-                                         modelled if pinned is None and modelled < float("inf") else None)
+                                         modelled if pinned is None and steady and modelled < float("inf") else None)
         return self._decision(choice, probe, pinned)
 
     def _move_off(self, deployment, old, plan) -> None:
@@ -186,46 +196,33 @@ class AdaptiveRouter:
             if move is not None:
                 move(deployment.tier_to_model[t], deployment.tier_to_model[to])
 
-    def _skip_model_probe_plan(self, policy: Policy, snap, plan, probe_model: str, n_prompt: int) -> str | None:
-        s = self.settings
-        if s.always_probe:
-            return None
-        if not (s.difficulty and "difficulty" in policy.quality.signals) and s.intent_mode != "zero_shot":
-            return "no signal the policy keeps needs the probe model"
-        if len(plan.order) < 2:
-            return "the plan has one tier for auto: no signal could move the request"
-        e = snap.engines[probe_model]
-        n_probe = min(n_prompt, s.probe_max_tokens)
-        in_progress = max((f.step_cost(min(f.num_running + f.num_waiting, f.max_num_seqs))
-                           for f in snap.engines.values() if f.busy), default=0.0)
-        late_ms = (in_progress + e.prefill_cost(n_probe)) * 1e3
-        if late_ms > s.probe_max_ms:
-            return f"its step would take ~{late_ms:.0f} ms, over probe_max_ms ({s.probe_max_ms:g})"
-        return None
-
     def known_loss(self, prompt_token_ids: list[int]) -> dict[str, float] | None:
         """Each tier's true loss on this prompt, where a subclass knows it (a benchmark's oracle)."""
         return None
 
-    def _skip_model_probe(self, policy: Policy, snap, probe_model: str, n_prompt: int, max_new: int, n: int,
-                          max_latency_ms: float | None) -> str | None:
+    def _skip_model_probe(self, policy: Policy, snap, probe_model: str, n_prompt: int, max_new: int = 0, n: int = 1,
+                          max_latency_ms: float | None = None, plan=None) -> str | None:
         """Why the probe model's prefill should not run for this request (None: run it). It runs
-        only when a signal it measures could change the decision, and only when it would be
-        served within the probe budget: under the worker's priority it waits for the step in
-        progress (at most the dearest busy engine's step) and then takes one step of its own."""
+        only when a signal it measures could change the decision (under a capacity `plan`: the plan
+        has two tiers to choose between), and only when it would be served within the probe budget:
+        under the worker's priority it waits for the step in progress (at most the dearest busy
+        engine's step) and then takes one step of its own (per-request placement: with its engine's
+        running rows)."""
         s = self.settings
         if s.always_probe:
             return None
         if not (s.difficulty and "difficulty" in policy.quality.signals) and s.intent_mode != "zero_shot":
             return "no signal the policy keeps needs the probe model"
-        if policy.probe_is_moot(snap, n_prompt, max_new, n, max_latency_ms):
+        if plan is not None and len(plan.order) < 2:
+            return "the plan has one tier for auto: no signal could move the request"
+        if plan is None and policy.probe_is_moot(snap, n_prompt, max_new, n, max_latency_ms):
             return "lambda is 0 and the top tier meets the SLO: no signal could move the request"
         e = snap.engines[probe_model]
         n_probe = min(n_prompt, s.probe_max_tokens)
         in_progress = max((f.step_cost(min(f.num_running + f.num_waiting, f.max_num_seqs))
                            for f in snap.engines.values() if f.busy), default=0.0)
-        late_ms = (in_progress + e.prefill_cost(n_probe) + e.step_seconds_per_token * min(e.num_running, e.max_num_seqs)
-                   ) * 1e3
+        own_rows = 0 if plan is not None else e.step_seconds_per_token * min(e.num_running, e.max_num_seqs)
+        late_ms = (in_progress + e.prefill_cost(n_probe) + own_rows) * 1e3
         if late_ms > s.probe_max_ms:
             return f"its step would take ~{late_ms:.0f} ms, over probe_max_ms ({s.probe_max_ms:g})"
         return None

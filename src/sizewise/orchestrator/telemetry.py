@@ -363,19 +363,18 @@ class Telemetry:
 
     @staticmethod
     def _finished_bias(st: _EngineState, now: float) -> float:
+        """The finished requests' latency bias, fading towards 1 without new ones."""
         if st.latency_bias is None:
             return 1.0
         return math.exp(st.latency_bias.get(0.0) * 0.5 ** (max(now - st.bias_time, 0.0) / _BIAS_HALF_LIFE_S))
 
-    @staticmethod
-    def _bias(st: _EngineState, now: float) -> float:
+    @classmethod
+    def _bias(cls, st: _EngineState, now: float) -> float:
         """The latency bias the policy reads: the finished requests' (fading without new ones), or
         more when most requests still in flight there have already run past their prediction (their
         ratio is at least elapsed / predicted). Without the second, a burst learns nothing until its
         first requests finish, by when every request of the burst has been routed."""
-        learned = 0.0
-        if st.latency_bias is not None:
-            learned = st.latency_bias.get(0.0) * 0.5 ** (max(now - st.bias_time, 0.0) / _BIAS_HALF_LIFE_S)
+        learned = math.log(cls._finished_bias(st, now))
         while st.predicted and now - next(iter(st.predicted.values()))[0] > _IN_FLIGHT_HORIZON_S:
             st.predicted.popitem(last=False)
         late = sorted(min((now - t0) / p, _BIAS_CLAMP) for t0, p in st.predicted.values())

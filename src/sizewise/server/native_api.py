@@ -68,8 +68,11 @@ async def generate(body: P.GenerateRequest, request: Request):
 
 async def _generate_stream(run: Run, rid: str, with_lp: bool) -> AsyncIterator[str]:
     # Each delta says where it was routed; the probe and the objective come once, in the last event.
-    brief = run.decision.to_json(brief=True)
+    # Read at the first delta, not before: a capacity-plan move happens before the first token.
+    brief = None
     async for job, delta in run.events():
+        if brief is None:
+            brief = run.decision.to_json(brief=True)
         for o in delta.outputs:
             event = {"id": rid, **_output_json(o, with_lp), "sizewise": brief}
             if delta.prompt_logprobs is not None:

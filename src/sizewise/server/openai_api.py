@@ -127,8 +127,12 @@ async def _completion_stream(serving: Serving, run: Run, body: P.CompletionReque
     # The routing decision goes out whole (probe, objective) in each prompt's first chunk and in
     # the usage chunk; the chunks between say where it went and why.
     sizewise = {job.index: job.decision.to_json() for job in run.jobs}
-    fmt = {job.index: ChunkFormat(base, job.decision.to_json(brief=True), include_usage) for job in run.jobs}
+    # Each prompt's chunk format is made at its first delta, not before: a capacity-plan move happens
+    # before the first token, so the brief decision cached per stream names the tier that answers.
+    fmt: dict[int, ChunkFormat] = {}
     async for job, delta in run.events():
+        if job.index not in fmt:
+            fmt[job.index] = ChunkFormat(base, job.decision.to_json(brief=True), include_usage)
         for o in delta.outputs:
             idx = job.index * params.n + o.index
             first = idx not in started

@@ -24,7 +24,10 @@ def add_parser(sub, default_config: str) -> None:
                    help="model shapes per tier, smallest first: shipped names (qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, "
                         "llama-3.2-1b, llama-3.2-3b, llama-3.1-8b) or directories with a config.json "
                         "(default: the config's own models)")
-    s.add_argument("--loads", default="0.25,0.5,1,2,3", help="multiples of static large's capacity (default: %(default)s)")
+    s.add_argument("--loads", default="0.25,0.5,1,1.5,2,3,burst",
+                   help="multiples of static large's capacity; `burst`: every request within --burst-s from idle "
+                        "(default: %(default)s)")
+    s.add_argument("--burst-s", type=float, default=2.0, help="the burst's span in seconds (default: %(default)s)")
     s.add_argument("--policies", default="static-small,static-medium,static-large,sizewise,random,oracle",
                    help="(default: %(default)s; also load-only)")
     s.add_argument("--slo-ms", type=float, help="latency objective (default: --slo-mult x one request alone on large)")
@@ -70,7 +73,7 @@ def run(args, config_path: str) -> int:
 
     from ..orchestrator.deployment import DeploymentConfig
     from .report import POLICIES, plot, print_table, targets
-    from .sweep import Sweep, compare, gains
+    from .sweep import Sweep, compare, gains, load_key
     from .workload import DEMO_WORKLOAD, cycled, load_workload
 
     logging.getLogger("sizewise").setLevel(args.log_level.upper())
@@ -92,16 +95,16 @@ def run(args, config_path: str) -> int:
     seed = real["args"]["seed"] if real else args.seed
     sweep = Sweep(spec, items, max_tokens, seed, progress=not args.no_progress)
     if real:
-        loads = sorted({r["load"] for r in real["rows"]})
+        loads = sorted({r["load"] for r in real["rows"]}, key=load_key)
         policies = [p for p in dict.fromkeys(r["policy"] for r in real["rows"])]
         cap, slo_s = real["static_large_capacity_req_s"], real["slo_s"]
         alone = statistics_median(real.get("alone_large_s") or [slo_s / 3])
     else:
         try:
-            loads = [float(x) for x in args.loads.split(",") if x.strip()]
+            loads = [x.strip() if x.strip() == "burst" else float(x) for x in args.loads.split(",") if x.strip()]
         except ValueError:
-            raise ValueError(f"--loads {args.loads!r}: give positive numbers separated by commas") from None
-        if not loads or any(not x > 0 for x in loads):
+            raise ValueError(f"--loads {args.loads!r}: give positive numbers or burst, separated by commas") from None
+        if not loads or any(x != "burst" and not x > 0 for x in loads):
             raise ValueError(f"--loads {args.loads!r}: give positive numbers separated by commas")
         policies = args.policies.split(",")
         for p in policies:
@@ -110,7 +113,7 @@ def run(args, config_path: str) -> int:
         cap, alone, slo_s = sweep.calibrate(args.slo_mult)
         if args.slo_ms:
             slo_s = args.slo_ms / 1e3
-    rows, offline, cells = sweep.run(loads, policies, cap, slo_s)
+    rows, offline, cells = sweep.run(loads, policies, cap, slo_s, burst_s=args.burst_s)
     wall = time.perf_counter() - t_start
     shapes = {m.tier: spec.model_dirs[m.name].name for m in spec.config.models}
     print(f"\nsimulated routing sweep on {args.hardware} ({spec.cost.kind} step costs; shapes "

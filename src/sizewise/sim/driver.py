@@ -32,7 +32,7 @@ from ..models import ModelConfig
 from ..orchestrator.deployment import Deployment, DeploymentConfig, StaticRouter
 from ..orchestrator.planner import plan_memory
 from ..orchestrator.policy import TIER_ORDER
-from ..orchestrator.types import Prompt, RoutingHints
+from ..orchestrator.types import Decision, Prompt, RoutingHints
 from ..sampling_params import SamplingParams
 from .hardware import SimPlatform
 from .runner import SimDevice, SimRunner
@@ -64,6 +64,7 @@ class SimRecord:
     explain: dict = field(default_factory=dict)
     error: str | None = None  # refused, failed by the engine, aborted or past its deadline
     sub: object = None
+    max_tokens: int | None = None  # None: the run's
 
     @property
     def done(self) -> bool:
@@ -238,7 +239,7 @@ class Simulation:
     # ----- clients -------------------------------------------------------------------------
     async def _client(self, rec: SimRecord) -> None:
         item = self.items[rec.index]
-        params = SamplingParams(max_tokens=self.max_tokens, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=rec.max_tokens or self.max_tokens, temperature=0.0, ignore_eos=True)
 
         def sink(_i: int, out) -> None:
             if rec.done:
@@ -274,16 +275,28 @@ class Simulation:
     def run(self, router, arrivals: list[float], max_tokens: int, warmup: int = 8, timeout_s: float | None = None,
             aborts: dict[int, float] | None = None, faults: dict[str, float] | None = None) -> list[SimRecord]:
         """Serve item i at arrivals[i] (seconds) with `router`; returns one record per item.
-        First, like the real benchmark, `warmup` requests on each tier give the telemetry its first
-        steps; then the prefix caches and the learned latency are reset and the run starts."""
+        First, like the real benchmark (whose warm-up cells share one deployment), `warmup` requests
+        on each tier give the telemetry its first steps, then a few on every tier at once its
+        interleaved steps; then the prefix caches and the learned latency are reset and the run
+        starts. The warm-up's lengths are staggered (request i of k stops after (i+1)/k of
+        max_tokens), so each tier's decode steps see batch sizes 1..k and its cost line has a slope;
+        from one batch size alone the telemetry must guess the split of fixed and per-row cost, and
+        on an accelerator (a step mostly weight stream) that guess prices a row ~100x too high."""
         self.max_tokens = max_tokens
         dep = self.deployment
         if warmup:
+            k = min(warmup, len(self.items))
             for tier in dep.tier_to_model:
                 dep.router = StaticRouter(tier)
-                for i in range(min(warmup, len(self.items))):
-                    self.at(self.clock.now(), "arrive", SimRecord(i, self.clock.now()))
+                for i in range(k):
+                    self.at(self.clock.now(), "arrive",
+                            SimRecord(i, self.clock.now(), max_tokens=max(1, max_tokens * (i + 1) // k)))
                 self.engine.run()
+            tiers = list(dep.tier_to_model)
+            dep.router = _DealRouter([tiers[i % len(tiers)] for i in range(len(tiers) * max(k // 2, 1))])
+            for i in range(len(dep.router.deck)):
+                self.at(self.clock.now(), "arrive", SimRecord(i % len(self.items), self.clock.now()))
+            self.engine.run()
             self.clock.advance(1.0)
             reset_prefix_caches(dep)
             dep.telemetry.forget_latency()
@@ -313,6 +326,18 @@ class Simulation:
                 self._finish(rec, "hung: no engine will ever answer it")
             rec.arrival -= t0
         return self.records
+
+
+class _DealRouter:
+    """The warm-up's interleaved requests: tiers dealt in a fixed order."""
+
+    def __init__(self, deck: list[str]) -> None:
+        self.deck = list(deck)
+        self.decisions: dict = {}
+
+    async def route(self, deployment, prompt_token_ids, params, requested, hints) -> Decision:
+        tier = self.deck.pop()
+        return Decision(model=deployment.tier_to_model[tier], tier=tier, strategy="plain", reason="warmup")
 
 
 async def _quiesce(loop: asyncio.AbstractEventLoop) -> None:

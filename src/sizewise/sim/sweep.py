@@ -71,9 +71,11 @@ class Sweep:
         alone = self.cell(StaticRouter(self.top), [0.0])[0].latency
         return cap, alone, slo_mult * alone
 
-    def run(self, loads: list[float], policies: list[str], cap: float, slo_s: float,
-            unit: list[float] | None = None) -> tuple[list[dict], list[dict], dict]:
-        """Every policy at every load; returns (rows, offline, per-cell records as [arrival, ttft, latency, tier])."""
+    def run(self, loads: list, policies: list[str], cap: float, slo_s: float,
+            unit: list[float] | None = None, burst_s: float = 2.0) -> tuple[list[dict], list[dict], dict]:
+        """Every policy at every load (a multiple of `cap`, or "burst": every request within `burst_s`
+        from idle, as benchmarks/routing.py draws it); returns (rows, offline, per-cell records as
+        [arrival, ttft, latency, tier])."""
         if "random" in policies and "sizewise" not in policies:
             raise ValueError("random copies sizewise's tier shares: include sizewise")
         if unit is None:
@@ -85,8 +87,10 @@ class Sweep:
         order = [p for p in policies if p != "random"] + (["random"] if "random" in policies else [])
         rows, offline, cells = [], [], {}
         bar = _bar(len(loads) * len(order), self.progress)
+        burst_rng = random.Random(self.seed + 2)
+        burst = sorted(burst_rng.uniform(0.0, burst_s) for _ in self.items)
         for load in loads:
-            times = [x / (load * cap) for x in unit]
+            times = burst if load == "burst" else [x / (load * cap) for x in unit]
             got = {}
             for p in order:
                 counts = None
@@ -95,7 +99,7 @@ class Sweep:
                 recs = _records(self.cell(self.router_for(p, slo_s * 1e3, counts), times))
                 got[p] = recs
                 rows.append(summarize(p, load, recs, self.nll, slo_s))
-                cells[f"{load:g}/{p}"] = [[r.arrival, r.ttft, r.latency, r.tier] for r in recs]
+                cells[f"{load if load == 'burst' else format(load, 'g')}/{p}"] = [[r.arrival, r.ttft, r.latency, r.tier] for r in recs]
                 bar.update(1)
             if "sizewise" in got:
                 offline.append(self._offline(load, got["sizewise"]))
@@ -118,7 +122,7 @@ class Sweep:
 def gains(rows: list[dict]) -> list[dict]:
     """Per load: what auto (sizewise) gains over the best static size (by SLO attainment, then loss)."""
     out = []
-    for load in sorted({r["load"] for r in rows}):
+    for load in sorted({r["load"] for r in rows}, key=load_key):
         at = {r["policy"]: r for r in rows if r["load"] == load}
         sw = at.get("sizewise")
         statics = [r for p, r in at.items() if p.startswith("static-")]
@@ -133,6 +137,11 @@ def gains(rows: list[dict]) -> list[dict]:
                     "goodput_ratio": sw["goodput"] / best["goodput"] if best["goodput"] > 0 else None,
                     "dominated_by": ",".join(dominated)})
     return out
+
+
+def load_key(load) -> tuple:
+    """Loads in order, "burst" last."""
+    return (1, 0.0) if load == "burst" else (0, float(load))
 
 
 def compare(real_rows: list[dict], sim_rows: list[dict]) -> list[dict]:

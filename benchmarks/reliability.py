@@ -71,11 +71,27 @@ class Server:
         host, port = self.url.removeprefix("http://").rsplit(":", 1)
         return host, int(port)
 
+    def pids(self) -> list[int]:
+        """The server and its descendants (the engine-core process holds the models)."""
+        out, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            for kids in Path(f"/proc/{pid}/task").glob("*/children"):
+                todo += [int(k) for k in kids.read_text().split()]
+        return out
+
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        """Resident memory of the server's processes together (pages shared between them, such as
+        loaded libraries, count once per process: a bound above, and steady when they are)."""
+        total = 0.0
+        for pid in self.pids():
+            try:
+                lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+            except FileNotFoundError:
+                continue
+            total += next((int(x.split()[1]) for x in lines if x.startswith("VmRSS:")), 0) / 1024
+        return total
 
     def gauges(self) -> dict[str, float]:
         text = httpx.get(self.url + "/metrics", timeout=30).text

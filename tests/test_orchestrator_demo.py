@@ -48,7 +48,8 @@ async def test_copy_like_prompts_are_predicted_to_lose_less_than_hard_prose(dep)
     for t in ("small", "medium"):
         assert dc.explain["tiers"][t]["loss"] < dp.explain["tiers"][t]["loss"], (dc.to_json(), dp.to_json())
     # two arrivals: the plan has the top tier alone, and both are served there
-    assert (dc.tier, dp.tier, dp.reason) == ("large", "large", "plan:headroom")
+    # (idle or headroom: two arrivals are too few for the rate's confidence band to leave zero)
+    assert (dc.tier, dp.tier) == ("large", "large") and dp.reason in ("plan:idle", "plan:headroom")
     assert dp.explain["plan"]["shares"] == {"large": 1.0}
 
 

@@ -280,7 +280,7 @@ async def test_a_one_token_prompt_says_why_it_has_no_difficulty(two_tiers):
     r = AdaptiveRouter(PolicySettings(always_probe=True))
     d = await r.route(two_tiers, [7], SamplingParams(max_tokens=2), "auto", RoutingHints())
     assert d.probe["difficulty"] is None and "1-token" in d.probe["skipped"]
-    assert (d.tier, d.reason) == ("medium", "plan:headroom")  # one arrival: the top tier alone
+    assert d.tier == "medium" and d.reason in ("plan:idle", "plan:headroom")  # one arrival: the top tier alone
     d = await r.route(two_tiers, [7, 8, 9], SamplingParams(max_tokens=2), "auto", RoutingHints())
     assert d.probe["difficulty"] is not None and "skipped" not in d.probe
 

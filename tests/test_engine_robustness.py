@@ -208,3 +208,29 @@ async def test_a_request_id_in_flight_on_one_core_is_refused_on_another(llama_di
         assert len([t async for out in again for t in out.outputs[0].token_ids]) == 40
     finally:
         engine.shutdown()
+
+
+# ----- a stop string found outside the engine ------------------------------------------------------
+def test_a_sample_stopped_from_outside_frees_its_kv_at_once_and_its_request_finishes_with_the_last(llama_dir):
+    """With detokenize=False (the engine-core process) the API process finds stop strings; the
+    sample it stops must end now, as a stop found in the engine would, not run on to max_tokens."""
+    core = EngineCore(llama_dir, EngineConfig(kv_cache_bytes=1 << 20, detokenize=False, **ENGINE))
+    sp = SamplingParams(n=2, temperature=1.0, seed=7, max_tokens=200, ignore_eos=True)
+    core.add_request("r", list(range(3, 40)), sp)
+    for _ in range(3):
+        core.step()
+    used = core.block_manager.num_used_blocks
+    assert core.stop_sample("r", 0, "\n") is None  # a sibling still runs
+    s0, s1 = sorted(core.requests["r"].seqs, key=lambda s: s.index)
+    assert (s0.finish_reason, s0.stop_reason, s1.is_finished) == ("stop", "\n", False)
+    assert core.block_manager.num_used_blocks < used  # its own blocks are free now (the prompt's are shared)
+    assert core.stop_sample("r", 0, "\n") is None and core.stop_sample("nobody", 0, "x") is None
+    n1 = s1.num_output_tokens
+    final = core.stop_sample("r", 1, "END")
+    assert final is not None and final.finished and final.metrics["finished_time"] is not None
+    assert all(o.finish_reason == "stop" for o in final.outputs if o.index == 1)
+    assert "r" not in core.requests and not core.has_unfinished_requests()
+    assert core.block_manager.num_used_blocks == 0
+    assert s1.num_output_tokens == n1 < sp.max_tokens
+    # the next step hands the final delta to step listeners too (telemetry learns the request ended)
+    assert [d.request_id for d in core.step() if d.finished] == ["r"]

@@ -49,6 +49,15 @@ class _Abort:
 
 
 @dataclass(slots=True)
+class _Stop:
+    """One sample ended by a stop string the caller found (EngineCore.stop_sample)."""
+
+    request_id: str
+    index: int
+    stop_reason: str
+
+
+@dataclass(slots=True)
 class _Move:
     """Move the movable requests still waiting (never prefilled) on one core to another."""
 
@@ -243,6 +252,12 @@ class AsyncEngine:
         self._inbox.put(_Abort(request_id))
         self._wake.set()
 
+    def stop_sample(self, request_id: str, index: int, stop_reason: str) -> None:
+        """Finish sample `index` of a request on a stop string found outside the engine (the API
+        process detokenizes when the engines run in their own process)."""
+        self._inbox.put(_Stop(request_id, index, stop_reason))
+        self._wake.set()
+
     def move_waiting(self, src: str, dst: str) -> None:
         """Move every movable request still waiting on `src` (nothing of it computed or generated) to
         `dst`, in order; its stream carries on from `dst`, and `move_listeners` hear of it."""
@@ -277,7 +292,7 @@ class AsyncEngine:
         except RuntimeError:  # the caller's event loop is closed: nobody reads this stream; free it
             self._inbox.put(_Abort(route.stream.request_id))
 
-    def _queued(self) -> Iterator[_Add | _Abort]:
+    def _queued(self) -> Iterator[_Add | _Abort | _Move | _Stop]:
         """The commands queued so far, oldest first, taken off the inbox."""
         while True:
             try:
@@ -303,6 +318,13 @@ class AsyncEngine:
                 cmd.loop.call_soon_threadsafe(_set_result, cmd.admitted, None)
             elif isinstance(cmd, _Move):
                 self._move(cmd.src, cmd.dst)
+            elif isinstance(cmd, _Stop):
+                route = self._routes.get(cmd.request_id)
+                if route is not None:
+                    out = self.cores[route.core].stop_sample(cmd.request_id, cmd.index, cmd.stop_reason)
+                    if out is not None:
+                        del self._routes[cmd.request_id]
+                        self._deliver(route, out)
             else:
                 route = self._routes.pop(cmd.request_id, None)
                 if route is not None:

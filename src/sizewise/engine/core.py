@@ -167,6 +167,7 @@ class EngineCore:
         )
         self.detokenizer = Detokenizer(self.tokenizer)
         self.requests: dict[str, Request] = {}
+        self._finished_between_steps: list[RequestOutput] = []  # stop_sample's finals, for the next step
         self._seq_ids = itertools.count()
         self._step_count = 0
         self._last_step = StepRecord()
@@ -410,6 +411,25 @@ class EngineCore:
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished=True,
                              metrics=self._metrics(req))
 
+    def stop_sample(self, request_id: str, index: int, stop_reason: str) -> RequestOutput | None:
+        """Finish one sample on a stop string found by whoever detokenizes (an engine run with
+        `detokenize=False` leaves stop strings to the API process), as `_check_finish` would have:
+        its KV is freed now, not when its siblings end. Returns the request's final delta when that
+        was its last sample; the next step returns it too, so step listeners see every finish."""
+        req = self.requests.get(request_id)
+        seq = next((s for s in req.seqs if s.index == index), None) if req is not None else None
+        if seq is None or seq.is_finished:
+            return None
+        self.scheduler.finish(seq, "stop")
+        seq.stop_reason = stop_reason
+        if self.spec is not None:
+            self.spec.release(seq)
+        if not req.finished:
+            return None
+        out = self._make_delta(req)
+        self._finished_between_steps.append(out)
+        return out
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -420,10 +440,11 @@ class EngineCore:
         # Proposals first: the scheduler decides which of them are verified this step.
         draft_probs = self.spec.propose(self.scheduler.running) if self.spec is not None else {}
         sched = self.scheduler.schedule()
+        late, self._finished_between_steps = self._finished_between_steps, []
         if sched.is_empty:
             if self.spec is not None:
                 self.spec.end_step({})
-            return []
+            return late
         now = self.clock.time()
         for seq in sched.prefills + sched.decodes + sched.verifies:
             if seq.request.metrics.first_scheduled_time is None:
@@ -435,7 +456,7 @@ class EngineCore:
             + sum(s.num_tokens - 1 + sched.verify_q for s in sched.verifies)  # context_lens of verify
         )
         result = self.runner.execute(sched, draft_probs)
-        out = self._postprocess(sched, result)
+        out = late + self._postprocess(sched, result)
         # The draft model's proposals ran inside this step, as the draft engine's own work.
         drafted = (self.draft.work_totals()[0] - draft_s) if self.draft is not None else 0.0
         self._record_step(sched, result.num_forwards, kv_tokens, self.clock.now() - t0 - drafted)

@@ -138,6 +138,8 @@ class CoreServer:
                 self._movable.pop(rid, None)
                 self._unstarted.pop(rid, None)
                 self.dep.engine.abort(rid)
+        elif isinstance(msg, ipc.Stop):
+            self.dep.engine.stop_sample(msg.request_id, msg.index, msg.stop_reason)
         elif isinstance(msg, ipc.Shutdown):
             self._stop.set()
 
@@ -214,9 +216,13 @@ class CoreServer:
         return status
 
     def _parent_gone(self) -> None:
-        log.error("the API process is gone: the engine-core process exits")
-        shutil.rmtree(self.ipc_dir, ignore_errors=True)
-        os._exit(1)
+        _orphaned(self.ipc_dir)
+
+
+def _orphaned(ipc_dir: str) -> None:
+    log.error("the API process is gone: the engine-core process exits")
+    shutil.rmtree(ipc_dir, ignore_errors=True)
+    os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    set_parent_death_signal(_PARENT_GONE)  # default action until the loop handles it: terminate
+    # Until the serving loop takes it over: an orphan removes its socket directory and exits.
+    signal.signal(_PARENT_GONE, lambda *_: _orphaned(args.ipc_dir))
+    set_parent_death_signal(_PARENT_GONE)
     if os.getppid() != args.parent:  # the parent died before the signal was armed
         return 1
     logging.basicConfig(level=args.log_level.upper(),

@@ -43,6 +43,14 @@ class Abort(msgspec.Struct, tag=True, array_like=True):
     request_ids: list[str]
 
 
+class Stop(msgspec.Struct, tag=True, array_like=True):
+    """Sample `index` of a request met a stop string (found where it is detokenized, the API)."""
+
+    request_id: str
+    index: int
+    stop_reason: str
+
+
 class Shutdown(msgspec.Struct, tag=True, array_like=True):
     pass
 
@@ -106,7 +114,7 @@ class Stats(msgspec.Struct, tag=True, array_like=True):
     stats: DeploymentStats
 
 
-ToCore = Union[Submit, Abort, Shutdown]
+ToCore = Union[Submit, Abort, Stop, Shutdown]
 ToApi = Union[Ready, Dead, Admitted, Refused, Steps, Failed, Moved, Stats]
 
 
@@ -136,8 +144,8 @@ def drain(sock: zmq.Socket, dec: msgspec.msgpack.Decoder, handle: Callable[[Any]
         except zmq.Again:
             return
         try:
-            msg = dec.decode(frame.buffer)
+            handle(dec.decode(frame.buffer))
         except msgspec.DecodeError:
             log.exception("undecodable message dropped")
-            continue
-        handle(msg)
+        except Exception:  # noqa: BLE001 - one bad message must not leave the rest unread (edge-triggered)
+            log.exception("handling a message failed")

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,12 +110,15 @@ class RemoteDeployment:
         self._dead: EngineDeadError | None = None
         self._closing = False
         self._closed = False
+        self._waiting = False  # wait_ready polls the socket (the loader's thread)
+        self._shutdown_lock = threading.Lock()
 
     # ----- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> "RemoteDeployment":
         """Create the private socket directory, bind this process's socket, spawn the core."""
         self._dir = tempfile.mkdtemp(prefix="sizewise-core-")  # mode 0700: only this user connects
-        (Path(self._dir) / "config.json").write_text(self.config.model_dump_json())
+        # (without the API keys: the core serves no HTTP)
+        (Path(self._dir) / "config.json").write_text(self.config.model_dump_json(exclude={"server": {"api_keys"}}))
         self._ctx = zmq.Context()
         self._in = self._ctx.socket(zmq.PULL)
         self._in.setsockopt(zmq.RCVHWM, 0)
@@ -160,7 +164,16 @@ class RemoteDeployment:
         """Block until the core has loaded the models; raises ValueError with the core's words if
         loading failed, RuntimeError if the process died."""
         deadline = None if timeout_s is None else WALL.now() + timeout_s
+        self._waiting = True
+        try:
+            self._wait_ready(deadline, timeout_s)
+        finally:
+            self._waiting = False
+
+    def _wait_ready(self, deadline: float | None, timeout_s: float | None) -> None:
         while True:
+            if self._closing:
+                raise RuntimeError("the server was stopped while the engine core loaded the models")
             if self._in.poll(200):
                 msg = self._dec.decode(self._in.recv())
                 if isinstance(msg, ipc.Ready):
@@ -173,6 +186,8 @@ class RemoteDeployment:
                 if isinstance(msg, ipc.Dead):
                     raise ValueError(msg.error)
                 continue
+            if self._closing:
+                raise RuntimeError("the server was stopped while the engine core loaded the models")
             if not self._core_alive():
                 rc = self.proc.returncode if self.proc is not None else "?"
                 raise RuntimeError(f"the engine-core process exited with status {rc} while loading the models")
@@ -189,9 +204,24 @@ class RemoteDeployment:
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Ask the core to stop, wait for it (bounded; then kill it), release everything. Idempotent."""
+        with self._shutdown_lock:
+            self._shutdown(timeout_s)
+
+    def _shutdown(self, timeout_s: float) -> None:
         if self._closed:
             return
         self._closing = True
+        if self._waiting:
+            # A stop while loading, from another thread than the one polling the socket (ZMQ sockets
+            # are not thread-safe): the core reads no Shutdown before it has loaded, so kill it, and
+            # close nothing until wait_ready has seen `_closing` and let go of the socket.
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.kill()
+            let_go = threading.Event()
+            for _ in range(50):
+                if not self._waiting:
+                    break
+                let_go.wait(0.05)
         self._detach()
         proc = self.proc
         if proc is not None and proc.poll() is None:  # (a core this process started: it stops it)
@@ -229,6 +259,7 @@ class RemoteDeployment:
 
     def _core_exited(self) -> None:
         rc = self.proc.wait() if self.proc is not None else None
+        self._readable()  # its last rows and its `Dead` (the cause) may still be queued
         self._detach()
         if self._closing:
             return
@@ -374,6 +405,8 @@ class RemoteDeployment:
                             o.cumulative_logprob -= sum(lp[t] for t, lp in zip(cut, o.logprobs[j + 1:]))
                         del o.logprobs[j + 1:]
                     o.finish_reason, o.stop_reason = "stop", stop
+                    if not row.finished:  # the core cannot see it: finish the sample there now
+                        self._out.send(self._enc.encode(ipc.Stop(r.request_id, o.index, stop)))
                     break
             if stop is None and o.finish_reason is not None:
                 detok.flush(st)
@@ -435,11 +468,9 @@ class RemoteDeployment:
                     continue  # aborted here: late rows
                 r.begun = True
                 finished = self._text(r, row)
-                if finished:
+                if finished:  # (samples ended by a stop string here were finished in the core by `Stop`)
                     del routes[row.handle]
                     self._by_id.pop(r.request_id, None)
-                    if not row.finished:  # ended by a stop string here: free its KV in the core now
-                        self._out.send(self._enc.encode(ipc.Abort([r.request_id])))
                 r.sink(r.index, RequestOutput(r.request_id, r.prompt.text, r.prompt.ids, row.outputs, finished,
                                               row.prompt_logprobs, row.metrics))
         elif isinstance(msg, ipc.Stats):

@@ -414,6 +414,9 @@ def _load(state: AppState) -> None:
     except BaseException as e:  # noqa: BLE001 - reported by /health, /ready and the callback
         if deployment is not None:
             deployment.shutdown()
+        if state.closed:  # stopped (Ctrl-C, SIGTERM) while loading: not a failure to load
+            log.info("stopped while loading the models (%s)", e)
+            return
         if isinstance(e, (ValueError, OSError)):  # bad config, memory plan, checkpoint: the message says it all
             log.error("loading the deployment failed: %s", e)
         else:

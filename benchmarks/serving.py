@@ -127,6 +127,20 @@ def run_in_process(engine, prompts: list[list[int]], max_tokens: int) -> dict:
 
 
 # ----- over HTTP --------------------------------------------------------------------------------
+def pin(pid: int, engine_cpu: int, serving_cpu: int, engine_process: bool | None) -> None:
+    """`--pin`: the engine's work on one CPU and everything else on another, in every path alike.
+    engine_process None: this process (the in-process engine, or the client); False: a one-process
+    server (its main thread, the event loop, to serving; its engine worker to the engine's CPU);
+    True: an engine-core process (all of it to the engine's CPU)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        main = int(tid) == pid
+        cpu = engine_cpu if engine_process or (engine_process is False and not main) else serving_cpu
+        try:
+            os.sched_setaffinity(int(tid), {cpu})
+        except (ProcessLookupError, OSError):  # a thread that ended meanwhile
+            pass
+
+
 def child_of(pid: int) -> int:
     """The one child process of `pid` (the engine core of an --engine-process server)."""
     for entry in os.listdir("/proc"):
@@ -222,15 +236,20 @@ async def run_http(url: str, pid: int, prompts: list[list[int]], max_tokens: int
                 body["stream_options"] = {"include_usage": True}
             async with client.stream("POST", "/v1/completions", json=body) as r:
                 r.raise_for_status()
+                # The client shares this host's cores with the server: parse only what is needed (a
+                # token chunk is timestamped by a substring test; JSON only for the usage chunk).
                 async for line in r.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     now = time.perf_counter()
-                    ev = json.loads(line[6:])
-                    if ev.get("usage"):
+                    if '"usage":{' in line:
+                        ev = json.loads(line[6:])
                         counts[i] = ev["usage"]["completion_tokens"]
-                    if ev.get("choices") and ev["choices"][0].get("text"):
-                        stamps[i].append(now)
+                        if not (ev.get("choices") and ev["choices"][0].get("text")):
+                            continue
+                    elif '"text":""' in line:
+                        continue
+                    stamps[i].append(now)
 
         k0 = cpu_of(core_pid) if core_pid else None
         s0, c0, t0 = cpu_of(pid), time.process_time(), time.perf_counter()
@@ -322,6 +341,9 @@ def main() -> None:
                     help="rounds per batch size, the paths taking turns; medians reported (default: %(default)s)")
     ap.add_argument("--quick", action="store_true", help="small tier, batch 1 and 16 only")
     ap.add_argument("--paths", default=",".join(PATHS), help="which paths (default: %(default)s)")
+    ap.add_argument("--pin", action="store_true",
+                    help="engine work on CPU 0, serving and this client on CPU 1, in every path (a 2-core host: "
+                         "otherwise the client, the API process and the engine compete for both)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per cell and for the server to start")
     ap.add_argument("--out", help="JSON path (default: benchmarks/results/serving[-quick].json)")
     args = ap.parse_args()
@@ -365,6 +387,10 @@ def main() -> None:
         try:
             for server in servers.values():
                 url = server.start(args.timeout)
+                if args.pin:
+                    pin(server.proc.pid, 0, 1, server.engine_process)
+                    if server.core_pid is not None:
+                        pin(server.core_pid, 0, 1, True)
                 asyncio.run(run_http(url, server.proc.pid, warm, 8, True, args.timeout, server.core_pid))
             for b in batches:
                 runs: dict[str, list[dict]] = {p: [] for p in paths}
@@ -372,7 +398,11 @@ def main() -> None:
                 for rep in range(args.repeats):
                     # Fresh prompts per round: no path finds a round's prefill in its prefix cache.
                     prompts = make_prompts(b, args.prompt_tokens, vocab, seed=1000 * b + rep)
+                    if args.pin:
+                        os.sched_setaffinity(0, {0})  # this process is the engine now
                     runs["in-process"].append(run_in_process(engine, prompts, args.max_tokens))
+                    if args.pin:
+                        os.sched_setaffinity(0, {1})  # and the client from here on
                     for path in paths[1:]:
                         server = servers["ep" if path.startswith("ep-") else "http"]
                         runs[path].append(asyncio.run(run_http(server.url, server.proc.pid, prompts, args.max_tokens,

@@ -337,19 +337,24 @@ def test_a_killed_core_fails_requests_with_503_and_the_server_exits_1(config_pat
     assert "killed by signal 9" in server.log
 
 
+def _sigterm_mid_stream(server, url: str) -> tuple[int, dict]:
+    """SIGTERM to the server while a long stream runs; its exit status and the stream's result."""
+    results: dict = {}
+    first = threading.Event()
+    t = _stream_in_thread(url, {**LONG, "stream": True}, results, "stream", first)
+    assert first.wait(60), server.log
+    server.proc.send_signal(signal.SIGTERM)
+    t.join(60)
+    return server.proc.wait(30), results
+
+
 def test_sigterm_ends_streams_with_server_shutdown_and_both_processes_exit_0(config_path):
     server, url = _start(config_path)
     try:
         core = _core_pid(server)
         ipc_dir = Path(re.search(r"--ipc-dir (\S+)", Path(f"/proc/{core}/cmdline").read_text().replace("\0", " "))
                        .group(1))
-        results: dict = {}
-        first = threading.Event()
-        t = _stream_in_thread(url, {**LONG, "stream": True}, results, "stream", first)
-        assert first.wait(60), server.log
-        server.proc.send_signal(signal.SIGTERM)
-        t.join(60)
-        code = server.proc.wait(30)
+        code, results = _sigterm_mid_stream(server, url)
         core_gone = _wait_gone(core)
     finally:
         server.stop()
@@ -404,13 +409,7 @@ def test_api_server_count_2_shares_one_core_and_one_metrics_view(config_path):
                        if n == "sizewise_requests_total" and ("model", "demo-small") in labels)
             assert done == 6
             assert _engine(metrics, "sizewise_device_seconds_total", "demo-small") > 0
-        results: dict = {}
-        first = threading.Event()
-        t = _stream_in_thread(url, {**LONG, "stream": True}, results, "stream", first)
-        assert first.wait(60), server.log
-        server.proc.send_signal(signal.SIGTERM)
-        t.join(60)
-        code = server.proc.wait(30)
+        code, results = _sigterm_mid_stream(server, url)
         gone = all(_wait_gone(pid) for pid in (core, *apis))
     finally:
         server.stop()

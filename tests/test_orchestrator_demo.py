@@ -221,3 +221,39 @@ async def test_the_device_turn_follows_the_plan_a_dropped_tier_steps_when_the_pl
     # and the outputs are each tier's own
     for i, (ids, out) in enumerate(zip(items, outs)):
         _assert_greedy_of(dep, small if i % 2 else large, ids, out, i)
+
+
+async def test_running_auto_requests_moved_down_go_on_from_their_tokens_on_the_cheaper_tier(dep):
+    """A plan that leaves large on a CPU moves its running requests too: what large wrote becomes
+    medium's prompt and medium writes the rest. Each part is its own tier's greedy continuation,
+    the total is max_tokens, and the decision says where the seam is. A request asking for
+    logprobs (which a continuation could not keep consistent) stays where it is."""
+    tok = dep.tokenizer()
+    items = demo_prompts(tok, 3)
+    long = SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
+    large, medium = dep.tier_to_model["large"], dep.tier_to_model["medium"]
+    subs = []
+    for i, ids in enumerate(items):
+        params = long if i < 2 else SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True, logprobs=1)
+        subs += await dep.submit(f"run-mv-{i}", [Prompt(ids)], params)
+    assert all(s.decision.tier == "large" for s in subs)  # idle: the top tier alone
+    outs: list[list[int]] = [[] for _ in subs]
+    iters = [s.__aiter__() for s in subs]
+    for it, out in zip(iters, outs):  # every one has begun decoding on large
+        delta = await it.__anext__()
+        out += [t for o in delta.outputs for t in o.token_ids]
+    assert all(outs)
+    dep.engine.move_waiting(large, medium, running=True)
+    for it, out in zip(iters, outs):
+        async for delta in it:
+            out += [t for o in delta.outputs for t in o.token_ids]
+    for i, (s, out) in enumerate(zip(subs[:2], outs)):
+        moved = s.decision.explain["moved"]
+        k = moved["after_tokens"]
+        assert (s.decision.tier, moved["from"], moved["to"]) == ("medium", "large", "medium")
+        assert 0 < k < len(out) == long.max_tokens
+        _assert_greedy_of(dep, large, items[i], out[:k], (i, "large's part"))
+        _assert_greedy_of(dep, medium, items[i] + out[:k], out[k:], (i, "medium's part"))
+    assert subs[2].decision.tier == "large" and "moved" not in subs[2].decision.explain
+    assert len(outs[2]) == 120
+    _assert_greedy_of(dep, large, items[2], outs[2], "logprobs: stays")

@@ -14,6 +14,7 @@ loop with `call_soon_threadsafe`. Nothing here is process-global: two AsyncEngin
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -63,6 +64,7 @@ class _Move:
 
     src: str
     dst: str
+    running: bool = False  # also requests already prefilled or decoding (continued on dst)
 
 
 class RequestStream:
@@ -258,12 +260,15 @@ class AsyncEngine:
         self._inbox.put(_Stop(request_id, index, stop_reason))
         self._wake.set()
 
-    def move_waiting(self, src: str, dst: str) -> None:
+    def move_waiting(self, src: str, dst: str, running: bool = False) -> None:
         """Move every movable request still waiting on `src` (nothing of it computed or generated) to
-        `dst`, in order; its stream carries on from `dst`, and `move_listeners` hear of it."""
+        `dst`, in order; its stream carries on from `dst`, and `move_listeners` hear of it
+        (request id, src, dst, tokens src wrote). `running`: also those already prefilled or
+        decoding, where they can be continued (one sample, no logprobs, no stop strings): their
+        tokens so far join the prompt on `dst`, which writes the rest."""
         if src not in self.cores or dst not in self.cores:
             raise KeyError(src if src not in self.cores else dst)
-        self._inbox.put(_Move(src, dst))
+        self._inbox.put(_Move(src, dst, running))
         self._wake.set()
 
     def stats(self) -> dict[str, EngineStats]:
@@ -317,7 +322,7 @@ class AsyncEngine:
                 self._routes[cmd.request_id] = _Route(cmd.core, cmd.loop, cmd.stream, cmd.movable)
                 cmd.loop.call_soon_threadsafe(_set_result, cmd.admitted, None)
             elif isinstance(cmd, _Move):
-                self._move(cmd.src, cmd.dst)
+                self._move(cmd.src, cmd.dst, cmd.running)
             elif isinstance(cmd, _Stop):
                 route = self._routes.get(cmd.request_id)
                 if route is not None:
@@ -330,38 +335,53 @@ class AsyncEngine:
                 if route is not None:
                     self.cores[route.core].abort_request(cmd.request_id)
 
-    def _move(self, src: str, dst: str) -> None:
+    def _move(self, src: str, dst: str, running: bool = False) -> None:
         a, b = self.cores[src], self.cores[dst]
         for rid, route in list(self._routes.items()):
             if route.core != src or not route.movable:
                 continue
             req = a.requests.get(rid)
-            if req is None or any(seq.num_cached_tokens or seq.num_output_tokens or seq not in a.scheduler.waiting
-                                  for seq in req.seqs):
-                continue  # prefilled (or being prefilled): it stays
+            if req is None:
+                continue
+            prompt, params, written, text = req.prompt_token_ids, req.params, 0, req.prompt
+            if any(seq.num_cached_tokens or seq.num_output_tokens or seq not in a.scheduler.waiting for seq in req.seqs):
+                seq = req.seqs[0]
+                if not (running and _continuable(req)):
+                    continue  # prefilled (or being prefilled): it stays
+                # Continued on dst: what src wrote joins the prompt there (the same tokenizer across
+                # the family); dst writes the rest of max_tokens.
+                written = seq.num_output_tokens
+                prompt = prompt + seq.token_ids[seq.num_prompt_tokens:]
+                params = dataclasses.replace(
+                    params, min_tokens=max(0, params.min_tokens - written),
+                    max_tokens=None if params.max_tokens is None else params.max_tokens - written)
+                text = None
             strategy = req.strategy
             try:
-                b.validate(req.prompt_token_ids, req.params, strategy)
+                b.validate(prompt, params, strategy)
             except Exception:  # noqa: BLE001 - e.g. no speculation there: plain decoding gives the same tokens
                 strategy = "plain"
                 try:
-                    b.validate(req.prompt_token_ids, req.params, strategy)
+                    b.validate(prompt, params, strategy)
                 except Exception:  # noqa: BLE001 - it cannot run there: it stays
                     continue
-            if len(b.scheduler.waiting) + req.params.n > b.config.max_waiting:
+            if len(b.scheduler.waiting) + params.n > b.config.max_waiting:
                 continue
-            # Admitted there first, then freed here: a refusal leaves it waiting where it was, never lost.
+            # Admitted there first, then freed here: a refusal leaves it where it was, never lost.
             try:
-                b.add_request(rid, req.prompt_token_ids, req.params, req.prompt, arrival_time=req.metrics.arrival_time,
+                b.add_request(rid, prompt, params, text, arrival_time=req.metrics.arrival_time,
                               strategy=strategy, validated=True)
             except Exception:  # noqa: BLE001 - it stays on src
                 log.warning("moving %s from %s to %s failed; it stays on %s", rid, src, dst, src, exc_info=True)
                 continue
+            if written:  # the request's own times, not the continuation's
+                m, old = b.requests[rid].metrics, req.metrics
+                m.first_scheduled_time, m.first_token_time = old.first_scheduled_time, old.first_token_time
             a.abort_request(rid)
             route.core = dst
             for listener in self.move_listeners:
                 try:
-                    route.loop.call_soon_threadsafe(listener, rid, src, dst)
+                    route.loop.call_soon_threadsafe(listener, rid, src, dst, written)
                 except RuntimeError:
                     pass
 
@@ -483,6 +503,18 @@ class AsyncEngine:
                 core.abort_request(rid)
                 del self._routes[rid]
                 self._deliver(route, RuntimeError(f"internal error while serving the request: {exc}"))
+
+
+def _continuable(req) -> bool:
+    """Whether a started request can go on from its tokens so far on another engine, with the
+    same output as one stream: one sample, everything it wrote delivered, and nothing that
+    depends on the engine that wrote it (logprobs; stop strings, which a continuation would miss
+    across the seam)."""
+    p = req.params
+    seq = req.seqs[0]
+    return (len(req.seqs) == 1 and not seq.is_finished and seq.emitted_tokens == seq.num_output_tokens
+            and p.logprobs is None and p.prompt_logprobs is None and not p.stop
+            and (p.max_tokens is None or p.max_tokens > seq.num_output_tokens))
 
 
 def _set_result(fut: asyncio.Future, value) -> None:

@@ -77,6 +77,10 @@ class PolicyConfig(BaseModel):
     # --- the capacity plan (placement: plan): tiers and shares of `auto` traffic from measured costs
     placement: Literal[PLACEMENTS] = "plan"  # type: ignore[valid-type]
     util_target: float = Field(default=0.85, gt=0, lt=1)  # the plan keeps predicted load utilisation under this
+    # where the tiers a plan leaves would wait (a CPU): move their running requests down too, their
+    # tokens so far as the cheaper tier's prompt (off: on the cpu-measured virtual device it lowered
+    # attainment at 1x-2x; docs/routing.md)
+    move_running: bool = False
     # unigram statistics of the family's text (JSON written by `sizewise calibrate`), for the surprisal
     # signal; a relative path is read from the config file's directory
     token_stats: str | None = None
@@ -122,6 +126,7 @@ class PolicyConfig(BaseModel):
             allow_draft=self.allow_draft,
             placement=self.placement,
             util_target=self.util_target,
+            move_running=self.move_running,
             token_stats=_load_token_stats(self.token_stats) if self.token_stats else None,
         )
 

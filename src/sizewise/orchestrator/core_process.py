@@ -179,7 +179,7 @@ class CoreServer:
                     self._movable.popitem(last=False)
         self.send(msg.api, ipc.Admitted(msg.submit_id, [s.decision for s in subs]))
 
-    def _moved(self, request_id: str, src: str, dst: str) -> None:
+    def _moved(self, request_id: str, src: str, dst: str, written: int = 0) -> None:
         where = self._movable.get(request_id)
         if where is not None:
             api, handle, decision = where

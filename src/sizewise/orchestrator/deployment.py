@@ -363,13 +363,16 @@ class Deployment:
             f"drafts for the larger tiers); ask for {larger} with strategy 'draft', or use 'pld' or 'plain' on "
             f"{d.tier}", param="strategy")
 
-    def _on_move(self, request_id: str, src: str, dst: str) -> None:
-        """A waiting `auto` request moved (the plan left its tier): its decision says where it runs now."""
+    def _on_move(self, request_id: str, src: str, dst: str, written: int = 0) -> None:
+        """An `auto` request moved (the plan left its tier): its decision says where it runs now,
+        and, if it had begun, that its first `after_tokens` tokens are the old tier's."""
         d = self._movable.get(request_id)
         if d is None:
             return
-        moved = {"from": self.model_to_tier[src], "to": self.model_to_tier[dst],
-                 "why": "the capacity plan left its tier before it was prefilled"}
+        moved = {"from": self.model_to_tier[src], "to": self.model_to_tier[dst], "after_tokens": written,
+                 "why": (f"the capacity plan left its tier after it had written {written} tokens: those are "
+                         f"{self.model_to_tier[src]}'s, the rest {self.model_to_tier[dst]}'s") if written else
+                        "the capacity plan left its tier before it was prefilled"}
         d.model, d.tier = dst, self.model_to_tier[dst]
         if d.explain is not None:
             d.explain["moved"] = moved

@@ -132,6 +132,7 @@ class PolicySettings:
     # objective: each request placed alone by loss + lam x bytes under predicted latency (the old design)
     placement: str = "plan"
     util_target: float = 0.85  # the plan keeps predicted load utilisation under this
+    move_running: bool = False  # a plan that leaves a tier where it would wait moves its running requests down
     token_stats: object | None = None  # probe.TokenStats: the surprisal signal's unigram table
 
 

@@ -127,8 +127,6 @@ class AdaptiveRouter:
         snap = deployment.telemetry.snapshot()
         if ctl.due(now):
             plan, old = ctl.replan(snap, now)
-            if old is not None and set(old.shares) - set(plan.shares):
-                self._move_off(deployment, old, plan)
             # The device's turn follows the plan where interleaving is dear: tiers it left step only
             # when its own are idle. Dear: measured (a step after another engine's costs more than
             # half the kept tiers' own fixed step), or a CPU, where the per-step residual reads ~0 on
@@ -137,6 +135,9 @@ class AdaptiveRouter:
             # Where a second stream is cheap (an accelerator) the requests left there keep their share.
             kept = [snap.engines[deployment.tier_to_model[t]] for t in plan.active]
             dear = self._cpu or any(e.switch_seconds > 0.5 * e.step_fixed_seconds for e in kept)
+            if old is not None and set(old.shares) - set(plan.shares):
+                # Where the tiers it left would then wait, their running requests move down too.
+                self._move_off(deployment, old, plan, running=dear and self.settings.move_running)
             deployment.engine.plan_cores = (frozenset(deployment.tier_to_model[t] for t in plan.active) if dear
                                             else None)
             # A mix where a second stream is cheap: one step of each active tier per turn, the turn the
@@ -185,16 +186,18 @@ class AdaptiveRouter:
                                          modelled if pinned is None and steady and modelled < float("inf") else None)
         return self._decision(choice, probe, pinned)
 
-    def _move_off(self, deployment, old, plan) -> None:
+    def _move_off(self, deployment, old, plan, running: bool = False) -> None:
         """The plan left tiers: their waiting `auto` requests go to the kept tier nearest in size
-        (the next cheaper one, else the cheapest), before they are prefilled."""
+        (the next cheaper one, else the cheapest), before they are prefilled. `running`: those
+        already decoding too, where the kept tier is cheaper (their tokens so far become its
+        prompt: a request a cold start put on large need not finish there)."""
         kept = plan.order
         for t in set(old.shares) - set(plan.shares):
             below = [k for k in kept if TIER_ORDER.index(k) < TIER_ORDER.index(t)]
             to = below[-1] if below else kept[0]
             move = getattr(deployment.engine, "move_waiting", None)
             if move is not None:
-                move(deployment.tier_to_model[t], deployment.tier_to_model[to])
+                move(deployment.tier_to_model[t], deployment.tier_to_model[to], running=running and bool(below))
 
     def known_loss(self, prompt_token_ids: list[int]) -> dict[str, float] | None:
         """Each tier's true loss on this prompt, where a subclass knows it (a benchmark's oracle)."""

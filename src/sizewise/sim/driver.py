@@ -235,6 +235,8 @@ class Simulation:
         if not rec.done:
             rec.latency = (self.clock.now() if at is None else at) - rec.arrival
             rec.error = error
+            if rec.sub is not None:  # where it ended: a plan move rewrites the decision
+                rec.tier = rec.sub.decision.tier
 
     # ----- clients -------------------------------------------------------------------------
     async def _client(self, rec: SimRecord) -> None:

@@ -95,13 +95,24 @@ def pct(vals: list[float], p: float) -> float:
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
+def request_nll(r: Record, nll: dict[str, list[float]]) -> float:
+    """The request's quality: its tier's, or, for one moved mid-generation, each tier's weighted by
+    the tokens it wrote (an approximation: a tier's per-request NLL is over the whole reference)."""
+    moved = r.explain.get("moved") if r.explain else None
+    k = moved.get("after_tokens", 0) if moved else 0
+    if not k or not r.output_tokens:
+        return nll[r.tier][r.index]
+    k = min(k, r.output_tokens)
+    return (k * nll[moved["from"]][r.index] + (r.output_tokens - k) * nll[r.tier][r.index]) / r.output_tokens
+
+
 def summarize(policy: str, load: float, recs: list[Record], nll: dict[str, list[float]], slo_s: float) -> dict:
     lat = [r.latency for r in recs]
     ttft = [r.ttft for r in recs]
     span = max(r.arrival + r.latency for r in recs) - min(r.arrival for r in recs)
     ok = sum(r.latency <= slo_s for r in recs)
     large = statistics.fmean(nll["large"])
-    q = statistics.fmean(nll[r.tier][r.index] for r in recs)
+    q = statistics.fmean(request_nll(r, nll) for r in recs)
     probes = [r.probe_ms for r in recs if r.probe_ms is not None]
     pred = {}
     for t in TIERS:
@@ -114,6 +125,7 @@ def summarize(policy: str, load: float, recs: list[Record], nll: dict[str, list[
     return {
         "signal_frac": sum(r.signal for r in recs) / len(recs),
         "moved": sum(1 for r in recs if r.explain and "moved" in r.explain),
+        "moved_running": sum(1 for r in recs if r.explain and r.explain.get("moved", {}).get("after_tokens")),
         "plan_tier_sets": sorted({",".join(sorted(p["shares"], key=TIERS.index)) for p in plans}),
         "replans": max((p.get("replans", 0) for p in plans), default=0),
         "policy": policy, "load": load, "requests": len(recs),

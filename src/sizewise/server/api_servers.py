@@ -85,7 +85,9 @@ def supervise(cfg: DeploymentConfig, server_cfg: ServerSection, sock: socket.soc
             if w.poll() is None:
                 w.send_signal(signal.SIGTERM)
         _wait_all(workers, 15)
-        if any(w.returncode not in (0, None) for w in workers):
+        # (asked to stop: one still starting, before its own handler, dies of the SIGTERM passed on)
+        clean = (0, None, -signal.SIGTERM) if stop else (0, None)
+        if any(w.returncode not in clean for w in workers):
             code = 1
         _stop_core(core, ipc_dir)
         shutil.rmtree(ipc_dir, ignore_errors=True)
@@ -108,9 +110,15 @@ def _wait_all(procs: list[subprocess.Popen], timeout_s: float) -> None:
 def _stop_core(core: subprocess.Popen, ipc_dir: str) -> None:
     if core.poll() is not None:
         return
+    if not (Path(ipc_dir) / "core").exists():
+        # Still starting (its socket is bound after the imports): a Shutdown sent now would be dropped
+        # when this socket's linger ran out, and it has loaded nothing to give back.
+        core.kill()
+        core.wait()
+        return
     ctx = zmq.Context()
     out = ctx.socket(zmq.PUSH)
-    out.setsockopt(zmq.LINGER, 1000)
+    out.setsockopt(zmq.LINGER, 5000)
     out.connect(socket_path(ipc_dir, "core"))
     out.send(ipc.encoder().encode(ipc.Shutdown()))
     out.close()

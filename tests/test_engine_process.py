@@ -337,6 +337,11 @@ def test_a_killed_core_fails_requests_with_503_and_the_server_exits_1(config_pat
     assert "killed by signal 9" in server.log
 
 
+def _ipc_dir(core: int) -> Path:
+    """The socket directory an engine-core process was started with (its --ipc-dir)."""
+    return Path(re.search(r"--ipc-dir (\S+)", Path(f"/proc/{core}/cmdline").read_text().replace("\0", " ")).group(1))
+
+
 def _sigterm_mid_stream(server, url: str) -> tuple[int, dict]:
     """SIGTERM to the server while a long stream runs; its exit status and the stream's result."""
     results: dict = {}
@@ -352,8 +357,7 @@ def test_sigterm_ends_streams_with_server_shutdown_and_both_processes_exit_0(con
     server, url = _start(config_path)
     try:
         core = _core_pid(server)
-        ipc_dir = Path(re.search(r"--ipc-dir (\S+)", Path(f"/proc/{core}/cmdline").read_text().replace("\0", " "))
-                       .group(1))
+        ipc_dir = _ipc_dir(core)
         code, results = _sigterm_mid_stream(server, url)
         core_gone = _wait_gone(core)
     finally:
@@ -372,8 +376,7 @@ def test_a_killed_api_process_leaves_no_core_behind(config_path):
     server, url = _start(config_path)
     try:
         core = _core_pid(server)
-        ipc_dir = Path(re.search(r"--ipc-dir (\S+)", Path(f"/proc/{core}/cmdline").read_text().replace("\0", " "))
-                       .group(1))
+        ipc_dir = _ipc_dir(core)
         first = threading.Event()
         _stream_in_thread(url, {**LONG, "stream": True}, {}, "stream", first)
         assert first.wait(60), server.log

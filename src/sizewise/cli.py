@@ -414,6 +414,7 @@ def _run_server(args) -> int:
     remote = None
     if args.engine_process:
         from .orchestrator.remote import RemoteDeployment
+        from .server.api_servers import ENGINE_DEAD_EXIT_S
 
         def on_dead(exc) -> None:  # on the event loop: /health says 503 for a moment, then exit 1
             nonlocal exit_code
@@ -460,11 +461,6 @@ def _run_server(args) -> int:
         if remote is not None:  # (the app shut it down unless it was still loading)
             remote.shutdown()
     return exit_code
-
-
-# With --engine-process, how long a server whose engine core died keeps answering (/health 503,
-# every request 503 engine_dead) before it exits with status 1.
-ENGINE_DEAD_EXIT_S = 2.0
 
 
 def _write_delta(delta) -> None:

@@ -35,7 +35,7 @@ import zmq
 
 from ..errors import EngineDeadError, InvalidRequestError, QueueFullError, UnknownModelError
 from . import ipc
-from .deployment import Deployment, DeploymentConfig
+from .deployment import Deployment, DeploymentConfig, prompt_request_ids
 from .types import Decision, Prompt
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class CoreServer:
 
     async def _submit(self, msg: ipc.Submit) -> None:
         prompts = [Prompt(ids, text) for ids, text in zip(msg.prompt_ids, msg.prompt_texts)]
-        rids = [msg.request_id] if len(prompts) == 1 else [f"{msg.request_id}-{i}" for i in range(len(prompts))]
+        rids = prompt_request_ids(msg.request_id, len(prompts))
 
         def unstarted() -> None:  # routed and valid; before the worker can see them (Deployment.submit)
             self._unstarted.update((rid, (msg.api, h)) for rid, h in zip(rids, msg.handles))

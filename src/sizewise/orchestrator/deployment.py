@@ -189,6 +189,11 @@ class DeploymentConfig(BaseModel):
         return cls(models=models, **kw)
 
 
+def prompt_request_ids(request_id: str, n: int) -> list[str]:
+    """The engine request id of each prompt of one submission (the API and the core must agree)."""
+    return [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
+
+
 def check_prompts(prompts: list[Prompt], longest: int) -> None:
     """What a submission is refused for before routing (an oversized prompt never reaches a probe):
     no prompt, an empty one, one that leaves no room in the longest context served."""
@@ -444,8 +449,7 @@ class Deployment:
             before_queue()
         subs: list[Submission] = []
         try:
-            for i, (p, d) in enumerate(zip(prompts, decisions)):
-                rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+            for i, (p, d, rid) in enumerate(zip(prompts, decisions, prompt_request_ids(request_id, len(prompts)))):
                 to = (lambda item, i=i: sink(i, item)) if sink is not None else None
                 movable = requested == "auto" and d.reason.startswith("plan:")
                 if movable:

@@ -37,7 +37,7 @@ from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from . import ipc
 from .core_process import socket_path
-from .deployment import DeploymentConfig, Sink, check_prompts
+from .deployment import DeploymentConfig, Sink, check_prompts, prompt_request_ids
 from .types import Decision, DeploymentStats, ModelInfo, ModelStats, Prompt, RoutingHints, Submission
 
 log = logging.getLogger(__name__)
@@ -119,14 +119,7 @@ class RemoteDeployment:
         self._dir = tempfile.mkdtemp(prefix="sizewise-core-")  # mode 0700: only this user connects
         # (without the API keys: the core serves no HTTP)
         (Path(self._dir) / "config.json").write_text(self.config.model_dump_json(exclude={"server": {"api_keys"}}))
-        self._ctx = zmq.Context()
-        self._in = self._ctx.socket(zmq.PULL)
-        self._in.setsockopt(zmq.RCVHWM, 0)
-        self._in.bind(socket_path(self._dir, "api-0"))
-        self._out = self._ctx.socket(zmq.PUSH)
-        self._out.setsockopt(zmq.SNDHWM, 0)
-        self._out.setsockopt(zmq.LINGER, 1000)
-        self._out.connect(socket_path(self._dir, "core"))
+        self._open_sockets(self._dir, 0)
         cmd = [sys.executable, "-m", "sizewise.orchestrator.core_process", "--ipc-dir", self._dir,
                "--parent", str(os.getpid()), "--log-level", self.log_level]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
@@ -137,8 +130,13 @@ class RemoteDeployment:
     def connect(self, ipc_dir: str, index: int, core_pid: int) -> "RemoteDeployment":
         """Serve as API process `index` of a core another process started (`serve --api-server-count`):
         bind this process's reply socket in its directory; the core and the directory stay theirs."""
-        self.index = index
         self._core_pid = core_pid
+        self._open_sockets(ipc_dir, index)
+        return self
+
+    def _open_sockets(self, ipc_dir: str, index: int) -> None:
+        """Bind this API process's reply socket (`api-{index}`) and connect to the core's."""
+        self.index = index
         self._ctx = zmq.Context()
         self._in = self._ctx.socket(zmq.PULL)
         self._in.setsockopt(zmq.RCVHWM, 0)
@@ -147,7 +145,6 @@ class RemoteDeployment:
         self._out.setsockopt(zmq.SNDHWM, 0)
         self._out.setsockopt(zmq.LINGER, 1000)
         self._out.connect(socket_path(ipc_dir, "core"))
-        return self
 
     def _core_alive(self) -> bool:
         if self.proc is not None:
@@ -353,7 +350,7 @@ class RemoteDeployment:
         if before_queue is not None:
             before_queue()
         handles = [next(self._handles) for _ in prompts]
-        rids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+        rids = prompt_request_ids(request_id, len(prompts))
         for i, (h, rid, p) in enumerate(zip(handles, rids, prompts)):
             r = self._routes[h] = _Route(sink, i, rid, p, params)
             self._by_id[rid] = r

@@ -40,7 +40,9 @@ from ..orchestrator.deployment import DeploymentConfig, ServerSection
 
 log = logging.getLogger(__name__)
 
-ENGINE_DEAD_EXIT_S = 2.0  # as the single API process: /health says 503 for a moment, then exit 1
+# With --engine-process, how long a server whose engine core died keeps answering (/health 503, every
+# request 503 engine_dead) before it exits with status 1 (one API process or several).
+ENGINE_DEAD_EXIT_S = 2.0
 
 
 def supervise(cfg: DeploymentConfig, server_cfg: ServerSection, sock: socket.socket, count: int,

@@ -242,15 +242,17 @@ def test_a_disconnect_frees_the_kv_in_the_core(remote):
     kv = lambda m: _engine(m, "sizewise_kv_cache_usage_ratio", "demo-large")  # noqa: E731
     before = _metrics(url)
     with httpx.Client(timeout=60) as h, h.stream("POST", url + "/v1/completions", json=body) as r:
-        events = []
+        events, mid = [], None
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 events.append(line)
-                if len(events) >= 80:  # ~20 tokens of each of the 4 samples
-                    break
-        # (the core's snapshot comes every 0.25 s: wait for one taken after some of these steps)
-        mid = _poll(url, lambda m: kv(m) > 0 and spent(m) > spent(before))
-        assert kv(mid) > 0 and spent(mid) > spent(before)
+                # After ~20 tokens of each of the 4 samples, a snapshot of the core (every 0.25 s) taken
+                # while it runs; the stream is read meanwhile (an unread one is aborted as a slow client).
+                if len(events) >= 80 and len(events) % 8 == 0:
+                    mid = _metrics(url)
+                    if kv(mid) > 0 and spent(mid) > spent(before):
+                        break
+        assert mid is not None and kv(mid) > 0 and spent(mid) > spent(before)
         assert _engine(mid, "sizewise_num_requests_running", "demo-large") == 4
     idle = _poll(url, lambda m: kv(m) == 0 and _engine(m, "sizewise_num_requests_running", "demo-large") == 0)
     assert kv(idle) == 0

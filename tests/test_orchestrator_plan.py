@@ -184,6 +184,24 @@ def test_the_backlog_moves_the_plan_when_the_rate_alone_would_not():
     assert "large" not in p.shares, p
 
 
+def test_a_backlog_on_a_tier_the_device_turn_leaves_out_is_not_load_for_the_plan():
+    """Where the device's turn follows the plan (a CPU), a tier the plan left steps only when the
+    plan's tiers are idle: its backlog does not load them, so it must not push the plan further down
+    than the rate does (a cold start's requests on large pushed a CPU's plan to small). Counted
+    everywhere, it does."""
+    ctl = _controller()
+    cap = large_capacity()
+    t = _arrive(ctl, 0.0, 1.2 * cap, 4.0)  # above large's capacity
+    first = ctl.replan(_snap(), t)[0]
+    assert first.shares.get("large", 0.0) < 1.0 and "small" not in first.shares, first
+    # requests pile up on small, which this plan left (the device's turn steps it only when idle)
+    stuck = _snap({"small": int(3 * cap * SLO)})
+    kept = ctl.replan(stuck, t + 0.2, backlog_tiers=set(first.active))[0]
+    assert kept.shares == first.shares, kept
+    pushed = ctl.replan(stuck, t + 0.4)[0]  # every tier's backlog counted (an accelerator's turn)
+    assert pushed.loss > first.loss, pushed
+
+
 def test_poisson_rate_bounds_match_the_exact_chi_square_quantiles():
     from scipy.stats import chi2
 

@@ -126,7 +126,12 @@ class AdaptiveRouter:
                          params.n)
         snap = deployment.telemetry.snapshot()
         if ctl.due(now):
-            plan, old = ctl.replan(snap, now)
+            # The backlog the plan must carry: on the tiers the device steps in its turns (the plan in
+            # force's, where its turn follows the plan; every tier otherwise).
+            turn = deployment.engine.plan_cores
+            backlog = (None if turn is None or ctl.plan is None else
+                       {t for t, m in deployment.tier_to_model.items() if m in turn})
+            plan, old = ctl.replan(snap, now, backlog)
             # The device's turn follows the plan where interleaving is dear: tiers it left step only
             # when its own are idle. Dear: measured (a step after another engine's costs more than
             # half the kept tiers' own fixed step), or a CPU, where the per-step residual reads ~0 on

@@ -96,6 +96,8 @@ def test_auto_is_never_dominated_on_the_910b_qwen25_profile(config, items):
     dominated, rows = _domination(config, items, "ascend-910b", QWEN, requests=192, loads=[0.5, 1.0, 2.0, 3.0])
     assert dominated == []
     by = {(r["load"], r["policy"]): r for r in rows}
+    # the quality signal (host-side surprisal) is measured for every `auto` request, at every load
+    assert all(r["signal_frac"] == 1.0 for r in rows if r["policy"] == "sizewise"), rows
     # where large alone holds the SLO, auto keeps it (Poisson noise does not move the plan: issue 22)
     for load in (0.5, 1.0):
         if by[(load, "static-large")]["slo_attain"] >= 0.9:

@@ -60,6 +60,7 @@ class SimRecord:
     reason: str | None = None
     output_tokens: int = 0
     probe_ms: float | None = None
+    signal: bool = False  # the probe measured the host-side quality signal (surprisal) for it
     predicted_ms: float | None = None
     explain: dict = field(default_factory=dict)
     error: str | None = None  # refused, failed by the engine, aborted or past its deadline
@@ -268,6 +269,7 @@ class Simulation:
         d = sub.decision
         rec.tier, rec.reason = d.tier, d.reason
         rec.probe_ms = (d.probe or {}).get("ms")
+        rec.signal = (d.probe or {}).get("surprisal") is not None
         rec.explain = d.explain or {}
         rec.predicted_ms = rec.explain.get("tiers", {}).get(d.tier, {}).get("latency_ms")
         if rec.done:  # aborted or past its deadline while it was being routed

@@ -32,7 +32,7 @@ def _records(recs: list[SimRecord]) -> list[Record]:
         lat = r.latency if r.error is None else math.inf  # a failed request never meets the SLO
         out.append(Record(r.index, r.arrival, r.ttft if r.ttft is not None and r.error is None else lat, lat,
                           r.tier or "large", r.reason or "error", r.output_tokens, r.probe_ms, r.predicted_ms,
-                          r.explain))
+                          r.explain, r.signal))
     return out
 
 

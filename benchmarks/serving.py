@@ -424,9 +424,15 @@ def print_trace(path: Path, windows: list[tuple]) -> None:
         return
     events = step_trace.load(str(path))
     print(f"\nengine-core step trace ({path}):")
-    for tier, b, rep, p, t0, t1 in windows:
+    for tier, b, rep, p, t0, t1, m in windows:
+        s = step_trace.summarize(events, t0, t1)
         print(f"{tier} batch {b} round {rep + 1} {p}:")
-        print(step_trace.format_summary(step_trace.summarize(events, t0, t1)))
+        print(step_trace.format_summary(s))
+        # The engine core's host CPU beyond the engine's own, measured directly: the whole process's
+        # CPU in the cell less its worker's CPU inside EngineCore.step (the trace adds ~10 us a step).
+        if m["tokens"]:
+            beyond = 1e6 * (m["core_cpu_s"] - s["step_cpu_ms"] / 1e3) / m["tokens"]
+            print(f"  core CPU outside EngineCore.step: {beyond:.1f} us per token")
 
 
 def main() -> None:
@@ -472,7 +478,7 @@ def main() -> None:
     def progress(msg: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    windows: list[tuple[str, int, int, str, float, float]] = []  # ep-* cells: tier, batch, round, path, t0, t1
+    windows: list[tuple] = []  # ep-* cells: tier, batch, round, path, t0, t1, measurements
     for tier in tiers:
         model_dir = REPO / "models" / "demo" / tier
         progress(f"{tier}: loading in process, starting the server")
@@ -516,7 +522,8 @@ def main() -> None:
                         runs[path].append(asyncio.run(run_http(server.url, server.proc.pid, prompts, args.max_tokens,
                                                                path.endswith("stream"), args.timeout, server.core_pid)))
                         if path.startswith("ep-"):
-                            windows.append((tier, b, rep, path, runs[path][-1]["t0"], runs[path][-1]["t1"]))
+                            m = runs[path][-1]
+                            windows.append((tier, b, rep, path, m["t0"], m["t1"], m))
                     progress(f"{tier} batch {b} round {rep + 1}/{args.repeats}: " + ", ".join(
                         f"{p} {runs[p][-1]['tokens'] / runs[p][-1]['wall_s']:.0f} tok/s" for p in paths))
                 base = row_of(tier, b, "in-process", median_of(runs["in-process"]), None)

@@ -21,9 +21,9 @@ arrival spread and admission latency (read by the loop -> `Admitted` sent); the 
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 
 
 def load(path: str) -> list[list]:
@@ -121,11 +121,13 @@ def format_summary(s: dict) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) not in (2, 4):
-        sys.exit(__doc__.split("\n\n")[1])
-    events = load(sys.argv[1])
-    t0, t1 = (float(sys.argv[2]), float(sys.argv[3])) if len(sys.argv) == 4 else (None, None)
-    print(format_summary(summarize(events, t0, t1)))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("file", help="a trace written by the engine core (SIZEWISE_TRACE_STEPS=FILE)")
+    ap.add_argument("t0", type=float, nargs="?", help="window start (time.perf_counter; default: the first step)")
+    ap.add_argument("t1", type=float, nargs="?", help="window end (default: the last step)")
+    args = ap.parse_args()
+    print(format_summary(summarize(load(args.file), args.t0, args.t1)))
 
 
 if __name__ == "__main__":

@@ -263,18 +263,6 @@ def test_a_disconnect_frees_the_kv_in_the_core(remote):
     assert idle[aborted] - before.get(aborted, 0) == 4
 
 
-def _policies(pid: int) -> set[int]:
-    return {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
-
-
-def test_the_api_process_yields_the_cpu_to_the_core(remote):
-    """Every thread of the API process runs under SCHED_BATCH (its wake-ups do not preempt the
-    engine mid-step); the core, spawned before, keeps the normal policy."""
-    server, _ = remote
-    assert _policies(server.proc.pid) == {os.SCHED_BATCH}
-    assert _policies(_core_pid(server)) == {os.SCHED_OTHER}
-
-
 def test_metrics_export_the_cores_engine_series(remote):
     """The engine series (device seconds, KV usage, running/waiting, the plan's gauges) come from
     the core through the API process's /metrics, read by Prometheus' own parser."""

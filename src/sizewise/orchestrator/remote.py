@@ -125,7 +125,6 @@ class RemoteDeployment:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         self._core_pid = self.proc.pid
         log.info("engine-core process started (pid %d)", self.proc.pid)
-        yield_to_engine()  # after the spawn: the core keeps the normal policy
         return self
 
     def connect(self, ipc_dir: str, index: int, core_pid: int) -> "RemoteDeployment":
@@ -133,7 +132,6 @@ class RemoteDeployment:
         bind this process's reply socket in its directory; the core and the directory stay theirs."""
         self._core_pid = core_pid
         self._open_sockets(ipc_dir, index)
-        yield_to_engine()
         return self
 
     def _open_sockets(self, ipc_dir: str, index: int) -> None:
@@ -509,32 +507,6 @@ class RemoteDeployment:
 
 
 _WIRE_MIN, _WIRE_MAX = -(2**63), 2**64 - 1  # the integers msgpack encodes
-API_SCHED_ENV = "SIZEWISE_API_SCHED"  # "other": leave the API process's scheduling policy alone
-
-
-def yield_to_engine() -> None:
-    """Linux: every thread of this API process (and those it starts later, which inherit it) runs
-    under SCHED_BATCH, so that its wake-ups (each engine step's `Steps`, each client's request)
-    never preempt the engine core's worker in the middle of a step. Where no CPU is idle, a task
-    woken under the normal policy is often put on its waker's CPU and run at once: the engine
-    core's, after every step's send, for as long as the API takes to serve the step. With the
-    API process under SCHED_BATCH the core was preempted 0.8-1.2 times a step instead of 2.0-3.4
-    (docs/engine-core.md). A host with idle cores places the API process on one of them, and
-    nothing changes. Unprivileged; a no-op elsewhere or with SIZEWISE_API_SCHED=other."""
-    if os.environ.get(API_SCHED_ENV, "batch") != "batch" or not hasattr(os, "SCHED_BATCH"):
-        return
-    try:
-        tids = [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:
-        tids = [0]
-    for tid in tids:
-        try:
-            os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
-        except ProcessLookupError:  # a thread that ended meanwhile
-            pass
-        except OSError as e:  # e.g. a seccomp profile that forbids it: serving goes on as before
-            log.warning("could not put the API process under SCHED_BATCH: %s", e)
-            return
 
 
 def _apply_move(decision: Decision, moved: Decision) -> None:

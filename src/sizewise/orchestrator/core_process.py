@@ -37,7 +37,6 @@ import zmq
 from ..errors import EngineDeadError, InvalidRequestError, QueueFullError, UnknownModelError
 from . import ipc, step_trace
 from .deployment import Deployment, DeploymentConfig, prompt_request_ids
-from .step_trace import StepTrace
 from .types import Decision, Prompt
 
 log = logging.getLogger(__name__)
@@ -65,7 +64,7 @@ class CoreServer:
     """Serves one Deployment to `len(outs)` API processes."""
 
     def __init__(self, deployment: Deployment, inbound: zmq.Socket, outs: list[zmq.Socket], ipc_dir: str,
-                 parent: int, trace: StepTrace | None = None) -> None:
+                 parent: int, trace: step_trace.StepTrace | None = None) -> None:
         self.dep = deployment
         self.trace = trace
         self.inbound = inbound

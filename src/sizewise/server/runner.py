@@ -69,13 +69,15 @@ def run_loop(coro):
     loop. A streamed token costs the API process a task wake-up, a few callbacks and a socket
     write; uvloop does those in C. Ctrl-C behaves as with `asyncio.run`."""
     factory = None
-    if os.environ.get(LOOP_ENV, "auto") != "asyncio":
+    if os.environ.get(LOOP_ENV, "auto") != "asyncio" and hasattr(asyncio, "Runner"):  # (Python >= 3.11)
         try:
             import uvloop
         except ImportError:
             pass
         else:
             factory = uvloop.new_event_loop
+    if factory is None:
+        return asyncio.run(coro)
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(coro)
 

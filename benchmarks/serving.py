@@ -10,8 +10,9 @@ Per demo tier and batch size B (B concurrent requests, each a fixed random promp
 - in process: one `EngineCore` (what `LLM.generate` drives) fed the B prompts and stepped to
   the end in this process; its deltas are timestamped as each step returns them.
 - HTTP: `sizewise serve <tier> --no-engine-process` in its own process on a random loopback port,
-  B concurrent `/v1/completions` requests through httpx, streamed (every SSE chunk timestamped)
-  and not.
+  B concurrent `/v1/completions` requests, streamed (every SSE chunk timestamped) and not, from a
+  lean asyncio HTTP/1.1 client (`_Completion`: it shares the cores with the server, so it parses
+  as little as a fair client can; under SCHED_BATCH, as if it were on another host).
 - engine process (ep-http, ep-http-stream): the same requests to `sizewise serve <tier>
   --engine-process`: the API process does HTTP/SSE, its engine-core child steps the model
   (docs/engine-core.md). CPU is read per process: the API process (its event loop thread and the
@@ -141,6 +142,18 @@ def pin(pid: int, engine_cpu: int, serving_cpu: int, engine_process: bool | None
             pass
 
 
+def client_yields(on: bool) -> None:
+    """During the HTTP cells the client runs under SCHED_BATCH (Linux), as a client on another host
+    would not compete: under the normal policy its wake-up at each SSE chunk preempted the API
+    process mid-step (7.5 times a step at batch 16, 32 at 64, against 0.3 and 1.5) and the engine
+    core too (docs/engine-core.md). The in-process baseline runs under the normal policy."""
+    if hasattr(os, "SCHED_BATCH"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_BATCH if on else os.SCHED_OTHER, os.sched_param(0))
+        except OSError as e:  # e.g. a sandbox that forbids it: measure anyway, and say so
+            print(f"the client's scheduling policy stays as it is: {e}", file=sys.stderr)
+
+
 def child_of(pid: int) -> int:
     """The one child process of `pid` (the engine core of an --engine-process server)."""
     for entry in os.listdir("/proc"):
@@ -165,7 +178,8 @@ class ServerProcess:
     """`sizewise serve MODEL` in its own process on a random loopback port; stopped with SIGTERM."""
 
     def __init__(self, model_dir: Path, max_num_seqs: int, max_model_len: int, log_path: Path,
-                 engine_process: bool = False) -> None:
+                 engine_process: bool = False, trace: Path | None = None) -> None:
+        self.trace = trace  # SIZEWISE_TRACE_STEPS for the engine core: written when it stops
         self.cmd = [sys.executable, "-m", "sizewise.cli", "serve", str(model_dir), "--host", "127.0.0.1",
                     "--max-num-seqs", str(max_num_seqs), "--max-model-len", str(max_model_len),
                     "--log-level", "warning", "--engine-process" if engine_process else "--no-engine-process"]
@@ -183,6 +197,8 @@ class ServerProcess:
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         src = str(REPO / "src")
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        if self.trace is not None:
+            env["SIZEWISE_TRACE_STEPS"] = str(self.trace)
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.cmd + ["--port", str(port)], stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env, cwd=REPO)
@@ -213,53 +229,134 @@ class ServerProcess:
         self.proc = None
 
 
+class _Completion(asyncio.Protocol):
+    """One `POST /v1/completions` on its own connection, read by a lean HTTP/1.1 client.
+
+    The client shares the host's cores with the server, and the in-process baseline has none, so it
+    does as little as a fair client can: the response is parsed in `data_received` (no await per
+    event); a streamed body is de-chunked (Transfer-Encoding: chunked) and each SSE event is
+    timestamped by substring tests, with JSON parsed only for the final usage chunk; a
+    non-streamed body is one JSON document. `done` gets the completion tokens (the usage)."""
+
+    def __init__(self, request: bytes, stream: bool, stamps: list[float], done: asyncio.Future) -> None:
+        self.request = request
+        self.stream = stream
+        self.stamps = stamps
+        self.done = done
+        self.buf = bytearray()
+        self.status: int | None = None
+        self.length: int | None = None  # Content-Length, when not chunked
+        self.transport: asyncio.Transport | None = None
+        self.body = b""  # a chunked body that is not an event stream (an error)
+        self.tokens = 0
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        buf = self.buf
+        buf += data
+        if self.status is None:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(buf[:end]).decode("latin-1").split("\r\n")
+            del buf[:end + 4]
+            self.status = int(head[0].split(" ", 2)[1])
+            for line in head[1:]:
+                k, _, v = line.partition(":")
+                if k.strip().lower() == "content-length":
+                    self.length = int(v)
+        if self.length is not None:  # a whole JSON body (not streamed, or an error)
+            if len(buf) >= self.length:
+                self._finish(bytes(buf[:self.length]), None)
+            return
+        while True:  # chunked: "<hex size>\r\n<data>\r\n", ended by a zero-size chunk
+            eol = buf.find(b"\r\n")
+            if eol < 0:
+                return
+            size = int(buf[:eol], 16)
+            if len(buf) < eol + 4 + size:
+                return
+            chunk = bytes(buf[eol + 2:eol + 2 + size])
+            del buf[:eol + 4 + size]
+            if size == 0:
+                self._finish(None, None)
+                return
+            if self.status != 200 or not self.stream:
+                self.body += chunk
+                continue
+            for ev in chunk.split(b"\n\n"):
+                if not ev.startswith(b"data: ") or ev == b"data: [DONE]":
+                    continue
+                if b'"usage":{' in ev:
+                    obj = json.loads(ev[6:])
+                    self.tokens = obj["usage"]["completion_tokens"]
+                    if not (obj.get("choices") and obj["choices"][0].get("text")):
+                        continue
+                elif b'"text":""' in ev:
+                    continue
+                self.stamps.append(now)
+
+    def _finish(self, body: bytes | None, exc: BaseException | None) -> None:
+        if self.done.done():
+            return
+        body = body if body is not None else self.body
+        if exc is None and self.status != 200:
+            exc = RuntimeError(f"HTTP {self.status}: {body[:500]!r}")
+        if exc is None and not self.stream:
+            self.tokens = json.loads(body)["usage"]["completion_tokens"]
+        if exc is None:
+            self.done.set_result(self.tokens)
+        else:
+            self.done.set_exception(exc)
+        self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        self._finish(None, exc or ConnectionError("the server closed the connection before the response ended"))
+
+
+async def post_completion(host: str, port: int, body: dict, stamps: list[float]) -> int:
+    """`body` to /v1/completions; returns the completion tokens; timestamps streamed token chunks."""
+    payload = json.dumps(body).encode()
+    request = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode() + payload
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    transport, _ = await loop.create_connection(lambda: _Completion(request, bool(body.get("stream")), stamps, done),
+                                                host, port)
+    try:
+        return await done
+    finally:
+        transport.close()
+
+
 async def run_http(url: str, pid: int, prompts: list[list[int]], max_tokens: int, stream: bool,
                    timeout_s: float, core_pid: int | None = None) -> dict:
     """`core_pid`: the engine-core process of an --engine-process server (its CPU is read too)."""
-    import httpx
-
+    host, port = url.removeprefix("http://").rsplit(":", 1)
     body_base = {"model": "auto", "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
                  "stream": stream}
-    limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=len(prompts) + 4)
+    if stream:
+        body_base["stream_options"] = {"include_usage": True}
     stamps: list[list[float]] = [[] for _ in prompts]
     counts = [0] * len(prompts)
 
-    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
-        async def one(i: int, ids: list[int]) -> None:
-            body = {**body_base, "prompt": ids}
-            if not stream:
-                r = await client.post("/v1/completions", json=body)
-                r.raise_for_status()
-                counts[i] = r.json()["usage"]["completion_tokens"]
-                return
-            if stream:
-                body["stream_options"] = {"include_usage": True}
-            async with client.stream("POST", "/v1/completions", json=body) as r:
-                r.raise_for_status()
-                # The client shares this host's cores with the server: parse only what is needed (a
-                # token chunk is timestamped by a substring test; JSON only for the usage chunk).
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    now = time.perf_counter()
-                    if '"usage":{' in line:
-                        ev = json.loads(line[6:])
-                        counts[i] = ev["usage"]["completion_tokens"]
-                        if not (ev.get("choices") and ev["choices"][0].get("text")):
-                            continue
-                    elif '"text":""' in line:
-                        continue
-                    stamps[i].append(now)
+    async def one(i: int, ids: list[int]) -> None:
+        counts[i] = await post_completion(host, int(port), {**body_base, "prompt": ids}, stamps[i])
 
-        k0 = cpu_of(core_pid) if core_pid else None
-        s0, c0, t0 = cpu_of(pid), time.process_time(), time.perf_counter()
-        await asyncio.wait_for(asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))), timeout_s)
-        wall, client_cpu, server = time.perf_counter() - t0, time.process_time() - c0, cpu_of(pid) - s0
-        core = cpu_of(core_pid) - k0 if core_pid else None
+    k0 = cpu_of(core_pid) if core_pid else None
+    s0, c0, t0 = cpu_of(pid), time.process_time(), time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))), timeout_s)
+    wall, client_cpu, server = time.perf_counter() - t0, time.process_time() - c0, cpu_of(pid) - s0
+    core = cpu_of(core_pid) - k0 if core_pid else None
     # A chunk carries one step's text; the demo tokenizer is byte-level, so a chunk is one token
-    # unless the client fell behind and lines were read back to back (then gaps are ~0, kept).
-    out = {"tokens": sum(counts), "wall_s": wall, "cpu_s": server.total, "cpu_main_s": server.main,
-           "cpu_other_s": server.other, "client_cpu_s": client_cpu, "itl": itls(stamps) if stream else []}
+    # unless the client fell behind and events were read back to back (then gaps are ~0, kept).
+    out = {"tokens": sum(counts), "wall_s": wall, "t0": t0, "t1": t0 + wall, "cpu_s": server.total,
+           "cpu_main_s": server.main, "cpu_other_s": server.other, "client_cpu_s": client_cpu,
+           "itl": itls(stamps) if stream else []}
     if core is not None:
         out.update(api_cpu_s=server.total, cpu_s=server.total + core.total, core_cpu_s=core.total,
                    core_main_s=core.main, core_other_s=core.other)
@@ -305,7 +402,7 @@ PATHS = ("in-process", "http", "http-stream", "ep-http", "ep-http-stream")
 
 def median_of(ms: list[dict]) -> dict:
     """Per quantity, the median over a cell's repeats; inter-token gaps pooled."""
-    out = {k: statistics.median(m[k] for m in ms) for k in ms[0] if k != "itl"}
+    out = {k: statistics.median(m[k] for m in ms) for k in ms[0] if k not in ("itl", "t0", "t1")}
     out["itl"] = [g for m in ms for g in m["itl"]]
     return out
 
@@ -325,9 +422,39 @@ def print_targets(rows: list[dict]) -> None:
             print(f"  {r['tier']} batch {r['batch']} {r['path']}: engine side {r['eng_extra_us_tok']:.0f} us/token beyond the "
                   f"engine's own (<= 30): {'met' if r['eng_extra_us_tok'] <= 30 else 'NOT met'}")
     for r in rows:
+        if r.get("core_outside_step_us_tok") is not None and r["path"] == "ep-http-stream":
+            v = r["core_outside_step_us_tok"]
+            print(f"  {r['tier']} batch {r['batch']} {r['path']}: engine-core CPU outside EngineCore.step {v:.0f} us/token, "
+                  f"read directly (--trace-steps; the trace's own ~10 us a step included) (<= 30): "
+                  f"{'met' if v <= 30 else 'NOT met'}")
+    for r in rows:
         if r["path"] in ("http-stream", "ep-http-stream") and r["batch"] == 1 and r["itl_p50_vs_inproc_ms"] is not None:
             print(f"  {r['tier']} batch 1 {r['path']}: ITL p50 {r['itl_p50_vs_inproc_ms']:+.2f} ms vs in process (<= 0.1): "
                   f"{'met' if r['itl_p50_vs_inproc_ms'] <= 0.1 else 'NOT met'}")
+
+
+def print_trace(path: Path, windows: list[tuple]) -> dict[tuple, list[float]]:
+    """Where the engine core's time went in each engine-process cell (--trace-steps). Returns, per
+    (tier, batch, path), the core's CPU outside EngineCore.step per token of each round."""
+    import step_trace
+
+    outside: dict[tuple, list[float]] = {}
+    if not path.exists():
+        print(f"no step trace at {path} (did the core exit cleanly?)", file=sys.stderr)
+        return outside
+    events = step_trace.load(str(path))
+    print(f"\nengine-core step trace ({path}):")
+    for tier, b, rep, p, t0, t1, m in windows:
+        s = step_trace.summarize(events, t0, t1)
+        print(f"{tier} batch {b} round {rep + 1} {p}:")
+        print(step_trace.format_summary(s))
+        # The engine core's host CPU beyond the engine's own, measured directly: the whole process's
+        # CPU in the cell less its worker's CPU inside EngineCore.step (the trace adds ~10 us a step).
+        if m["tokens"]:
+            beyond = 1e6 * (m["core_cpu_s"] - s["step_cpu_ms"] / 1e3) / m["tokens"]
+            outside.setdefault((tier, b, p), []).append(beyond)
+            print(f"  core CPU outside EngineCore.step: {beyond:.1f} us per token")
+    return outside
 
 
 def main() -> None:
@@ -344,6 +471,9 @@ def main() -> None:
     ap.add_argument("--pin", action="store_true",
                     help="engine work on CPU 0, serving and this client on CPU 1, in every path (a 2-core host: "
                          "otherwise the client, the API process and the engine compete for both)")
+    ap.add_argument("--trace-steps", metavar="DIR",
+                    help="record the engine core's per-step timeline (SIZEWISE_TRACE_STEPS) into DIR and print "
+                         "where its time went in each engine-process cell (benchmarks/step_trace.py)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per cell and for the server to start")
     ap.add_argument("--out", help="JSON path (default: benchmarks/results/serving[-quick].json)")
     args = ap.parse_args()
@@ -370,6 +500,7 @@ def main() -> None:
     def progress(msg: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
+    windows: list[tuple] = []  # ep-* cells: tier, batch, round, path, t0, t1, measurements
     for tier in tiers:
         model_dir = REPO / "models" / "demo" / tier
         progress(f"{tier}: loading in process, starting the server")
@@ -382,13 +513,18 @@ def main() -> None:
             servers["http"] = ServerProcess(model_dir, max(64, max_batch), max_model_len, Path(tempfile.gettempdir())
                                             / f"sizewise-serving-{tier}-{os.getpid()}.log")
         if {"ep-http", "ep-http-stream"} & set(paths):
+            trace = Path(args.trace_steps).resolve() / f"steps-{tier}.jsonl" if args.trace_steps else None
+            if trace is not None:
+                trace.parent.mkdir(parents=True, exist_ok=True)
             servers["ep"] = ServerProcess(model_dir, max(64, max_batch), max_model_len, Path(tempfile.gettempdir())
-                                          / f"sizewise-serving-ep-{tier}-{os.getpid()}.log", engine_process=True)
+                                          / f"sizewise-serving-ep-{tier}-{os.getpid()}.log", engine_process=True,
+                                          trace=trace)
         try:
             for server in servers.values():
                 url = server.start(args.timeout)
                 if args.pin:
-                    pin(server.proc.pid, 0, 1, server.engine_process)
+                    # an engine-process server's API process is serving only (None: all of it to CPU 1)
+                    pin(server.proc.pid, 0, 1, None if server.engine_process else False)
                     if server.core_pid is not None:
                         pin(server.core_pid, 0, 1, True)
                 asyncio.run(run_http(url, server.proc.pid, warm, 8, True, args.timeout, server.core_pid))
@@ -403,10 +539,15 @@ def main() -> None:
                     runs["in-process"].append(run_in_process(engine, prompts, args.max_tokens))
                     if args.pin:
                         os.sched_setaffinity(0, {1})  # and the client from here on
+                    client_yields(True)
                     for path in paths[1:]:
                         server = servers["ep" if path.startswith("ep-") else "http"]
                         runs[path].append(asyncio.run(run_http(server.url, server.proc.pid, prompts, args.max_tokens,
                                                                path.endswith("stream"), args.timeout, server.core_pid)))
+                        if path.startswith("ep-"):
+                            m = runs[path][-1]
+                            windows.append((tier, b, rep, path, m["t0"], m["t1"], m))
+                    client_yields(False)
                     progress(f"{tier} batch {b} round {rep + 1}/{args.repeats}: " + ", ".join(
                         f"{p} {runs[p][-1]['tokens'] / runs[p][-1]['wall_s']:.0f} tok/s" for p in paths))
                 base = row_of(tier, b, "in-process", median_of(runs["in-process"]), None)
@@ -417,6 +558,12 @@ def main() -> None:
             for server in servers.values():
                 server.stop()
             del engine
+        ep = servers.get("ep")
+        if ep is not None and ep.trace is not None:
+            for key, values in print_trace(ep.trace, [w for w in windows if w[0] == tier]).items():
+                for r in rows:
+                    if (r["tier"], r["batch"], r["path"]) == key:
+                        r["core_outside_step_us_tok"] = statistics.median(values)
 
     cols = ["tier", "batch", "path", "tok_s", "x_inproc", "cpu_us_tok", "loop_us_tok", "eng_us_tok",
             "eng_extra_us_tok", "api_us_tok", "core_loop_us_tok", "core_worker_us_tok", "itl_p50_ms", "itl_p99_ms", "itl_p50_vs_inproc_ms", "client_us_tok", "tokens",

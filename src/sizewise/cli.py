@@ -373,7 +373,7 @@ def _run_server(args) -> int:
     from .server import create_app
     from .server.app import API_KEYS_ENV
     from .server.memory import freeze_loaded_heap
-    from .server.runner import Server, base_url, bind_socket, shutdown_hook, uvicorn_config
+    from .server.runner import Server, base_url, bind_socket, run_loop, shutdown_hook, uvicorn_config
 
     given = {k: getattr(args, k) for k in ("host", "port", "max_queue_delay_s", "read_timeout_s", "keep_alive_s",
                                            "max_connections")}
@@ -453,7 +453,7 @@ def _run_server(args) -> int:
     log.info("sizewise listening on %s (health at /health; /ready answers 200 once the models are loaded)", url)
     server = Server(uvicorn_config(app, log_level=args.log_level), on_shutdown=shutdown_hook(app))
     try:
-        asyncio.run(server.serve(sockets=[sock]))
+        run_loop(server.serve(sockets=[sock]))
     except KeyboardInterrupt:  # the signal raised again after the graceful shutdown, or a second Ctrl-C
         pass
     finally:

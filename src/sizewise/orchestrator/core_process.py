@@ -28,13 +28,14 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 
 import zmq
 
 from ..errors import EngineDeadError, InvalidRequestError, QueueFullError, UnknownModelError
-from . import ipc
+from . import ipc, step_trace
 from .deployment import Deployment, DeploymentConfig, prompt_request_ids
 from .types import Decision, Prompt
 
@@ -63,8 +64,9 @@ class CoreServer:
     """Serves one Deployment to `len(outs)` API processes."""
 
     def __init__(self, deployment: Deployment, inbound: zmq.Socket, outs: list[zmq.Socket], ipc_dir: str,
-                 parent: int) -> None:
+                 parent: int, trace: step_trace.StepTrace | None = None) -> None:
         self.dep = deployment
+        self.trace = trace
         self.inbound = inbound
         self.outs = outs
         self.ipc_dir = ipc_dir
@@ -84,6 +86,8 @@ class CoreServer:
         engine = deployment.engine
         engine.step_listeners.append(self._flush)
         engine.move_listeners.append(self._moved)  # after the deployment's own, which rewrites the decision
+        if trace is not None:
+            trace.attach(engine)
 
     # ----- sending ----------------------------------------------------------------------------------
     def send(self, api: int, msg) -> None:
@@ -129,6 +133,8 @@ class CoreServer:
 
     # ----- requests --------------------------------------------------------------------------------
     def _on_message(self, msg) -> None:
+        if self.trace is not None:
+            self.trace.events.append(["msg", time.perf_counter(), type(msg).__name__])
         if isinstance(msg, ipc.Submit):
             task = asyncio.get_running_loop().create_task(self._submit(msg))
             self._tasks.add(task)
@@ -144,6 +150,7 @@ class CoreServer:
             self._stop.set()
 
     async def _submit(self, msg: ipc.Submit) -> None:
+        t_read = time.perf_counter()
         prompts = [Prompt(ids, text) for ids, text in zip(msg.prompt_ids, msg.prompt_texts)]
         rids = prompt_request_ids(msg.request_id, len(prompts))
 
@@ -178,6 +185,8 @@ class CoreServer:
                 while len(self._movable) > _TRACKED_MOVABLE:
                     self._movable.popitem(last=False)
         self.send(msg.api, ipc.Admitted(msg.submit_id, [s.decision for s in subs]))
+        if self.trace is not None:
+            self.trace.events.append(["submit", t_read, time.perf_counter()])
 
     def _moved(self, request_id: str, src: str, dst: str, written: int = 0) -> None:
         where = self._movable.get(request_id)
@@ -191,7 +200,10 @@ class CoreServer:
         self._stop = asyncio.Event()
         loop.add_signal_handler(_PARENT_GONE, self._parent_gone)
         fd = self.inbound.getsockopt(zmq.FD)
-        loop.add_reader(fd, ipc.drain, self.inbound, self._dec, self._on_message)
+        if self.trace is None:
+            loop.add_reader(fd, ipc.drain, self.inbound, self._dec, self._on_message)
+        else:
+            loop.add_reader(fd, self.trace.drain, ipc.drain, self.inbound, self._dec, self._on_message)
         self.broadcast(ipc.Ready(self.dep.describe(), dict(self.dep.tier_to_model)))
         ipc.drain(self.inbound, self._dec, self._on_message)  # anything that came before the reader
         status = 0
@@ -207,10 +219,13 @@ class CoreServer:
                 self.broadcast(ipc.Dead("the engine worker died"))
                 status = 1
                 break
+            t0 = time.perf_counter()
             try:
                 self.broadcast(ipc.Stats(self.dep.stats()))
             except Exception:  # noqa: BLE001 - metrics must never stop serving
                 log.exception("stats snapshot failed")
+            if self.trace is not None:
+                self.trace.events.append(["stats", t0, time.perf_counter()])
         loop.remove_reader(fd)
         self.dep.shutdown()
         return status
@@ -268,10 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     # collector's reach, or a full collection holds the GIL for 0.1-0.6 s in the middle of steps.
     gc.collect()
     gc.freeze()
-    server = CoreServer(deployment, inbound, outs, args.ipc_dir, args.parent)
+    trace = step_trace.from_env()
+    server = CoreServer(deployment, inbound, outs, args.ipc_dir, args.parent, trace)
     try:
         return asyncio.run(server.serve())
     finally:
+        if trace is not None:
+            trace.write()
         for s in (*outs, inbound):  # a stopped API process reads no more: do not wait to deliver
             s.close(linger=100)
         ctx.term()

@@ -145,7 +145,7 @@ def worker(spec_path: str) -> int:
                         format=f"%(asctime)s %(levelname)s [api-{index}] %(name)s: %(message)s")
     from ..orchestrator.remote import RemoteDeployment
     from .app import create_app
-    from .runner import Server, shutdown_hook, uvicorn_config
+    from .runner import Server, run_loop, shutdown_hook, uvicorn_config
 
     cfg = DeploymentConfig.model_validate_json((Path(spec["ipc_dir"]) / "config.json").read_text())
     server_cfg = ServerSection.model_validate(spec["server"])
@@ -185,7 +185,7 @@ def worker(spec_path: str) -> int:
     server = Server(uvicorn_config(app, log_level=spec["log_level"]), on_shutdown=shutdown_hook(app))
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        asyncio.run(server.serve(sockets=[sock]))
+        run_loop(server.serve(sockets=[sock]))
     except KeyboardInterrupt:
         pass
     finally:

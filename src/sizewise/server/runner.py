@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import threading
 import time
@@ -57,6 +58,28 @@ def uvicorn_config(app, log_level: str = "info", access_log: bool = True,
         timeout_graceful_shutdown=5, timeout_keep_alive=limits.keep_alive_s,
         http=guarded_protocol(AutoHTTPProtocol, limits, liveness(app)),
     )
+
+
+LOOP_ENV = "SIZEWISE_LOOP"  # "asyncio": the standard event loop even where uvloop is installed
+
+
+def run_loop(coro):
+    """Run a server's coroutine to the end on uvloop where it is installed (what uvicorn's own
+    `loop="auto"` picks; `sizewise serve` runs the loop itself, so it must choose), else asyncio's
+    loop. A streamed token costs the API process a task wake-up, a few callbacks and a socket
+    write; uvloop does those in C. Ctrl-C behaves as with `asyncio.run`."""
+    factory = None
+    if os.environ.get(LOOP_ENV, "auto") != "asyncio" and hasattr(asyncio, "Runner"):  # (Python >= 3.11)
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            factory = uvloop.new_event_loop
+    if factory is None:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
 
 
 def connection_limits(app) -> ConnectionLimits:

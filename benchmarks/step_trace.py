@@ -58,6 +58,7 @@ def summarize(events: list[list], t0: float | None = None, t1: float | None = No
                    if steps and e[2] > steps[0][2] and e[1] < steps[-1][11])
     other = wall - step_wall - listen_wall - idle_mid - first - last
     rows = [e[8] for e in steps]
+    most_rows = max(rows, default=0)
     live = [e[9] + e[10] for e in steps]
     out = {
         "wall_ms": ms(wall), "steps": len(steps),
@@ -67,7 +68,7 @@ def summarize(events: list[list], t0: float | None = None, t1: float | None = No
         "idle_ms": ms(idle_mid), "other_ms": ms(other), "before_first_step_ms": ms(first),
         "after_last_step_ms": ms(last), "idle_waits_total_ms": ms(idle_wall),
         "rows_per_step": statistics.mean(rows) if rows else 0.0, "rows_total": sum(rows),
-        "steps_below_max_rows": sum(1 for r in rows if rows and r < max(rows)),
+        "steps_below_max_rows": sum(1 for r in rows if r < most_rows),
         "running_waiting_mean": statistics.mean(live) if live else 0.0,
         "loop_cpu_ms": ms(sum(e[4] - e[3] for e in drains) / 1e9), "loop_drains": len(drains),
         "stats_ms": ms(sum(e[2] - e[1] for e in stats)),

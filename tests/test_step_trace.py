@@ -73,3 +73,25 @@ def test_trace_records_every_step_its_rows_and_the_idle_waits(llama_dir, tmp_pat
     s = _summary_module().summarize(events)
     assert s["steps"] == len(steps) and s["rows_total"] == sum(n for n, _ in seen)
     assert 0 < s["step_cpu_ms"] <= s["step_ms"] + 0.1 * len(steps)
+
+
+def test_the_trace_reads_a_run_queue_of_zero_where_the_kernel_has_no_schedstat(monkeypatch):
+    """macOS and sandboxes have no /proc/thread-self/schedstat: the trace must not fail the step it wraps."""
+    import os
+    import threading
+
+    from sizewise.orchestrator.step_trace import _SchedStat
+
+    real_open = os.open
+
+    def no_schedstat(path, *a, **k):
+        if str(path).endswith("schedstat"):
+            raise FileNotFoundError(path)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", no_schedstat)
+    got = []
+    t = threading.Thread(target=lambda: got.append(_SchedStat().read()))  # a fresh thread: no fd opened yet
+    t.start()
+    t.join()
+    assert got and got[0][1] == 0 and got[0][0] > 0

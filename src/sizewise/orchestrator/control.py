@@ -207,7 +207,8 @@ class PlanController:
         in_system = sum(e.num_running + e.num_waiting for t, e in engines.items()
                         if backlog_tiers is None or t in backlog_tiers)
         horizon = self.slo_s if self.slo_s is not None else 1.0
-        backlog_rate = in_system / horizon - sum(pinned.values())
+        backlog_rate = in_system / horizon - sum(r for t, r in pinned.items()
+                                                 if backlog_tiers is None or t in backlog_tiers)
         return PlanInputs(tiers=tiers, auto_rate=max(rate, backlog_rate, 0.0), prompt_tokens=self._prompt or 1.0,
                           output_tokens=output, pinned_rate=pinned, slo_s=self.slo_s, util_target=self.util_target)
 

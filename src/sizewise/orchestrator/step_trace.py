@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import json
 import os
+import logging
 import threading
 import time
 
 ENV = "SIZEWISE_TRACE_STEPS"
+log = logging.getLogger(__name__)
 
 
 class _SchedStat:
@@ -42,11 +44,22 @@ class _SchedStat:
         self._local = threading.local()
 
     def read(self) -> tuple[int, int]:
+        """(CPU ns, run-queue ns); the run queue reads 0 where the kernel has no schedstat (macOS,
+        sandboxes): a debugging aid must never fail the step it wraps."""
         fd = getattr(self._local, "fd", None)
         if fd is None:
-            fd = self._local.fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
-        rq = os.pread(fd, 128, 0).split()[1]
-        return time.thread_time_ns(), int(rq)
+            try:
+                fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+            except OSError:
+                fd = -1
+            self._local.fd = fd
+        rq = 0
+        if fd >= 0:
+            try:
+                rq = int(os.pread(fd, 128, 0).split()[1])
+            except (OSError, IndexError, ValueError):
+                rq = 0
+        return time.thread_time_ns(), rq
 
 
 class StepTrace:
@@ -117,9 +130,15 @@ class StepTrace:
         self.events.append(["drain", t0, time.perf_counter(), cpu0, cpu1])
 
     def write(self) -> None:
-        with open(self.path, "w") as f:
-            for e in self.events:
-                f.write(json.dumps(e) + "\n")
+        """Write the events as JSON lines (at the core's exit; they are kept in memory until then, so
+        trace a benchmark, not a long-running server). A failure is logged, never raised: the core
+        still closes its sockets."""
+        try:
+            with open(self.path, "w") as f:
+                for e in self.events:
+                    f.write(json.dumps(e) + "\n")
+        except OSError as e:
+            log.error("could not write the step trace to %s: %s", self.path, e)
 
 
 def from_env() -> StepTrace | None:

@@ -69,7 +69,10 @@ def run_loop(coro):
     loop. A streamed token costs the API process a task wake-up, a few callbacks and a socket
     write; uvloop does those in C. Ctrl-C behaves as with `asyncio.run`."""
     factory = None
-    if os.environ.get(LOOP_ENV, "auto") != "asyncio" and hasattr(asyncio, "Runner"):  # (Python >= 3.11)
+    choice = os.environ.get(LOOP_ENV, "auto").strip().lower()
+    if choice not in ("auto", "asyncio", "uvloop"):
+        log.warning("%s=%r is not one of auto, asyncio, uvloop: using auto", LOOP_ENV, choice)
+    if choice != "asyncio" and hasattr(asyncio, "Runner"):  # (Python >= 3.11)
         try:
             import uvloop
         except ImportError:
@@ -158,7 +161,7 @@ class ServerThread:
 
     def _run(self) -> None:
         try:
-            asyncio.run(self.server.serve(sockets=[self._sock]))
+            run_loop(self.server.serve(sockets=[self._sock]))  # the loop `sizewise serve` runs
         except BaseException as e:  # noqa: BLE001 - reported to start() / stop()
             self._error = e
             log.exception("uvicorn thread failed")

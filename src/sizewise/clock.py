@@ -40,6 +40,12 @@ class WallClock:
 WALL = WallClock()  # a constant (it holds no state), the default wherever no clock is handed in
 
 
+def thread_cpu_ns() -> int:
+    """CPU nanoseconds of the calling thread (CLOCK_THREAD_CPUTIME_ID). Real only: for tools that
+    measure the host itself (the engine core's step trace), never for what a simulation runs on."""
+    return time.thread_time_ns()
+
+
 class VirtualClock:
     """Time that moves only when told to (a discrete-event simulation's clock)."""
 

@@ -28,12 +28,12 @@ import shutil
 import signal
 import sys
 import threading
-import time
 from collections import OrderedDict
 from pathlib import Path
 
 import zmq
 
+from ..clock import WALL
 from ..errors import EngineDeadError, InvalidRequestError, QueueFullError, UnknownModelError
 from . import ipc, step_trace
 from .deployment import Deployment, DeploymentConfig, prompt_request_ids
@@ -134,7 +134,7 @@ class CoreServer:
     # ----- requests --------------------------------------------------------------------------------
     def _on_message(self, msg) -> None:
         if self.trace is not None:
-            self.trace.events.append(["msg", time.perf_counter(), type(msg).__name__])
+            self.trace.events.append(["msg", WALL.now(), type(msg).__name__])
         if isinstance(msg, ipc.Submit):
             task = asyncio.get_running_loop().create_task(self._submit(msg))
             self._tasks.add(task)
@@ -150,7 +150,7 @@ class CoreServer:
             self._stop.set()
 
     async def _submit(self, msg: ipc.Submit) -> None:
-        t_read = time.perf_counter()
+        t_read = WALL.now()
         prompts = [Prompt(ids, text) for ids, text in zip(msg.prompt_ids, msg.prompt_texts)]
         rids = prompt_request_ids(msg.request_id, len(prompts))
 
@@ -186,7 +186,7 @@ class CoreServer:
                     self._movable.popitem(last=False)
         self.send(msg.api, ipc.Admitted(msg.submit_id, [s.decision for s in subs]))
         if self.trace is not None:
-            self.trace.events.append(["submit", t_read, time.perf_counter()])
+            self.trace.events.append(["submit", t_read, WALL.now()])
 
     def _moved(self, request_id: str, src: str, dst: str, written: int = 0) -> None:
         where = self._movable.get(request_id)
@@ -219,13 +219,13 @@ class CoreServer:
                 self.broadcast(ipc.Dead("the engine worker died"))
                 status = 1
                 break
-            t0 = time.perf_counter()
+            t0 = WALL.now()
             try:
                 self.broadcast(ipc.Stats(self.dep.stats()))
             except Exception:  # noqa: BLE001 - metrics must never stop serving
                 log.exception("stats snapshot failed")
             if self.trace is not None:
-                self.trace.events.append(["stats", t0, time.perf_counter()])
+                self.trace.events.append(["stats", t0, WALL.now()])
         loop.remove_reader(fd)
         self.dep.shutdown()
         return status

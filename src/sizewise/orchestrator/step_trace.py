@@ -26,10 +26,11 @@ Records (lists, first field the kind):
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 import threading
-import time
+
+from ..clock import WALL, thread_cpu_ns
 
 ENV = "SIZEWISE_TRACE_STEPS"
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class _SchedStat:
                 rq = int(os.pread(fd, 128, 0).split()[1])
             except (OSError, IndexError, ValueError):
                 rq = 0
-        return time.thread_time_ns(), rq
+        return thread_cpu_ns(), rq
 
 
 class StepTrace:
@@ -77,11 +78,11 @@ class StepTrace:
         wait = wake.wait
 
         def traced_wait(timeout=None):
-            t0 = time.perf_counter()
+            t0 = WALL.now()
             try:
                 return wait(timeout)
             finally:
-                self.events.append(["idle", t0, time.perf_counter()])
+                self.events.append(["idle", t0, WALL.now()])
 
         wake.wait = traced_wait
         engine.step_listeners[:] = [self._wrap_listener(f) for f in engine.step_listeners]
@@ -91,20 +92,20 @@ class StepTrace:
         name = getattr(listener, "__qualname__", repr(listener))
 
         def traced_listener(*args):
-            c0, t0 = time.thread_time_ns(), time.perf_counter()
+            c0, t0 = thread_cpu_ns(), WALL.now()
             try:
                 return listener(*args)
             finally:
-                self.events.append(["listener", name, t0, time.perf_counter(), c0, time.thread_time_ns()])
+                self.events.append(["listener", name, t0, WALL.now(), c0, thread_cpu_ns()])
 
         return traced_listener
 
     def _wrap_step(self, name: str, step):
         def traced_step():
             cpu0, rq0 = self._sched.read()
-            t0 = time.perf_counter()
+            t0 = WALL.now()
             outs = step()
-            t1 = time.perf_counter()
+            t1 = WALL.now()
             cpu1, rq1 = self._sched.read()
             self._pending[name] = (t0, t1, cpu0, cpu1, rq0, rq1, len(outs))
             return outs
@@ -119,15 +120,15 @@ class StepTrace:
         cpu, rq = self._sched.read()
         s = core.scheduler
         self.events.append(["step", name, p[0], p[1], p[2], p[3], p[4], p[5], p[6], len(s.running), len(s.waiting),
-                            time.perf_counter(), cpu, rq])
+                            WALL.now(), cpu, rq])
 
     def drain(self, fn, *args) -> None:
         """Run the loop's socket reader `fn(*args)`, recording its time."""
         cpu0, _ = self._sched.read()
-        t0 = time.perf_counter()
+        t0 = WALL.now()
         fn(*args)
         cpu1, _ = self._sched.read()
-        self.events.append(["drain", t0, time.perf_counter(), cpu0, cpu1])
+        self.events.append(["drain", t0, WALL.now(), cpu0, cpu1])
 
     def write(self) -> None:
         """Write the events as JSON lines (at the core's exit; they are kept in memory until then, so

@@ -204,11 +204,10 @@ class PlanController:
         pinned = {t: self._bounds(q, now, -math.inf)[1] for t, q in self._pinned.items()}
         if rate is None:
             rate = self.rate_bounds(now)[1]
-        in_system = sum(e.num_running + e.num_waiting for t, e in engines.items()
-                        if backlog_tiers is None or t in backlog_tiers)
+        counted = set(engines) if backlog_tiers is None else backlog_tiers
+        in_system = sum(e.num_running + e.num_waiting for t, e in engines.items() if t in counted)
         horizon = self.slo_s if self.slo_s is not None else 1.0
-        backlog_rate = in_system / horizon - sum(r for t, r in pinned.items()
-                                                 if backlog_tiers is None or t in backlog_tiers)
+        backlog_rate = in_system / horizon - sum(r for t, r in pinned.items() if t in counted)
         return PlanInputs(tiers=tiers, auto_rate=max(rate, backlog_rate, 0.0), prompt_tokens=self._prompt or 1.0,
                           output_tokens=output, pinned_rate=pinned, slo_s=self.slo_s, util_target=self.util_target)
 

@@ -150,6 +150,37 @@ def test_cost_model_separates_decode_rows_from_prefill_tokens(core):
         fixed + 96 * per_prompt)
 
 
+def test_a_cold_first_step_does_not_set_the_cost_line(core):
+    # The cost line's averages are slow (about 50 steps): started at their first sample, that one
+    # sample kept half their weight after 32 steps, so a cold first step (allocator, first kernels)
+    # set the plan's step costs for the whole warm-up. Now the first 1 / alpha samples are averaged
+    # plainly. Law: fixed + per row x rows, the first decode step three times slower.
+    fixed, per_row = 2e-3, 5e-4
+    tel = Telemetry({"m": core}, {"m": "small"}, peak_bandwidth=1e12)  # default averages
+    decode_steps = 0
+    for rnd, k in enumerate((1, 4, 2, 3, 1, 4, 2, 3, 4, 1)):
+        for i in range(k):
+            core.add_request(f"w-{rnd}-{i}", [5 + i + j for j in range(12)],
+                             SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+        first = True
+        while core.has_unfinished_requests():
+            out = core.step()
+            law = fixed + per_row * (k if not first else 0) + (1e-5 * 12 * k if first else 0.0)
+            if not first:
+                decode_steps += 1
+                if decode_steps == 1:
+                    law *= 3.0
+            tel.on_step("m", core, out, law)
+            first = False
+    assert decode_steps >= 30
+    e = tel.snapshot().engines["m"]
+    # One outlier in ~40 samples moves a plain mean by a few percent; at half the weight it doubled
+    # the fixed cost and flattened the slope.
+    assert e.step_fixed_seconds == pytest.approx(fixed, rel=0.5)
+    assert e.step_seconds_per_token == pytest.approx(per_row, rel=0.5)
+    assert e.step_cost(16) == pytest.approx(fixed + 16 * per_row, rel=0.25)
+
+
 def test_requests_running_past_their_prediction_raise_the_latency_bias_before_they_finish(core):
     # Before: the bias learned only from finished requests, so a burst routed every request on
     # the unloaded estimate (the first ones finish after the last is routed).

@@ -150,6 +150,27 @@ def test_cost_model_separates_decode_rows_from_prefill_tokens(core):
         fixed + 96 * per_prompt)
 
 
+def test_a_prompt_in_a_batched_prefill_is_priced_at_its_marginal_cost(core):
+    # Where one prompt alone is memory-bound (a step costs its weight stream whatever its size) and
+    # several are compute-bound (an accelerator), a prefill step costs max(fixed, per token x tokens).
+    # Before: each prompt token was priced at what prefill steps cost per token on average, 0.4x what
+    # another prompt adds to a loaded step, and the plan put too much load on the top tier (the 910B
+    # profile at 1.5x its capacity: 0.83 within the SLO).
+    fixed, per_token, prompt = 2e-3, 1e-4, 12
+    tel = Telemetry({"m": core}, {"m": "small"}, peak_bandwidth=1e12, ema_alpha=0.5)
+    for rnd, k in enumerate((1, 4, 2, 3, 1, 4, 2, 3)):
+        for i in range(k):
+            core.add_request(f"p-{rnd}-{i}", [5 + i + j for j in range(prompt)],
+                             SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+        first = True
+        while core.has_unfinished_requests():
+            out = core.step()
+            tel.on_step("m", core, out, max(fixed, per_token * prompt * k) if first else fixed + 5e-4 * k)
+            first = False
+    e = tel.snapshot().engines["m"]
+    assert e.prefill_seconds_per_token == pytest.approx(per_token, rel=0.3)
+
+
 def test_a_cold_first_step_does_not_set_the_cost_line(core):
     # The cost line's averages are slow (about 50 steps): started at their first sample, that one
     # sample kept half their weight after 32 steps, so a cold first step (allocator, first kernels)

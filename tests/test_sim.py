@@ -91,9 +91,11 @@ def test_auto_is_never_dominated_on_the_demo_profile_at_light_load(demo_dominati
 
 
 def test_auto_is_never_dominated_on_the_910b_qwen25_profile(config, items):
-    """192 requests a cell (the workload repeated without shared prefixes): enough for the 7B tier to
-    saturate on a 910B by 2x, where routing has something to decide."""
-    dominated, rows = _domination(config, items, "ascend-910b", QWEN, requests=192, loads=[0.5, 1.0, 2.0, 3.0])
+    """384 requests a cell (the workload repeated without shared prefixes), as docs/routing.md's
+    sweep: enough for the 7B tier to saturate on a 910B by 1.5x, where routing has something to
+    decide."""
+    loads = [0.5, 1.0, 1.5, 2.0, 3.0]
+    dominated, rows = _domination(config, items, "ascend-910b", QWEN, requests=384, loads=loads)
     assert dominated == []
     by = {(r["load"], r["policy"]): r for r in rows}
     # the quality signal (host-side surprisal) is measured for every `auto` request, at every load
@@ -106,11 +108,13 @@ def test_auto_is_never_dominated_on_the_910b_qwen25_profile(config, items):
     holding = [by[(3.0, f"static-{t}")]["loss"] for t in ("small", "medium", "large")
                if by[(3.0, f"static-{t}")]["slo_attain"] >= 0.9]
     assert by[(3.0, "sizewise")]["slo_attain"] >= 0.9 and by[(3.0, "sizewise")]["loss"] <= min(holding) + 1e-9
-    # between large's capacity and medium's: a two-tier mix, at least a quarter of the way from medium's
-    # loss towards large's, within the SLO (issue 22's "better than any single size")
-    auto, med = by[(2.0, "sizewise")], by[(2.0, "static-medium")]
-    assert by[(2.0, "static-large")]["slo_attain"] < 0.9 <= med["slo_attain"]
-    assert auto["slo_attain"] >= 0.9 and auto["loss"] <= 0.75 * med["loss"], auto
+    # between large's capacity and medium's: at some load a two-tier mix holds the SLO at least a quarter
+    # of the way from medium's loss towards large's (issue 22's "better than any single size")
+    between = [lo for lo in loads if by[(lo, "static-large")]["slo_attain"] < 0.9 <= by[(lo, "static-medium")]["slo_attain"]]
+    assert between, rows
+    better = [lo for lo in between if by[(lo, "sizewise")]["slo_attain"] >= 0.9
+              and by[(lo, "sizewise")]["loss"] <= 0.75 * by[(lo, "static-medium")]["loss"]]
+    assert better, [by[(lo, "sizewise")] for lo in between]
 
 
 def test_a_burst_from_idle_is_served_whole_and_spread_off_the_top_tier(config, items):

@@ -37,6 +37,7 @@ from ..platform import Platform
 
 PROBE_PREFIX = "sizewise-probe-"  # request ids of the orchestrator's own probes (not traffic)
 _SMALL_STEP_TOKENS = 32  # the roofline guess's split of a step into fixed and per-token cost
+_PREFILL_SPREAD = 0.25  # prefill sizes must spread this much (sd / mean) before their slope is read
 _MIN_ROW_VARIANCE = 0.25  # decode batch sizes must vary this much (rows^2) before the line's slope is trusted
 _TRACKED_REQUESTS = 4096  # bound on per-request bookkeeping (aborted requests never finish)
 _DEVICE_REFRESH_S = 1.0  # vendor counters (npu-smi is a subprocess) at most once a second
@@ -91,6 +92,9 @@ class _EngineState:
     pre_t: _Ema
     pre_d: _Ema
     pre_y: _Ema
+    pre_tt: _Ema  # prefill steps' second moments: the marginal cost of a prompt token in a batch
+    pre_ty: _Ema
+    pre_td: _Ema
     prompt_tokens: _Ema
     output_tokens: _Ema
     num_steps: int = 0
@@ -220,6 +224,7 @@ class Telemetry:
         self._state = {
             n: _EngineState(tier=tiers.get(n, n), step_s=ema(), bytes=ema(), own_s=ema(), dec_x=slow(), dec_y=slow(),
                             dec_xx=slow(), dec_xy=slow(), pre_t=slow(), pre_d=slow(), pre_y=slow(),
+                            pre_tt=slow(), pre_ty=slow(), pre_td=slow(),
                             prompt_tokens=ema(), output_tokens=ema())
             for n in self.cores
         }
@@ -275,6 +280,9 @@ class Telemetry:
                 st.pre_t.update(prefill)
                 st.pre_d.update(ntok - prefill)
                 st.pre_y.update(seconds)
+                st.pre_tt.update(prefill * prefill)
+                st.pre_ty.update(prefill * seconds)
+                st.pre_td.update(prefill * (ntok - prefill))
             for out in outputs:
                 rid = out.request_id
                 if rid.startswith(PROBE_PREFIX):
@@ -500,8 +508,18 @@ class Telemetry:
             fixed, slope = 0.0, y / max(x, 1.0)
         per_prompt = None
         if st.pre_t.value is not None:
+            t = st.pre_t.value
             rest = st.pre_y.value - fixed - slope * st.pre_d.value
-            per_prompt = max(rest, 0.0) / max(st.pre_t.value, 1.0)
+            per_prompt = max(rest, 0.0) / max(t, 1.0)  # what one prefill step costs per prompt token
+            # ... or, once prefills of several sizes were seen, what another prompt token adds to a
+            # step, where that is dearer: a loaded engine prefills several prompts at once, and where
+            # one prompt alone is memory-bound and many are compute-bound (an accelerator) the
+            # per-step ratio prices the loaded steps' prompts too cheaply.
+            var_t = st.pre_tt.value - t * t
+            if var_t >= (_PREFILL_SPREAD * t) ** 2:
+                cov_ty = st.pre_ty.value - t * st.pre_y.value
+                cov_td = st.pre_td.value - t * st.pre_d.value
+                per_prompt = max(per_prompt, (cov_ty - slope * cov_td) / var_t)
         return fixed, slope, per_prompt
 
     def _device_counters(self) -> dict[str, float]:

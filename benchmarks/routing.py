@@ -164,13 +164,14 @@ def main() -> None:
         gaps = {t: [a - b for a, b in zip(nll[t], nll["large"])] for t in TIERS}
         settings = cfg.policy.to_settings()
 
-        def router_for(policy: str, counts: dict | None = None):
+        def router_for(policy: str, counts: dict | None = None, rate: float | None = None):
             s = cfg.policy.to_settings()
             s.slo_ms = slo_ms
-            return policy_router(policy, s, gaps, [it.prompt for it in items], args.seed, counts)
+            return policy_router(policy, s, gaps, [it.prompt for it in items], args.seed, counts, rate)
 
         def cell(policy: str, times: list[float], counts=None, key: str | None = None) -> list[Record]:
-            dep.router = router_for(policy, counts)
+            span = times[-1] - times[0] if len(times) > 1 else 0.0
+            dep.router = router_for(policy, counts, (len(times) - 1) / span if span > 0 else None)
             reset_prefix_caches(dep)
             dep.telemetry.forget_latency()  # every run learns its latency bias from the same start
             trace.key = key

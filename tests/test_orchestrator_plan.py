@@ -202,6 +202,19 @@ def test_a_backlog_on_a_tier_the_device_turn_leaves_out_is_not_load_for_the_plan
     assert pushed.loss > first.loss, pushed
 
 
+def test_a_known_rate_plans_from_the_first_arrival():
+    """The rate-oracle policy (`sizewise simulate`): the plan told the rate moves on the first arrival
+    of a load above large's capacity, where measuring it needs a confidence band's worth of arrivals."""
+    cap = large_capacity()
+    told, measured = _controller(), _controller()
+    told.known_rate = 1.5 * cap
+    for ctl in (told, measured):
+        ctl.note_arrival(0.0, None, 96, 32)
+    assert told.rate_bounds(0.0) == (1.5 * cap,) * 3
+    assert told.replan(_snap(), 0.0)[0].shares.get("large", 0.0) < 1.0
+    assert measured.replan(_snap(), 0.0)[0].shares == {"large": 1.0}
+
+
 def test_poisson_rate_bounds_match_the_exact_chi_square_quantiles():
     from scipy.stats import chi2
 

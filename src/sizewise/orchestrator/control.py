@@ -138,6 +138,9 @@ class PlanController:
         self._output = 0.0
         self._recent: deque[dict[str, float]] = deque(maxlen=window)
         self._rng = random.Random(seed)
+        # A benchmark's oracle (`sizewise simulate`'s rate-oracle policy): the `auto` arrival rate, known
+        # rather than measured, so a sweep can tell what detecting the load costs from the rest.
+        self.known_rate: float | None = None
 
     # ----- what arrives -----------------------------------------------------------------------
     def note_arrival(self, now: float, tier: str | None, prompt_tokens: int, max_new_tokens: int, n: int = 1) -> None:
@@ -158,6 +161,9 @@ class PlanController:
 
     def rate_bounds(self, now: float) -> tuple[float, float, float]:
         """(lower bound, estimate, upper bound) of the `auto` arrival rate (module docstring)."""
+        if self.known_rate is not None:
+            self._bounds(self._arrivals, now, self._spell)  # the window still slides
+            return self.known_rate, self.known_rate, self.known_rate
         return self._bounds(self._arrivals, now, self._spell)
 
     def _bounds(self, q: deque, now: float, spell: float) -> tuple[float, float, float]:

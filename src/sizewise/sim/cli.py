@@ -29,7 +29,7 @@ def add_parser(sub, default_config: str) -> None:
                         "(default: %(default)s)")
     s.add_argument("--burst-s", type=float, default=2.0, help="the burst's span in seconds (default: %(default)s)")
     s.add_argument("--policies", default="static-small,static-medium,static-large,sizewise,random,oracle",
-                   help="(default: %(default)s; also load-only)")
+                   help="(default: %(default)s; also load-only, and rate-oracle (sizewise told each cell's arrival rate: what detecting the load costs))")
     s.add_argument("--slo-ms", type=float, help="latency objective (default: --slo-mult x one request alone on large)")
     s.add_argument("--slo-mult", type=float, default=3.0, help="(default: %(default)s)")
     s.add_argument("--requests", type=int, help="requests per cell (default: every workload item; more repeat them)")

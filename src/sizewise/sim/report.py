@@ -19,7 +19,8 @@ from ..orchestrator.router import AdaptiveRouter
 from ..orchestrator.types import Decision
 
 TIERS = TIER_ORDER
-POLICIES = ("static-small", "static-medium", "static-large", "random", "load-only", "sizewise", "oracle")
+POLICIES = ("static-small", "static-medium", "static-large", "random", "load-only", "sizewise", "oracle",
+            "rate-oracle")
 
 
 @dataclass(slots=True)
@@ -62,11 +63,27 @@ class OracleRouter(AdaptiveRouter):
         return self.gaps[tuple(prompt_token_ids)]
 
 
+class KnownRateRouter(AdaptiveRouter):
+    """sizewise, its plan told the cell's mean arrival rate instead of measuring it: what the load's
+    detection costs (the rest of the gap to the best static size is the device model's)."""
+
+    def __init__(self, settings, rate: float) -> None:
+        super().__init__(settings)
+        self.rate = rate
+
+    def bind(self, deployment):
+        out = super().bind(deployment)
+        if self.control is not None:
+            self.control.known_rate = self.rate
+        return out
+
+
 def policy_router(policy: str, settings, gaps: dict[str, list[float]], prompts: list, seed: int,
-                  counts: dict | None = None):
+                  counts: dict | None = None, rate: float | None = None):
     """The router one sweep cell runs (the real benchmark's and the virtual device's alike).
     `settings`: the deployment's PolicySettings with the cell's SLO; `gaps`: tier -> each item's loss
-    against the top tier (the top tier's own row included); `prompts`: each item's prompt ids."""
+    against the top tier (the top tier's own row included); `prompts`: each item's prompt ids; `rate`:
+    the cell's mean arrival rate (rate-oracle only)."""
     from ..orchestrator.deployment import StaticRouter
     from ..orchestrator.policy import QualityPredictor, TierFit
 
@@ -85,6 +102,10 @@ def policy_router(policy: str, settings, gaps: dict[str, list[float]], prompts: 
         return OracleRouter(settings, {tuple(p): {t: g[i] for t, g in gaps.items()} for i, p in enumerate(prompts)})
     if policy == "sizewise":
         return AdaptiveRouter(settings)
+    if policy == "rate-oracle":
+        if rate is None:
+            raise ValueError("the rate-oracle policy needs the cell's arrival rate")
+        return KnownRateRouter(settings, rate)
     raise ValueError(f"unknown policy {policy!r}")
 
 
@@ -223,7 +244,7 @@ def plot(rows: list[dict], path: Path, slo_s: float,
     loads = sorted({r["load"] for r in rows if r["load"] != "burst"})
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     styles = {"static-small": ":", "static-medium": ":", "static-large": ":", "sizewise": "-", "oracle": "--",
-              "random": "-.", "load-only": "-."}
+              "random": "-.", "load-only": "-.", "rate-oracle": "--"}
     for p in POLICIES:
         pts = sorted((r["load"], r["slo_attain"], r["loss"] * 100) for r in rows if r["policy"] == p and r["load"] != "burst")
         if not pts:

@@ -59,10 +59,10 @@ class Sweep:
         finally:
             sim.close()
 
-    def router_for(self, policy: str, slo_ms: float, counts: dict | None = None):
+    def router_for(self, policy: str, slo_ms: float, counts: dict | None = None, rate: float | None = None):
         s = self.spec.config.policy.to_settings()
         s.slo_ms = slo_ms
-        return policy_router(policy, s, self.gaps, [it.prompt for it in self.items], self.seed, counts)
+        return policy_router(policy, s, self.gaps, [it.prompt for it in self.items], self.seed, counts, rate)
 
     def calibrate(self, slo_mult: float = 3.0) -> tuple[float, float, float]:
         """(static large's burst capacity req/s, one request alone on large s, SLO s) on the virtual device."""
@@ -96,7 +96,8 @@ class Sweep:
                 counts = None
                 if p == "random":
                     counts = {t: sum(r.tier == t for r in got["sizewise"]) for t in TIERS}
-                recs = _records(self.cell(self.router_for(p, slo_s * 1e3, counts), times))
+                rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
+                recs = _records(self.cell(self.router_for(p, slo_s * 1e3, counts, rate), times))
                 got[p] = recs
                 rows.append(summarize(p, load, recs, self.nll, slo_s))
                 cells[f"{load if load == 'burst' else format(load, 'g')}/{p}"] = [[r.arrival, r.ttft, r.latency, r.tier] for r in recs]

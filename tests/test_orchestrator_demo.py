@@ -188,7 +188,10 @@ def demo_prompts(tok, n: int) -> list[list[int]]:
     return [ids[i % len(ids)][48 * (i // len(ids)):48 * (i // len(ids)) + 48] for i in range(n)]
 
 
-async def test_the_device_turn_follows_the_plan_a_dropped_tier_steps_when_the_plans_are_idle(dep):
+@pytest.mark.parametrize("discipline", ["fair", "round_robin"])
+async def test_the_device_turn_follows_the_plan_a_dropped_tier_steps_when_the_plans_are_idle(dep, discipline):
+    # Under both disciplines: round-robin turns once stepped every busy engine, the plan's or not (a
+    # mix on a CPU runs round-robin, the turn the plan's device model prices).
     tok = dep.tokenizer()
     items = demo_prompts(tok, 8)
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
@@ -205,8 +208,9 @@ async def test_the_device_turn_follows_the_plan_a_dropped_tier_steps_when_the_pl
                 times[stream.request_id] = (model, delta.metrics["first_token_time"], delta.metrics["finished_time"])
         return toks
 
-    old = (eng.plan_cores, eng.plan_starve_s)
+    old = (eng.plan_cores, eng.plan_starve_s, eng.discipline)
     eng.plan_cores, eng.plan_starve_s = frozenset({small}), 1e9  # the plan keeps small only; never starve-step
+    eng.discipline = discipline
     try:
         # small's requests first (admitted, so small is busy), then large's (a tier the plan left)
         which = [small if i % 2 else large for i in range(len(items))]
@@ -215,7 +219,7 @@ async def test_the_device_turn_follows_the_plan_a_dropped_tier_steps_when_the_pl
             streams[i] = await eng.add_request(f"turn-{i}", items[i], params, core=which[i])
         outs = await asyncio.gather(*(drain(streams[i], which[i]) for i in range(len(items))))
     finally:
-        eng.plan_cores, eng.plan_starve_s = old
+        eng.plan_cores, eng.plan_starve_s, eng.discipline = old
     # large stepped only once small had nothing left: its first token comes after small's last
     assert min(f for m, f, _ in times.values() if m == large) >= max(e for m, _, e in times.values() if m == small)
     # and the outputs are each tier's own

@@ -408,6 +408,7 @@ class AsyncEngine:
                 # Round-robin: each busy core gets one step per turn. A `priority_core` with
                 # newly queued requests (the orchestrator's probe engine) also gets a step after
                 # every other core's, so a probe waits at most one step, not a whole turn.
+                busy = self._planned(busy)
                 for name in busy[turn % len(busy):] + busy[: turn % len(busy)]:
                     self._drain_inbox()
                     self._step_core(name)
@@ -434,7 +435,8 @@ class AsyncEngine:
         if not kept or len(kept) == len(busy):
             return busy
         now = self.clock.now()
-        return kept + [n for n in busy if n not in plan and now - self._last_step.get(n, -1e18) >= self.plan_starve_s]
+        # A core that never stepped waits from when it was first left out, not since the epoch.
+        return kept + [n for n in busy if n not in plan and now - self._last_step.setdefault(n, now) >= self.plan_starve_s]
 
     def _step_priority(self, just_stepped: str | None, share: "FairShare") -> None:
         """Step the priority core now if requests wait on it (its probes are in the very next step)."""

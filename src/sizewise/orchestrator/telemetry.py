@@ -51,6 +51,7 @@ _BIAS_CLAMP = 3.0  # measured / predicted latency ratios are read within [1 / 2,
 # more (because its bias made it look slow) is not locked out for ever.
 _BIAS_HALF_LIFE_S = 10.0
 _IN_FLIGHT_HORIZON_S = 30.0  # predictions older than this are dropped (an aborted request never finishes)
+_FOLD_EVERY = 32  # steps the worker records before it folds them into the averages itself (else a reader does)
 _WINDOW_RESUM = 4096  # the device-time window's running sums are recomputed exactly every this many steps
 _BACK_TO_BACK_S = 0.005  # a step that starts within this of the previous one's end follows it directly
 
@@ -220,6 +221,8 @@ class Telemetry:
         for n, core in self.cores.items():  # work done before this listener existed is nobody's sample
             self._state[n].work_seen = core.work_totals()
         self._kv_bytes_per_token = {n: c.model_config.kv_bytes_per_token(c.dtype) for n, c in self.cores.items()}
+        self._core_list = list(self.cores.values())
+        self._steps: list[tuple] = []  # steps recorded by on_step, not folded into the averages yet
         self._device_s = _Ema(ema_alpha)
         self._device_bytes = _Ema(ema_alpha)
         self._lock = threading.Lock()
@@ -239,28 +242,65 @@ class Telemetry:
 
     # ----- worker thread ----------------------------------------------------------------
     def on_step(self, name: str, core: EngineCore, outputs, seconds: float) -> None:
-        # Every step, on the worker, between two steps: at batch 1 this is part of the inter-token
-        # time, so it reads the engine's counters (not a whole EngineStats) and keeps O(1) sums.
+        # On the worker, between two steps: at batch 1 this is part of every inter-token time. So it
+        # only records what the step left (the engine's counters, not a whole EngineStats) and the
+        # requests' outputs; the averages are folded from the records when a snapshot is read (the
+        # router, /metrics) or every _FOLD_EVERY steps, in step order: what a reader sees is the same.
         st = self._state.get(name)
         if st is None:
             return
         num_steps, last = core.step_counters()
-        ntok = max(last.num_tokens, 1)
         with self._lock:
             st.pending.clear()  # the worker drained its inbox before this step
             if num_steps == st.core_steps and not outputs:
                 # Nothing was scheduled (the core's last request was aborted after the worker's turn
                 # began): no forward ran, and the counters still describe the previous step.
                 return
-            now = self.clock.now()
             st.core_steps = num_steps
+            others = [c.work_totals() for c in self._core_list] if len(self._core_list) > 1 else None
+            self._steps.append((name, st, core, seconds, last, core.work_totals(), others, self.clock.now(),
+                                core.spec_totals()))
+            if outputs:
+                self._note_outputs(st, outputs)
+            if len(self._steps) >= _FOLD_EVERY:
+                self._fold()
+
+    def _note_outputs(self, st: _EngineState, outputs) -> None:
+        """The requests' side of a step (under the lock): prompt and output lengths, latency scores."""
+        requests = st.requests
+        for out in outputs:
+            rid = out.request_id
+            if rid.startswith(PROBE_PREFIX):
+                continue
+            seen = requests.get(rid)
+            if seen is None:
+                st.prompt_tokens.update(len(out.prompt_token_ids))
+                seen = requests[rid] = [0, set()]
+                if len(requests) > _TRACKED_REQUESTS:
+                    requests.popitem(last=False)
+            for o in out.outputs:
+                seen[0] += len(o.token_ids)
+                seen[1].add(o.index)
+            if out.finished:
+                self._score_prediction(st, out)
+                # Per sample: a delta carries only the samples that produced tokens in its step,
+                # so the samples are those seen over the request's life, not in its last delta.
+                requests.pop(rid, None)
+                tokens, indices = seen
+                st.output_tokens.update(tokens / max(len(indices), 1))
+
+    def _fold(self) -> None:
+        """Fold the recorded steps into the averages, oldest first (under the lock)."""
+        steps, self._steps = self._steps, []
+        for name, st, core, seconds, last, totals, others, now, spec in steps:
+            ntok = max(last.num_tokens, 1)
             st.num_steps += 1
             st.last_step_time = now
             st.step_s.update(seconds)
             st.bytes.update(last.bytes)
             st.own_s.update(last.seconds)
-            st.work_seen = core.work_totals()
-            drafted = self._attribute_drafting(name) if len(self.cores) > 1 else 0
+            st.work_seen = totals
+            drafted = self._attribute_drafting(name, others) if others is not None else 0
             self._device_s.update(seconds)
             self._device_bytes.update(last.bytes + drafted)
             prefill = min(last.prefill_tokens, ntok)
@@ -278,40 +318,18 @@ class Telemetry:
                 st.pre_t.update(prefill)
                 st.pre_d.update(ntok - prefill)
                 st.pre_y.update(seconds)
-            requests = st.requests
-            for out in outputs:
-                rid = out.request_id
-                if rid.startswith(PROBE_PREFIX):
-                    continue
-                seen = requests.get(rid)
-                if seen is None:
-                    st.prompt_tokens.update(len(out.prompt_token_ids))
-                    seen = requests[rid] = [0, set()]
-                    if len(requests) > _TRACKED_REQUESTS:
-                        requests.popitem(last=False)
-                for o in out.outputs:
-                    seen[0] += len(o.token_ids)
-                    seen[1].add(o.index)
-                if out.finished:
-                    self._score_prediction(st, out)
-                    # Per sample: a delta carries only the samples that produced tokens in its step,
-                    # so the samples are those seen over the request's life, not in its last delta.
-                    requests.pop(rid, None)
-                    tokens, indices = seen
-                    st.output_tokens.update(tokens / max(len(indices), 1))
-            spec = core.spec_totals()
             if spec is not None:
                 self._update_spec(st, spec)
 
-    def _attribute_drafting(self, stepped: str) -> int:
+    def _attribute_drafting(self, stepped: str, totals: list[tuple[float, int]]) -> int:
         """Work other engines did inside `stepped`'s step (a draft model's proposals): one sample
-        of their own bytes and seconds each. Returns the bytes."""
+        of their own bytes and seconds each, from their work totals after the step (`totals`, in
+        the order of `cores`). Returns the bytes."""
         total = 0
-        for other, core in self.cores.items():
+        for other, (secs, byts) in zip(self.cores, totals):
             st = self._state[other]
             if other == stepped:
                 continue
-            secs, byts = core.work_totals()
             s0, b0 = st.work_seen
             ds, db = secs - s0, byts - b0
             if ds > 0:
@@ -444,6 +462,8 @@ class Telemetry:
     def snapshot(self, device: bool = False) -> TelemetrySnapshot:
         engines = {}
         with self._lock:
+            if self._steps:
+                self._fold()
             for name, core in self.cores.items():
                 engines[name] = self._engine(name, core, self._state[name])
             dev_s, dev_b = self._device_s.get(), self._device_bytes.get()

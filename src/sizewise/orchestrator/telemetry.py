@@ -23,6 +23,11 @@ Read live at snapshot time: running / waiting counts and KV blocks used / total.
 
 `snapshot()` is what the policy reads (per request, cheap) and what the server's Prometheus
 gauges read at scrape time (`device=True` adds device memory and vendor counters).
+
+On the worker, `on_step` only records the step (the engine's counters, its time) and the
+requests' outputs: it runs between two steps, so at batch 1 it is part of every inter-token
+time. The averages are folded from the records, in step order, when a snapshot is read or every
+`_FOLD_EVERY` steps; a reader sees the same values whenever it reads.
 """
 
 from __future__ import annotations

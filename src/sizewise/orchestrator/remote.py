@@ -283,6 +283,9 @@ class RemoteDeployment:
             if fut is not None and not fut.done():
                 fut.set_exception(exc)
         self._pending.clear()
+        for fut in self._stats_asked.values():  # a scrape waiting on the core: the last snapshot
+            if not fut.done():
+                fut.set_result(None)
         routes = list(self._routes.values())
         self._routes.clear()
         self._by_id.clear()
@@ -314,8 +317,10 @@ class RemoteDeployment:
         try:
             self._out.send(self._enc.encode(ipc.StatsRequest(self.index, request)))
             await asyncio.wait_for(fut, timeout_s)
-        except (asyncio.TimeoutError, zmq.ZMQError):
+        except asyncio.TimeoutError:
             log.warning("the engine core sent no stats in %.1f s: /metrics shows the last snapshot", timeout_s)
+        except zmq.ZMQError as e:
+            log.warning("cannot ask the engine core for stats (%s): /metrics shows the last snapshot", e)
         finally:
             self._stats_asked.pop(request, None)
 

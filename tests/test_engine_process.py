@@ -286,6 +286,33 @@ def test_metrics_export_the_cores_engine_series(remote):
     assert m[gen] >= 8
 
 
+def test_the_core_builds_stats_only_when_a_scrape_asks(config_path, tmp_path, monkeypatch):
+    """With one API process the core builds no stats snapshot on a timer (building one holds the GIL
+    its worker steps with): each /metrics asks for one, which shows the core's state when asked, so
+    the device seconds of a completion that just returned are in it without waiting. Counted in the
+    core's step trace (SIZEWISE_TRACE_STEPS), which records every snapshot the core builds."""
+    trace = tmp_path / "steps.jsonl"
+    monkeypatch.setenv("SIZEWISE_TRACE_STEPS", str(trace))
+    server, url = _start(config_path)
+    try:
+        core = _core_pid(server)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        spent = lambda m: _engine(m, "sizewise_device_seconds_total", "demo-small")  # noqa: E731
+        before = _metrics(url)
+        assert client.completions.create(model="small", prompt=PROMPTS[2], max_tokens=8, temperature=0).choices[0].text
+        after = _metrics(url)
+        assert spent(after) > spent(before)
+        time.sleep(1.0)  # idle: a 0.25 s timer would build snapshots now
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(60) == 0, server.log
+        assert _wait_gone(core)  # the core wrote its trace as it exited
+    finally:
+        server.stop()
+        _kill_core(server)
+    built = [json.loads(line) for line in trace.read_text().splitlines() if line.startswith('["stats"')]
+    assert len(built) == 2  # one per scrape
+
+
 def _stream_in_thread(url: str, body: dict, out: dict, key: str, first: threading.Event | None = None) -> threading.Thread:
     def run() -> None:
         try:

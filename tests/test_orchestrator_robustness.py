@@ -13,6 +13,7 @@ import pytest
 from pydantic import ValidationError
 
 from sizewise import SamplingParams
+from sizewise.clock import VirtualClock
 from sizewise.engine.config import EngineConfig
 from sizewise.engine.core import EngineCore
 from sizewise.orchestrator.calibrate import oracle_routing
@@ -240,6 +241,71 @@ def test_average_output_length_is_per_sequence_when_samples_finish_apart(core):
     assert last.finished and len(lengths) == 3
     assert len(last.outputs) < 3, "precondition: the samples must finish at different steps"
     assert tel.snapshot().engines["m"].avg_output_tokens == pytest.approx(sum(lengths.values()) / 3)
+
+
+def test_busy_fraction_is_the_step_time_of_the_last_two_seconds(core):
+    # The window's sums are kept as steps enter and leave it (a snapshot is read per routed request
+    # and used to add up every step of the last 2 s): checked against the sums over the steps
+    # themselves, as time passes and steps leave the window.
+    tel = Telemetry({"m": core}, {"m": "small"}, peak_bandwidth=1e12, ema_alpha=0.5)
+    clock = tel.clock = VirtualClock()
+    rng = random.Random(3)
+    ends: list[tuple[float, float]] = []  # (end of the step, its seconds), as the test saw them
+
+    def busy_expected() -> float:
+        return min(sum(s for t, s in ends if t >= clock.now() - 2.0) / 2.0, 1.0)
+
+    core.add_request("w-1", list(range(5, 25)), SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True))
+    while core.has_unfinished_requests():
+        seconds = rng.uniform(0.005, 0.08)
+        clock.advance(seconds + rng.choice((0.0, 0.0, 0.3)))  # now and then a gap between steps
+        tel.on_step("m", core, core.step(), seconds)
+        ends.append((clock.now(), seconds))
+        snap = tel.snapshot()
+        assert snap.busy_fraction == pytest.approx(busy_expected(), abs=1e-12)
+        assert 0.0 <= snap.load_utilization <= snap.busy_fraction
+    for idle in (0.5, 1.0, 1.0, 1.0):  # the steps leave the window one by one, then all are gone
+        clock.advance(idle)
+        assert tel.snapshot().busy_fraction == pytest.approx(busy_expected(), abs=1e-12)
+    assert tel.snapshot().busy_fraction == 0.0 and tel.snapshot().load_utilization == 0.0
+
+
+def test_averages_read_after_every_step_equal_those_folded_at_the_end(core, llama_dir):
+    # The worker only records each step; the averages are folded when a snapshot is read or every
+    # few dozen steps. A reader must see the same whenever it reads: a listener read after every
+    # step (folding one at a time) against one read once at the end, over two interleaved engines
+    # (drafting attribution, the switch residuals) and more steps than one fold holds.
+    other = EngineCore(llama_dir, EngineConfig(device="cpu", max_model_len=128, max_num_seqs=4,
+                                               max_num_batched_tokens=64, block_size=16, enforce_eager=True,
+                                               num_speculative_tokens=0), name="o")
+    cores = {"m": core, "o": other}
+    clock = VirtualClock()
+    each, once = (Telemetry(cores, {"m": "small", "o": "large"}, peak_bandwidth=1e12, ema_alpha=0.3)
+                  for _ in range(2))
+    each.clock = once.clock = clock
+    rng = random.Random(5)
+    for i in range(3):
+        core.add_request(f"f-m-{i}", list(range(5 + i, 25 + i)), SamplingParams(max_tokens=20 + 7 * i, temperature=0.0,
+                                                                                ignore_eos=True))
+        other.add_request(f"f-o-{i}", list(range(9 + i, 21 + i)), SamplingParams(max_tokens=25, temperature=0.0,
+                                                                                  ignore_eos=True))
+    steps = 0
+    while core.has_unfinished_requests() or other.has_unfinished_requests():
+        for name, c in cores.items():
+            if not c.has_unfinished_requests():
+                continue
+            seconds = rng.uniform(0.001, 0.01)
+            clock.advance(seconds + rng.choice((0.0, 0.0, 0.01)))
+            out = c.step()
+            each.on_step(name, c, out, seconds)
+            once.on_step(name, c, out, seconds)
+            each.snapshot()
+            steps += 1
+    assert clock.now() < 2.0 and steps > 40  # no step left the 2 s window; more than one fold's worth
+    a, b = each.snapshot(), once.snapshot()
+    assert a.engines["m"].num_steps + a.engines["o"].num_steps == steps
+    assert a.engines["m"].calibrated and a.engines["m"].avg_output_tokens > 0
+    assert a == b
 
 
 # ----- policy: saturation is explained --------------------------------------------------------------

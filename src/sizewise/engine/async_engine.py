@@ -298,12 +298,12 @@ class AsyncEngine:
             self._inbox.put(_Abort(route.stream.request_id))
 
     def _queued(self) -> Iterator[_Add | _Abort | _Move | _Stop]:
-        """The commands queued so far, oldest first, taken off the inbox."""
-        while True:
-            try:
-                yield self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        """The commands queued so far, oldest first, taken off the inbox (this thread is its one
+        reader: once it is not empty a get succeeds; checked, not raised, as the worker drains it a
+        few times per step)."""
+        inbox = self._inbox
+        while not inbox.empty():
+            yield inbox.get_nowait()
 
     def _drain_inbox(self) -> None:
         for cmd in self._queued():

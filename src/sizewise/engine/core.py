@@ -620,6 +620,18 @@ class EngineCore:
             **self._spec_stats(),
         )
 
+    def step_counters(self) -> tuple[int, StepRecord]:
+        """(steps so far, the last step): what a step listener reads after every step, without
+        building an EngineStats (telemetry runs on the worker between two steps)."""
+        return self._step_count, self._last_step
+
+    def spec_totals(self) -> dict[str, tuple[int, int]] | None:
+        """Per proposer, (draft tokens proposed and verified, accepted) so far; None where this
+        engine does not speculate."""
+        if self.spec is None:
+            return None
+        return {p: (c.draft_tokens, c.accepted_tokens) for p, c in self.spec.counters.items()}
+
     def _spec_stats(self) -> dict:
         c = self.spec.stats() if self.spec is not None else {}
         return {

@@ -4,7 +4,7 @@ msgpack through msgspec over ZMQ `ipc://` sockets in a private temporary directo
 is `Steps`: one per engine step and API process, carrying a row per request that produced
 output (its handle, the new token ids and text, finish reason; logprobs only where asked), not a
 pickled object per token. Everything else (a submission, its admission, an abort, a stats
-snapshot) is per request or periodic.
+snapshot, asked for by a scrape) is per request or rare.
 """
 
 from __future__ import annotations
@@ -53,6 +53,13 @@ class Stop(msgspec.Struct, tag=True, array_like=True):
 
 class Shutdown(msgspec.Struct, tag=True, array_like=True):
     pass
+
+
+class StatsRequest(msgspec.Struct, tag=True, array_like=True):
+    """A scrape of API process `api`: the core answers with a `Stats` naming `request`."""
+
+    api: int
+    request: int
 
 
 # ----- core -> API ---------------------------------------------------------------------------------
@@ -112,9 +119,10 @@ class Moved(msgspec.Struct, tag=True, array_like=True):
 
 class Stats(msgspec.Struct, tag=True, array_like=True):
     stats: DeploymentStats
+    request: int = -1  # the StatsRequest it answers; -1: pushed (several API processes)
 
 
-ToCore = Union[Submit, Abort, Stop, Shutdown]
+ToCore = Union[Submit, Abort, Stop, Shutdown, StatsRequest]
 ToApi = Union[Ready, Dead, Admitted, Refused, Steps, Failed, Moved, Stats]
 
 

@@ -41,6 +41,7 @@ from .deployment import DeploymentConfig, Sink, check_prompts, prompt_request_id
 from .types import Decision, DeploymentStats, ModelInfo, ModelStats, Prompt, RoutingHints, Submission
 
 log = logging.getLogger(__name__)
+STATS_TIMEOUT_S = 1.0  # how long a scrape waits for the core's snapshot before it shows the last one
 
 
 @dataclass(slots=True)
@@ -98,6 +99,8 @@ class RemoteDeployment:
         self._models: list[ModelInfo] = []
         self.tier_to_model: dict[str, str] = {}
         self._stats: DeploymentStats | None = None
+        self._stats_asked: dict[int, asyncio.Future] = {}  # StatsRequest id -> its scrape, waiting
+        self._stats_ids = itertools.count()
         self._tokenizer = None
         self._detokenizer: Detokenizer | None = None
         self._handles = itertools.count()
@@ -280,6 +283,9 @@ class RemoteDeployment:
             if fut is not None and not fut.done():
                 fut.set_exception(exc)
         self._pending.clear()
+        for fut in self._stats_asked.values():  # a scrape waiting on the core: the last snapshot
+            if not fut.done():
+                fut.set_result(None)
         routes = list(self._routes.values())
         self._routes.clear()
         self._by_id.clear()
@@ -295,8 +301,28 @@ class RemoteDeployment:
         return list(self._models)
 
     def stats(self, device: bool = True) -> DeploymentStats:
-        """The core's latest snapshot (sent every core_process.STATS_EVERY_S)."""
+        """The core's latest snapshot (`refresh_stats`; with several API processes also pushed every
+        core_process.STATS_EVERY_S)."""
         return self._stats or DeploymentStats(models={})
+
+    async def refresh_stats(self, timeout_s: float = STATS_TIMEOUT_S) -> None:
+        """Ask the core for a snapshot and wait for it (a scrape): the core computes one only when
+        asked, not on a timer that would hold its GIL between steps. A core that does not answer in
+        `timeout_s` (dead, or stuck) leaves the last snapshot in place."""
+        if self._out is None or self._closing or not self.alive:
+            return
+        request = next(self._stats_ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._stats_asked[request] = fut
+        try:
+            self._out.send(self._enc.encode(ipc.StatsRequest(self.index, request)))
+            await asyncio.wait_for(fut, timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("the engine core sent no stats in %.1f s: /metrics shows the last snapshot", timeout_s)
+        except zmq.ZMQError as e:
+            log.warning("cannot ask the engine core for stats (%s): /metrics shows the last snapshot", e)
+        finally:
+            self._stats_asked.pop(request, None)
 
     @property
     def cores(self) -> dict[str, ModelInfo]:
@@ -474,6 +500,9 @@ class RemoteDeployment:
             self._stats = msg.stats
             for cb in self.on_stats:
                 cb(msg.stats)
+            fut = self._stats_asked.pop(msg.request, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
         elif isinstance(msg, ipc.Admitted):
             entry = self._pending.pop(msg.submit_id, None)
             if entry is None:

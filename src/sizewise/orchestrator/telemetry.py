@@ -23,6 +23,11 @@ Read live at snapshot time: running / waiting counts and KV blocks used / total.
 
 `snapshot()` is what the policy reads (per request, cheap) and what the server's Prometheus
 gauges read at scrape time (`device=True` adds device memory and vendor counters).
+
+On the worker, `on_step` only records the step (the engine's counters, its time) and the
+requests' outputs: it runs between two steps, so at batch 1 it is part of every inter-token
+time. The averages are folded from the records, in step order, when a snapshot is read or every
+`_FOLD_EVERY` steps; a reader sees the same values whenever it reads.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from ..engine.core import EngineCore, EngineStats
+from ..engine.core import EngineCore
 from ..platform import Platform
 
 PROBE_PREFIX = "sizewise-probe-"  # request ids of the orchestrator's own probes (not traffic)
@@ -51,8 +56,10 @@ _BIAS_CLAMP = 3.0  # measured / predicted latency ratios are read within [1 / 2,
 # A learned latency bias fades towards 1 without new evidence: a tier nothing is sent to any
 # more (because its bias made it look slow) is not locked out for ever.
 _BIAS_HALF_LIFE_S = 10.0
-_IN_FLIGHT_HORIZON_S = 30.0
-_BACK_TO_BACK_S = 0.005  # a step that starts within this of the previous one's end follows it directly  # predictions older than this are dropped (an aborted request never finishes)
+_IN_FLIGHT_HORIZON_S = 30.0  # predictions older than this are dropped (an aborted request never finishes)
+_FOLD_EVERY = 32  # steps the worker records before it folds them into the averages itself (else a reader does)
+_WINDOW_RESUM = 4096  # the device-time window's running sums are recomputed exactly every this many steps
+_BACK_TO_BACK_S = 0.005  # a step that starts within this of the previous one's end follows it directly
 
 
 class _Ema:
@@ -111,6 +118,7 @@ class _EngineState:
     latency_bias: _Ema | None = None  # log of measured / predicted latency of finished requests
     bias_time: float = 0.0  # wall time of its last update
     routed: deque = field(default_factory=deque)  # (monotonic time, sequences) of the last _RATE_WINDOW_S
+    routed_n: int = 0  # their sequences (kept as they enter and leave)
     # residual of a step over the cost line, when the step before it was this engine's / another's:
     # their difference is what interleaving costs a step here (caches, a second weight stream)
     resid_same: _Ema | None = None
@@ -230,12 +238,20 @@ class Telemetry:
         }
         for n, core in self.cores.items():  # work done before this listener existed is nobody's sample
             self._state[n].work_seen = core.work_totals()
+        self._kv_bytes_per_token = {n: c.model_config.kv_bytes_per_token(c.dtype) for n, c in self.cores.items()}
+        self._core_list = list(self.cores.values())
+        self._steps: list[tuple] = []  # steps recorded by on_step, not folded into the averages yet
         self._device_s = _Ema(ema_alpha)
         self._device_bytes = _Ema(ema_alpha)
         self._lock = threading.Lock()
         self._device_cache: tuple[float, dict[str, float]] = (-math.inf, {})
         self._last_core: tuple[str, float] | None = None  # (engine, monotonic end) of the last step
         self._window: deque = deque()  # (monotonic end, seconds, per-token seconds) of recent steps
+        # Their sums, kept as steps enter and leave: a snapshot (read per routed request) and a step
+        # cost O(1), not O(steps in the window), which is thousands at a millisecond step.
+        self._win_busy = 0.0
+        self._win_load = 0.0
+        self._win_appends = 0
 
     def attach(self, engine) -> None:
         """Register on an AsyncEngine (its worker thread calls `on_step`)."""
@@ -244,29 +260,69 @@ class Telemetry:
 
     # ----- worker thread ----------------------------------------------------------------
     def on_step(self, name: str, core: EngineCore, outputs, seconds: float) -> None:
+        # On the worker, between two steps: at batch 1 this is part of every inter-token time. So it
+        # only records what the step left (the engine's counters, not a whole EngineStats) and the
+        # requests' outputs; the averages are folded from the records when a snapshot is read (the
+        # router, /metrics) or every _FOLD_EVERY steps, in step order: what a reader sees is the same.
         st = self._state.get(name)
         if st is None:
             return
-        stats = core.stats()
-        ntok = max(stats.last_step_num_tokens, 1)
+        num_steps, last = core.step_counters()
         with self._lock:
             st.pending.clear()  # the worker drained its inbox before this step
-            if stats.num_steps == st.core_steps and not outputs:
+            if num_steps == st.core_steps and not outputs:
                 # Nothing was scheduled (the core's last request was aborted after the worker's turn
-                # began): no forward ran, and the stats still describe the previous step.
+                # began): no forward ran, and the counters still describe the previous step.
                 return
-            st.core_steps = stats.num_steps
+            st.core_steps = num_steps
+            others = [c.work_totals() for c in self._core_list] if len(self._core_list) > 1 else None
+            self._steps.append((name, st, core, seconds, last, core.work_totals(), others, self.clock.now(),
+                                core.spec_totals()))
+            if outputs:
+                self._note_outputs(st, outputs)
+            if len(self._steps) >= _FOLD_EVERY:
+                self._fold()
+
+    def _note_outputs(self, st: _EngineState, outputs) -> None:
+        """The requests' side of a step (under the lock): prompt and output lengths, latency scores."""
+        requests = st.requests
+        for out in outputs:
+            rid = out.request_id
+            if rid.startswith(PROBE_PREFIX):
+                continue
+            seen = requests.get(rid)
+            if seen is None:
+                st.prompt_tokens.update(len(out.prompt_token_ids))
+                seen = requests[rid] = [0, set()]
+                if len(requests) > _TRACKED_REQUESTS:
+                    requests.popitem(last=False)
+            for o in out.outputs:
+                seen[0] += len(o.token_ids)
+                seen[1].add(o.index)
+            if out.finished:
+                self._score_prediction(st, out)
+                # Per sample: a delta carries only the samples that produced tokens in its step,
+                # so the samples are those seen over the request's life, not in its last delta.
+                requests.pop(rid, None)
+                tokens, indices = seen
+                st.output_tokens.update(tokens / max(len(indices), 1))
+
+    def _fold(self) -> None:
+        """Fold the recorded steps into the averages, oldest first (under the lock)."""
+        steps, self._steps = self._steps, []
+        for name, st, core, seconds, last, totals, others, now, spec in steps:
+            ntok = max(last.num_tokens, 1)
             st.num_steps += 1
-            st.last_step_time = self.clock.now()
+            st.last_step_time = now
             st.step_s.update(seconds)
-            st.bytes.update(stats.last_step_bytes)
-            st.own_s.update(stats.last_step_seconds)
-            st.work_seen = (stats.device_seconds_total, stats.device_bytes_total)
-            drafted = self._attribute_drafting(name)
+            st.bytes.update(last.bytes)
+            st.own_s.update(last.seconds)
+            st.work_seen = totals
+            drafted = self._attribute_drafting(name, others) if others is not None else 0
             self._device_s.update(seconds)
-            self._device_bytes.update(stats.last_step_bytes + drafted)
-            prefill = min(stats.last_step_prefill_tokens, ntok)
-            switched = self._note_interleave(name, st, core, prefill, ntok - prefill, seconds)
+            self._device_bytes.update(last.bytes + drafted)
+            prefill = min(last.prefill_tokens, ntok)
+            switched = self._note_interleave(name, st, core, prefill, ntok - prefill, seconds, now)
             # The cost line is the engine's own (steps that did not follow another engine's), so what
             # interleaving adds is measured against it, not folded into it; until it has such steps,
             # every step counts.
@@ -283,35 +339,18 @@ class Telemetry:
                 st.pre_tt.update(prefill * prefill)
                 st.pre_ty.update(prefill * seconds)
                 st.pre_td.update(prefill * (ntok - prefill))
-            for out in outputs:
-                rid = out.request_id
-                if rid.startswith(PROBE_PREFIX):
-                    continue
-                if rid not in st.requests:
-                    st.prompt_tokens.update(len(out.prompt_token_ids))
-                    st.requests[rid] = [0, set()]
-                    if len(st.requests) > _TRACKED_REQUESTS:
-                        st.requests.popitem(last=False)
-                seen = st.requests[rid]
-                seen[0] += sum(len(o.token_ids) for o in out.outputs)
-                seen[1].update(o.index for o in out.outputs)
-                if out.finished:
-                    self._score_prediction(st, out)
-                    # Per sample: a delta carries only the samples that produced tokens in its step,
-                    # so the samples are those seen over the request's life, not in its last delta.
-                    tokens, indices = st.requests.pop(rid)
-                    st.output_tokens.update(tokens / max(len(indices), 1))
-            self._update_spec(st, stats)
+            if spec is not None:
+                self._update_spec(st, spec)
 
-    def _attribute_drafting(self, stepped: str) -> int:
+    def _attribute_drafting(self, stepped: str, totals: list[tuple[float, int]]) -> int:
         """Work other engines did inside `stepped`'s step (a draft model's proposals): one sample
-        of their own bytes and seconds each. Returns the bytes."""
+        of their own bytes and seconds each, from their work totals after the step (`totals`, in
+        the order of `cores`). Returns the bytes."""
         total = 0
-        for other, core in self.cores.items():
+        for other, (secs, byts) in zip(self.cores, totals):
             st = self._state[other]
             if other == stepped:
                 continue
-            secs, byts = core.work_totals()
             s0, b0 = st.work_seen
             ds, db = secs - s0, byts - b0
             if ds > 0:
@@ -322,11 +361,10 @@ class Telemetry:
         return total
 
     def _note_interleave(self, name: str, st: _EngineState, core: EngineCore, prefill: int, rows: int,
-                         seconds: float) -> bool:
+                         seconds: float, now: float) -> bool:
         """The step's residual over its engine's cost line, filed by whether the step before it (within
         a few ms: back to back) was another engine's; and the device-time window. True: it followed
         another engine's step."""
-        now = self.clock.now()
         fixed, per_row, per_prompt = self._cost_model(st, core)
         line = fixed + per_row * rows + (per_row if per_prompt is None else per_prompt) * prefill
         last = self._last_core
@@ -338,10 +376,26 @@ class Telemetry:
                 setattr(st, attr, _Ema(self.alpha / 2))
             getattr(st, attr).update(seconds - line)
         self._last_core = (name, now)
-        self._window.append((now, seconds, max(seconds - fixed, 0.0)))
-        while self._window and self._window[0][0] < now - _RATE_WINDOW_S:
-            self._window.popleft()
+        per_token = max(seconds - fixed, 0.0)
+        self._window.append((now, seconds, per_token))
+        self._win_busy += seconds
+        self._win_load += per_token
+        self._win_appends += 1
+        if self._win_appends % _WINDOW_RESUM == 0:  # running sums: keep float drift bounded
+            self._win_busy = math.fsum(x[1] for x in self._window)
+            self._win_load = math.fsum(x[2] for x in self._window)
+        self._evict_window(now - _RATE_WINDOW_S)
         return switched
+
+    def _evict_window(self, cutoff: float) -> None:
+        """Drop the window's steps that ended before `cutoff` (under the lock), keeping its sums."""
+        w = self._window
+        while w and w[0][0] < cutoff:
+            _, secs, per_token = w.popleft()
+            self._win_busy -= secs
+            self._win_load -= per_token
+        if not w:
+            self._win_busy = self._win_load = 0.0
 
     @staticmethod
     def _switch_seconds(st: _EngineState) -> float:
@@ -351,11 +405,10 @@ class Telemetry:
         return max(st.resid_switch.get() - same, 0.0)
 
     @staticmethod
-    def _update_spec(st: _EngineState, stats: EngineStats) -> None:
-        # The engine's counters are cumulative per proposer: this step's acceptance rate is the
-        # growth since the last step seen.
-        for strat, d in stats.spec_draft_tokens.items():
-            a = stats.spec_accepted_tokens.get(strat, 0)
+    def _update_spec(st: _EngineState, totals: dict[str, tuple[int, int]]) -> None:
+        # The engine's counters are cumulative per proposer (EngineCore.spec_totals): this step's
+        # acceptance rate is the growth since the last step seen.
+        for strat, (d, a) in totals.items():
             d0, a0 = st.spec_last.get(strat, (0, 0))
             st.spec_last[strat] = (d, a)
             if d > d0:
@@ -406,6 +459,7 @@ class Telemetry:
                 st.latency_bias = None
                 st.predicted.clear()
                 st.routed.clear()
+                st.routed_n = 0
 
     # ----- event loop side ---------------------------------------------------------------
     def note_routed(self, name: str, n: int = 1, prompt_token_ids: list[int] | None = None,
@@ -419,6 +473,7 @@ class Telemetry:
                 now = self.clock.now()
                 st.pending.append((now, n))
                 st.routed.append((now, n))
+                st.routed_n += n
                 if prompt_token_ids is not None and predicted_ms:
                     st.predicted[tuple(prompt_token_ids)] = (self.clock.time(), predicted_ms / 1e3)
                     st.predicted.move_to_end(tuple(prompt_token_ids))  # kept in the order routed
@@ -428,12 +483,14 @@ class Telemetry:
     def snapshot(self, device: bool = False) -> TelemetrySnapshot:
         engines = {}
         with self._lock:
+            if self._steps:
+                self._fold()
             for name, core in self.cores.items():
                 engines[name] = self._engine(name, core, self._state[name])
             dev_s, dev_b = self._device_s.get(), self._device_bytes.get()
-            cutoff = self.clock.now() - _RATE_WINDOW_S
-            busy = sum(x[1] for x in self._window if x[0] >= cutoff) / _RATE_WINDOW_S
-            load = sum(x[2] for x in self._window if x[0] >= cutoff) / _RATE_WINDOW_S
+            self._evict_window(self.clock.now() - _RATE_WINDOW_S)
+            busy = self._win_busy / _RATE_WINDOW_S
+            load = min(self._win_load, self._win_busy) / _RATE_WINDOW_S
         achieved = dev_b / dev_s if dev_s > 0 else 0.0
         snap = dict(
             engines=engines, peak_bandwidth=self.peak_bandwidth, achieved_bandwidth=achieved,
@@ -455,7 +512,7 @@ class Telemetry:
         step_s = st.step_s.get()
         byts = st.bytes.get()
         own_s = st.own_s.get()
-        kvpt = core.model_config.kv_bytes_per_token(core.dtype)
+        kvpt = self._kv_bytes_per_token[name]
         fixed, per_tok, per_prompt = self._cost_model(st, core)
         achieved = byts / own_s if own_s > 0 else 0.0
         return EngineTelemetry(
@@ -478,8 +535,8 @@ class Telemetry:
     def _rate(self, st: _EngineState) -> float:
         cutoff = self.clock.now() - _RATE_WINDOW_S
         while st.routed and st.routed[0][0] < cutoff:
-            st.routed.popleft()
-        return sum(n for _, n in st.routed) / _RATE_WINDOW_S
+            st.routed_n -= st.routed.popleft()[1]
+        return st.routed_n / _RATE_WINDOW_S
 
     def _pending(self, st: _EngineState) -> int:
         cutoff = self.clock.now() - _PENDING_TTL_S

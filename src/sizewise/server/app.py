@@ -366,6 +366,7 @@ def create_app(
         return JSONResponse({"status": "ready", "models": [m.name for m in serving.deployment.describe()]})
 
     async def metrics_endpoint() -> Response:
+        await serving.refresh_stats()
         return Response(serving.scrape(), media_type=CONTENT_TYPE_LATEST)
 
     async def version() -> JSONResponse:

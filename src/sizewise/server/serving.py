@@ -279,6 +279,13 @@ class Serving:
     def record_error(self, status: int) -> None:
         self.recorder.error(status)
 
+    async def refresh_stats(self) -> None:
+        """Before a scrape: a deployment in another process (the engine core's) computes its stats
+        snapshot only when asked."""
+        refresh = getattr(self.deployment, "refresh_stats", None)
+        if refresh is not None:
+            await refresh()
+
     def scrape(self) -> bytes:
         """The metrics, with the gauges read from the deployment now."""
         if self.deployment is not None:

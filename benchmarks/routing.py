@@ -50,6 +50,7 @@ from sizewise.sim.driver import reset_prefix_caches  # noqa: E402
 from sizewise.sim.report import (  # noqa: E402
     POLICIES, TIERS, Record, oracle_at_shares, plot, policy_router, summarize, targets,
 )
+from sizewise.sim.sweep import cell_rate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -170,8 +171,7 @@ def main() -> None:
             return policy_router(policy, s, gaps, [it.prompt for it in items], args.seed, counts, rate)
 
         def cell(policy: str, times: list[float], counts=None, key: str | None = None) -> list[Record]:
-            span = times[-1] - times[0] if len(times) > 1 else 0.0
-            dep.router = router_for(policy, counts, (len(times) - 1) / span if span > 0 else None)
+            dep.router = router_for(policy, counts, cell_rate(times))
             reset_prefix_caches(dep)
             dep.telemetry.forget_latency()  # every run learns its latency bias from the same start
             trace.key = key

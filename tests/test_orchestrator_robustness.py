@@ -157,7 +157,7 @@ def test_a_prompt_in_a_batched_prefill_is_priced_at_its_marginal_cost(core):
     # Before: each prompt token was priced at what prefill steps cost per token on average, 0.4x what
     # another prompt adds to a loaded step, and the plan put too much load on the top tier (the 910B
     # profile at 1.5x its capacity: 0.83 within the SLO).
-    fixed, per_token, prompt = 2e-3, 1e-4, 12
+    fixed, per_token, prompt = 2e-3, 5e-5, 24
     tel = Telemetry({"m": core}, {"m": "small"}, peak_bandwidth=1e12, ema_alpha=0.5)
     for rnd, k in enumerate((1, 4, 2, 3, 1, 4, 2, 3)):
         for i in range(k):

@@ -253,3 +253,15 @@ def test_deadlines_and_client_aborts_are_events_that_free_the_kv(config, items):
     core = sim.deployment.cores["demo-large"]
     assert not core.has_unfinished_requests() and core.block_manager.num_used_blocks == 0
     sim.close()
+
+
+def test_the_rate_oracle_serves_a_burst_at_one_instant(config, items):
+    """The rate-oracle policy is told each cell's mean rate; a burst whose arrivals share one instant
+    (zero span) is a batch over a millisecond, not a missing rate (it aborted the sweep)."""
+    spec = build_spec(config, "cpu-measured")
+    sw = Sweep(spec, items[:8], max_tokens=8, seed=0, progress=False)
+    rows, _, _ = sw.run(["burst"], ["static-small", "sizewise", "rate-oracle"], 10.0, 1.0, burst_s=0.0)
+    oracle = next(r for r in rows if r["policy"] == "rate-oracle")
+    assert oracle["requests"] == 8
+    # told 7 arrivals in a millisecond, the plan is far past large's capacity from the first one
+    assert oracle["large"] < 1.0, oracle

@@ -185,8 +185,9 @@ class AsyncEngine:
         # device-time shares). The orchestrator sets it from its policy, whose latency model predicts it.
         self.discipline = "round_robin"
         self.step_listeners: list = []  # callables(core_name, core, outputs, seconds): telemetry hooks
-        # The cores a capacity plan keeps (None: no plan): under `fair`, other busy cores step only
-        # when these are idle or once per `plan_starve_s` (see `_planned`). Set by the orchestrator.
+        # The cores a capacity plan keeps (None: no plan): other busy cores step only when these are
+        # idle or once per `plan_starve_s` (see `_planned`), under either discipline. Set by the
+        # orchestrator.
         self.plan_cores: frozenset[str] | None = None
         self.plan_starve_s = 0.5
         self._last_step: dict[str, float] = {}
@@ -435,7 +436,8 @@ class AsyncEngine:
         if not kept or len(kept) == len(busy):
             return busy
         now = self.clock.now()
-        # A core that never stepped waits from when it was first left out, not since the epoch.
+        # Waiting is counted from a core's last step, or, for one that never stepped, from when it
+        # was first left out (not since the epoch).
         return kept + [n for n in busy if n not in plan and now - self._last_step.setdefault(n, now) >= self.plan_starve_s]
 
     def _step_priority(self, just_stepped: str | None, share: "FairShare") -> None:

@@ -13,7 +13,8 @@ sum of the busy engines' step times is what one turn of the worker costs every r
 Kept per engine (exponential moving averages, weight `alpha` for the newest step):
   * step time and a linear cost model, step seconds ~ fixed + per_row * decode rows + per_prompt_token
     * prefill tokens: a least-squares line over decode steps (their cost grows by the row, which on a
-    CPU costs far more than a prompt token of a prefill) and the prefill steps' remainder per token;
+    CPU costs far more than a prompt token of a prefill) and the prefill steps' remainder per token,
+    or what another prompt token adds to a prefill step where that is dearer;
   * bytes moved per step (weights once per forward + KV read, `EngineStats.last_step_bytes`) and the
     model's own seconds of it, and of drafting for another engine; achieved bandwidth (EMA bytes /
     EMA own seconds) and its ratio to the device's peak;
@@ -43,6 +44,8 @@ from ..platform import Platform
 PROBE_PREFIX = "sizewise-probe-"  # request ids of the orchestrator's own probes (not traffic)
 _SMALL_STEP_TOKENS = 32  # the roofline guess's split of a step into fixed and per-token cost
 _PREFILL_SPREAD = 0.25  # prefill sizes must spread this much (sd / mean) before their slope is read
+_PREFILL_MIN_SD = 16.0  # ... and by this many tokens (sd)
+_PREFILL_MIN_STEPS = 8  # ... over at least this many prefill steps
 _MIN_ROW_VARIANCE = 0.25  # decode batch sizes must vary this much (rows^2) before the line's slope is trusted
 _TRACKED_REQUESTS = 4096  # bound on per-request bookkeeping (aborted requests never finish)
 _DEVICE_REFRESH_S = 1.0  # vendor counters (npu-smi is a subprocess) at most once a second
@@ -547,7 +550,9 @@ class Telemetry:
         """(fixed seconds, seconds per decode row, seconds per prefilled prompt token) of one step.
         Decode: the least-squares line over decode steps once their batch sizes vary; until then
         half the observed cost fixed, half per row (a neutral guess). Prefill: what a prefill step
-        costs beyond that line, per prompt token. With no step seen, the bandwidth roofline
+        costs beyond that line, per prompt token, or, once enough prefills of different sizes were
+        seen, the least-squares slope over their prompt tokens where that is dearer. With no step
+        seen, the bandwidth roofline
         (weights once per step) split the same way."""
         x, y = st.dec_x.value, st.dec_y.value
         if x is None:
@@ -573,7 +578,9 @@ class Telemetry:
             # one prompt alone is memory-bound and many are compute-bound (an accelerator) the
             # per-step ratio prices the loaded steps' prompts too cheaply.
             var_t = st.pre_tt.value - t * t
-            if var_t >= (_PREFILL_SPREAD * t) ** 2:
+            # Read only from enough prefills of clearly different sizes: from a few, or from a spread
+            # of a few tokens, the slope is mostly noise and the max() would keep its high draws.
+            if st.pre_tt.n >= _PREFILL_MIN_STEPS and var_t >= max(_PREFILL_SPREAD * t, _PREFILL_MIN_SD) ** 2:
                 cov_ty = st.pre_ty.value - t * st.pre_y.value
                 cov_td = st.pre_td.value - t * st.pre_d.value
                 per_prompt = max(per_prompt, (cov_ty - slope * cov_td) / var_t)

@@ -73,8 +73,9 @@ class KnownRateRouter(AdaptiveRouter):
 
     def bind(self, deployment):
         out = super().bind(deployment)
-        if self.control is not None:
-            self.control.known_rate = self.rate
+        if self.control is None:
+            raise ValueError("the rate-oracle policy needs policy.placement: plan (it tells the plan the rate)")
+        self.control.known_rate = self.rate
         return out
 
 

@@ -96,8 +96,7 @@ class Sweep:
                 counts = None
                 if p == "random":
                     counts = {t: sum(r.tier == t for r in got["sizewise"]) for t in TIERS}
-                rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
-                recs = _records(self.cell(self.router_for(p, slo_s * 1e3, counts, rate), times))
+                recs = _records(self.cell(self.router_for(p, slo_s * 1e3, counts, cell_rate(times)), times))
                 got[p] = recs
                 rows.append(summarize(p, load, recs, self.nll, slo_s))
                 cells[f"{load if load == 'burst' else format(load, 'g')}/{p}"] = [[r.arrival, r.ttft, r.latency, r.tier] for r in recs]
@@ -118,6 +117,14 @@ class Sweep:
         return {"load": load, "shares": {t: counts[t] / len(sw) for t in TIERS}, "off_top": 1 - counts["large"] / len(sw),
                 "sizewise_loss": mine / large, "random_loss": rnd / large, "oracle_loss": orc / large,
                 "gap_closed": closed}
+
+
+def cell_rate(times: list[float]) -> float:
+    """A cell's mean arrival rate (the rate-oracle's): arrivals after the first over their span, a
+    span of at least a millisecond (arrivals at one instant are a batch, as the controller counts)."""
+    if len(times) < 2:
+        return 0.0
+    return (len(times) - 1) / max(times[-1] - times[0], 1e-3)
 
 
 def gains(rows: list[dict]) -> list[dict]:

@@ -126,6 +126,24 @@ def test_empty_steps_do_not_count_as_steps(core):
         before.step_fixed_seconds, before.step_seconds_per_token)
 
 
+def _feed_rounds(core, tel, ks, prompt: int, seconds, tag: str) -> int:
+    """Rounds of k requests (`prompt` tokens each, 5 generated), each stepped to the end: the k prompts
+    prefill in one step, then k rows decode. The telemetry is told `seconds(k, prefill)` as each
+    step's time, as the worker tells it the measured one. Returns the number of decode steps."""
+    decodes = 0
+    for rnd, k in enumerate(ks):
+        for i in range(k):
+            core.add_request(f"{tag}-{rnd}-{i}", [5 + i + j for j in range(prompt)],
+                             SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+        first = True
+        while core.has_unfinished_requests():
+            out = core.step()
+            tel.on_step("m", core, out, seconds(k, first))
+            decodes += not first
+            first = False
+    return decodes
+
+
 def test_cost_model_separates_decode_rows_from_prefill_tokens(core):
     # Step seconds follow a known law, fixed + per row x decode rows + per prompt token x prefill
     # tokens (on a CPU a decode row costs far more than a prompt token). Before: one line through
@@ -134,15 +152,8 @@ def test_cost_model_separates_decode_rows_from_prefill_tokens(core):
     fixed, per_row, per_prompt = 2e-3, 5e-4, 1e-5
     tel = Telemetry({"m": core}, {"m": "small"}, peak_bandwidth=1e12, ema_alpha=0.5)
     prompt = 12
-    for rnd, k in enumerate((1, 4, 2, 3, 1, 4)):
-        for i in range(k):
-            core.add_request(f"c-{rnd}-{i}", [5 + i + j for j in range(prompt)],
-                             SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
-        first = True
-        while core.has_unfinished_requests():  # the k prompts prefill in one step, then k rows decode
-            out = core.step()
-            tel.on_step("m", core, out, fixed + (per_prompt * prompt * k if first else per_row * k))
-            first = False
+    _feed_rounds(core, tel, (1, 4, 2, 3, 1, 4), prompt,
+                 lambda k, prefill: fixed + (per_prompt * prompt * k if prefill else per_row * k), "c")
     e = tel.snapshot().engines["m"]
     assert e.step_fixed_seconds == pytest.approx(fixed, rel=1e-6)
     assert e.step_seconds_per_token == pytest.approx(per_row, rel=1e-6)
@@ -154,20 +165,14 @@ def test_cost_model_separates_decode_rows_from_prefill_tokens(core):
 def test_a_prompt_in_a_batched_prefill_is_priced_at_its_marginal_cost(core):
     # Where one prompt alone is memory-bound (a step costs its weight stream whatever its size) and
     # several are compute-bound (an accelerator), a prefill step costs max(fixed, per token x tokens).
-    # Before: each prompt token was priced at what prefill steps cost per token on average, 0.4x what
-    # another prompt adds to a loaded step, and the plan put too much load on the top tier (the 910B
-    # profile at 1.5x its capacity: 0.83 within the SLO).
-    fixed, per_token, prompt = 2e-3, 5e-5, 24
+    # Before: each prompt token was priced at what prefill steps cost per token on average, about
+    # half what another prompt adds to a loaded step (here 0.53x, 0.4x on the 910B profile), and the
+    # plan put too much load on the top tier (the 910B profile at 1.5x its capacity: 0.83 within the
+    # SLO).
+    fixed, per_token, prompt = 2e-3, 1e-4, 16  # 4 x 16 prompt tokens fit one step (max_num_batched_tokens 64)
     tel = Telemetry({"m": core}, {"m": "small"}, peak_bandwidth=1e12, ema_alpha=0.5)
-    for rnd, k in enumerate((1, 4, 2, 3, 1, 4, 2, 3)):
-        for i in range(k):
-            core.add_request(f"p-{rnd}-{i}", [5 + i + j for j in range(prompt)],
-                             SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
-        first = True
-        while core.has_unfinished_requests():
-            out = core.step()
-            tel.on_step("m", core, out, max(fixed, per_token * prompt * k) if first else fixed + 5e-4 * k)
-            first = False
+    _feed_rounds(core, tel, (1, 4, 2, 3, 1, 4, 2, 3), prompt,
+                 lambda k, prefill: max(fixed, per_token * prompt * k) if prefill else fixed + 5e-4 * k, "p")
     e = tel.snapshot().engines["m"]
     assert e.prefill_seconds_per_token == pytest.approx(per_token, rel=0.3)
 
@@ -179,22 +184,15 @@ def test_a_cold_first_step_does_not_set_the_cost_line(core):
     # plainly. Law: fixed + per row x rows, the first decode step three times slower.
     fixed, per_row = 2e-3, 5e-4
     tel = Telemetry({"m": core}, {"m": "small"}, peak_bandwidth=1e12)  # default averages
-    decode_steps = 0
-    for rnd, k in enumerate((1, 4, 2, 3, 1, 4, 2, 3, 4, 1)):
-        for i in range(k):
-            core.add_request(f"w-{rnd}-{i}", [5 + i + j for j in range(12)],
-                             SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
-        first = True
-        while core.has_unfinished_requests():
-            out = core.step()
-            law = fixed + per_row * (k if not first else 0) + (1e-5 * 12 * k if first else 0.0)
-            if not first:
-                decode_steps += 1
-                if decode_steps == 1:
-                    law *= 3.0
-            tel.on_step("m", core, out, law)
-            first = False
-    assert decode_steps >= 30
+    decoded = []
+
+    def law(k: int, prefill: bool) -> float:
+        if prefill:
+            return fixed + 1e-5 * 12 * k
+        decoded.append(k)
+        return (fixed + per_row * k) * (3.0 if len(decoded) == 1 else 1.0)
+
+    assert _feed_rounds(core, tel, (1, 4, 2, 3, 1, 4, 2, 3, 4, 1), 12, law, "w") >= 30
     e = tel.snapshot().engines["m"]
     # One outlier in ~40 samples moves a plain mean by a few percent; at half the weight it doubled
     # the fixed cost and flattened the slope.

@@ -162,14 +162,19 @@ class PlanController:
     def rate_bounds(self, now: float) -> tuple[float, float, float]:
         """(lower bound, estimate, upper bound) of the `auto` arrival rate (module docstring)."""
         if self.known_rate is not None:
-            self._bounds(self._arrivals, now, self._spell)  # the window still slides
+            self._slide(self._arrivals, now)  # unread, but kept bounded
             return self.known_rate, self.known_rate, self.known_rate
         return self._bounds(self._arrivals, now, self._spell)
 
+    def _slide(self, q: deque, now: float) -> None:
+        """Drop the arrivals older than the longest window."""
+        cutoff = now - self.rate_windows_s[-1]
+        while q and q[0] < cutoff:
+            q.popleft()
+
     def _bounds(self, q: deque, now: float, spell: float) -> tuple[float, float, float]:
         longest = self.rate_windows_s[-1]
-        while q and q[0] < now - longest:
-            q.popleft()
+        self._slide(q, now)
         if not q:
             return 0.0, 0.0, 0.0
         lo, est, hi = 0.0, 0.0, math.inf
